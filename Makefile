@@ -1,0 +1,30 @@
+# `make test` and `make demo` do all set-up on a fresh machine that has Python 3.11 and pip.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint demo clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-installs only when the dependency pins or the package metadata change.
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+
+demo: $(STAMP)
+	@echo "make demo arrives with the toy world (issue 3); meanwhile see README.md for a train example"
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info

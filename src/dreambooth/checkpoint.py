@@ -1,0 +1,192 @@
+"""Resumable checkpoints without pickle: weights, optimizer and RNG tensors in safetensors, the rest in JSON.
+
+Layout of `output_dir/checkpoint-<step>/` (each one loads on its own, without the run that made it):
+    unet/, text_encoder/         trained modules in diffusers/transformers format (safetensors)
+    optimizer.safetensors/.json  optimizer state tensors / param groups and scalar state
+    rng-<rank>.safetensors/.json RNG states of each process
+    train_config.json            the resolved config of the run
+    state.json                   step, lr-scheduler state, loss totals (written last)
+A checkpoint is written to a hidden temporary folder and renamed into place, then `output_dir/latest` is replaced
+atomically; a kill at any moment leaves either the previous checkpoint or the new one, never a half one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+LATEST = "latest"
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if CHECKPOINT_RE.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def find_checkpoint(output_dir: Path, spec: str) -> Path | None:
+    """Resolve --resume_from_checkpoint: "latest", a checkpoint name inside output_dir, or a path."""
+    if spec == LATEST:
+        pointer = output_dir / LATEST
+        if pointer.is_file():
+            target = output_dir / pointer.read_text().strip()
+            if (target / "state.json").is_file():
+                return target
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(spec).expanduser()
+    candidate = path if path.is_absolute() or path.exists() else output_dir / spec
+    if not (candidate / "state.json").is_file():
+        raise CheckpointError(f"--resume_from_checkpoint {spec}: {candidate} is not a complete checkpoint; "
+                              f"use 'latest' or one of: {', '.join(p.name for p in list_checkpoints(output_dir))}")
+    return candidate
+
+
+# -- optimizer state as tensors + JSON -------------------------------------------------------------------------
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, per_param in state_dict["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    for idx, values in meta["scalars"].items():
+        state.setdefault(int(idx), {}).update(values)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# -- RNG states ------------------------------------------------------------------------------------------------
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    np_state = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    py_version, py_internal, py_gauss = random.getstate()
+    meta = {"python": [py_version, list(py_internal), py_gauss], "numpy": [np_state[0], *np_state[2:]]}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    name, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((name, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# -- save / load -----------------------------------------------------------------------------------------------
+
+def save_checkpoint(
+    output_dir: Path,
+    step: int,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    config: dict[str, Any],
+    accelerator,
+    total_limit: int | None = None,
+) -> Path:
+    """Write checkpoint-<step> atomically from all processes (each saves its RNG), then point `latest` at it."""
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rng_tensors, rng_meta = _rng_state()
+    save_file(rng_tensors, tmp / f"rng-{accelerator.process_index}.safetensors")
+    _write_json(tmp / f"rng-{accelerator.process_index}.json", rng_meta)
+    if accelerator.is_main_process:
+        for name, module in modules.items():
+            module.save_pretrained(tmp / name, safe_serialization=True)
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(opt_tensors, tmp / "optimizer.safetensors")
+        _write_json(tmp / "optimizer.json", opt_meta)
+        _write_json(tmp / "train_config.json", config)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json(tmp / "state.json", {**state, "step": step, "num_processes": accelerator.num_processes})
+        if final.exists():  # a re-run of the same step after resuming from an older checkpoint
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_text(output_dir / LATEST, final.name)
+        if total_limit is not None:
+            others = [p for p in list_checkpoints(output_dir) if p != final]
+            for old in others[: max(0, len(others) - (total_limit - 1))]:  # the new one always survives
+                shutil.rmtree(old, ignore_errors=True)
+        for stale in output_dir.glob(".checkpoint-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
+
+
+def load_checkpoint(
+    checkpoint: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, process_index: int
+) -> dict[str, Any]:
+    """Restore modules, optimizer and this process's RNG in place; return state.json."""
+    for name, module in modules.items():
+        weights = sorted((checkpoint / name).glob("*.safetensors"))
+        if not weights:
+            raise CheckpointError(f"checkpoint {checkpoint} has no {name}/ weights; it was made by a different run "
+                                  "setup (e.g. --train_text_encoder); resume with the same settings")
+        loaded: dict[str, torch.Tensor] = {}
+        for w in weights:
+            loaded.update(load_file(w))
+        missing, unexpected = module.load_state_dict(loaded, strict=False)
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint {checkpoint}/{name} does not match the model "
+                                  f"({len(missing)} missing, {len(unexpected)} unexpected keys); resume with the "
+                                  "base model it was trained from")
+    meta = json.loads((checkpoint / "optimizer.json").read_text())
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(checkpoint / "optimizer.safetensors"), meta))
+    rng_file = checkpoint / f"rng-{process_index}.safetensors"
+    if rng_file.is_file():
+        _set_rng_state(load_file(rng_file), json.loads((checkpoint / f"rng-{process_index}.json").read_text()))
+    return json.loads((checkpoint / "state.json").read_text())
+
+
+def checkpoint_config(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / "train_config.json").read_text())

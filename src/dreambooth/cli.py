@@ -1,0 +1,168 @@
+"""The `dreambooth` command. Flags come from the config schemas; errors print as one line with exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported anywhere
+
+from . import schema  # noqa: E402
+from .config import TrainConfig  # noqa: E402
+from .errors import DreamBoothError  # noqa: E402
+from .generate import GenerateConfig  # noqa: E402
+
+log = logging.getLogger("dreambooth")
+
+# Reference-script flags that we accept so that existing command lines run; value = what we tell the user.
+COMPAT_IGNORED = {
+    "enable_xformers_memory_efficient_attention": "PyTorch SDPA attention is used (as fast, no extra package)",
+    "set_grads_to_none": "gradients are always set to None",
+    "pre_compute_text_embeddings": "a frozen text encoder's prompt embeddings are always computed once",
+}
+COMPAT_REFUSED = {
+    "push_to_hub": "upload the output folder with `huggingface-cli upload` instead",
+    "hub_token": "upload the output folder with `huggingface-cli upload` instead",
+    "hub_model_id": "upload the output folder with `huggingface-cli upload` instead",
+    "class_labels_conditioning": "only needed for DeepFloyd IF, which is not supported",
+    "validation_images": "only needed for image-to-image pipelines, which are not supported",
+}
+
+
+def _add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="DreamBooth fine-tuning", description="Fine-tune a model on a subject.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="A TOML, YAML or JSON file of options; flags given here override it")
+    schema.add_arguments(p, TrainConfig)
+    compat = p.add_argument_group("accepted for compatibility with the reference script")
+    for name in COMPAT_IGNORED:
+        compat.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
+    for name in ("push_to_hub",):
+        compat.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
+    for name in ("hub_token", "hub_model_id", "class_labels_conditioning"):
+        compat.add_argument(f"--{name}", help=argparse.SUPPRESS)
+    compat.add_argument("--validation_images", nargs="+", help=argparse.SUPPRESS)
+    compat.add_argument("--validation_scheduler", dest="validation_sampler", help=argparse.SUPPRESS)
+    compat.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(handler=_run_train)
+
+
+def _add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="Render prompts from a trained model",
+                       description="Render prompts from a trained output, a checkpoint, or any SD pipeline folder.")
+    p.add_argument("--config", help="A TOML, YAML or JSON file of options")
+    schema.add_arguments(p, GenerateConfig)
+    p.set_defaults(handler=_run_generate)
+
+
+def _add_identifier_parser(sub) -> None:
+    p = sub.add_parser("identifier", help="Find or check a rare-token identifier",
+                       description="List rare single tokens of <= 3 characters ranked by how weak their prior is "
+                                   "for a class noun, or check a chosen identifier.")
+    p.add_argument("--pretrained_model_name_or_path", "--model", required=True, help="Pipeline folder or hub id")
+    p.add_argument("--class_noun", help="The class noun, e.g. dog (needed to measure the prior)")
+    p.add_argument("--check", metavar="WORD", help="Check one identifier instead of listing candidates")
+    p.add_argument("--top", type=int, default=20, help="How many candidates to list")
+    p.add_argument("--revision")
+    p.add_argument("--variant")
+    p.set_defaults(handler=_run_identifier)
+
+
+def _values(args: argparse.Namespace) -> dict[str, Any]:
+    values = dict(schema.load_file(args.config)) if getattr(args, "config", None) else {}
+    values.update({k: v for k, v in vars(args).items() if k not in ("config", "handler", "command")})
+    return values
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    values = _values(args)
+    for name, why in COMPAT_IGNORED.items():
+        if values.pop(name, None):
+            log.info("--%s: accepted and not needed; %s", name, why)
+    values.pop("local_rank", None)
+    for name, fix in COMPAT_REFUSED.items():
+        if values.pop(name, None):
+            raise DreamBoothError(f"--{name} is not supported: {fix}")
+    from .sampling import LEGACY_NAMES
+    if values.get("validation_sampler") in LEGACY_NAMES:
+        values["validation_sampler"] = LEGACY_NAMES[values["validation_sampler"]]
+    from .train import train
+
+    summary = train(values)
+    if summary and _is_main():
+        print(f"done: {summary['steps']} steps, mean loss {summary['mean_loss']}, output in {values.get('output_dir', 'dreambooth-model')}")
+    return 0
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+
+    paths = generate(_values(args))
+    print(f"wrote {len(paths) - 1} image(s) and {paths[-1]}")
+    return 0
+
+
+def _run_identifier(args: argparse.Namespace) -> int:
+    from . import identifier as ident
+    from .families import ModelSource, get_family
+
+    source = ModelSource(args.pretrained_model_name_or_path, args.revision, args.variant)
+    tokenizer, text_encoder = get_family(source).load_text(source)
+    text_encoder.eval()
+    if args.check:
+        report = ident.check(tokenizer, text_encoder, args.check, args.class_noun)
+        print(f"{args.check!r}: {len(report.pieces)} token(s) [{' + '.join(report.pieces)}]", end="")
+        if report.shift is not None:
+            print(f", prior shift {report.shift:.4f} (weaker than {1 - report.percentile:.0%} of rare candidates)"
+                  if report.percentile is not None else f", prior shift {report.shift:.4f}", end="")
+        print()
+        for problem in report.problems:
+            print(f"warning: {problem}")
+        return 1 if report.problems else 0
+    if args.class_noun is None:
+        found = ident.candidates(tokenizer)[: args.top]
+        print("token   id      (rarest first; pass --class_noun to rank by measured prior)")
+        for c in found:
+            print(f"{c.token:<7} {c.token_id}")
+        return 0
+    ranked = ident.rank(tokenizer, text_encoder, args.class_noun, top=args.top)
+    print(f"token   id      prior shift for 'a <token> {args.class_noun}' (lower = weaker prior = better)")
+    for c in ranked:
+        print(f"{c.token:<7} {c.token_id:<7} {c.shift:.4f}")
+    return 0
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dreambooth", description="DreamBooth: subject-driven fine-tuning of "
+                                "text-to-image diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_train_parser, _add_generate_parser, _add_identifier_parser):
+        add(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO if _is_main() else logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    args = parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except DreamBoothError as e:
+        print(f"dreambooth {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dreambooth {args.command}: interrupted; completed checkpoints are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The training config: the single source of truth for `dreambooth train` flags, config files and `dreambooth.train`.
+
+Flag names and defaults follow the reference `train_dreambooth.py` wherever the two share an option, so an existing
+command line works unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .errors import ConfigError
+from .sampling import SAMPLERS
+from .schema import at_least, in_unit_interval, option, positive
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+PRECISIONS = ("no", "fp16", "bf16")
+PRIOR_PRECISIONS = ("no", "fp32", "fp16", "bf16")
+REPORTERS = ("none", "tensorboard", "wandb", "comet_ml", "all")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _multiple_of_8(v: int) -> str | None:
+    return None if v % 8 == 0 and v >= 8 else "must be a positive multiple of 8 (the VAE downsamples by 8)"
+
+
+def _family_choices() -> list[str]:
+    from .families import FAMILIES
+
+    return ["auto", *FAMILIES]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    # model
+    pretrained_model_name_or_path: str = option(help="Base model: a diffusers pipeline folder or a hub id", group="model")
+    revision: str | None = option(None, "Hub revision of the base model", group="model")
+    variant: str | None = option(None, "Weight variant of the base model files, e.g. fp16", group="model")
+    tokenizer_name: str | None = option(None, "Tokenizer folder or hub id, if not the model's own", group="model")
+    family: str = option("auto", "Model family; auto reads model_index.json", choices=_family_choices, group="model")
+    prediction_type: str | None = option(
+        None, "Override the scheduler's prediction type", choices=PREDICTION_TYPES, group="model"
+    )
+
+    # data
+    instance_data_dir: Path = option(help="Folder of the subject's images (3-5 is typical)", group="data")
+    instance_prompt: str = option(help='Prompt with the identifier, e.g. "a photo of zwx dog"', group="data")
+    identifier: str | None = option(
+        None, "The rare-token identifier in the instance prompt (inferred when not given)", group="data"
+    )
+    class_data_dir: Path | None = option(None, "Folder of class images; missing ones are generated", group="data")
+    class_prompt: str | None = option(None, 'Prompt of the class, e.g. "a photo of dog"', group="data")
+    with_prior_preservation: bool = option(False, "Add the class-specific prior-preservation loss", group="data")
+    prior_loss_weight: float = option(1.0, "Weight lambda of the prior-preservation loss", check=at_least(0), group="data")
+    num_class_images: int = option(100, "Class images used for prior preservation", check=at_least(1), group="data")
+    sample_batch_size: int = option(4, "Batch size when generating class images", check=at_least(1), group="data")
+    prior_generation_precision: str | None = option(
+        None, "Precision of class-image generation (default: fp16 on GPU, fp32 on CPU)", choices=PRIOR_PRECISIONS,
+        group="data",
+    )
+    class_sampler: str = option("dpm++", "Sampler for class images", choices=lambda: list(SAMPLERS), group="data")
+    class_inference_steps: int = option(25, "Sampler steps for class images", check=at_least(1), group="data")
+    class_guidance_scale: float = option(7.5, "Guidance scale for class images", check=at_least(0), group="data")
+    class_negative_prompt: str | None = option(None, "Negative prompt for class images", group="data")
+    resolution: int = option(512, "Training resolution in pixels", check=_multiple_of_8, group="data")
+    center_crop: bool = option(False, "Centre-crop instead of random-crop after resizing", group="data")
+    random_flip: bool = option(False, "Randomly flip training images horizontally", group="data")
+    dataloader_num_workers: int = option(0, "Data-loading worker processes", check=at_least(0), group="data")
+
+    # optimisation
+    output_dir: Path = option(Path("dreambooth-model"), "Where the pipeline, checkpoints and logs go", group="training")
+    seed: int | None = option(None, "Seed for a reproducible run (one is drawn and recorded if not given)",
+                              group="training")
+    train_text_encoder: bool = option(False, "Also fine-tune the text encoder", group="training")
+    train_batch_size: int = option(4, "Instance images per device per step", check=at_least(1), group="training")
+    num_train_epochs: int = option(1, "Epochs, when --max_train_steps is not given", check=at_least(1),
+                                   group="training")
+    max_train_steps: int | None = option(None, "Optimizer steps (overrides epochs)", check=at_least(1),
+                                         group="training")
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step", check=at_least(1),
+                                              group="training")
+    gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet", group="training")
+    learning_rate: float = option(5e-6, "Peak learning rate", check=positive, group="training")
+    scale_lr: bool = option(False, "Multiply the lr by processes x accumulation x batch size", group="training")
+    lr_scheduler: str = option("constant", "Learning-rate schedule", choices=LR_SCHEDULERS, group="training")
+    lr_warmup_steps: int = option(500, "Warm-up steps (schedules *_with_warmup, linear, cosine, ...)",
+                                  check=at_least(0), group="training")
+    lr_num_cycles: int = option(1, "Hard restarts for cosine_with_restarts", check=at_least(1), group="training")
+    lr_power: float = option(1.0, "Power of the polynomial schedule", check=positive, group="training")
+    adam_beta1: float = option(0.9, "AdamW beta1", check=in_unit_interval, group="training")
+    adam_beta2: float = option(0.999, "AdamW beta2", check=in_unit_interval, group="training")
+    adam_weight_decay: float = option(1e-2, "AdamW weight decay", check=at_least(0), group="training")
+    adam_epsilon: float = option(1e-8, "AdamW epsilon", check=positive, group="training")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm", check=positive, group="training")
+    use_8bit_adam: bool = option(False, "8-bit AdamW from bitsandbytes (GPU)", group="training")
+    mixed_precision: str | None = option(None, "Mixed precision (default: accelerate's config)", choices=PRECISIONS,
+                                         group="training")
+    allow_tf32: bool = option(False, "Allow TF32 matmuls on Ampere+ GPUs", group="training")
+    offset_noise: bool = option(False, "Add offset noise (brighter darks, darker lights)", group="training")
+    offset_noise_strength: float = option(0.1, "Scale of the offset noise", check=at_least(0), group="training")
+    snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (5.0 is the usual choice)", check=positive,
+                                     group="training")
+
+    # checkpoints
+    checkpointing_steps: int = option(500, "Save a resumable checkpoint every N steps", check=at_least(1),
+                                      group="checkpoints")
+    checkpoints_total_limit: int | None = option(None, "Keep only the newest N checkpoints", check=at_least(1),
+                                                 group="checkpoints")
+    resume_from_checkpoint: str | None = option(
+        None, 'Resume from "latest" or a checkpoint folder (name inside output_dir, or a path)', group="checkpoints"
+    )
+
+    # validation and logging
+    validation_prompt: str | None = option(None, "Prompt rendered every --validation_steps", group="validation")
+    num_validation_images: int = option(4, "Images per validation", check=at_least(1), group="validation")
+    validation_steps: int = option(100, "Validate every N steps", check=at_least(1), group="validation")
+    validation_sampler: str = option("dpm++", "Sampler for validation images", choices=lambda: list(SAMPLERS),
+                                     group="validation")
+    validation_inference_steps: int = option(25, "Sampler steps for validation images", check=at_least(1),
+                                             group="validation")
+    validation_guidance_scale: float = option(7.5, "Guidance scale for validation images", check=at_least(0),
+                                              group="validation")
+    report_to: str = option("none", "Experiment tracker", choices=REPORTERS, group="validation")
+    logging_dir: Path = option(Path("logs"), "Tracker folder, relative to output_dir", group="validation")
+
+    def check(self) -> None:
+        """Cross-field rules, checked before any model loads."""
+        if self.with_prior_preservation:
+            if self.class_prompt is None:
+                raise ConfigError("class_prompt", None, "required with --with_prior_preservation, e.g. 'a dog'")
+            if self.class_data_dir is None:
+                raise ConfigError("class_data_dir", None, "required with --with_prior_preservation (a folder)")
+        else:
+            if self.class_prompt is not None:
+                raise ConfigError(
+                    "class_prompt", self.class_prompt, "only used with --with_prior_preservation; add that flag"
+                )
+            if self.class_data_dir is not None:
+                raise ConfigError(
+                    "class_data_dir", str(self.class_data_dir), "only used with --with_prior_preservation; add it"
+                )
+        if not self.instance_prompt.strip():
+            raise ConfigError("instance_prompt", self.instance_prompt, "a non-empty prompt")
+        if self.identifier is not None and self.identifier not in self.instance_prompt.split():
+            raise ConfigError("identifier", self.identifier, "a word of --instance_prompt")

@@ -1,0 +1,144 @@
+"""The training stream: an endless, seeded sequence of (instance, class) examples indexed by position.
+
+Every random choice (which image, crop, flip, noise, timestep) is a function of (seed, position), never of a
+global RNG. That is what makes resume exact and makes N processes x batch b see the same examples as one process x
+batch N*b: a step always consumes the same positions, however they are split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from .images import open_rgb
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (stable across processes and Python runs, unlike hash())."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def keyed_generator(*parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+class Shuffled:
+    """Position p -> item index: one seeded permutation per pass over n items."""
+
+    def __init__(self, n: int, seed: int, salt: str):
+        self.n, self.seed, self.salt = n, seed, salt
+        self._perms: dict[int, list[int]] = {}
+
+    def __getitem__(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            self._perms[epoch] = torch.randperm(self.n, generator=keyed_generator(self.seed, self.salt, epoch)).tolist()
+        return self._perms[epoch][offset]
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """HWC uint8 image -> CHW float in [-1, 1]."""
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def resize_crop(img: Image.Image, size: int, center: bool, flip: bool, rng: random.Random) -> Image.Image:
+    """Resize the short side to `size`, then crop a square (centred or random) and maybe flip."""
+    scale = size / min(img.size)
+    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+    img = img.resize((w, h), Image.Resampling.BILINEAR)
+    if center:
+        left, top = (w - size) // 2, (h - size) // 2
+    else:
+        left, top = rng.randint(0, w - size), rng.randint(0, h - size)
+    img = img.crop((left, top, left + size, top + size))
+    if flip and rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
+
+
+class DreamBoothDataset(Dataset):
+    """Position p -> the p-th instance example and, with prior preservation, the p-th class example."""
+
+    def __init__(
+        self,
+        instance_images: Sequence[Path],
+        class_images: Sequence[Path] | None,
+        resolution: int,
+        seed: int,
+        center_crop: bool = False,
+        random_flip: bool = False,
+    ):
+        self.instance_images = list(instance_images)
+        self.class_images = list(class_images or [])
+        self.resolution, self.seed = resolution, seed
+        self.center_crop, self.random_flip = center_crop, random_flip
+        self.instance_order = Shuffled(len(self.instance_images), seed, "instance")
+        self.class_order = Shuffled(len(self.class_images), seed, "class") if self.class_images else None
+        # Few instance images: decode once. Class images can number hundreds: decode on demand.
+        self._instance_cache = [open_rgb(p) for p in self.instance_images]
+
+    @property
+    def epoch_length(self) -> int:
+        """Examples per epoch, as the reference script counts it: max(#instance, #class)."""
+        return max(len(self.instance_images), len(self.class_images))
+
+    def __len__(self) -> int:  # positions are unbounded; this is one epoch
+        return self.epoch_length
+
+    def _example(self, img: Image.Image, position: int, kind: str) -> torch.Tensor:
+        rng = random.Random(derive_seed(self.seed, "augment", kind, position))
+        return to_tensor(resize_crop(img, self.resolution, self.center_crop, self.random_flip, rng))
+
+    def __getitem__(self, position: int) -> dict:
+        item = {
+            "position": position,
+            "instance": self._example(self._instance_cache[self.instance_order[position]], position, "instance"),
+        }
+        if self.class_order is not None:
+            path = self.class_images[self.class_order[position]]
+            item["class"] = self._example(open_rgb(path), position, "class")
+        return item
+
+
+def collate(items: list[dict]) -> dict:
+    """Instance examples first, then class examples, in one batch (the paper's joint batch)."""
+    pixels = [it["instance"] for it in items]
+    is_prior = [False] * len(items)
+    if "class" in items[0]:
+        pixels += [it["class"] for it in items]
+        is_prior += [True] * len(items)
+    positions = [it["position"] for it in items]
+    return {
+        "pixel_values": torch.stack(pixels),
+        "is_prior": torch.tensor(is_prior),
+        "positions": torch.tensor(positions + positions if "class" in items[0] else positions),
+    }
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Yields this process's positions for micro-steps [start, stop): global batch s covers
+    positions [s*B*W, (s+1)*B*W) and process r takes the r-th slice of B."""
+
+    def __init__(self, batch_size: int, rank: int, world_size: int, start: int, stop: int):
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.start, self.stop = start, stop
+
+    def __iter__(self) -> Iterator[list[int]]:
+        b, w = self.batch_size, self.world_size
+        for step in range(self.start, self.stop):
+            first = step * b * w + self.rank * b
+            yield list(range(first, first + b))
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)

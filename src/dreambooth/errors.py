@@ -1,0 +1,27 @@
+"""User-facing errors: each one prints as a single line naming the problem and the fix."""
+
+from __future__ import annotations
+
+
+class DreamBoothError(Exception):
+    """A problem with the user's input or environment, reported without a traceback."""
+
+
+class ConfigError(DreamBoothError):
+    """A config value is missing, mistyped or out of range."""
+
+    def __init__(self, field: str, value: object, allowed: str):
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(f"{field}={value!r} is not allowed: {allowed}")
+
+
+class DataError(DreamBoothError):
+    """Instance or class images cannot be used as given."""
+
+
+class ModelError(DreamBoothError):
+    """A model folder or hub id cannot be loaded as a supported pipeline."""
+
+
+class CheckpointError(DreamBoothError):
+    """A checkpoint or output folder conflicts with the run being started."""

@@ -1,0 +1,32 @@
+"""Model families by name; the names are the `--family` choices. A new family is one new module here."""
+
+from __future__ import annotations
+
+from ..errors import ModelError
+from .base import Components, ModelFamily, ModelSource, model_identity, read_model_index
+
+FAMILIES: dict[str, type[ModelFamily]] = {}
+
+
+def register(cls: type[ModelFamily]) -> type[ModelFamily]:
+    FAMILIES[cls.name] = cls
+    return cls
+
+
+def get_family(source: ModelSource, name: str = "auto") -> ModelFamily:
+    """The family named, or the one whose pipeline class matches the model's model_index.json."""
+    index = read_model_index(source)
+    if name != "auto":
+        return FAMILIES[name]()
+    class_name = index.get("_class_name", "?")
+    for cls in FAMILIES.values():
+        if class_name in cls.pipeline_classes:
+            return cls()
+    supported = ", ".join(c for cls in FAMILIES.values() for c in cls.pipeline_classes)
+    raise ModelError(f"model {source.name_or_path} is a {class_name}, which is not supported; "
+                     f"supported pipelines: {supported}")
+
+
+from . import sd  # noqa: E402,F401  (registers itself)
+
+__all__ = ["FAMILIES", "Components", "ModelFamily", "ModelSource", "get_family", "model_identity", "register"]

@@ -1,0 +1,112 @@
+"""`dreambooth generate`: render prompts from a trained output, a training checkpoint or any SD pipeline folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import schema
+from .data import derive_seed
+from .families import ModelSource, get_family
+from .grid import make_grid
+from .sampling import SAMPLERS, make_scheduler
+from .schema import at_least, option
+
+log = logging.getLogger("dreambooth")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class GenerateConfig:
+    model: str = option(help="Pipeline folder, hub id, or a checkpoint-N folder of a training run")
+    prompt: list[str] = option(help="One or more prompts")
+    negative_prompt: str | None = option(None, "Negative prompt")
+    num_images: int = option(4, "Images per prompt", check=at_least(1))
+    seed: int = option(0, "Seed; image i of a prompt uses a seed derived from (seed, i)")
+    num_inference_steps: int = option(25, "Sampler steps", check=at_least(1))
+    guidance_scale: float = option(7.5, "Classifier-free guidance scale", check=at_least(0))
+    sampler: str = option("dpm++", "Sampler", choices=lambda: list(SAMPLERS))
+    height: int | None = option(None, "Image height (default: the model's)", check=at_least(8))
+    width: int | None = option(None, "Image width (default: the model's)", check=at_least(8))
+    batch_size: int = option(4, "Images per forward pass", check=at_least(1))
+    precision: str = option("auto", "Weights precision: auto = fp16 on GPU, fp32 on CPU",
+                            choices=("auto", "fp32", "fp16", "bf16"))
+    device: str = option("auto", "Device", choices=("auto", "cpu", "cuda", "mps"))
+    output_dir: Path = option(Path("samples"), "Where PNGs and grid.png are written")
+
+
+def slug(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower()[:limit] or "prompt"
+
+
+def load_for_inference(model: str, dtype: torch.dtype) -> Any:
+    """A pipeline from a model folder/hub id, or from a training checkpoint (base model + its trained modules)."""
+    path = Path(model).expanduser()
+    checkpoint = (path / "state.json").is_file() and (path / "train_config.json").is_file()
+    base = json.loads((path / "train_config.json").read_text()) if checkpoint else None
+    source = (ModelSource(base["pretrained_model_name_or_path"], base["revision"], base["variant"])
+              if base else ModelSource(model))
+    pipe = get_family(source).load_pipeline(source, dtype)
+    if checkpoint:
+        for name in ("unet", "text_encoder"):
+            if (path / name).is_dir():
+                module = getattr(pipe, name)
+                setattr(pipe, name, type(module).from_pretrained(path / name, torch_dtype=dtype,
+                                                                 use_safetensors=True))
+    return pipe
+
+
+def generate(config: GenerateConfig | dict | None = None, **overrides: Any) -> list[Path]:
+    """Render each prompt num_images times; write one PNG per image and a grid (a row per prompt).
+
+    Returns:
+        The paths of the written images, grid last.
+    """
+    values = schema.to_dict(config) if isinstance(config, GenerateConfig) else dict(config or {})
+    cfg = schema.build(GenerateConfig, {**values, **overrides})
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES.get(cfg.precision) or (torch.float16 if device.type == "cuda" else torch.float32)
+    if dtype == torch.float16 and device.type == "cpu":
+        raise schema.ConfigError("precision", "fp16", "fp16 needs a GPU; use fp32 or bf16 on CPU")
+    pipe = load_for_inference(cfg.model, dtype).to(device)
+    pipe.scheduler = make_scheduler(cfg.sampler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written, all_images = [], []
+    for p_index, prompt in enumerate(cfg.prompt):
+        seeds = [derive_seed(cfg.seed, i) for i in range(cfg.num_images)]
+        for start in range(0, cfg.num_images, cfg.batch_size):
+            chunk = seeds[start : start + cfg.batch_size]
+            with torch.no_grad():
+                images = pipe(
+                    [prompt] * len(chunk), negative_prompt=[cfg.negative_prompt] * len(chunk)
+                    if cfg.negative_prompt else None, num_inference_steps=cfg.num_inference_steps,
+                    guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
+                    generator=[torch.Generator(device).manual_seed(s) for s in chunk],
+                ).images
+            for i, (seed, img) in enumerate(zip(chunk, images), start=start):
+                path = out / f"{p_index:02d}-{slug(prompt)}-{i:03d}.png"
+                img.save(path, pnginfo=_pnginfo(prompt, cfg, seed))
+                written.append(path)
+                all_images.append(img)
+    grid = out / "grid.png"
+    make_grid(all_images, cols=cfg.num_images).save(grid)
+    log.info("wrote %d image(s) and %s", len(written), grid)
+    return [*written, grid]
+
+
+def _pnginfo(prompt: str, cfg: GenerateConfig, seed: int):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", json.dumps({"prompt": prompt, "negative_prompt": cfg.negative_prompt, "seed": seed,
+                                            "steps": cfg.num_inference_steps, "sampler": cfg.sampler,
+                                            "guidance_scale": cfg.guidance_scale, "model": cfg.model}))
+    return info

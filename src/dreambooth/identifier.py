@@ -1,0 +1,125 @@
+"""The rare-token identifier [V]: find candidates in the model's own vocabulary and measure their prior.
+
+The paper samples rare tokens that decode to <= 3 characters. With a BPE tokenizer, merges are learnt in frequency
+order, so a later token id is a rarer string; among such candidates we rank by a measured prior: how far adding the
+token moves the text encoder's pooled output for "a [token] [class]" away from "a [class]". A token that barely
+moves it has little meaning to overwrite, which is what DreamBooth wants.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("dreambooth")
+
+# Identifiers known to carry a strong prior in popular checkpoints, whatever our measurement says.
+KNOWN_BAD = {"sks": "in Stable Diffusion 1.x/2.x 'sks' draws a rifle (SKS carbine) into images"}
+STOPWORDS = {"a", "an", "the", "of", "photo", "picture", "image", "in", "on", "with", "and", "my", "our", "style"}
+WORD_END = "</w>"
+
+
+@dataclass
+class Candidate:
+    token: str  # the text the user types
+    token_id: int
+    shift: float | None = None  # 1 - cos(pooled("a tok class"), pooled("a class")); lower = weaker prior
+
+
+def candidates(tokenizer, max_chars: int = 3, rarest_fraction: float = 0.5) -> list[Candidate]:
+    """Single whole-word tokens of <= max_chars letters, from the rarest (latest-merged) part of the vocab."""
+    vocab = tokenizer.get_vocab()
+    cutoff = int(len(vocab) * (1 - rarest_fraction))
+    found = []
+    for piece, token_id in vocab.items():
+        text = piece.removesuffix(WORD_END) if piece.endswith(WORD_END) else None
+        if text is None or token_id < cutoff or not (1 <= len(text) <= max_chars):
+            continue
+        if text.isascii() and text.isalpha() and text not in STOPWORDS and count_tokens(tokenizer, text) == 1:
+            found.append(Candidate(text, token_id))
+    return sorted(found, key=lambda c: -c.token_id)
+
+
+def tokens_of(tokenizer, word: str) -> list[str]:
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    return [t.removesuffix(WORD_END) for t in tokenizer.convert_ids_to_tokens(ids)]
+
+
+def count_tokens(tokenizer, word: str) -> int:
+    return len(tokenizer(word, add_special_tokens=False).input_ids)
+
+
+@torch.no_grad()
+def prior_shift(tokenizer, text_encoder, words: list[str], class_noun: str, batch_size: int = 64) -> list[float]:
+    """For each word: 1 - cosine(pooled("a word class"), pooled("a class")) under the text encoder."""
+    def pooled(prompts: list[str]) -> torch.Tensor:
+        ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                        return_tensors="pt").input_ids.to(text_encoder.device)
+        return text_encoder(ids).pooler_output.float()
+
+    reference = pooled([f"a {class_noun}"])
+    shifts: list[float] = []
+    for start in range(0, len(words), batch_size):
+        chunk = words[start : start + batch_size]
+        emb = pooled([f"a {w} {class_noun}" for w in chunk])
+        shifts += (1 - torch.nn.functional.cosine_similarity(emb, reference)).tolist()
+    return shifts
+
+
+def rank(tokenizer, text_encoder, class_noun: str, top: int = 20, pool: int = 256) -> list[Candidate]:
+    """The `top` candidates with the weakest measured prior, out of the `pool` rarest."""
+    found = candidates(tokenizer)[:pool]
+    for cand, shift in zip(found, prior_shift(tokenizer, text_encoder, [c.token for c in found], class_noun)):
+        cand.shift = shift
+    return sorted(found, key=lambda c: c.shift)[:top]
+
+
+def infer_identifier(instance_prompt: str, class_prompt: str | None) -> str | None:
+    """The word of the instance prompt that the class prompt lacks (e.g. 'zwx' in 'a zwx dog' vs 'a dog')."""
+    if class_prompt is None:
+        return None
+    class_words = set(class_prompt.lower().split())
+    extra = [w for w in instance_prompt.split() if w.lower() not in class_words and w.lower() not in STOPWORDS]
+    return extra[0] if len(extra) == 1 else None
+
+
+def class_noun_after(instance_prompt: str, identifier: str) -> str | None:
+    words = instance_prompt.split()
+    i = words.index(identifier)
+    return words[i + 1].strip(".,") if i + 1 < len(words) else None
+
+
+@dataclass
+class IdentifierReport:
+    word: str
+    pieces: list[str]
+    shift: float | None = None
+    percentile: float | None = None  # share of rare candidates with a weaker prior (0 = weakest)
+    known_bad: str | None = None
+
+    @property
+    def problems(self) -> list[str]:
+        out = []
+        if len(self.pieces) > 1:
+            out.append(f"identifier {self.word!r} splits into {len(self.pieces)} tokens ({' + '.join(self.pieces)}); "
+                       "a single rare token binds to the subject more cleanly")
+        if self.known_bad:
+            out.append(f"identifier {self.word!r} has a strong prior: {self.known_bad}")
+        elif self.percentile is not None and self.percentile >= 0.75:
+            out.append(f"identifier {self.word!r} moves the text encoder more than {self.percentile:.0%} of rare "
+                       "candidates (a strong prior that training must overwrite)")
+        return out
+
+
+def check(tokenizer, text_encoder, word: str, class_noun: str | None, pool: int = 128) -> IdentifierReport:
+    """Token count, measured prior and its percentile among the rare candidates."""
+    report = IdentifierReport(word, tokens_of(tokenizer, word), known_bad=KNOWN_BAD.get(word.lower()))
+    if class_noun and text_encoder is not None:
+        words = [c.token for c in candidates(tokenizer)[:pool] if c.token != word]
+        shifts = prior_shift(tokenizer, text_encoder, [word, *words], class_noun)
+        report.shift = shifts[0]
+        if words:
+            report.percentile = sum(s < shifts[0] for s in shifts[1:]) / len(words)
+    return report

@@ -1,0 +1,54 @@
+"""Forward diffusion for a training batch, with every draw keyed by (seed, example position, kind).
+
+Keying the draws (instead of using a global RNG) makes a run exactly reproducible across resumes and across
+process counts; see data/dataset.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data import keyed_generator
+
+
+def keyed_normal(seed: int, positions: torch.Tensor, is_prior: torch.Tensor, shape: tuple[int, ...], what: str
+                 ) -> torch.Tensor:
+    """One standard-normal tensor of `shape` per example, drawn from that example's own generator."""
+    draws = [
+        torch.randn(shape, generator=keyed_generator(seed, what, "class" if prior else "instance", int(pos)))
+        for pos, prior in zip(positions.tolist(), is_prior.tolist())
+    ]
+    return torch.stack(draws)
+
+
+def keyed_timesteps(seed: int, positions: torch.Tensor, is_prior: torch.Tensor, num_train_timesteps: int
+                    ) -> torch.Tensor:
+    return torch.tensor([
+        int(torch.randint(0, num_train_timesteps, (), generator=keyed_generator(
+            seed, "timestep", "class" if prior else "instance", int(pos))))
+        for pos, prior in zip(positions.tolist(), is_prior.tolist())
+    ])
+
+
+def sample_latents(latent_dist, seed: int, positions: torch.Tensor, is_prior: torch.Tensor) -> torch.Tensor:
+    """A keyed sample of the VAE posterior: mean + std * eps."""
+    mean, std = latent_dist.mean, latent_dist.std
+    eps = keyed_normal(seed, positions, is_prior, tuple(mean.shape[1:]), "vae").to(mean.device, mean.dtype)
+    return mean + std * eps
+
+
+def noise_batch(
+    latents: torch.Tensor,
+    seed: int,
+    positions: torch.Tensor,
+    is_prior: torch.Tensor,
+    num_train_timesteps: int,
+    offset_noise: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and timesteps for each example; offset noise adds a per-channel constant (Guttenberg 2023)."""
+    noise = keyed_normal(seed, positions, is_prior, tuple(latents.shape[1:]), "noise")
+    if offset_noise > 0:
+        channels = (latents.shape[1], 1, 1)
+        noise = noise + offset_noise * keyed_normal(seed, positions, is_prior, channels, "offset")
+    timesteps = keyed_timesteps(seed, positions, is_prior, num_train_timesteps)
+    return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)

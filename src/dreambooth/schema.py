@@ -1,0 +1,227 @@
+"""Typed config schemas: one dataclass drives the CLI flags, config files and the Python API.
+
+A field is declared with `option(default, help, choices=..., check=...)`. From the dataclass we derive the argparse
+flags, the accepted config-file keys and the checks; every rejection is a `ConfigError` naming the field, the value
+and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import ConfigError, DreamBoothError
+
+T = TypeVar("T")
+REQUIRED: Any = dataclasses.MISSING
+
+
+def option(
+    default: Any = REQUIRED,
+    help: str = "",
+    *,
+    choices: Iterable[str] | Callable[[], Iterable[str]] | None = None,
+    check: Callable[[Any], str | None] | None = None,
+    group: str = "options",
+) -> Any:
+    """Declare a config field; `check(value)` returns an explanation of what is allowed, or None when fine."""
+    meta = {"help": help, "choices": choices, "check": check, "group": group}
+    if default is REQUIRED:
+        return dataclasses.field(default=None, metadata={**meta, "required": True})
+    return dataclasses.field(default=default, metadata={**meta, "required": False})
+
+
+def at_least(low: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v is None or v >= low else f"must be >= {low}"
+
+
+def positive(v: Any) -> str | None:
+    return None if v is None or v > 0 else "must be > 0"
+
+
+def in_unit_interval(v: Any) -> str | None:
+    return None if v is None or 0 <= v < 1 else "must be in [0, 1)"
+
+
+def fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def choices_of(f: dataclasses.Field) -> list[str] | None:
+    choices = f.metadata.get("choices")
+    if choices is None:
+        return None
+    return list(choices() if callable(choices) else choices)
+
+
+def _base_type(tp: Any) -> tuple[type, bool]:
+    """(the non-None type, whether None is allowed) of an annotation such as `int | None`."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _coerce(name: str, tp: Any, value: Any) -> Any:
+    base, optional = _base_type(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(name, value, f"a {base.__name__} is required")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(name, value, "expected true or false")
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ConfigError(name, value, "expected an integer")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(name, value, "expected an integer") from None
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ConfigError(name, value, "expected a number")
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(name, value, "expected a number") from None
+    if base is Path:
+        if not isinstance(value, str | Path):
+            raise ConfigError(name, value, "expected a path")
+        return Path(value).expanduser()
+    if base is str:
+        if not isinstance(value, str):
+            raise ConfigError(name, value, "expected a string")
+        return value
+    if typing.get_origin(base) is list:
+        (item,) = typing.get_args(base)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(name, value, "expected a list")
+        return [_coerce(name, item, v) for v in value]
+    return value
+
+
+def _unknown(cls: type, key: str) -> ConfigError:
+    names = list(fields(cls))
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else "see `dreambooth <command> --help` for the accepted keys"
+    return ConfigError(key, "...", f"unknown option; {hint}")
+
+
+def build(cls: type[T], values: Mapping[str, Any]) -> T:
+    """Build and check a config from plain values (config file, CLI or Python keywords)."""
+    known = fields(cls)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise _unknown(cls, key)
+        kwargs[key] = _coerce(key, hints[key], value)
+    for name, f in known.items():
+        if f.metadata.get("required") and kwargs.get(name) is None:
+            raise ConfigError(name, None, f"required; pass --{name} or set `{name}` in the config file")
+    config = cls(**kwargs)
+    check(config)
+    return config
+
+
+def check(config: Any) -> None:
+    """Run the per-field checks, then the config's own cross-field `check()`."""
+    hints = typing.get_type_hints(type(config))
+    for name, f in fields(type(config)).items():
+        value = getattr(config, name)
+        value = _coerce(name, hints[name], value)
+        setattr(config, name, value)
+        allowed = choices_of(f)
+        if allowed is not None and value is not None and value not in allowed:
+            raise ConfigError(name, value, "choose one of " + ", ".join(allowed))
+        rule = f.metadata.get("check")
+        problem = rule(value) if rule else None
+        if problem:
+            raise ConfigError(name, value, problem)
+    if hasattr(config, "check"):
+        config.check()
+
+
+def replace(config: T, **changes: Any) -> T:
+    """A copy of `config` with `changes` applied and checked."""
+    return build(type(config), {**to_dict(config), **changes})
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain JSON-able values (paths as strings)."""
+    out = {}
+    for name in fields(type(config)):
+        value = getattr(config, name)
+        out[name] = str(value) if isinstance(value, Path) else value
+    return out
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML, YAML or JSON config file into a flat dict; one level of [sections] is flattened."""
+    path = Path(path)
+    if not path.is_file():
+        raise DreamBoothError(f"config file {path} does not exist; check the --config path")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise DreamBoothError(f"config file {path} has an unknown extension; use .toml, .yaml, .yml or .json")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0]
+        raise DreamBoothError(f"config file {path} cannot be parsed ({first}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise DreamBoothError(f"config file {path} must hold key = value pairs at the top level")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field; defaults are suppressed so that only flags the user gave override a config file."""
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, f in fields(cls).items():
+        group_name = f.metadata.get("group", "options")
+        group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
+        base, _ = _base_type(hints[name])
+        flags = [f"--{name}"]
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("required"):
+            help_text += " (required)"
+        elif f.default not in (None, False, dataclasses.MISSING):
+            help_text += f" (default: {f.default})"
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        if base is bool:
+            group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if typing.get_origin(base) is list:
+            kw["nargs"] = "+"
+        allowed = choices_of(f)
+        if allowed is not None:
+            kw["metavar"] = "{" + ",".join(allowed) + "}"
+        group.add_argument(*flags, **kw)

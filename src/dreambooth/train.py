@@ -1,0 +1,291 @@
+"""`dreambooth train`: setup -> build -> fit -> finish. The loop in `fit` reads top to bottom."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.optimization import get_scheduler
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import schema
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import DreamBoothDataset, StepBatchSampler, collate
+from .errors import DreamBoothError
+from .families import Components
+from .identifier import check as check_identifier
+from .identifier import class_noun_after, infer_identifier
+from .loss import diffusion_target, dreambooth_loss, min_snr_weights
+from .noising import noise_batch, sample_latents
+from .prior import ClassImages, ensure_class_images
+from .run import Run, setup
+from .validation import render_validation
+
+log = logging.getLogger("dreambooth")
+WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Parts:
+    """What `build` makes for `fit`."""
+
+    components: Components
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    dataset: DreamBoothDataset
+    class_images: ClassImages | None
+    cond: dict[str, dict[str, torch.Tensor]] | None  # cached prompt conditioning when the text encoder is frozen
+    input_ids: torch.Tensor  # [instance prompt, class prompt] token ids
+    weight_dtype: torch.dtype
+    max_train_steps: int
+    state: dict[str, Any] = field(default_factory=lambda: {"step": 0, "loss_sum": 0.0, "instance_sum": 0.0,
+                                                           "prior_sum": 0.0})
+
+
+def train(config: TrainConfig | dict | None = None, **overrides: Any) -> dict[str, Any]:
+    """Fine-tune a text-to-image model on a subject with DreamBooth.
+
+    Args:
+        config: a TrainConfig, or a dict of its fields (e.g. from a config file).
+        **overrides: TrainConfig fields, applied on top of `config`.
+
+    Returns:
+        The run summary that is also written to `output_dir/run_summary.json`.
+    """
+    values = schema.to_dict(config) if isinstance(config, TrainConfig) else dict(config or {})
+    cfg = schema.build(TrainConfig, {**values, **overrides})
+    quiet_libraries()
+    started = time.time()
+    run = setup(cfg)
+    parts = build(run)
+    fit(run, parts)
+    return finish(run, parts, started)
+
+
+def quiet_libraries() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def build(run: Run) -> Parts:
+    """Class images, models, data, optimizer and schedule; restores a checkpoint when resuming."""
+    cfg, acc = run.cfg, run.accelerator
+    # class images first: generation loads its own pipeline, freed before the training copies load
+    class_images = ensure_class_images(cfg, run.family, run.source, acc) if cfg.with_prior_preservation else None
+    c = run.family.load(run.source, cfg.prediction_type)
+    warn_about_identifier(cfg, c)
+
+    # model
+    weight_dtype = WEIGHT_DTYPES.get(acc.mixed_precision, torch.float32)
+    c.vae.requires_grad_(False).to(acc.device, weight_dtype).eval()
+    c.text_encoder.requires_grad_(cfg.train_text_encoder)
+    c.text_encoder.to(acc.device, torch.float32 if cfg.train_text_encoder else weight_dtype)
+    c.text_encoder.train(cfg.train_text_encoder)
+    c.unet.requires_grad_(True).to(acc.device).train()
+    if cfg.gradient_checkpointing:
+        c.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            c.text_encoder.gradient_checkpointing_enable()
+
+    # data
+    dataset = DreamBoothDataset(run.instance.images, class_images.paths if class_images else None, cfg.resolution,
+                                cfg.seed, cfg.center_crop, cfg.random_flip)
+    per_step = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
+    max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(dataset.epoch_length / per_step)
+    prompts = [cfg.instance_prompt, cfg.class_prompt or cfg.instance_prompt]
+    input_ids = run.family.tokenize(c, prompts)
+    cond = None
+    if not cfg.train_text_encoder:  # frozen encoder: encode the two prompts once
+        with torch.no_grad():
+            both = run.family.encode(c, input_ids)
+        cond = {"instance": {k: v[:1] for k, v in both.items()}, "class": {k: v[1:] for k, v in both.items()}}
+
+    # optimizer and schedule
+    lr = cfg.learning_rate * (per_step if cfg.scale_lr else 1)
+    params = list(c.unet.parameters()) + (list(c.text_encoder.parameters()) if cfg.train_text_encoder else [])
+    optimizer = make_optimizer(cfg, params, lr)
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=max_train_steps, num_cycles=cfg.lr_num_cycles,
+                                 power=cfg.lr_power)
+    parts = Parts(c, c.unet, c.text_encoder, optimizer, lr_scheduler, dataset, class_images, cond, input_ids,
+                  weight_dtype, max_train_steps)
+    if run.resume_from is not None:
+        state = load_checkpoint(run.resume_from, trained_modules(cfg, c.unet, c.text_encoder), optimizer,
+                                acc.process_index)
+        lr_scheduler.load_state_dict(state.pop("lr_scheduler"))
+        if acc.scaler is not None and state.get("grad_scaler"):
+            acc.scaler.load_state_dict(state.pop("grad_scaler"))
+        parts.state.update(state)
+        log.info("resumed from %s at step %d", run.resume_from, state["step"])
+    if cfg.train_text_encoder:
+        parts.unet, parts.text_encoder, parts.optimizer = acc.prepare(c.unet, c.text_encoder, optimizer)
+    else:
+        parts.unet, parts.optimizer = acc.prepare(c.unet, optimizer)
+    return parts
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    kw = {"lr": lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.adam_weight_decay,
+          "eps": cfg.adam_epsilon}
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise DreamBoothError("--use_8bit_adam needs bitsandbytes; pip install bitsandbytes") from None
+        return bnb.optim.AdamW8bit(params, **kw)
+    return torch.optim.AdamW(params, **kw)
+
+
+def trained_modules(cfg: TrainConfig, unet, text_encoder) -> dict[str, torch.nn.Module]:
+    return {"unet": unet, "text_encoder": text_encoder} if cfg.train_text_encoder else {"unet": unet}
+
+
+def warn_about_identifier(cfg: TrainConfig, c: Components) -> None:
+    word = cfg.identifier or infer_identifier(cfg.instance_prompt, cfg.class_prompt)
+    if word is None:
+        return
+    report = check_identifier(c.tokenizer, c.text_encoder, word, class_noun_after(cfg.instance_prompt, word))
+    for problem in report.problems:
+        log.warning("%s; `dreambooth identifier --pretrained_model_name_or_path %s --class_noun <noun>` lists "
+                    "better ones", problem, cfg.pretrained_model_name_or_path)
+
+
+def conditioning(run: Run, parts: Parts, n_instance: int, n_class: int) -> dict[str, torch.Tensor]:
+    """The prompt conditioning for a batch of n_instance instance then n_class class examples."""
+    if parts.cond is not None:
+        inst, cls = parts.cond["instance"], parts.cond["class"]
+    else:  # trained text encoder: encode with gradients, once per prompt
+        both = run.family.encode(parts.components, parts.input_ids, text_encoder=parts.text_encoder)
+        inst, cls = ({k: v[:1] for k, v in both.items()}, {k: v[1:] for k, v in both.items()})
+    return {k: torch.cat([inst[k].expand(n_instance, *inst[k].shape[1:]),
+                          cls[k].expand(n_class, *cls[k].shape[1:])]) for k in inst}
+
+
+def fit(run: Run, parts: Parts) -> None:
+    cfg, acc, c = run.cfg, run.accelerator, parts.components
+    accum, start = cfg.gradient_accumulation_steps, parts.state["step"]
+    sampler = StepBatchSampler(cfg.train_batch_size, acc.process_index, acc.num_processes,
+                               start * accum, parts.max_train_steps * accum)
+    loader = DataLoader(parts.dataset, batch_sampler=sampler, collate_fn=collate,
+                        num_workers=cfg.dataloader_num_workers)
+    trained = [parts.unet] + ([parts.text_encoder] if cfg.train_text_encoder else [])
+    params = [p for m in trained for p in m.parameters()]
+    scaling = c.vae.config.scaling_factor
+    shift = getattr(c.vae.config, "shift_factor", None) or 0.0
+    num_timesteps = c.noise_scheduler.config.num_train_timesteps
+    acc.init_trackers("dreambooth", config={k: v for k, v in schema.to_dict(cfg).items()
+                                            if isinstance(v, int | float | str | bool)})
+    bar = tqdm(total=parts.max_train_steps, initial=start, desc="train", unit="step",
+               disable=not acc.is_local_main_process)
+    window = torch.zeros(3, device=acc.device)  # loss, instance, prior summed over one optimizer step
+
+    for batch in loader:
+        with acc.accumulate(*trained):
+            # latents and noise, every draw keyed by example position
+            pixels = batch["pixel_values"].to(acc.device, parts.weight_dtype)
+            positions, is_prior = batch["positions"], batch["is_prior"]
+            with torch.no_grad():
+                dist = c.vae.encode(pixels).latent_dist
+                latents = ((sample_latents(dist, cfg.seed, positions, is_prior) - shift) * scaling).float()
+            noise, timesteps = noise_batch(latents, cfg.seed, positions, is_prior, num_timesteps,
+                                           cfg.offset_noise_strength if cfg.offset_noise else 0.0)
+            noisy = c.noise_scheduler.add_noise(latents, noise, timesteps)
+
+            # denoise and score
+            n_class = int(is_prior.sum())
+            cond = conditioning(run, parts, len(is_prior) - n_class, n_class)
+            pred = parts.unet(noisy, timesteps, **cond).sample
+            target = diffusion_target(c.noise_scheduler, latents, noise, timesteps, c.prediction_type)
+            weights = (min_snr_weights(c.noise_scheduler, timesteps, cfg.snr_gamma, c.prediction_type)
+                       if cfg.snr_gamma else None)
+            loss = dreambooth_loss(pred, target, is_prior, cfg.prior_loss_weight, weights)
+
+            # update
+            acc.backward(loss.loss)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(params, cfg.max_grad_norm)
+            parts.optimizer.step()
+            parts.optimizer.zero_grad(set_to_none=True)
+            window += torch.stack([loss.loss.detach(), loss.instance.detach(), loss.prior.detach()]) / accum
+
+        if not acc.sync_gradients:
+            continue
+        if not acc.optimizer_step_was_skipped:
+            parts.lr_scheduler.step()
+        step = parts.state["step"] = parts.state["step"] + 1
+        mean = acc.reduce(window, reduction="mean").tolist()
+        window.zero_()
+        for key, value in zip(("loss_sum", "instance_sum", "prior_sum"), mean):
+            parts.state[key] += value
+        parts.state["last_loss"] = mean[0]
+        lr = parts.lr_scheduler.get_last_lr()[0]
+        bar.update(1)
+        bar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{lr:.2e}")
+        acc.log({"loss": mean[0], "loss_instance": mean[1], "loss_prior": mean[2], "lr": lr}, step=step)
+
+        if step % cfg.checkpointing_steps == 0 and step < parts.max_train_steps:
+            save(run, parts, step)
+        if cfg.validation_prompt and step % cfg.validation_steps == 0 and acc.is_main_process:
+            render_validation(run.family, c, parts.unet, parts.text_encoder, cfg, step, acc)
+    bar.close()
+
+
+def save(run: Run, parts: Parts, step: int) -> Path:
+    acc = run.accelerator
+    state = {**parts.state, "lr_scheduler": parts.lr_scheduler.state_dict()}
+    if acc.scaler is not None:
+        state["grad_scaler"] = acc.scaler.state_dict()
+    modules = trained_modules(run.cfg, acc.unwrap_model(parts.unet), acc.unwrap_model(parts.text_encoder))
+    return save_checkpoint(Path(run.cfg.output_dir), step, modules, parts.optimizer.optimizer
+                           if hasattr(parts.optimizer, "optimizer") else parts.optimizer, state,
+                           schema.to_dict(run.cfg), acc, run.cfg.checkpoints_total_limit)
+
+
+def finish(run: Run, parts: Parts, started: float) -> dict[str, Any]:
+    """Save the pipeline, a final validation grid and the run summary."""
+    cfg, acc = run.cfg, run.accelerator
+    acc.wait_for_everyone()
+    steps = parts.state["step"]
+    summary: dict[str, Any] = {
+        "steps": steps,
+        "final_loss": parts.state.get("last_loss"),
+        "mean_loss": parts.state["loss_sum"] / steps if steps else None,
+        "mean_instance_loss": parts.state["instance_sum"] / steps if steps else None,
+        "mean_prior_loss": parts.state["prior_sum"] / steps if cfg.with_prior_preservation and steps else None,
+        "wall_time_s": round(time.time() - started, 2),
+        "processes": acc.num_processes,
+        "seed": cfg.seed,
+        "family": run.family.name,
+        "num_instance_images": len(run.instance.images),
+        "resumed_from": str(run.resume_from) if run.resume_from else None,
+    }
+    if parts.class_images is not None:
+        ci = parts.class_images
+        summary["class_images"] = {"used": len(ci.paths), "user": ci.user, "reused": ci.reused,
+                                   "generated": ci.generated}
+    if acc.is_main_process:
+        out = Path(cfg.output_dir)
+        run.family.save(parts.components, acc.unwrap_model(parts.unet), acc.unwrap_model(parts.text_encoder), out)
+        if cfg.validation_prompt and steps % cfg.validation_steps != 0:
+            render_validation(run.family, parts.components, parts.unet, parts.text_encoder, cfg, steps, acc)
+        (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("saved the fine-tuned pipeline to %s (%d steps, mean loss %s)", out, steps,
+                 f"{summary['mean_loss']:.4f}" if summary["mean_loss"] is not None else "n/a")
+    acc.wait_for_everyone()
+    acc.end_training()
+    return summary

@@ -1,0 +1,43 @@
+"""Validation grids during training: the same prompt and seeds at every check, so grids compare across steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import TrainConfig
+from .data import derive_seed
+from .families import Components, ModelFamily
+from .grid import make_grid
+from .sampling import make_scheduler
+
+
+@torch.no_grad()
+def render_validation(family: ModelFamily, components: Components, unet, text_encoder, cfg: TrainConfig,
+                      step: int, accelerator) -> Path:
+    """Render cfg.num_validation_images for the validation prompt; save and log them as one grid."""
+    scheduler = make_scheduler(cfg.validation_sampler, components.noise_scheduler.config)
+    pipe = family.pipeline(components, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder),
+                           scheduler)
+    device = accelerator.device
+    generators = [torch.Generator(device).manual_seed(derive_seed(cfg.seed, "validation", i))
+                  for i in range(cfg.num_validation_images)]
+    was_training = unet.training
+    unet.eval()
+    with accelerator.autocast():
+        images = pipe(
+            [cfg.validation_prompt] * cfg.num_validation_images, generator=generators,
+            num_inference_steps=cfg.validation_inference_steps, guidance_scale=cfg.validation_guidance_scale,
+        ).images
+    unet.train(was_training)
+    folder = Path(cfg.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:06d}.png"
+    make_grid(images).save(path)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step,
+                                      dataformats="NHWC")
+    return path

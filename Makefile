@@ -1,10 +1,10 @@
-# `make test` and `make demo` do all set-up on a fresh machine that has Python 3.11 and pip.
+# `make test` does all set-up on a fresh machine that has Python 3.11 and pip.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +22,6 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
-
-demo: $(STAMP)
-	@echo "make demo arrives with the toy world (issue 3); meanwhile see README.md for a train example"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info

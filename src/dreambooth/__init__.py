@@ -12,14 +12,14 @@ __version__ = "0.1.0"
 
 def train(config: Any = None, **overrides: Any) -> dict[str, Any]:
     """Run DreamBooth training; see `dreambooth.train.train` and `dreambooth train --help` for the options."""
-    from .train import train as _train
+    from .training import train as _train
 
     return _train(config, **overrides)
 
 
 def generate(config: Any = None, **overrides: Any) -> list:
     """Render prompts from a model; see `dreambooth generate --help` for the options."""
-    from .generate import generate as _generate
+    from .generation import generate as _generate
 
     return _generate(config, **overrides)
 
@@ -30,7 +30,7 @@ def __getattr__(name: str) -> Any:
 
         return TrainConfig
     if name == "GenerateConfig":
-        from .generate import GenerateConfig
+        from .generation import GenerateConfig
 
         return GenerateConfig
     raise AttributeError(name)

@@ -14,7 +14,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers 
 from . import schema  # noqa: E402
 from .config import TrainConfig  # noqa: E402
 from .errors import DreamBoothError  # noqa: E402
-from .generate import GenerateConfig  # noqa: E402
+from .generation import GenerateConfig  # noqa: E402
 
 log = logging.getLogger("dreambooth")
 
@@ -90,16 +90,17 @@ def _run_train(args: argparse.Namespace) -> int:
     from .sampling import LEGACY_NAMES
     if values.get("validation_sampler") in LEGACY_NAMES:
         values["validation_sampler"] = LEGACY_NAMES[values["validation_sampler"]]
-    from .train import train
+    from .training import train
 
     summary = train(values)
     if summary and _is_main():
-        print(f"done: {summary['steps']} steps, mean loss {summary['mean_loss']}, output in {values.get('output_dir', 'dreambooth-model')}")
+        out = values.get("output_dir", "dreambooth-model")
+        print(f"done: {summary['steps']} steps, mean loss {summary['mean_loss']:.4f}, pipeline in {out}")
     return 0
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from .generate import generate
+    from .generation import generate
 
     paths = generate(_values(args))
     print(f"wrote {len(paths) - 1} image(s) and {paths[-1]}")

@@ -33,7 +33,8 @@ def _family_choices() -> list[str]:
 @dataclasses.dataclass
 class TrainConfig:
     # model
-    pretrained_model_name_or_path: str = option(help="Base model: a diffusers pipeline folder or a hub id", group="model")
+    pretrained_model_name_or_path: str = option(help="Base model: a diffusers pipeline folder or a hub id",
+                                                group="model")
     revision: str | None = option(None, "Hub revision of the base model", group="model")
     variant: str | None = option(None, "Weight variant of the base model files, e.g. fp16", group="model")
     tokenizer_name: str | None = option(None, "Tokenizer folder or hub id, if not the model's own", group="model")
@@ -51,7 +52,8 @@ class TrainConfig:
     class_data_dir: Path | None = option(None, "Folder of class images; missing ones are generated", group="data")
     class_prompt: str | None = option(None, 'Prompt of the class, e.g. "a photo of dog"', group="data")
     with_prior_preservation: bool = option(False, "Add the class-specific prior-preservation loss", group="data")
-    prior_loss_weight: float = option(1.0, "Weight lambda of the prior-preservation loss", check=at_least(0), group="data")
+    prior_loss_weight: float = option(1.0, "Weight lambda of the prior-preservation loss", check=at_least(0),
+                                      group="data")
     num_class_images: int = option(100, "Class images used for prior preservation", check=at_least(1), group="data")
     sample_batch_size: int = option(4, "Batch size when generating class images", check=at_least(1), group="data")
     prior_generation_precision: str | None = option(

@@ -28,14 +28,17 @@ class Candidate:
     shift: float | None = None  # 1 - cos(pooled("a tok class"), pooled("a class")); lower = weaker prior
 
 
-def candidates(tokenizer, max_chars: int = 3, rarest_fraction: float = 0.5) -> list[Candidate]:
-    """Single whole-word tokens of <= max_chars letters, from the rarest (latest-merged) part of the vocab."""
+def candidates(tokenizer, max_chars: int = 3, rarest_fraction: float = 0.5, min_chars: int = 2) -> list[Candidate]:
+    """Single whole-word tokens of min_chars..max_chars letters from the rarest (latest-merged) part of the vocab.
+
+    Single letters are left out: they are frequent as initials, units and variables, so their prior is strong.
+    """
     vocab = tokenizer.get_vocab()
     cutoff = int(len(vocab) * (1 - rarest_fraction))
     found = []
     for piece, token_id in vocab.items():
         text = piece.removesuffix(WORD_END) if piece.endswith(WORD_END) else None
-        if text is None or token_id < cutoff or not (1 <= len(text) <= max_chars):
+        if text is None or token_id < cutoff or not (min_chars <= len(text) <= max_chars):
             continue
         if text.isascii() and text.isalpha() and text not in STOPWORDS and count_tokens(tokenizer, text) == 1:
             found.append(Candidate(text, token_id))
@@ -70,7 +73,7 @@ def prior_shift(tokenizer, text_encoder, words: list[str], class_noun: str, batc
 
 def rank(tokenizer, text_encoder, class_noun: str, top: int = 20, pool: int = 256) -> list[Candidate]:
     """The `top` candidates with the weakest measured prior, out of the `pool` rarest."""
-    found = candidates(tokenizer)[:pool]
+    found = [c for c in candidates(tokenizer) if c.token != class_noun][:pool]
     for cand, shift in zip(found, prior_shift(tokenizer, text_encoder, [c.token for c in found], class_noun)):
         cand.shift = shift
     return sorted(found, key=lambda c: c.shift)[:top]

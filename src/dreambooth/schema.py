@@ -11,13 +11,13 @@ import argparse
 import dataclasses
 import difflib
 import json
-import tomllib
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import tomllib
 import yaml
 
 from .errors import ConfigError, DreamBoothError
@@ -170,6 +170,15 @@ def to_dict(config: Any) -> dict[str, Any]:
         value = getattr(config, name)
         out[name] = str(value) if isinstance(value, Path) else value
     return out
+
+
+def values_of(config: Any, cls: type) -> dict[str, Any]:
+    """Plain values from a config object, a dict, a config-file path, or None."""
+    if isinstance(config, cls):
+        return to_dict(config)
+    if isinstance(config, str | Path):
+        return load_file(config)
+    return dict(config or {})
 
 
 def load_file(path: str | Path) -> dict[str, Any]:

@@ -16,12 +16,12 @@ def register(cls: type[ModelFamily]) -> type[ModelFamily]:
 def get_family(source: ModelSource, name: str = "auto") -> ModelFamily:
     """The family named, or the one whose pipeline class matches the model's model_index.json."""
     index = read_model_index(source)
-    if name != "auto":
-        return FAMILIES[name]()
     class_name = index.get("_class_name", "?")
-    for cls in FAMILIES.values():
-        if class_name in cls.pipeline_classes:
-            return cls()
+    family = FAMILIES[name]() if name != "auto" else next(
+        (cls() for cls in FAMILIES.values() if class_name in cls.pipeline_classes), None)
+    if family is not None:
+        family.check_source(source)
+        return family
     supported = ", ".join(c for cls in FAMILIES.values() for c in cls.pipeline_classes)
     raise ModelError(f"model {source.name_or_path} is a {class_name}, which is not supported; "
                      f"supported pipelines: {supported}")

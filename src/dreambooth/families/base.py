@@ -58,6 +58,9 @@ class ModelFamily:
     name: ClassVar[str]
     pipeline_classes: ClassVar[tuple[str, ...]]  # model_index.json `_class_name`s this family reads
 
+    def check_source(self, source: ModelSource) -> None:
+        """Raise ModelError if the model cannot be this family's pipeline; cheap, no weights are read."""
+
     def load(self, source: ModelSource, prediction_type: str | None = None) -> Components:
         raise NotImplementedError
 

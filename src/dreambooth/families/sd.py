@@ -34,16 +34,17 @@ class StableDiffusion(ModelFamily):
     name = "sd"
     pipeline_classes = ("StableDiffusionPipeline",)
 
-    def _check_parts(self, source: ModelSource) -> None:
+    def check_source(self, source: ModelSource) -> None:
+        """The pipeline's part folders exist (local folders only; hub repos are checked when loading)."""
         if source.is_local:
             missing = [p for p in REQUIRED_PARTS if not (source.path / p).is_dir()]
             if missing:
-                raise ModelError(f"model folder {source.name_or_path} lacks {', '.join(missing)}/; "
+                raise ModelError(f"model folder {source.name_or_path} lacks {', '.join(m + '/' for m in missing)}; "
                                  "it is not a complete Stable Diffusion pipeline")
 
     def load_text(self, source: ModelSource) -> tuple[Any, torch.nn.Module]:
         """Only the tokenizer and text encoder (for identifier search)."""
-        self._check_parts(source)
+        self.check_source(source)
         with loading(source, "tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(
                 source.tokenizer_name or source.name_or_path,
@@ -89,7 +90,7 @@ class StableDiffusion(ModelFamily):
         return pipe
 
     def load_pipeline(self, source: ModelSource, dtype: torch.dtype) -> StableDiffusionPipeline:
-        self._check_parts(source)
+        self.check_source(source)
         with loading(source, "pipeline"):
             pipe = StableDiffusionPipeline.from_pretrained(
                 source.name_or_path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,

@@ -52,17 +52,17 @@ class Parts:
                                                            "prior_sum": 0.0})
 
 
-def train(config: TrainConfig | dict | None = None, **overrides: Any) -> dict[str, Any]:
+def train(config: TrainConfig | dict | str | Path | None = None, **overrides: Any) -> dict[str, Any]:
     """Fine-tune a text-to-image model on a subject with DreamBooth.
 
     Args:
-        config: a TrainConfig, or a dict of its fields (e.g. from a config file).
+        config: a TrainConfig, a dict of its fields, or the path of a TOML/YAML/JSON config file.
         **overrides: TrainConfig fields, applied on top of `config`.
 
     Returns:
         The run summary that is also written to `output_dir/run_summary.json`.
     """
-    values = schema.to_dict(config) if isinstance(config, TrainConfig) else dict(config or {})
+    values = schema.values_of(config, TrainConfig)
     cfg = schema.build(TrainConfig, {**values, **overrides})
     quiet_libraries()
     started = time.time()
@@ -238,7 +238,7 @@ def fit(run: Run, parts: Parts) -> None:
         bar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{lr:.2e}")
         acc.log({"loss": mean[0], "loss_instance": mean[1], "loss_prior": mean[2], "lr": lr}, step=step)
 
-        if step % cfg.checkpointing_steps == 0 and step < parts.max_train_steps:
+        if step % cfg.checkpointing_steps == 0:
             save(run, parts, step)
         if cfg.validation_prompt and step % cfg.validation_steps == 0 and acc.is_main_process:
             render_validation(run.family, c, parts.unet, parts.text_encoder, cfg, step, acc)

@@ -13,6 +13,7 @@ import torch
 
 from . import schema
 from .data import derive_seed
+from .errors import ConfigError
 from .families import ModelSource, get_family
 from .grid import make_grid
 from .sampling import SAMPLERS, make_scheduler
@@ -62,18 +63,18 @@ def load_for_inference(model: str, dtype: torch.dtype) -> Any:
     return pipe
 
 
-def generate(config: GenerateConfig | dict | None = None, **overrides: Any) -> list[Path]:
+def generate(config: GenerateConfig | dict | str | Path | None = None, **overrides: Any) -> list[Path]:
     """Render each prompt num_images times; write one PNG per image and a grid (a row per prompt).
 
     Returns:
         The paths of the written images, grid last.
     """
-    values = schema.to_dict(config) if isinstance(config, GenerateConfig) else dict(config or {})
+    values = schema.values_of(config, GenerateConfig)
     cfg = schema.build(GenerateConfig, {**values, **overrides})
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES.get(cfg.precision) or (torch.float16 if device.type == "cuda" else torch.float32)
     if dtype == torch.float16 and device.type == "cpu":
-        raise schema.ConfigError("precision", "fp16", "fp16 needs a GPU; use fp32 or bf16 on CPU")
+        raise ConfigError("precision", "fp16", "fp16 needs a GPU; use fp32 or bf16 on CPU")
     pipe = load_for_inference(cfg.model, dtype).to(device)
     pipe.scheduler = make_scheduler(cfg.sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

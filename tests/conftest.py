@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: 2 workers x 2 threads thrash 2 cores
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import make_images, make_tiny_sd  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_v(tmp_path_factory) -> Path:
+    return make_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd-v", prediction_type="v_prediction")
+
+
+@pytest.fixture
+def instance_dir(tmp_path) -> Path:
+    return make_images(tmp_path / "instance", n=4)
+
+
+@pytest.fixture
+def base_args(tiny_model, instance_dir, tmp_path):
+    """A small, fast run: returns a dict of TrainConfig values (prior preservation on)."""
+
+    def make(**changes):
+        args = dict(
+            pretrained_model_name_or_path=str(tiny_model), instance_data_dir=str(instance_dir),
+            instance_prompt="a photo of zwx dog", class_prompt="a photo of dog", with_prior_preservation=True,
+            class_data_dir=str(tmp_path / "class"), num_class_images=4, class_inference_steps=2,
+            sample_batch_size=4, output_dir=str(tmp_path / "out"), resolution=64, train_batch_size=2,
+            max_train_steps=4, learning_rate=1e-3, seed=0, checkpointing_steps=1000,
+        )
+        args.update(changes)
+        return {k: v for k, v in args.items() if v is not None}
+
+    return make
+
+
+def to_argv(args: dict) -> list[str]:
+    argv = []
+    for key, value in args.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not False:
+            argv += [f"--{key}", str(value)]
+    return argv

@@ -1,0 +1,123 @@
+import pytest
+
+from dreambooth import schema
+from dreambooth.cli import main, parser
+from dreambooth.config import TrainConfig
+from dreambooth.errors import ConfigError
+
+REQUIRED = dict(pretrained_model_name_or_path="m", instance_data_dir="d", instance_prompt="a zwx dog")
+
+
+def test_defaults_follow_the_reference_script():
+    cfg = schema.build(TrainConfig, REQUIRED)
+    assert (cfg.resolution, cfg.train_batch_size, cfg.learning_rate, cfg.lr_scheduler, cfg.lr_warmup_steps) == (
+        512, 4, 5e-6, "constant", 500)
+    assert (cfg.num_class_images, cfg.prior_loss_weight, cfg.checkpointing_steps, cfg.adam_weight_decay) == (
+        100, 1.0, 500, 1e-2)
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("resolution", 100, "multiple of 8"),
+    ("learning_rate", -1.0, "> 0"),
+    ("lr_scheduler", "cosine_annealing", "choose one of linear"),
+    ("train_batch_size", 0, ">= 1"),
+    ("mixed_precision", "fp8", "choose one of no, fp16, bf16"),
+    ("train_batch_size", "four", "expected an integer"),
+    ("center_crop", "maybe", "expected true or false"),
+])
+def test_bad_values_name_field_value_and_allowed(field, value, fragment):
+    with pytest.raises(ConfigError) as e:
+        schema.build(TrainConfig, {**REQUIRED, field: value})
+    assert e.value.field == field and fragment in str(e.value) and repr(value) in str(e.value)
+
+
+def test_prior_preservation_flags_must_come_together():
+    with pytest.raises(ConfigError, match="class_prompt.*with_prior_preservation"):
+        schema.build(TrainConfig, {**REQUIRED, "with_prior_preservation": True, "class_data_dir": "c"})
+    with pytest.raises(ConfigError, match="only used with --with_prior_preservation"):
+        schema.build(TrainConfig, {**REQUIRED, "class_prompt": "a dog"})
+    with pytest.raises(ConfigError, match="class_data_dir"):
+        schema.build(TrainConfig, {**REQUIRED, "with_prior_preservation": True, "class_prompt": "a dog"})
+
+
+def test_missing_required_and_misspelt_keys():
+    with pytest.raises(ConfigError, match="instance_prompt.*required"):
+        schema.build(TrainConfig, {k: v for k, v in REQUIRED.items() if k != "instance_prompt"})
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        schema.build(TrainConfig, {**REQUIRED, "learning_rat": 1e-5})
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".toml", 'pretrained_model_name_or_path = "m"\ninstance_data_dir = "d"\ninstance_prompt = "a zwx dog"\n'
+              "[optim]\nlearning_rate = 2e-6\ntrain_batch_size = 2\n"),
+    (".yaml", "pretrained_model_name_or_path: m\ninstance_data_dir: d\ninstance_prompt: a zwx dog\n"
+              "learning_rate: 2.0e-6\ntrain_batch_size: 2\n"),
+])
+def test_config_file_then_cli_overrides(tmp_path, suffix, text):
+    path = tmp_path / f"run{suffix}"
+    path.write_text(text)
+    values = schema.load_file(path)
+    cfg = schema.build(TrainConfig, values)
+    assert cfg.learning_rate == 2e-6 and cfg.train_batch_size == 2
+    args = parser().parse_args(["train", "--config", str(path), "--train_batch_size", "8"])
+    from dreambooth.cli import _values
+    cfg = schema.build(TrainConfig, _values(args))
+    assert cfg.train_batch_size == 8 and cfg.learning_rate == 2e-6  # flag beats file, file beats default
+
+
+def test_cli_flags_are_the_schema_fields():
+    train = parser()._subparsers._group_actions[0].choices["train"]
+    dests = {a.dest for a in train._actions}
+    assert set(schema.fields(TrainConfig)) <= dests
+
+
+def test_reference_command_line_parses():
+    argv = (
+        'train --pretrained_model_name_or_path m --instance_data_dir d --instance_prompt x --class_data_dir c '
+        '--class_prompt y --with_prior_preservation --prior_loss_weight 1.0 --num_class_images 10 '
+        '--sample_batch_size 2 --prior_generation_precision fp32 --output_dir o --seed 1 --resolution 64 '
+        '--center_crop --train_text_encoder --train_batch_size 1 --num_train_epochs 1 --max_train_steps 20 '
+        '--gradient_accumulation_steps 1 --gradient_checkpointing --learning_rate 5e-6 --scale_lr '
+        '--lr_scheduler constant --lr_warmup_steps 0 --lr_num_cycles 1 --lr_power 1.0 --adam_beta1 0.9 '
+        '--adam_beta2 0.999 --adam_weight_decay 0.01 --adam_epsilon 1e-8 --max_grad_norm 1.0 --use_8bit_adam '
+        '--mixed_precision no --allow_tf32 --checkpointing_steps 10 --checkpoints_total_limit 2 '
+        '--resume_from_checkpoint latest --validation_prompt z --num_validation_images 2 --validation_steps 5 '
+        '--offset_noise --snr_gamma 5.0 --report_to tensorboard --logging_dir logs --dataloader_num_workers 0 '
+        '--revision main --variant fp16 --enable_xformers_memory_efficient_attention --validation_scheduler '
+        'DPMSolverMultistepScheduler'
+    ).split()
+    from dreambooth.cli import _values
+    values = _values(parser().parse_args(argv))
+    values.pop("enable_xformers_memory_efficient_attention")
+    values["validation_sampler"] = "dpm++"
+    cfg = schema.build(TrainConfig, values)
+    assert cfg.with_prior_preservation and cfg.snr_gamma == 5.0 and cfg.max_train_steps == 20
+
+
+def test_cli_reports_config_errors_in_one_line(capsys):
+    code = main(["train", "--pretrained_model_name_or_path", "m", "--instance_data_dir", "d",
+                 "--instance_prompt", "x", "--resolution", "100"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "resolution=100" in err and "Traceback" not in err
+
+
+def test_python_api_rejects_unknown_keyword():
+    import dreambooth
+
+    with pytest.raises(ConfigError, match="did you mean 'max_train_steps'"):
+        dreambooth.train(**REQUIRED, max_train_step=3)
+
+
+def test_push_to_hub_is_refused_clearly(capsys):
+    code = main(["train", *sum(([f"--{k}", v] for k, v in REQUIRED.items()), []), "--push_to_hub"])
+    assert code == 2 and "huggingface-cli upload" in capsys.readouterr().err
+
+
+def test_python_api_takes_a_config_file(tmp_path, base_args):
+    import json
+
+    import dreambooth
+
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(base_args(max_train_steps=1)))
+    assert dreambooth.train(str(path), max_train_steps=2)["steps"] == 2  # keywords override the file

@@ -1,0 +1,59 @@
+import logging
+
+import dreambooth
+from dreambooth.cli import main
+from dreambooth.families import ModelSource, get_family
+from dreambooth.identifier import candidates, check, infer_identifier, rank
+from tiny import RARE
+
+
+def load(tiny_model):
+    source = ModelSource(str(tiny_model))
+    return get_family(source).load_text(source)
+
+
+def test_candidates_are_rare_single_short_tokens(tiny_model):
+    tokenizer, _ = load(tiny_model)
+    found = candidates(tokenizer)
+    assert [c.token for c in found[: len(RARE)]] == RARE[::-1]  # the latest-merged words come first
+    assert all(len(c.token) <= 3 and len(tokenizer(c.token, add_special_tokens=False).input_ids) == 1
+               for c in found)
+    assert [c.token_id for c in found] == sorted((c.token_id for c in found), reverse=True)
+
+
+def test_rank_orders_by_measured_prior(tiny_model):
+    tokenizer, encoder = load(tiny_model)
+    ranked = rank(tokenizer, encoder, "dog", top=5)
+    shifts = [c.shift for c in ranked]
+    assert len(ranked) == 5 and shifts == sorted(shifts) and all(s >= 0 for s in shifts)
+
+
+def test_check_reports_splits_and_known_bad(tiny_model):
+    tokenizer, encoder = load(tiny_model)
+    assert check(tokenizer, encoder, "zwx", "dog").pieces == ["zwx"]
+    split = check(tokenizer, encoder, "zwxqek", "dog")
+    assert len(split.pieces) > 1 and "".join(split.pieces) == "zwxqek" and "splits into" in split.problems[0]
+    assert "rifle" in check(tokenizer, encoder, "sks", "dog").problems[0]
+
+
+def test_infer_identifier():
+    assert infer_identifier("a photo of zwx dog", "a photo of dog") == "zwx"
+    assert infer_identifier("a zwx dog", None) is None
+
+
+def test_cli_lists_and_checks(tiny_model, capsys):
+    assert main(["identifier", "--model", str(tiny_model), "--class_noun", "dog", "--top", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    tokenizer, _ = load(tiny_model)
+    listed = [line.split()[0] for line in lines[1:]]
+    shifts = [float(line.split()[2]) for line in lines[1:]]
+    assert len(listed) == 3 and "dog" not in listed and shifts == sorted(shifts)
+    assert set(listed) <= {c.token for c in candidates(tokenizer)}
+    assert main(["identifier", "--model", str(tiny_model), "--class_noun", "dog", "--check", "zwxqek"]) == 1
+    assert "splits into" in capsys.readouterr().out
+
+
+def test_train_warns_about_a_split_identifier(base_args, caplog):
+    with caplog.at_level(logging.WARNING, logger="dreambooth"):
+        dreambooth.train(**base_args(instance_prompt="a photo of zwxqek dog", max_train_steps=1))
+    assert "'zwxqek' splits into 3 tokens" in caplog.text

@@ -1,0 +1,60 @@
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import dreambooth
+from dreambooth.prior import GENERATED_RE, MANIFEST
+
+
+def generated(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if GENERATED_RE.match(p.name)}
+
+
+def test_class_images_are_generated_once_and_reused(base_args, tmp_path):
+    first = dreambooth.train(**base_args(max_train_steps=1, output_dir=str(tmp_path / "a")))
+    assert first["class_images"] == {"used": 4, "user": 0, "reused": 0, "generated": 4}
+    files = generated(tmp_path / "class")
+    second = dreambooth.train(**base_args(max_train_steps=1, output_dir=str(tmp_path / "b")))
+    assert second["class_images"]["generated"] == 0 and generated(tmp_path / "class") == files
+
+    manifest = json.loads((tmp_path / "class" / MANIFEST).read_text())
+    (settings,) = manifest["settings"].values()
+    assert settings["prompt"] == "a photo of dog" and settings["sampler"] == "dpm++" and settings["steps"] == 2
+    assert settings["model"]["unet_digest"]
+    assert set(manifest["images"]) == set(files) and all("seed" in v for v in manifest["images"].values())
+
+
+def test_interrupted_generation_resumes_with_only_the_missing(base_args, tmp_path):
+    dreambooth.train(**base_args(max_train_steps=1, output_dir=str(tmp_path / "a")))
+    files = generated(tmp_path / "class")
+    lost = sorted(files)[1::2]
+    for name in lost:
+        (tmp_path / "class" / name).unlink()
+    summary = dreambooth.train(**base_args(max_train_steps=1, output_dir=str(tmp_path / "b")))
+    assert summary["class_images"]["generated"] == len(lost)
+    now = generated(tmp_path / "class")
+    assert now.keys() == files.keys()
+    for name in lost:  # same per-image seed; only batch-size rounding may differ
+        a = np.asarray(Image.open(io.BytesIO(files[name])), dtype=int)
+        b = np.asarray(Image.open(io.BytesIO(now[name])), dtype=int)
+        assert np.abs(a - b).max() <= 2
+
+
+def test_user_images_count_and_other_settings_are_left_alone(base_args, tmp_path):
+    folder = tmp_path / "class"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), "gray").save(folder / f"mine_{i}.jpg")
+    summary = dreambooth.train(**base_args(max_train_steps=1, output_dir=str(tmp_path / "a")))
+    assert summary["class_images"] == {"used": 4, "user": 2, "reused": 0, "generated": 2}
+    old = generated(folder)
+
+    changed = dreambooth.train(**base_args(max_train_steps=1, output_dir=str(tmp_path / "b"),
+                                           class_prompt="a photo of cat", instance_prompt="a photo of zwx cat"))
+    assert changed["class_images"]["generated"] == 2
+    now = generated(folder)
+    assert all(now[name] == data for name, data in old.items()) and len(now) == 4  # nothing deleted
+    assert (folder / "mine_0.jpg").is_file()

@@ -1,0 +1,115 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dreambooth
+import dreambooth.training as training
+from conftest import to_argv
+from dreambooth.checkpoint import find_checkpoint, list_checkpoints
+from dreambooth.cli import main
+from dreambooth.errors import CheckpointError
+from test_training import max_diff, weights
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_after_checkpoint(monkeypatch, at_step: int):
+    """Simulate a kill right after checkpoint `at_step` is written."""
+    real_save = training.save
+
+    def save_then_die(run, parts, step):
+        path = real_save(run, parts, step)
+        if step == at_step:
+            raise Killed
+        return path
+
+    monkeypatch.setattr(training, "save", save_then_die)
+
+
+@pytest.mark.parametrize("extra", [
+    {},
+    {"train_text_encoder": True, "gradient_accumulation_steps": 2, "train_batch_size": 1},
+], ids=["unet", "text-encoder+accumulation"])
+def test_resume_is_exact(base_args, tmp_path, monkeypatch, extra):
+    common = dict(max_train_steps=6, checkpointing_steps=3, lr_scheduler="linear", lr_warmup_steps=2, **extra)
+    straight = base_args(output_dir=str(tmp_path / "straight"), **common)
+    dreambooth.train(**straight)
+
+    stopped = base_args(output_dir=str(tmp_path / "stopped"), **common)
+    kill_after_checkpoint(monkeypatch, at_step=3)
+    with pytest.raises(Killed):
+        dreambooth.train(**stopped)
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path / "stopped")] == ["checkpoint-3"]
+    summary = dreambooth.train(**stopped, resume_from_checkpoint="latest")
+    assert summary["resumed_from"].endswith("checkpoint-3") and summary["steps"] == 6
+
+    for part in ["unet"] + (["text_encoder"] if extra.get("train_text_encoder") else []):
+        assert max_diff(weights(tmp_path / "straight", part), weights(tmp_path / "stopped", part)) < 1e-6
+    a = load_file(tmp_path / "straight" / "checkpoint-6" / "optimizer.safetensors")
+    b = load_file(tmp_path / "stopped" / "checkpoint-6" / "optimizer.safetensors")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-7) for k in a)
+    s1 = json.loads((tmp_path / "straight" / "run_summary.json").read_text())
+    assert abs(s1["mean_loss"] - summary["mean_loss"]) < 1e-5  # loss totals survive the resume too
+
+
+def test_checkpoint_limit_keeps_newest(base_args, tmp_path):
+    dreambooth.train(**base_args(max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2))
+    out = tmp_path / "out"
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
+    assert (out / "latest").read_text().strip() == "checkpoint-4"
+    assert not list(out.glob(".checkpoint-*"))
+
+
+def test_kill_during_save_leaves_previous_checkpoint_usable(base_args, tmp_path, monkeypatch):
+    args = base_args(max_train_steps=4, checkpointing_steps=2)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(src).endswith(".checkpoint-4.tmp"):
+            raise Killed  # the process dies before the new checkpoint is renamed into place
+        return real_replace(src, dst)
+
+    monkeypatch.setattr("dreambooth.checkpoint.os.replace", failing_replace)
+    with pytest.raises(Killed):
+        dreambooth.train(**args)
+    monkeypatch.undo()
+    out = tmp_path / "out"
+    assert (out / ".checkpoint-4.tmp").is_dir()  # the half-written one
+    assert find_checkpoint(out, "latest").name == "checkpoint-2"
+    summary = dreambooth.train(**args, resume_from_checkpoint="latest")
+    assert summary["steps"] == 4 and not list(out.glob(".checkpoint-*"))
+
+
+def test_output_dir_of_another_run_is_refused_and_kept(base_args, tmp_path, capsys):
+    args = base_args(max_train_steps=2, checkpointing_steps=1)
+    dreambooth.train(**args)
+    before = sorted(str(p) for p in (tmp_path / "out").rglob("*"))
+    capsys.readouterr()
+
+    assert main(["train", *to_argv(args)]) == 2  # same run, checkpoints present, no --resume_from_checkpoint
+    err = capsys.readouterr().err
+    assert "--resume_from_checkpoint latest" in err and "Traceback" not in err and err.count("\n") == 1
+
+    other = base_args(max_train_steps=2, instance_prompt="a photo of qek dog")
+    assert main(["train", *to_argv({**other, "resume_from_checkpoint": "latest"})]) == 2
+    assert "belongs to another run" in capsys.readouterr().err
+    assert sorted(str(p) for p in (tmp_path / "out").rglob("*")) == before
+
+
+def test_resume_from_missing_named_checkpoint_is_one_line(base_args, tmp_path):
+    dreambooth.train(**base_args(max_train_steps=2, checkpointing_steps=1))
+    with pytest.raises(CheckpointError, match="checkpoint-9 is not a complete checkpoint.*checkpoint-1, checkpoint-2"):
+        dreambooth.train(**base_args(max_train_steps=4, resume_from_checkpoint="checkpoint-9"))
+
+
+def test_checkpoint_folder_renders_on_its_own(base_args, tmp_path):
+    dreambooth.train(**base_args(max_train_steps=2, checkpointing_steps=2))
+    paths = dreambooth.generate(model=str(tmp_path / "out" / "checkpoint-2"), prompt=["a zwx dog"], num_images=2,
+                                num_inference_steps=2, output_dir=str(tmp_path / "samples"))
+    assert [p.name for p in paths] == ["00-a-zwx-dog-000.png", "00-a-zwx-dog-001.png", "grid.png"]

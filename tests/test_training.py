@@ -1,0 +1,124 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+import dreambooth
+from conftest import to_argv
+from dreambooth.cli import main
+from tiny import make_images
+
+
+def weights(folder: Path, part: str) -> dict[str, torch.Tensor]:
+    files = sorted((folder / part).glob("*.safetensors"))
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def relative_update_gap(base: dict, a: dict, b: dict) -> float:
+    """|update_a - update_b| / |update_a| over all tensors. Adam turns float-order noise on near-zero gradients
+    into lr-sized steps on a few elements, so an element-wise max is the wrong yardstick for 'the same training'."""
+    delta_a = torch.cat([(a[k] - base[k]).flatten() for k in base])
+    delta_b = torch.cat([(b[k] - base[k]).flatten() for k in base])
+    assert delta_a.norm() > 0
+    return ((delta_a - delta_b).norm() / delta_a.norm()).item()
+
+
+def test_reference_command_line_end_to_end(base_args, tiny_model, tmp_path):
+    """The issue's acceptance run: prior preservation, 20 steps, 64 px, via the CLI; then the same again."""
+    args = base_args(max_train_steps=20, validation_prompt="a zwx dog", validation_steps=10,
+                     num_validation_images=2, validation_inference_steps=2)
+    assert main(["train", *to_argv(args)]) == 0
+    out = Path(args["output_dir"])
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["steps"] == 20 and summary["class_images"]["generated"] == 4
+    assert summary["mean_prior_loss"] > 0 and summary["mean_instance_loss"] > 0
+
+    # only the UNet changed
+    assert not same(weights(out, "unet"), weights(tiny_model, "unet"))
+    assert same(weights(out, "vae"), weights(tiny_model, "vae"))
+    assert same(weights(out, "text_encoder"), weights(tiny_model, "text_encoder"))
+    assert json.loads((out / "train_config.json").read_text())["max_train_steps"] == 20
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000010.png", "step-000020.png"]
+    assert not any(out.glob("*.bin")) and not any(out.rglob("*.pt"))
+
+    # diffusers loads and renders it
+    pipe = StableDiffusionPipeline.from_pretrained(out, use_safetensors=True)
+    image = pipe("a zwx dog", num_inference_steps=2, output_type="pil",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+
+    # the same command again reuses every class image, and with the same seed learns the same weights
+    first = weights(out, "unet")
+    assert main(["train", *to_argv(args)]) == 0
+    again = json.loads((out / "run_summary.json").read_text())
+    assert again["class_images"] == {"used": 4, "user": 0, "reused": 4, "generated": 0}
+    assert same(weights(out, "unet"), first)
+
+
+def test_text_encoder_trains_only_when_asked(base_args, tiny_model):
+    dreambooth.train(**base_args(with_prior_preservation=False, class_prompt=None, class_data_dir=None,
+                                 train_text_encoder=True, max_train_steps=2))
+    out = Path(base_args()["output_dir"])
+    assert not same(weights(out, "text_encoder"), weights(tiny_model, "text_encoder"))
+    assert same(weights(out, "vae"), weights(tiny_model, "vae"))
+
+
+def _class_dir(folder: Path, color) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (64, 64), color).save(folder / f"user_{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("lam, expect_same", [(0.0, True), (1.0, False)])
+def test_class_half_has_no_effect_when_lambda_is_zero(base_args, tmp_path, lam, expect_same):
+    runs = []
+    for name, color in (("black", "black"), ("white", "white")):
+        args = base_args(prior_loss_weight=lam, class_data_dir=str(_class_dir(tmp_path / name, color)),
+                         output_dir=str(tmp_path / f"out-{name}"), max_train_steps=2)
+        dreambooth.train(**args)
+        runs.append(weights(Path(args["output_dir"]), "unet"))
+    assert same(*runs) == expect_same
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(base_args, tiny_model, tmp_path):
+    a = base_args(train_batch_size=2, max_train_steps=2, output_dir=str(tmp_path / "a"))
+    b = base_args(train_batch_size=1, gradient_accumulation_steps=2, max_train_steps=2, output_dir=str(tmp_path / "b"))
+    dreambooth.train(**a)
+    dreambooth.train(**b)
+    gap = relative_update_gap(weights(tiny_model, "unet"), weights(tmp_path / "a", "unet"),
+                              weights(tmp_path / "b", "unet"))
+    assert gap < 1e-3
+
+
+def test_v_prediction_snr_and_offset_noise_run(base_args, tiny_model_v, tmp_path):
+    summary = dreambooth.train(**base_args(pretrained_model_name_or_path=str(tiny_model_v), snr_gamma=5.0,
+                                           offset_noise=True, max_train_steps=3, lr_scheduler="cosine",
+                                           lr_warmup_steps=1))
+    assert summary["steps"] == 3 and torch.isfinite(torch.tensor(summary["mean_loss"]))
+    scheduler = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+
+
+def test_tensorboard_logs_when_asked(base_args, tmp_path):
+    dreambooth.train(**base_args(report_to="tensorboard", max_train_steps=2))
+    assert list((tmp_path / "out" / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_small_and_odd_instance_images_train(base_args, tmp_path):
+    folder = make_images(tmp_path / "odd", n=2, size=40)  # smaller than 64: warned and upscaled
+    Image.new("LA", (80, 80), (90, 128)).save(folder / "gray_alpha.png")
+    summary = dreambooth.train(**base_args(instance_data_dir=str(folder), max_train_steps=2))
+    assert summary["num_instance_images"] == 3

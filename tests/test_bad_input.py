@@ -98,3 +98,8 @@ def test_grayscale_cmyk_and_rotated_instances_are_accepted(base_args, tmp_path):
     import dreambooth
 
     assert dreambooth.train(**base_args(instance_data_dir=str(folder), max_train_steps=1))["steps"] == 1
+
+
+def test_unreachable_hub_id(base_args, capsys):
+    line = run_cli(capsys, base_args(pretrained_model_name_or_path="nobody-here/no-such-model"))
+    assert "cannot fetch nobody-here/no-such-model" in line and "local folder" in line

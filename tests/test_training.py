@@ -122,3 +122,12 @@ def test_small_and_odd_instance_images_train(base_args, tmp_path):
     Image.new("LA", (80, 80), (90, 128)).save(folder / "gray_alpha.png")
     summary = dreambooth.train(**base_args(instance_data_dir=str(folder), max_train_steps=2))
     assert summary["num_instance_images"] == 3
+
+
+def test_bf16_mixed_precision_and_gradient_checkpointing_on_cpu(base_args, tiny_model, tmp_path):
+    summary = dreambooth.train(**base_args(mixed_precision="bf16", gradient_checkpointing=True,
+                                           train_text_encoder=True, max_train_steps=2))
+    assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["mean_loss"]))
+    unet = weights(tmp_path / "out", "unet")
+    assert all(v.dtype == torch.float32 for v in unet.values())  # trained weights stay fp32
+    assert not same(unet, weights(tiny_model, "unet"))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 
 from . import schema
@@ -94,6 +95,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     trackers = None if cfg.report_to == "none" else cfg.report_to
     project = ProjectConfiguration(project_dir=str(cfg.output_dir),
                                    logging_dir=str(Path(cfg.output_dir) / cfg.logging_dir))
+    # accelerate keeps one AcceleratorState per Python process; a second train() call may want other settings
+    AcceleratorState._reset_state()
     # accelerate only starts CPU (gloo) process groups when told to run on CPU
     cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from diffusers import (
@@ -35,7 +34,3 @@ def make_scheduler(name: str, base_config: Any) -> Any:
     """A sampler `name` configured like the model's own scheduler (betas, prediction type, timesteps)."""
     cls, overrides = SAMPLERS[LEGACY_NAMES.get(name, name)]
     return cls.from_config(base_config, **overrides)
-
-
-def sampler_factory(name: str) -> Callable[[Any], Any]:
-    return lambda base_config: make_scheduler(name, base_config)

@@ -24,6 +24,7 @@ from .errors import ConfigError, DreamBoothError
 
 T = TypeVar("T")
 REQUIRED: Any = dataclasses.MISSING
+NUMBERS: dict[type, tuple[str, Any]] = {int: ("an integer", int | str), float: ("a number", int | float | str)}
 
 
 def option(
@@ -84,20 +85,14 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(name, value, "expected true or false")
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, int | str):
-            raise ConfigError(name, value, "expected an integer")
+    if base in NUMBERS:
+        expected, accepted = NUMBERS[base]
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise ConfigError(name, value, f"expected {expected}")
         try:
-            return int(value)
+            return base(value)
         except ValueError:
-            raise ConfigError(name, value, "expected an integer") from None
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise ConfigError(name, value, "expected a number")
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(name, value, "expected a number") from None
+            raise ConfigError(name, value, f"expected {expected}") from None
     if base is Path:
         if not isinstance(value, str | Path):
             raise ConfigError(name, value, "expected a path")

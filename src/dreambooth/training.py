@@ -88,7 +88,6 @@ def build(run: Run) -> Parts:
     # class images first: generation loads its own pipeline, freed before the training copies load
     class_images = ensure_class_images(cfg, run.family, run.source, acc) if cfg.with_prior_preservation else None
     c = run.family.load(run.source, cfg.prediction_type)
-    warn_about_identifier(cfg, c)
 
     # model
     weight_dtype = WEIGHT_DTYPES.get(acc.mixed_precision, torch.float32)
@@ -101,6 +100,8 @@ def build(run: Run) -> Parts:
         c.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
             c.text_encoder.gradient_checkpointing_enable()
+    with torch.no_grad():
+        warn_about_identifier(cfg, c)
 
     # data
     dataset = DreamBoothDataset(run.instance.images, class_images.paths if class_images else None, cfg.resolution,

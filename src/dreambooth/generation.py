@@ -16,6 +16,7 @@ from .data import derive_seed
 from .errors import ConfigError
 from .families import ModelSource, get_family
 from .grid import make_grid
+from .quiet import quiet_libraries
 from .sampling import SAMPLERS, make_scheduler
 from .schema import at_least, option
 
@@ -58,7 +59,7 @@ def load_for_inference(model: str, dtype: torch.dtype) -> Any:
         for name in ("unet", "text_encoder"):
             if (path / name).is_dir():
                 module = getattr(pipe, name)
-                setattr(pipe, name, type(module).from_pretrained(path / name, torch_dtype=dtype,
+                setattr(pipe, name, type(module).from_pretrained(path / name, dtype=dtype,
                                                                  use_safetensors=True))
     return pipe
 
@@ -71,6 +72,7 @@ def generate(config: GenerateConfig | dict | str | Path | None = None, **overrid
     """
     values = schema.values_of(config, GenerateConfig)
     cfg = schema.build(GenerateConfig, {**values, **overrides})
+    quiet_libraries()
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES.get(cfg.precision) or (torch.float16 if device.type == "cuda" else torch.float32)
     if dtype == torch.float16 and device.type == "cpu":

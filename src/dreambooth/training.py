@@ -26,6 +26,7 @@ from .identifier import class_noun_after, infer_identifier
 from .loss import diffusion_target, dreambooth_loss, min_snr_weights
 from .noising import noise_batch, sample_latents
 from .prior import ClassImages, ensure_class_images
+from .quiet import quiet_libraries
 from .run import Run, setup
 from .validation import render_validation
 
@@ -70,16 +71,6 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
     parts = build(run)
     fit(run, parts)
     return finish(run, parts, started)
-
-
-def quiet_libraries() -> None:
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def build(run: Run) -> Parts:

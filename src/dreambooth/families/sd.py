@@ -93,7 +93,7 @@ class StableDiffusion(ModelFamily):
         self.check_source(source)
         with loading(source, "pipeline"):
             pipe = StableDiffusionPipeline.from_pretrained(
-                source.name_or_path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+                source.name_or_path, dtype=dtype, safety_checker=None, requires_safety_checker=False,
                 **source.hub_kwargs(),
             )
         pipe.set_progress_bar_config(disable=True)

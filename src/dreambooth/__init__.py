@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 
 def train(config: Any = None, **overrides: Any) -> dict[str, Any]:
-    """Run DreamBooth training; see `dreambooth.train.train` and `dreambooth train --help` for the options."""
+    """Run DreamBooth training; see `dreambooth.training.train` and `dreambooth train --help` for the options."""
     from .training import train as _train
 
     return _train(config, **overrides)

@@ -25,15 +25,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
+from .files import write_text_atomic
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 LATEST = "latest"
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -146,7 +145,7 @@ def save_checkpoint(
         if final.exists():  # a re-run of the same step after resuming from an older checkpoint
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_text(output_dir / LATEST, final.name)
+        write_text_atomic(output_dir / LATEST, final.name + "\n")
         if total_limit is not None:
             others = [p for p in list_checkpoints(output_dir) if p != final]
             for old in others[: max(0, len(others) - (total_limit - 1))]:  # the new one always survives
@@ -155,12 +154,6 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, path)
 
 
 def load_checkpoint(

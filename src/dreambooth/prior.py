@@ -25,6 +25,7 @@ from .config import TrainConfig
 from .data import derive_seed, scan_folder
 from .errors import DreamBoothError
 from .families import ModelFamily, ModelSource, model_identity
+from .files import write_text_atomic
 from .sampling import make_scheduler
 
 log = logging.getLogger("dreambooth")
@@ -152,6 +153,4 @@ def _write_manifest(folder: Path, digest: str, settings: dict[str, Any], ours: d
     for index, p in ours.items():
         manifest.setdefault("images", {})[p.name] = {"settings": digest, "index": index,
                                                      "seed": image_seed(digest, index)}
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(manifest, indent=2, sort_keys=True))

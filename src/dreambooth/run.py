@@ -20,6 +20,7 @@ from .config import TrainConfig
 from .data import ImageFolder, scan_folder
 from .errors import CheckpointError, DataError, DreamBoothError
 from .families import ModelFamily, ModelSource, get_family
+from .files import write_text_atomic
 
 log = logging.getLogger("dreambooth")
 
@@ -128,7 +129,5 @@ def setup(cfg: TrainConfig) -> Run:
     set_seed(cfg.seed)
     if accelerator.is_main_process:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(cfg.output_dir) / f".{CONFIG_FILE}.tmp"
-        tmp.write_text(json.dumps(schema.to_dict(cfg), indent=2))
-        os.replace(tmp, Path(cfg.output_dir) / CONFIG_FILE)
+        write_text_atomic(Path(cfg.output_dir) / CONFIG_FILE, json.dumps(schema.to_dict(cfg), indent=2))
     return Run(cfg, accelerator, source, family, instance, resume_from)

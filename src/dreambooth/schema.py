@@ -136,12 +136,9 @@ def build(cls: type[T], values: Mapping[str, Any]) -> T:
 
 
 def check(config: Any) -> None:
-    """Run the per-field checks, then the config's own cross-field `check()`."""
-    hints = typing.get_type_hints(type(config))
+    """Run the per-field checks on already-coerced values, then the config's own cross-field `check()`."""
     for name, f in fields(type(config)).items():
         value = getattr(config, name)
-        value = _coerce(name, hints[name], value)
-        setattr(config, name, value)
         allowed = choices_of(f)
         if allowed is not None and value is not None and value not in allowed:
             raise ConfigError(name, value, "choose one of " + ", ".join(allowed))
@@ -152,10 +149,6 @@ def check(config: Any) -> None:
     if hasattr(config, "check"):
         config.check()
 
-
-def replace(config: T, **changes: Any) -> T:
-    """A copy of `config` with `changes` applied and checked."""
-    return build(type(config), {**to_dict(config), **changes})
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -1,10 +1,10 @@
-# `make test` does all set-up on a fresh machine that has Python 3.11 and pip.
+# `make demo` and `make test` do all set-up on a fresh machine that has Python 3.11 and pip.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint clean
+.PHONY: install demo test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# DreamBooth a toy subject into the bundled toy model on the CPU; grids and report in dreambooth-demo/.
+demo: $(STAMP)
+	$(BIN)/dreambooth demo
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q tests
 
@@ -24,4 +28,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info
+	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info dreambooth-demo

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,29 +10,15 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from dreambooth.toy.tokenizer import write_bpe_tokenizer
+
 COMMON = ["a", "an", "the", "photo", "of", "dog", "cat", "on", "beach", "in", "red", "blue", "sks", "toy"]
 RARE = ["zwx", "qek", "vyb", "jox", "fuh", "kiv", "pyz", "xaq"]
 
 
 def write_tokenizer(folder: Path, max_length: int = 16) -> CLIPTokenizer:
     """A CLIP BPE tokenizer whose words (COMMON, then RARE) are single tokens; rarer words get later ids."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in "abcdefghijklmnopqrstuvwxyz":
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    merges: list[str] = []
-    for word in COMMON + RARE:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merged = pieces[0] + pieces[1]
-            if f"{pieces[0]} {pieces[1]}" not in merges:
-                merges.append(f"{pieces[0]} {pieces[1]}")
-            vocab.setdefault(merged, len(vocab))
-            pieces = [merged] + pieces[2:]
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    return write_bpe_tokenizer(folder, COMMON, RARE, max_length)
 
 
 def make_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:

@@ -1,0 +1,209 @@
+"""`dreambooth demo` / `make demo`: DreamBooth one toy subject into the bundled toy model and measure the effect.
+
+Before and after fine-tuning, the same seeds render "a [V] [class]", recontextualizations on backgrounds the
+instance images never show, and the bare class prompt; the judges turn the samples into the paper's four numbers:
+subject fidelity (DINO/CLIP-I), prompt fidelity (CLIP-T), drift (PRES) and diversity (DIV).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .. import schema
+from ..errors import DreamBoothError
+from ..schema import at_least, option, positive
+from .judges import read
+from .measure import GUIDANCE, SAMPLER, STEPS, diversity, is_subject_rate, load_toy, sample, subject_scores
+from .subjects import SUBJECTS, Subject
+from .world import prompt
+
+log = logging.getLogger("dreambooth")
+BUNDLED = Path(__file__).parent / "model"
+MARKER = "demo.json"  # a folder holding this was written by the demo, which may replace it
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    subject: str = option("circle", "Toy subject to DreamBooth", choices=lambda: list(SUBJECTS))
+    output_dir: Path = option(Path("dreambooth-demo"), "Where the grids, report, images and model go")
+    model: str = option(str(BUNDLED), "Base model (default: the bundled toy model)")
+    identifier: str | None = option(None, "Identifier [V] (default: the rarest-prior token the model offers)")
+    max_train_steps: int = option(400, "Fine-tuning steps", check=at_least(1))
+    learning_rate: float = option(2e-4, "Fine-tuning learning rate", check=positive)
+    train_batch_size: int = option(4, "Instance images per step (as many class images join them)", check=at_least(1))
+    num_class_images: int = option(100, "Class images for prior preservation", check=at_least(1))
+    prior_loss_weight: float = option(1.0, "Lambda of the prior-preservation loss", check=at_least(0))
+    with_prior_preservation: bool = option(True, "Use the prior-preservation loss")
+    train_text_encoder: bool = option(True, "Also fine-tune the text encoder (binds the untrained identifier)")
+    samples: int = option(32, "Samples per prompt in the before/after measurement", check=at_least(2))
+    seed: int = option(0, "Seed of training and of the measurement")
+
+
+@dataclasses.dataclass
+class Measurement:
+    """The paper's metrics, read by the toy judges from samples of one model."""
+
+    subject_fidelity: float  # mean subject score of "a [V] [class]" samples (toy DINO / CLIP-I)
+    recontext_subject_fidelity: float  # the same on "a [V] [class] on a [new] background"
+    prompt_fidelity: float  # share of recontext samples that show the asked class and background (toy CLIP-T)
+    drift: float  # share of bare class-prompt samples judged to be the subject (toy PRES)
+    diversity: float  # mean attribute difference between pairs of class-prompt samples (toy DIV)
+
+
+def prompts_for(subject: Subject, identifier: str) -> dict[str, list[str]]:
+    return {
+        "subject": [prompt(subject.cls, identifier=identifier)],
+        "recontext": [prompt(subject.cls, background=bg, identifier=identifier) for bg in subject.unseen_backgrounds],
+        "class": [prompt(subject.cls)],
+    }
+
+
+def measure(pipe, subject: Subject, prompts: dict[str, list[str]], n: int, seed: int
+            ) -> tuple[Measurement, dict[str, list[list[np.ndarray]]]]:
+    flat = [p for group in prompts.values() for p in group]
+    images = dict(zip(flat, sample(pipe, flat, n, seed)))
+    by_group = {g: [images[p] for p in ps] for g, ps in prompts.items()}
+    recontext_hits = []
+    for p, imgs in zip(prompts["recontext"], by_group["recontext"]):
+        bg = p.split(" on a ")[1].split()[0]
+        recontext_hits += [(r.cls == subject.cls and r.background == bg) for r in map(read, imgs)]
+    class_imgs = by_group["class"][0]
+    m = Measurement(
+        subject_fidelity=float(subject_scores(by_group["subject"][0], subject).mean()),
+        recontext_subject_fidelity=float(np.mean([subject_scores(i, subject).mean() for i in by_group["recontext"]])),
+        prompt_fidelity=float(np.mean(recontext_hits)),
+        drift=is_subject_rate(class_imgs, subject),
+        diversity=diversity([read(i) for i in class_imgs]),
+    )
+    return m, by_group
+
+
+def prepare_output(out: Path) -> None:
+    """Replace a previous demo's output; refuse any other non-empty folder (nothing of the user's is lost)."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise DreamBoothError(f"{out} exists and was not written by the demo; pass --output_dir with a new "
+                                  "folder")
+        for child in out.iterdir():
+            if child.name != "class-images":  # class images are reused when their settings match
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def pick_identifier(model: str, class_noun: str) -> str:
+    from ..families import ModelSource, get_family
+    from ..identifier import rank
+
+    source = ModelSource(model)
+    tokenizer, text_encoder = get_family(source).load_text(source)
+    return rank(tokenizer, text_encoder.eval(), class_noun, top=1)[0].token
+
+
+def comparison_grid(rows: list[tuple[str, list[np.ndarray]]], path: Path, scale: int = 3, cols: int = 8) -> None:
+    """One labelled row of `cols` samples per (label, images); pixels upscaled so 32 px images are visible."""
+    cell = 32 * scale
+    label_h = 14
+    grid = Image.new("RGB", (cols * cell, len(rows) * (cell + label_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, images) in enumerate(rows):
+        y = r * (cell + label_h)
+        draw.text((2, y + 1), label, fill=(0, 0, 0))
+        for c, img in enumerate(images[:cols]):
+            grid.paste(Image.fromarray(img).resize((cell, cell), Image.NEAREST), (c * cell, y + label_h))
+    grid.save(path)
+
+
+def report_lines(before: Measurement, after: Measurement, subject: Subject, identifier: str) -> list[str]:
+    names = {
+        "subject_fidelity": f'subject fidelity, "{prompt(subject.cls, identifier=identifier)}"',
+        "recontext_subject_fidelity": "subject fidelity, on unseen backgrounds",
+        "prompt_fidelity": "prompt fidelity (class + background as asked)",
+        "drift": f'drift: "{prompt(subject.cls)}" drawn as the subject',
+        "diversity": f'diversity of "{prompt(subject.cls)}"',
+    }
+    lines = [f"{'metric':<52} {'before':>7} {'after':>7}"]
+    for key, label in names.items():
+        lines.append(f"{label:<52} {getattr(before, key):>7.2f} {getattr(after, key):>7.2f}")
+    return lines
+
+
+def demo(config: DemoConfig | dict | str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """Run the toy DreamBooth demo; returns the report (also written to output_dir/report.json)."""
+    from ..quiet import quiet_libraries
+    from ..training import train
+
+    cfg = schema.build(DemoConfig, {**schema.values_of(config, DemoConfig), **overrides})
+    quiet_libraries()
+    started = time.time()
+    if not (Path(cfg.model) / "model_index.json").is_file() and cfg.model == str(BUNDLED):
+        raise DreamBoothError(f"the bundled toy model is missing from {BUNDLED}; reinstall the package or run "
+                              "`dreambooth toy pretrain --output_dir DIR` and pass --model DIR")
+    subject = SUBJECTS[cfg.subject]
+    out = Path(cfg.output_dir)
+    prepare_output(out)
+    (out / MARKER).write_text(json.dumps(schema.to_dict(cfg), default=str, indent=2) + "\n")
+
+    # the subject: a few instance images in few contexts
+    instance_dir = out / "instance-images"
+    instance_dir.mkdir()
+    instance = subject.instance_images(5, seed=cfg.seed)
+    for i, img in enumerate(instance):
+        Image.fromarray(img).save(instance_dir / f"{subject.name}-{i}.png")
+    identifier = cfg.identifier or pick_identifier(cfg.model, subject.cls)
+    prompts = prompts_for(subject, identifier)
+    log.info("subject %r (%s), identifier %r; instance images in %s", subject.name, subject.cls, identifier,
+             instance_dir)
+
+    # before
+    n_prompts = sum(len(g) for g in prompts.values())
+    log.info("before: sampling the base model (%d prompts x %d seeds)", n_prompts, cfg.samples)
+    base = load_toy(cfg.model)
+    before, before_images = measure(base, subject, prompts, cfg.samples, cfg.seed)
+    del base
+
+    # dreambooth
+    model_dir = out / "model"
+    summary = train(
+        pretrained_model_name_or_path=cfg.model, instance_data_dir=instance_dir,
+        instance_prompt=prompts["subject"][0], identifier=identifier,
+        with_prior_preservation=cfg.with_prior_preservation, class_prompt=prompts["class"][0],
+        class_data_dir=out / "class-images", num_class_images=cfg.num_class_images,
+        prior_loss_weight=cfg.prior_loss_weight, class_sampler=SAMPLER, class_inference_steps=STEPS,
+        class_guidance_scale=GUIDANCE, sample_batch_size=50, resolution=32, center_crop=True,
+        random_flip=False,  # a flip changes a two-tone subject
+        train_text_encoder=cfg.train_text_encoder, train_batch_size=cfg.train_batch_size,
+        max_train_steps=cfg.max_train_steps, learning_rate=cfg.learning_rate,
+        lr_scheduler="constant", lr_warmup_steps=0, checkpointing_steps=cfg.max_train_steps + 1,
+        mixed_precision="no", seed=cfg.seed, output_dir=model_dir,
+    )
+
+    # after
+    log.info("after: sampling the fine-tuned model with the same prompts and seeds")
+    tuned = load_toy(str(model_dir))
+    after, after_images = measure(tuned, subject, prompts, cfg.samples, cfg.seed)
+
+    # grids and report
+    rows: list[tuple[str, list[np.ndarray]]] = [("instance images", instance)]
+    for group in ("subject", "recontext", "class"):
+        for p, b, a in zip(prompts[group], before_images[group], after_images[group]):
+            rows += [(f"base: {p}", b), (f"dreambooth: {p}", a)]
+    comparison_grid(rows, out / "before_after.png")
+    lines = report_lines(before, after, subject, identifier)
+    report = {"subject": subject.name, "identifier": identifier, "prompts": prompts, "samples_per_prompt": cfg.samples,
+              "before": dataclasses.asdict(before), "after": dataclasses.asdict(after), "training": summary,
+              "wall_time_s": round(time.time() - started, 1)}
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "report.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"grids: {out / 'before_after.png'}; report: {out / 'report.json'}; "
+          f"{report['wall_time_s']:.0f} s in all")
+    return report

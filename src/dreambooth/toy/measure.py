@@ -1,0 +1,142 @@
+"""Sample a toy pipeline and score the samples with the judges: attribute accuracy, variety, subject fidelity."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..data import derive_seed
+from ..sampling import make_scheduler
+from .judges import IS_SUBJECT, Reading, read, subject_score
+from .subjects import Subject
+from .world import BACKGROUNDS, COLOURS, SIZES, Scene, held_out_triples, prompt, random_scene
+
+SAMPLER, STEPS, GUIDANCE = "dpm++", 20, 2.0  # the toy world's default sampling settings
+
+
+@torch.no_grad()
+def sample(pipe, prompts: Sequence[str], n: int, seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE,
+           batch_size: int = 128) -> list[list[np.ndarray]]:
+    """n uint8 images per prompt; image i of every prompt uses seed derive_seed(seed, i), so runs compare."""
+    pipe.scheduler = make_scheduler(SAMPLER, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    jobs = [(p, i) for p in range(len(prompts)) for i in range(n)]
+    out: list[list[np.ndarray]] = [[] for _ in prompts]
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        images = pipe([prompts[p] for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                      generator=[torch.Generator().manual_seed(derive_seed(seed, i)) for _, i in chunk],
+                      output_type="np").images
+        for (p, _), img in zip(chunk, images):
+            out[p].append(np.clip(np.rint(img * 255), 0, 255).astype(np.uint8))
+    return out
+
+
+def normalized_entropy(values: Sequence[str | None], support: int) -> float:
+    """Entropy of the observed values over log(support): 0 = always the same, 1 = uniform over the support."""
+    counts = Counter(values)
+    total = sum(counts.values())
+    if total == 0:
+        return 0.0
+    h = -sum(c / total * math.log(c / total) for c in counts.values())
+    return h / math.log(support)
+
+
+@dataclass
+class Quality:
+    named: dict[str, float]  # attribute -> share of samples matching the prompt where the prompt names it
+    open_variety: dict[str, float]  # attribute left open -> its entropy in the samples / in the world's renders
+    samples: int
+
+    def passes(self, accuracy: float = 0.9, variety: float = 0.5) -> bool:
+        return min(self.named.values()) >= accuracy and min(self.open_variety.values()) >= variety
+
+    def lines(self) -> list[str]:
+        named = ", ".join(f"{k} {v:.1%}" for k, v in self.named.items())
+        varied = ", ".join(f"{k} {v:.2f}" for k, v in self.open_variety.items())
+        return [f"named attributes matched ({self.samples} samples of held-out prompts): {named}",
+                f"open attributes' variety (entropy relative to the world's own; 1 = as varied): {varied}"]
+
+
+def held_out_prompts(k: int | None = None) -> list[tuple[str, dict[str, str]]]:
+    """(prompt, named attributes) for the held-out (colour, class, background) triples; every other one names
+    a size too, so size is open in half of them."""
+    triples = held_out_triples()[:k]
+    out = []
+    for i, (colour, cls, bg) in enumerate(triples):
+        size = list(SIZES)[i // 2 % 2] if i % 2 else None
+        named = {"cls": cls, "colour": colour, "background": bg} | ({"size": size} if size else {})
+        out.append((prompt(cls, colour, bg, size), named))
+    return out
+
+
+def quality(pipe, per_prompt: int = 12, triples: int | None = None, seed: int = 0) -> Quality:
+    """Attribute accuracy on held-out prompts; variety of the attributes each prompt leaves open (size where it
+    is not named, position always), relative to renders of the world for the same prompts."""
+    cases = held_out_prompts(triples)
+    images = sample(pipe, [p for p, _ in cases], per_prompt, seed)
+    rng = np.random.default_rng(seed)
+    hits: dict[str, list[bool]] = {k: [] for k in ("cls", "colour", "background", "size")}
+    seen: dict[str, list[str | None]] = {"size": [], "position": []}
+    world: dict[str, list[str | None]] = {"size": [], "position": []}
+    for (_, named), imgs in zip(cases, images):
+        readings = [read(img) for img in imgs]
+        for attr, want in named.items():
+            hits[attr].extend(getattr(r, attr) == want for r in readings)
+        found = [r for r in readings if r.cls is not None]  # a missing object already counts as a miss above
+        truth = [random_scene(rng, named["cls"], named["colour"], named["background"], named.get("size"))
+                 for _ in imgs]
+        if "size" not in named:
+            seen["size"] += [r.size for r in found]
+            world["size"] += [s.size for s in truth]
+        seen["position"] += [_cell(r) for r in found]
+        world["position"] += [_cell(s) for s in truth]
+    variety_of = {k: normalized_entropy(seen[k], 9) / max(normalized_entropy(world[k], 9), 1e-9) for k in seen}
+    return Quality(named={k: float(np.mean(v)) for k, v in hits.items() if v}, open_variety=variety_of,
+                   samples=sum(len(i) for i in images))
+
+
+def _cell(r: Reading | Scene) -> str | None:
+    """The object's place on a 3x3 grid (position as a categorical attribute)."""
+    if isinstance(r, Reading) and r.cls is None:
+        return None
+    return f"{min(int(r.cx // 11), 2)}{min(int(r.cy // 11), 2)}"
+
+
+def variety(readings: Sequence[Reading]) -> dict[str, float]:
+    """Normalized entropy of each open attribute of a bare class prompt's samples."""
+    return {"colour": normalized_entropy([r.colour for r in readings], len(COLOURS)),
+            "background": normalized_entropy([r.background for r in readings], len(BACKGROUNDS)),
+            "size": normalized_entropy([r.size for r in readings], len(SIZES)),
+            "position": normalized_entropy([_cell(r) for r in readings], 9)}
+
+
+def diversity(readings: Sequence[Reading]) -> float:
+    """Toy DIV: the mean share of attributes (colour, background, size, position cell) in which two samples
+    differ, over all pairs; 0 = all alike."""
+    keys = [(r.colour, r.background, r.size, _cell(r)) for r in readings]
+    pairs = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1 :]]
+    if not pairs:
+        return 0.0
+    return float(np.mean([sum(x != y for x, y in zip(a, b)) / 4 for a, b in pairs]))
+
+
+def subject_scores(images: Sequence[np.ndarray], subject: Subject) -> np.ndarray:
+    return np.array([subject_score(img, subject) for img in images])
+
+
+def is_subject_rate(images: Sequence[np.ndarray], subject: Subject) -> float:
+    return float(np.mean(subject_scores(images, subject) >= IS_SUBJECT))
+
+
+def load_toy(model: str):
+    """A toy pipeline for measurement (fp32, CPU): the same loader as `generate` and training use."""
+    from ..families import ModelSource, get_family
+
+    source = ModelSource(model)
+    return get_family(source).load_pipeline(source, torch.float32)

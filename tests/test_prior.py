@@ -58,3 +58,16 @@ def test_user_images_count_and_other_settings_are_left_alone(base_args, tmp_path
     now = generated(folder)
     assert all(now[name] == data for name, data in old.items()) and len(now) == 4  # nothing deleted
     assert (folder / "mine_0.jpg").is_file()
+
+
+def test_model_identity_follows_content_not_location(tiny_model, tmp_path):
+    import shutil
+
+    from dreambooth.families import ModelSource, model_identity
+
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_model, moved)
+    assert model_identity(ModelSource(str(moved))) == model_identity(ModelSource(str(tiny_model)))
+    weights = next((moved / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    assert model_identity(ModelSource(str(moved))) != model_identity(ModelSource(str(tiny_model)))

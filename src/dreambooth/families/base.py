@@ -126,5 +126,6 @@ def model_identity(source: ModelSource) -> dict[str, Any]:
                 h.update(f.read(1 << 20))
                 f.seek(max(0, size - (1 << 20)))
                 h.update(f.read(1 << 20))
-        ident = {"model": str(source.path.resolve()), "variant": source.variant, "unet_digest": h.hexdigest()[:16]}
+        # Content only, no path: a moved or re-cloned model keeps its class images (and their seeds).
+        ident = {"variant": source.variant, "unet_digest": h.hexdigest()[:16]}
     return ident

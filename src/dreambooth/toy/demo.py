@@ -73,8 +73,7 @@ def measure(pipe, subject: Subject, prompts: dict[str, list[str]], n: int, seed:
     images = dict(zip(flat, sample(pipe, flat, n, seed)))
     by_group = {g: [images[p] for p in ps] for g, ps in prompts.items()}
     recontext_hits = []
-    for p, imgs in zip(prompts["recontext"], by_group["recontext"]):
-        bg = p.split(" on a ")[1].split()[0]
+    for bg, imgs in zip(subject.unseen_backgrounds, by_group["recontext"]):  # prompts_for's order
         recontext_hits += [(r.cls == subject.cls and r.background == bg) for r in map(read, imgs)]
     class_imgs = by_group["class"][0]
     m = Measurement(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -123,6 +124,7 @@ def _template(cls: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return acc / (s * s)
 
 
+@lru_cache(maxsize=64)
 def _blur_matrix(n: int, sigma: float) -> np.ndarray:
     """Gaussian blur along one axis as an (n, n) matrix (edges renormalised)."""
     i = np.arange(n, dtype=np.float32)

@@ -14,7 +14,7 @@ from ..data import derive_seed
 from ..sampling import make_scheduler
 from .judges import IS_SUBJECT, Reading, read, subject_score
 from .subjects import Subject
-from .world import BACKGROUNDS, COLOURS, SIZES, Scene, held_out_triples, prompt, random_scene
+from .world import SIZES, Scene, held_out_triples, prompt, random_scene
 
 SAMPLER, STEPS, GUIDANCE = "dpm++", 20, 2.0  # the toy world's default sampling settings
 
@@ -108,14 +108,6 @@ def _cell(r: Reading | Scene) -> str | None:
     return f"{min(int(r.cx // 11), 2)}{min(int(r.cy // 11), 2)}"
 
 
-def variety(readings: Sequence[Reading]) -> dict[str, float]:
-    """Normalized entropy of each open attribute of a bare class prompt's samples."""
-    return {"colour": normalized_entropy([r.colour for r in readings], len(COLOURS)),
-            "background": normalized_entropy([r.background for r in readings], len(BACKGROUNDS)),
-            "size": normalized_entropy([r.size for r in readings], len(SIZES)),
-            "position": normalized_entropy([_cell(r) for r in readings], 9)}
-
-
 def diversity(readings: Sequence[Reading]) -> float:
     """Toy DIV: the mean share of attributes (colour, background, size, position cell) in which two samples
     differ, over all pairs; 0 = all alike."""
@@ -135,8 +127,7 @@ def is_subject_rate(images: Sequence[np.ndarray], subject: Subject) -> float:
 
 
 def load_toy(model: str):
-    """A toy pipeline for measurement (fp32, CPU): the same loader as `generate` and training use."""
-    from ..families import ModelSource, get_family
+    """A toy pipeline for measurement (fp32): the same loader as `dreambooth generate`."""
+    from ..generation import load_for_inference
 
-    source = ModelSource(model)
-    return get_family(source).load_pipeline(source, torch.float32)
+    return load_for_inference(model, torch.float32)

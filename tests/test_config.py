@@ -121,3 +121,14 @@ def test_python_api_takes_a_config_file(tmp_path, base_args):
     path = tmp_path / "run.json"
     path.write_text(json.dumps(base_args(max_train_steps=1)))
     assert dreambooth.train(str(path), max_train_steps=2)["steps"] == 2  # keywords override the file
+
+
+@pytest.mark.parametrize("command", [["train"], ["generate"], ["evaluate"], ["identifier"], ["demo"],
+                                     ["toy", "pretrain"], ["toy", "quality"]])
+def test_every_command_prints_its_help(command, capsys):
+    from dreambooth.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    assert "--" in capsys.readouterr().out

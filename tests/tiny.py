@@ -59,3 +59,50 @@ def make_images(folder: Path, n: int = 4, size: int = 72, seed: int = 0) -> Path
         arr[y : y + size // 3, x : x + size // 3] = (220, 30, 30)
         Image.fromarray(arr).save(folder / f"subject_{i}.png")
     return folder
+
+
+def make_tiny_dino(folder: Path, seed: int = 0) -> Path:
+    """A random ViT (patch 16, 224 px input) saved like facebook/dino-vits16."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(seed)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=224, patch_size=16), add_pooling_layer=False).save_pretrained(folder)
+    return folder
+
+
+def make_tiny_clip(folder: Path, seed: int = 0) -> Path:
+    """A random CLIP (text + vision + projections) with its tokenizer and PIL image processor, in one folder."""
+    from transformers import CLIPConfig, CLIPModel
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    torch.manual_seed(seed)
+    tokenizer = write_tokenizer(folder, max_length=32)
+    CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer.get_vocab()), hidden_size=32, intermediate_size=37,
+                         num_attention_heads=4, num_hidden_layers=1, max_position_embeddings=32, bos_token_id=0,
+                         eos_token_id=1, pad_token_id=1),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1,
+                           image_size=224, patch_size=32),
+        projection_dim=16,
+    )).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(folder)
+    return folder
+
+
+def make_tiny_lpips(path: Path, layout: str = "torchvision", seed: int = 0) -> Path:
+    """Random AlexNet-LPIPS weights as one safetensors file, in torchvision+lpips keys or a whole lpips module's."""
+    from safetensors.torch import save_file
+
+    from dreambooth.evaluation.lpips import LPIPS
+
+    torch.manual_seed(seed)
+    state = {k: v.abs() if k.startswith("lin") else v for k, v in LPIPS().state_dict().items()}  # lpips lins are >= 0
+    if layout == "lpips":
+        slices = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}
+        state = {(f"net.slice{slices[int(k.split('.')[1])]}.{k.split('.', 1)[1]}" if k.startswith("features")
+                  else k): v for k, v in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path

@@ -1,6 +1,7 @@
 """DreamBooth (Ruiz et al., CVPR 2023): subject-driven fine-tuning of text-to-image diffusion models.
 
-Python API: `dreambooth.train(...)`, `dreambooth.generate(...)`, with the same options as the CLI.
+Python API: `dreambooth.train(...)`, `dreambooth.generate(...)`, `dreambooth.evaluate(...)`, with the same options
+as the CLI.
 """
 
 from __future__ import annotations
@@ -24,6 +25,13 @@ def generate(config: Any = None, **overrides: Any) -> list:
     return _generate(config, **overrides)
 
 
+def evaluate(config: Any = None, **overrides: Any) -> dict[str, Any]:
+    """Score a model on the DreamBench protocol (or a toy subject); see `dreambooth evaluate --help`."""
+    from .evaluation import evaluate as _evaluate
+
+    return _evaluate(config, **overrides)
+
+
 def __getattr__(name: str) -> Any:
     if name in ("TrainConfig",):
         from .config import TrainConfig
@@ -33,7 +41,11 @@ def __getattr__(name: str) -> Any:
         from .generation import GenerateConfig
 
         return GenerateConfig
+    if name == "EvaluateConfig":
+        from .evaluation import EvaluateConfig
+
+        return EvaluateConfig
     raise AttributeError(name)
 
 
-__all__ = ["GenerateConfig", "TrainConfig", "__version__", "generate", "train"]
+__all__ = ["EvaluateConfig", "GenerateConfig", "TrainConfig", "__version__", "evaluate", "generate", "train"]

@@ -59,6 +59,24 @@ def _add_generate_parser(sub) -> None:
     p.set_defaults(handler=_run_generate)
 
 
+def _add_evaluate_parser(sub) -> None:
+    from .evaluation import EvaluateConfig
+
+    p = sub.add_parser("evaluate", help="Score a model with the paper's metrics on the DreamBench prompts",
+                       description="Sample the DreamBench prompts (or the toy protocol) with fixed seeds, score DINO, "
+                                   "CLIP-I, CLIP-T, PRES and DIV with bootstrap intervals, and write report.json, "
+                                   "report.md and a grid per prompt.")
+    p.add_argument("--config", help="A TOML, YAML or JSON file of options")
+    schema.add_arguments(p, EvaluateConfig)
+    p.set_defaults(handler=_run_evaluate)
+    c = sub.add_parser("evaluate-summary", help="Pool several evaluation reports (e.g. all DreamBench subjects)",
+                       description="Pool the per-image scores of several report.json files of one backend into one "
+                                   "figure per metric with a bootstrap 95%% interval, and list each subject's values.")
+    c.add_argument("reports", nargs="+", help="report.json files (or the folders that hold them)")
+    c.add_argument("--output", help="Write the pooled summary to this JSON file")
+    c.set_defaults(handler=_run_evaluate_summary)
+
+
 def _add_identifier_parser(sub) -> None:
     p = sub.add_parser("identifier", help="Find or check a rare-token identifier",
                        description="List rare single tokens of <= 3 characters ranked by how weak their prior is "
@@ -134,6 +152,41 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+    from .evaluation.evaluate import summary_lines
+
+    report = evaluate(_values(args))
+    print("\n".join(summary_lines(report)))
+    print(f"report: {report['settings']['output_dir']}/report.md")
+    return 0
+
+
+def _run_evaluate_summary(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .evaluation.evaluate import summary_lines
+    from .evaluation.report import combine
+
+    reports = {}
+    for name in args.reports:
+        path = Path(name) / "report.json" if Path(name).is_dir() else Path(name)
+        try:
+            reports[str(path)] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            raise DreamBoothError(f"{path} is not a readable report.json; pass the files `dreambooth evaluate` "
+                                  "wrote") from None
+    summary = combine(reports)
+    for label, values in summary["per_report"].items():
+        print(f"{label}: " + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
+    print(f"pooled over {summary['subjects']} report(s):")
+    print("\n".join(summary_lines(summary)))
+    if args.output:
+        Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
 def _run_identifier(args: argparse.Namespace) -> int:
     from . import identifier as ident
     from .families import ModelSource, get_family
@@ -197,7 +250,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dreambooth", description="DreamBooth: subject-driven fine-tuning of "
                                 "text-to-image diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_train_parser, _add_generate_parser, _add_identifier_parser, _add_demo_parser, _add_toy_parser):
+    for add in (_add_train_parser, _add_generate_parser, _add_evaluate_parser, _add_identifier_parser,
+                _add_demo_parser, _add_toy_parser):
         add(sub)
     return p
 

@@ -122,6 +122,10 @@ class TrainConfig:
                                              group="validation")
     validation_guidance_scale: float = option(7.5, "Guidance scale for validation images", check=at_least(0),
                                               group="validation")
+    eval: bool = option(False, "After training, run `dreambooth evaluate` on the result with the instance images as "
+                        "the real images; report in output_dir/evaluation", group="validation")
+    eval_config: Path | None = option(None, "Options file for that evaluation (backend, backbones, subject, ...)",
+                                      group="validation")
     report_to: str = option("none", "Experiment tracker", choices=REPORTERS, group="validation")
     logging_dir: Path = option(Path("logs"), "Tracker folder, relative to output_dir", group="validation")
 
@@ -141,6 +145,8 @@ class TrainConfig:
                 raise ConfigError(
                     "class_data_dir", str(self.class_data_dir), "only used with --with_prior_preservation; add it"
                 )
+        if self.eval_config is not None and not self.eval:
+            raise ConfigError("eval_config", str(self.eval_config), "only used with --eval; add that flag")
         if not self.instance_prompt.strip():
             raise ConfigError("instance_prompt", self.instance_prompt, "a non-empty prompt")
         if self.identifier is not None and self.identifier not in self.instance_prompt.split():

@@ -64,6 +64,30 @@ def load_for_inference(model: str, dtype: torch.dtype) -> Any:
     return pipe
 
 
+def open_pipeline(model: str, sampler: str, precision: str = "auto", device: str = "auto") -> tuple[Any, torch.device]:
+    """A pipeline ready to sample: loaded at the precision asked, on the device, with the sampler set."""
+    dev = torch.device(device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES.get(precision) or (torch.float16 if dev.type == "cuda" else torch.float32)
+    if dtype == torch.float16 and dev.type == "cpu":
+        raise ConfigError("precision", "fp16", "fp16 needs a GPU; use fp32 or bf16 on CPU")
+    pipe = load_for_inference(model, dtype).to(dev)
+    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, dev
+
+
+@torch.no_grad()
+def render(pipe, prompt: str, seeds: list[int], batch_size: int, device: torch.device,
+           negative_prompt: str | None = None, **kwargs: Any) -> list:
+    """One image per seed for `prompt`; image i depends only on seeds[i], not on the batch it falls in."""
+    images = []
+    for start in range(0, len(seeds), batch_size):
+        chunk = seeds[start : start + batch_size]
+        images += pipe([prompt] * len(chunk), negative_prompt=[negative_prompt] * len(chunk) if negative_prompt
+                       else None, generator=[torch.Generator(device).manual_seed(s) for s in chunk], **kwargs).images
+    return images
+
+
 def generate(config: GenerateConfig | dict | str | Path | None = None, **overrides: Any) -> list[Path]:
     """Render each prompt num_images times; write one PNG per image and a grid (a row per prompt).
 
@@ -73,32 +97,20 @@ def generate(config: GenerateConfig | dict | str | Path | None = None, **overrid
     values = schema.values_of(config, GenerateConfig)
     cfg = schema.build(GenerateConfig, {**values, **overrides})
     quiet_libraries()
-    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES.get(cfg.precision) or (torch.float16 if device.type == "cuda" else torch.float32)
-    if dtype == torch.float16 and device.type == "cpu":
-        raise ConfigError("precision", "fp16", "fp16 needs a GPU; use fp32 or bf16 on CPU")
-    pipe = load_for_inference(cfg.model, dtype).to(device)
-    pipe.scheduler = make_scheduler(cfg.sampler, pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, device = open_pipeline(cfg.model, cfg.sampler, cfg.precision, cfg.device)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written, all_images = [], []
     for p_index, prompt in enumerate(cfg.prompt):
         seeds = [derive_seed(cfg.seed, i) for i in range(cfg.num_images)]
-        for start in range(0, cfg.num_images, cfg.batch_size):
-            chunk = seeds[start : start + cfg.batch_size]
-            with torch.no_grad():
-                images = pipe(
-                    [prompt] * len(chunk), negative_prompt=[cfg.negative_prompt] * len(chunk)
-                    if cfg.negative_prompt else None, num_inference_steps=cfg.num_inference_steps,
-                    guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
-                    generator=[torch.Generator(device).manual_seed(s) for s in chunk],
-                ).images
-            for i, (seed, img) in enumerate(zip(chunk, images), start=start):
-                path = out / f"{p_index:02d}-{slug(prompt)}-{i:03d}.png"
-                img.save(path, pnginfo=_pnginfo(prompt, cfg, seed))
-                written.append(path)
-                all_images.append(img)
+        images = render(pipe, prompt, seeds, cfg.batch_size, device, negative_prompt=cfg.negative_prompt,
+                        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                        height=cfg.height, width=cfg.width)
+        for i, (seed, img) in enumerate(zip(seeds, images)):
+            path = out / f"{p_index:02d}-{slug(prompt)}-{i:03d}.png"
+            img.save(path, pnginfo=_pnginfo(prompt, cfg, seed))
+            written.append(path)
+            all_images.append(img)
     grid = out / "grid.png"
     make_grid(all_images, cols=cfg.num_images).save(grid)
     log.info("wrote %d image(s) and %s", len(written), grid)

@@ -212,7 +212,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             help_text += " (required)"
         elif f.default not in (None, False, dataclasses.MISSING):
             help_text += f" (default: {f.default})"
-        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
         if base is bool:
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
             continue

@@ -20,6 +20,8 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import DreamBoothDataset, StepBatchSampler, collate
 from .errors import DreamBoothError
+from .evaluation import evaluate
+from .evaluation.evaluate import for_training
 from .families import Components
 from .identifier import check as check_identifier
 from .identifier import class_noun_after, infer_identifier
@@ -67,10 +69,16 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
     cfg = schema.build(TrainConfig, {**values, **overrides})
     quiet_libraries()
     started = time.time()
+    evaluation = for_training(cfg) if cfg.eval else None  # a bad evaluation setting fails before training
     run = setup(cfg)
     parts = build(run)
     fit(run, parts)
-    return finish(run, parts, started)
+    summary = finish(run, parts, started)
+    del parts
+    if evaluation is not None and run.accelerator.is_main_process:
+        summary["evaluation"] = evaluate(evaluation)["metrics"]
+        (Path(cfg.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def build(run: Run) -> Parts:

@@ -1,7 +1,9 @@
 """Resumable checkpoints without pickle: weights, optimizer and RNG tensors in safetensors, the rest in JSON.
 
 Layout of `output_dir/checkpoint-<step>/` (each one loads on its own, without the run that made it):
-    unet/, text_encoder/         trained modules in diffusers/transformers format (safetensors)
+    unet/, text_encoder/         trained modules in diffusers/transformers format (safetensors), or with LoRA
+                                 their adapters' peft state (adapter.safetensors)
+    pytorch_lora_weights.safetensors   with LoRA: the adapters as diffusers' LoRA file, for generate
     optimizer.safetensors/.json  optimizer state tensors / param groups and scalar state
     rng-<rank>.safetensors/.json RNG states of each process
     train_config.json            the resolved config of the run
@@ -17,6 +19,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
 from .files import write_text_atomic
+from .lora import ADAPTER_FILE, is_adapted, load_adapter, save_adapter
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 LATEST = "latest"
@@ -120,8 +124,10 @@ def save_checkpoint(
     config: dict[str, Any],
     accelerator,
     total_limit: int | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write checkpoint-<step> atomically from all processes (each saves its RNG), then point `latest` at it."""
+    """Write checkpoint-<step> atomically from all processes (each saves its RNG), then point `latest` at it;
+    `extra(folder)` adds files on the main process before the checkpoint counts as complete."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
@@ -134,7 +140,12 @@ def save_checkpoint(
     _write_json(tmp / f"rng-{accelerator.process_index}.json", rng_meta)
     if accelerator.is_main_process:
         for name, module in modules.items():
-            module.save_pretrained(tmp / name, safe_serialization=True)
+            if is_adapted(module):
+                save_adapter(module, tmp / name)
+            else:
+                module.save_pretrained(tmp / name, safe_serialization=True)
+        if extra is not None:
+            extra(tmp)
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         _write_json(tmp / "optimizer.json", opt_meta)
@@ -161,6 +172,16 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore modules, optimizer and this process's RNG in place; return state.json."""
     for name, module in modules.items():
+        if is_adapted(module) != (checkpoint / name / ADAPTER_FILE).is_file():
+            saved = "without" if is_adapted(module) else "with"
+            raise CheckpointError(f"checkpoint {checkpoint}/{name} was saved {saved} LoRA; resume with the "
+                                  "--use_lora setting it was trained with")
+        if is_adapted(module):
+            unexpected = load_adapter(module, checkpoint / name)
+            if unexpected:
+                raise CheckpointError(f"checkpoint {checkpoint}/{name} has adapters the model lacks (e.g. "
+                                      f"{unexpected[0]}); resume with the same --rank and target modules")
+            continue
         weights = sorted((checkpoint / name).glob("*.safetensors"))
         if not weights:
             raise CheckpointError(f"checkpoint {checkpoint} has no {name}/ weights; it was made by a different run "

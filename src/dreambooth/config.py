@@ -103,6 +103,21 @@ class TrainConfig:
     snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (5.0 is the usual choice)", check=positive,
                                      group="training")
 
+    # LoRA
+    use_lora: bool = option(False, "Train LoRA adapters (peft) instead of the full UNet / text encoder", group="lora")
+    rank: int = option(4, "LoRA rank", check=at_least(1), group="lora")
+    lora_alpha: float | None = option(None, "LoRA alpha (default: the rank, so the scale alpha/rank is 1)",
+                                      check=positive, group="lora")
+    lora_dropout: float = option(0.0, "Dropout on the LoRA branch", check=in_unit_interval, group="lora")
+    use_dora: bool = option(False, "Weight-decomposed LoRA (DoRA)", group="lora")
+    lora_target_modules: list[str] = option(("to_k", "to_q", "to_v", "to_out.0"),
+                                            "UNet modules that get adapters", group="lora")
+    text_encoder_lora_target_modules: list[str] = option(("q_proj", "k_proj", "v_proj", "out_proj"),
+                                                         "Text-encoder modules that get adapters "
+                                                         "(with --train_text_encoder)", group="lora")
+    text_encoder_lr: float | None = option(None, "Learning rate of the text encoder (default: --learning_rate)",
+                                           check=positive, group="lora")
+
     # checkpoints
     checkpointing_steps: int = option(500, "Save a resumable checkpoint every N steps", check=at_least(1),
                                       group="checkpoints")
@@ -145,6 +160,8 @@ class TrainConfig:
                 raise ConfigError(
                     "class_data_dir", str(self.class_data_dir), "only used with --with_prior_preservation; add it"
                 )
+        if self.use_dora and not self.use_lora:
+            raise ConfigError("use_dora", True, "only used with --use_lora; add that flag")
         if self.eval_config is not None and not self.eval:
             raise ConfigError("eval_config", str(self.eval_config), "only used with --eval; add that flag")
         if not self.instance_prompt.strip():

@@ -13,9 +13,10 @@ import torch
 
 from . import schema
 from .data import derive_seed
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .families import ModelSource, get_family
 from .grid import make_grid
+from .lora import LORA_WEIGHTS, is_lora_output
 from .quiet import quiet_libraries
 from .sampling import SAMPLERS, make_scheduler
 from .schema import at_least, option
@@ -28,6 +29,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class GenerateConfig:
     model: str = option(help="Pipeline folder, hub id, or a checkpoint-N folder of a training run")
     prompt: list[str] = option(help="One or more prompts")
+    lora: list[str] | None = option(None, "LoRA files or folders to load on top of --model (diffusers or kohya "
+                                    "format)")
+    lora_scale: float = option(1.0, "Strength of the LoRA(s)", check=at_least(0))
     negative_prompt: str | None = option(None, "Negative prompt")
     num_images: int = option(4, "Images per prompt", check=at_least(1))
     seed: int = option(0, "Seed; image i of a prompt uses a seed derived from (seed, i)")
@@ -47,30 +51,53 @@ def slug(text: str, limit: int = 48) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower()[:limit] or "prompt"
 
 
-def load_for_inference(model: str, dtype: torch.dtype) -> Any:
-    """A pipeline from a model folder/hub id, or from a training checkpoint (base model + its trained modules)."""
+def load_for_inference(model: str, dtype: torch.dtype, lora: list[str] | None = None,
+                       lora_scale: float = 1.0) -> Any:
+    """A pipeline from a model folder/hub id, a training checkpoint (base model + its trained modules) or a LoRA
+    run's output (base model + its LoRA file); `lora` adds LoRA files or folders on top."""
     path = Path(model).expanduser()
-    checkpoint = (path / "state.json").is_file() and (path / "train_config.json").is_file()
+    lora_run = is_lora_output(path)
+    checkpoint = lora_run or ((path / "state.json").is_file() and (path / "train_config.json").is_file())
     base = json.loads((path / "train_config.json").read_text()) if checkpoint else None
     source = (ModelSource(base["pretrained_model_name_or_path"], base["revision"], base["variant"])
               if base else ModelSource(model))
     pipe = get_family(source).load_pipeline(source, dtype)
-    if checkpoint:
+    if checkpoint and not lora_run:
         for name in ("unet", "text_encoder"):
             if (path / name).is_dir():
                 module = getattr(pipe, name)
                 setattr(pipe, name, type(module).from_pretrained(path / name, dtype=dtype,
                                                                  use_safetensors=True))
+    adapters = ([str(path)] if lora_run else []) + list(lora or [])
+    for i, adapter in enumerate(adapters):
+        load_lora(pipe, adapter, f"lora{i}")
+    if adapters:
+        pipe.set_adapters([f"lora{i}" for i in range(len(adapters))], [lora_scale] * len(adapters))
     return pipe
 
 
-def open_pipeline(model: str, sampler: str, precision: str = "auto", device: str = "auto") -> tuple[Any, torch.device]:
+def load_lora(pipe: Any, adapter: str, name: str) -> None:
+    """One LoRA file, or a folder holding pytorch_lora_weights.safetensors, onto the pipeline; one-line errors."""
+    path = Path(adapter).expanduser()
+    if path.suffix != ".safetensors" and not (path / LORA_WEIGHTS).is_file():
+        raise DataError(f"no LoRA weights at {path}: pass a .safetensors file or a folder that holds {LORA_WEIGHTS}")
+    kwargs = {"weight_name": path.name} if path.is_file() else {}
+    try:
+        pipe.load_lora_weights(str(path.parent if path.is_file() else path), adapter_name=name, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DataError(f"cannot load the LoRA {path} onto {type(pipe).__name__} ({first}); it must be a LoRA for "
+                        "this base model, in diffusers or kohya format") from None
+
+
+def open_pipeline(model: str, sampler: str, precision: str = "auto", device: str = "auto",
+                  lora: list[str] | None = None, lora_scale: float = 1.0) -> tuple[Any, torch.device]:
     """A pipeline ready to sample: loaded at the precision asked, on the device, with the sampler set."""
     dev = torch.device(device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     dtype = DTYPES.get(precision) or (torch.float16 if dev.type == "cuda" else torch.float32)
     if dtype == torch.float16 and dev.type == "cpu":
         raise ConfigError("precision", "fp16", "fp16 needs a GPU; use fp32 or bf16 on CPU")
-    pipe = load_for_inference(model, dtype).to(dev)
+    pipe = load_for_inference(model, dtype, lora, lora_scale).to(dev)
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe, dev
@@ -97,7 +124,7 @@ def generate(config: GenerateConfig | dict | str | Path | None = None, **overrid
     values = schema.values_of(config, GenerateConfig)
     cfg = schema.build(GenerateConfig, {**values, **overrides})
     quiet_libraries()
-    pipe, device = open_pipeline(cfg.model, cfg.sampler, cfg.precision, cfg.device)
+    pipe, device = open_pipeline(cfg.model, cfg.sampler, cfg.precision, cfg.device, cfg.lora, cfg.lora_scale)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written, all_images = [], []

@@ -28,7 +28,7 @@ CONFIG_FILE = "train_config.json"
 # Settings that define what a run learns; an output folder belongs to one combination of them.
 IDENTITY = (
     "pretrained_model_name_or_path", "revision", "variant", "instance_data_dir", "instance_prompt", "class_prompt",
-    "with_prior_preservation", "train_text_encoder", "resolution",
+    "with_prior_preservation", "train_text_encoder", "resolution", "use_lora",
 )
 
 

@@ -25,6 +25,7 @@ from .evaluation.evaluate import for_training
 from .families import Components
 from .identifier import check as check_identifier
 from .identifier import class_noun_after, infer_identifier
+from .lora import add_adapters
 from .loss import diffusion_target, dreambooth_loss, min_snr_weights
 from .noising import noise_batch, sample_latents
 from .prior import ClassImages, ensure_class_images
@@ -91,10 +92,16 @@ def build(run: Run) -> Parts:
     # model
     weight_dtype = WEIGHT_DTYPES.get(acc.mixed_precision, torch.float32)
     c.vae.requires_grad_(False).to(acc.device, weight_dtype).eval()
-    c.text_encoder.requires_grad_(cfg.train_text_encoder)
-    c.text_encoder.to(acc.device, torch.float32 if cfg.train_text_encoder else weight_dtype)
+    if cfg.use_lora:  # base weights frozen in the compute dtype, adapters trained in fp32
+        c.unet.to(acc.device, weight_dtype)
+        c.text_encoder.to(acc.device, weight_dtype)
+        add_adapters(cfg, c.unet, [c.text_encoder])
+    else:
+        c.text_encoder.requires_grad_(cfg.train_text_encoder)
+        c.text_encoder.to(acc.device, torch.float32 if cfg.train_text_encoder else weight_dtype)
+        c.unet.requires_grad_(True).to(acc.device)
+    c.unet.train()
     c.text_encoder.train(cfg.train_text_encoder)
-    c.unet.requires_grad_(True).to(acc.device).train()
     if cfg.gradient_checkpointing:
         c.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
@@ -116,9 +123,11 @@ def build(run: Run) -> Parts:
         cond = {"instance": {k: v[:1] for k, v in both.items()}, "class": {k: v[1:] for k, v in both.items()}}
 
     # optimizer and schedule
-    lr = cfg.learning_rate * (per_step if cfg.scale_lr else 1)
-    params = list(c.unet.parameters()) + (list(c.text_encoder.parameters()) if cfg.train_text_encoder else [])
-    optimizer = make_optimizer(cfg, params, lr)
+    scale = per_step if cfg.scale_lr else 1
+    groups = [{"params": trainable(c.unet), "lr": cfg.learning_rate * scale}]
+    if cfg.train_text_encoder:
+        groups.append({"params": trainable(c.text_encoder), "lr": (cfg.text_encoder_lr or cfg.learning_rate) * scale})
+    optimizer = make_optimizer(cfg, groups)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=max_train_steps, num_cycles=cfg.lr_num_cycles,
                                  power=cfg.lr_power)
@@ -139,16 +148,21 @@ def build(run: Run) -> Parts:
     return parts
 
 
-def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    kw = {"lr": lr, "betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.adam_weight_decay,
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """AdamW over parameter groups that each carry their own lr (UNet, text encoder)."""
+    kw = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.adam_weight_decay,
           "eps": cfg.adam_epsilon}
     if cfg.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise DreamBoothError("--use_8bit_adam needs bitsandbytes; pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(params, **kw)
-    return torch.optim.AdamW(params, **kw)
+        return bnb.optim.AdamW8bit(groups, **kw)
+    return torch.optim.AdamW(groups, **kw)
 
 
 def trained_modules(cfg: TrainConfig, unet, text_encoder) -> dict[str, torch.nn.Module]:
@@ -184,7 +198,7 @@ def fit(run: Run, parts: Parts) -> None:
     loader = DataLoader(parts.dataset, batch_sampler=sampler, collate_fn=collate,
                         num_workers=cfg.dataloader_num_workers)
     trained = [parts.unet] + ([parts.text_encoder] if cfg.train_text_encoder else [])
-    params = [p for m in trained for p in m.parameters()]
+    params = [p for m in trained for p in trainable(m)]
     scaling = c.vae.config.scaling_factor
     shift = getattr(c.vae.config, "shift_factor", None) or 0.0
     num_timesteps = c.noise_scheduler.config.num_train_timesteps
@@ -251,9 +265,11 @@ def save(run: Run, parts: Parts, step: int) -> Path:
     if acc.scaler is not None:
         state["grad_scaler"] = acc.scaler.state_dict()
     modules = trained_modules(run.cfg, acc.unwrap_model(parts.unet), acc.unwrap_model(parts.text_encoder))
+    extra = (lambda folder: run.family.save_lora(modules["unet"], modules.get("text_encoder"), folder)
+             ) if run.cfg.use_lora else None  # so that a LoRA checkpoint also loads on its own
     return save_checkpoint(Path(run.cfg.output_dir), step, modules, parts.optimizer.optimizer
                            if hasattr(parts.optimizer, "optimizer") else parts.optimizer, state,
-                           schema.to_dict(run.cfg), acc, run.cfg.checkpoints_total_limit)
+                           schema.to_dict(run.cfg), acc, run.cfg.checkpoints_total_limit, extra)
 
 
 def finish(run: Run, parts: Parts, started: float) -> dict[str, Any]:
@@ -280,7 +296,11 @@ def finish(run: Run, parts: Parts, started: float) -> dict[str, Any]:
                                    "generated": ci.generated}
     if acc.is_main_process:
         out = Path(cfg.output_dir)
-        run.family.save(parts.components, acc.unwrap_model(parts.unet), acc.unwrap_model(parts.text_encoder), out)
+        unet, text_encoder = acc.unwrap_model(parts.unet), acc.unwrap_model(parts.text_encoder)
+        if cfg.use_lora:
+            run.family.save_lora(unet, text_encoder if cfg.train_text_encoder else None, out)
+        else:
+            run.family.save(parts.components, unet, text_encoder, out)
         if cfg.validation_prompt and steps % cfg.validation_steps != 0:
             render_validation(run.family, parts.components, parts.unet, parts.text_encoder, cfg, steps, acc)
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2))

@@ -85,6 +85,10 @@ class ModelFamily:
     def save(self, c: Components, unet: torch.nn.Module, text_encoder: torch.nn.Module, output_dir: Path) -> None:
         raise NotImplementedError
 
+    def save_lora(self, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, output_dir: Path) -> None:
+        """The adapters as the diffusers LoRA file (`pytorch_lora_weights.safetensors`) of this family's pipeline."""
+        raise NotImplementedError
+
 
 def read_model_index(source: ModelSource) -> dict[str, Any]:
     """model_index.json of a local folder or hub repo, or a ModelError saying what is wrong."""

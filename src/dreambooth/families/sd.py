@@ -107,3 +107,15 @@ class StableDiffusion(ModelFamily):
                 **c.source.hub_kwargs(),
             )
         pipe.save_pretrained(output_dir, safe_serialization=True)
+
+    def save_lora(self, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, output_dir: Path) -> None:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        def layers(module):
+            return convert_state_dict_to_diffusers(
+                get_peft_model_state_dict(module, save_embedding_layers=False)) if module is not None else None
+
+        StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=layers(unet),
+                                                  text_encoder_lora_layers=layers(text_encoder),
+                                                  safe_serialization=True)

@@ -1,0 +1,62 @@
+"""LoRA DreamBooth through peft: adapters on the UNet (and the text encoder), their state for exact resume, and
+the diffusers LoRA file that `pipe.load_lora_weights` reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+ADAPTER_FILE = "adapter.safetensors"  # a checkpoint's exact peft state of one module
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name: what load_lora_weights looks for
+
+
+def lora_config(cfg: Any, targets: list[str]) -> LoraConfig:
+    """Gaussian-initialised A, zero B (the adapter starts as a no-op), as the reference LoRA scripts do."""
+    return LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank, lora_dropout=cfg.lora_dropout,
+                      init_lora_weights="gaussian", target_modules=list(targets), use_dora=cfg.use_dora)
+
+
+def add_adapters(cfg: Any, unet: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> None:
+    """Freeze the base weights and add trainable adapters; they stay fp32 whatever the base weights' dtype, so
+    fp16 mixed precision can unscale their gradients."""
+    unet.requires_grad_(False)
+    unet.add_adapter(lora_config(cfg, cfg.lora_target_modules))
+    modules = [unet]
+    if cfg.train_text_encoder:
+        for encoder in text_encoders:
+            encoder.requires_grad_(False)
+            encoder.add_adapter(lora_config(cfg, cfg.text_encoder_lora_target_modules))
+            modules.append(encoder)
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+
+
+def is_adapted(module: torch.nn.Module) -> bool:
+    return bool(getattr(module, "peft_config", None))
+
+
+def adapter_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state = get_peft_model_state_dict(module, save_embedding_layers=False)
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def save_adapter(module: torch.nn.Module, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(adapter_state(module), str(folder / ADAPTER_FILE))
+
+
+def load_adapter(module: torch.nn.Module, folder: Path) -> list[str]:
+    """Restore an adapter saved by `save_adapter`; returns the keys the module did not take."""
+    result = set_peft_model_state_dict(module, load_file(str(folder / ADAPTER_FILE)))
+    return list(getattr(result, "unexpected_keys", []) or [])
+
+
+def is_lora_output(folder: Path) -> bool:
+    return (folder / LORA_WEIGHTS).is_file() and (folder / "train_config.json").is_file()

@@ -123,7 +123,7 @@ def test_python_api_takes_a_config_file(tmp_path, base_args):
     assert dreambooth.train(str(path), max_train_steps=2)["steps"] == 2  # keywords override the file
 
 
-@pytest.mark.parametrize("command", [["train"], ["generate"], ["evaluate"], ["identifier"], ["demo"],
+@pytest.mark.parametrize("command", [["train"], ["generate"], ["evaluate"], ["export"], ["identifier"], ["demo"],
                                      ["toy", "pretrain"], ["toy", "quality"]])
 def test_every_command_prints_its_help(command, capsys):
     from dreambooth.cli import main

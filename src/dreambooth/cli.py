@@ -77,6 +77,17 @@ def _add_evaluate_parser(sub) -> None:
     c.set_defaults(handler=_run_evaluate_summary)
 
 
+def _add_export_parser(sub) -> None:
+    from .export import ExportConfig
+
+    p = sub.add_parser("export", help="Write a run's result for other tools (kohya LoRA, merged pipeline)",
+                       description="Export a LoRA run to the kohya/AUTOMATIC1111 format, or fuse it into the base "
+                                   "model as a full pipeline.")
+    p.add_argument("--config", help="A TOML, YAML or JSON file of options")
+    schema.add_arguments(p, ExportConfig)
+    p.set_defaults(handler=_run_export)
+
+
 def _add_identifier_parser(sub) -> None:
     p = sub.add_parser("identifier", help="Find or check a rare-token identifier",
                        description="List rare single tokens of <= 3 characters ranked by how weak their prior is "
@@ -187,6 +198,13 @@ def _run_evaluate_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    print(f"wrote {export(_values(args))}")
+    return 0
+
+
 def _run_identifier(args: argparse.Namespace) -> int:
     from . import identifier as ident
     from .families import ModelSource, get_family
@@ -250,8 +268,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dreambooth", description="DreamBooth: subject-driven fine-tuning of "
                                 "text-to-image diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_train_parser, _add_generate_parser, _add_evaluate_parser, _add_identifier_parser,
-                _add_demo_parser, _add_toy_parser):
+    for add in (_add_train_parser, _add_generate_parser, _add_evaluate_parser, _add_export_parser,
+                _add_identifier_parser, _add_demo_parser, _add_toy_parser):
         add(sub)
     return p
 

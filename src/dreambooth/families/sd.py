@@ -109,13 +109,17 @@ class StableDiffusion(ModelFamily):
         pipe.save_pretrained(output_dir, safe_serialization=True)
 
     def save_lora(self, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, output_dir: Path) -> None:
-        from diffusers.utils import convert_state_dict_to_diffusers
+        """peft-format keys (`unet.<module>.lora_A.weight`) with each adapter's config as metadata, so a custom
+        lora_alpha survives loading."""
         from peft.utils import get_peft_model_state_dict
 
         def layers(module):
-            return convert_state_dict_to_diffusers(
-                get_peft_model_state_dict(module, save_embedding_layers=False)) if module is not None else None
+            return get_peft_model_state_dict(module, save_embedding_layers=False) if module is not None else None
 
-        StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=layers(unet),
-                                                  text_encoder_lora_layers=layers(text_encoder),
-                                                  safe_serialization=True)
+        def metadata(module):
+            return module.peft_config["default"].to_dict() if module is not None else None
+
+        StableDiffusionPipeline.save_lora_weights(
+            output_dir, unet_lora_layers=layers(unet), text_encoder_lora_layers=layers(text_encoder),
+            unet_lora_adapter_metadata=metadata(unet), text_encoder_lora_adapter_metadata=metadata(text_encoder),
+            safe_serialization=True)

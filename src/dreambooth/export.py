@@ -1,0 +1,110 @@
+"""`dreambooth export`: a run's result in the formats other tools load. Exporters are registered by name (the
+`--format` choices):
+
+- `kohya`: a LoRA run's adapters in the kohya / AUTOMATIC1111 key format (`lora_unet_*`, `lora_te_*`, with
+  `.lora_down`/`.lora_up`/`.alpha`), the single file A1111 and ComfyUI put in their `loras` folder.
+- `merged`: a LoRA run's adapters fused into the base weights, saved as a full diffusers pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import schema
+from .errors import DataError, DreamBoothError
+from .lora import LORA_WEIGHTS, is_lora_output
+from .schema import at_least, option
+
+EXPORTERS: dict[str, Callable[[Any], Path]] = {}
+
+
+def exporter(name: str) -> Callable[[Callable[[Any], Path]], Callable[[Any], Path]]:
+    def register(fn: Callable[[Any], Path]) -> Callable[[Any], Path]:
+        EXPORTERS[name] = fn
+        return fn
+
+    return register
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    model: str = option(help="A run's output folder (or one of its checkpoint-N folders)")
+    format: str = option(help="What to write", choices=lambda: list(EXPORTERS))
+    output: Path = option(help="The file (kohya) or folder (merged) to write; must not exist yet")
+    lora_scale: float = option(1.0, "Strength the LoRA is fused at (merged)", check=at_least(0))
+    precision: str = option("fp32", "Precision of the written weights", choices=("fp32", "fp16", "bf16"))
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def export(config: ExportConfig | dict | str | Path | None = None, **overrides: Any) -> Path:
+    """Write a run's result in another format; returns the written path. Nothing existing is overwritten."""
+    cfg = schema.build(ExportConfig, {**schema.values_of(config, ExportConfig), **overrides})
+    if Path(cfg.output).exists():
+        raise DreamBoothError(f"{cfg.output} already exists; pass --output with a new path (nothing is overwritten)")
+    return EXPORTERS[cfg.format](cfg)
+
+
+def _lora_run(cfg: ExportConfig) -> Path:
+    folder = Path(cfg.model).expanduser()
+    if not is_lora_output(folder):
+        raise DataError(f"{folder} is not the output of a --use_lora run (no {LORA_WEIGHTS} beside "
+                        f"train_config.json); --format {cfg.format} exports LoRA runs")
+    return folder
+
+
+def kohya_keys(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """peft-format LoRA keys (`unet.<module>.lora_A.weight`, `text_encoder.<module>.lora_B.weight`) to kohya's
+    (`lora_unet_<module>.lora_down.weight`, `lora_te_text_model_<module>.lora_up.weight`, `<...>.alpha`)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        module, _, kind = key.rpartition(".lora_")
+        part, _, path = module.partition(".")
+        if part == "unet":
+            name = "lora_unet_" + path.replace(".", "_")
+        elif part == "text_encoder":
+            path = path if path.startswith("text_model.") else "text_model." + path  # transformers 5 drops it
+            name = "lora_te_" + path.replace(".", "_")
+        else:
+            raise DataError(f"LoRA key {key!r} belongs to no part this export knows (unet, text_encoder)")
+        out[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = tensor
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+@exporter("kohya")
+def export_kohya(cfg: ExportConfig) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    folder = _lora_run(cfg)
+    out = Path(cfg.output)
+    if out.suffix != ".safetensors":
+        raise DreamBoothError(f"--output {out} must be a .safetensors file for --format kohya")
+    train = json.loads((folder / "train_config.json").read_text())
+    alpha = train.get("lora_alpha") or train.get("rank")
+    state = kohya_keys(load_file(folder / LORA_WEIGHTS), alpha)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(train.get("rank")),
+                "ss_network_alpha": str(alpha), "ss_base_model": str(train.get("pretrained_model_name_or_path"))}
+    save_file({k: v.to(DTYPES[cfg.precision]).contiguous() for k, v in state.items()}, str(out), metadata=metadata)
+    return out
+
+
+@exporter("merged")
+def export_merged(cfg: ExportConfig) -> Path:
+    from .generation import load_for_inference
+
+    _lora_run(cfg)
+    pipe = load_for_inference(cfg.model, torch.float32)
+    pipe.fuse_lora(lora_scale=cfg.lora_scale)
+    pipe.unload_lora_weights()
+    pipe.to(DTYPES[cfg.precision])
+    pipe.save_pretrained(cfg.output, safe_serialization=True)
+    return Path(cfg.output)

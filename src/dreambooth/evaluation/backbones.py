@@ -49,6 +49,18 @@ def _features(out: Any) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
+@torch.no_grad()
+def embed_images(net: Any, images: Sequence[Image.Image], embed: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> torch.Tensor:
+    """Preprocess with `net.processor` and embed in batches of `net.batch_size`; fp32 rows on the CPU."""
+    out = []
+    for start in range(0, len(images), net.batch_size):
+        pixels = net.processor(images=list(images[start : start + net.batch_size]),
+                               return_tensors="pt")["pixel_values"].to(net.device)
+        out.append(embed(pixels).float().cpu())
+    return torch.cat(out)
+
+
 class Dino:
     """DINO CLS embeddings with DINO's evaluation preprocessing: resize 256 (bicubic), centre crop 224, ImageNet
     normalisation."""
@@ -65,14 +77,8 @@ class Dino:
             image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD), do_convert_rgb=True,
         )
 
-    @torch.no_grad()
     def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = self.processor(images=list(images[start : start + self.batch_size]),
-                                    return_tensors="pt")["pixel_values"].to(self.device)
-            out.append(self.model(pixel_values=pixels).last_hidden_state[:, 0].float().cpu())
-        return torch.cat(out)
+        return embed_images(self, images, lambda px: self.model(pixel_values=px).last_hidden_state[:, 0])
 
 
 class Clip:
@@ -90,14 +96,8 @@ class Clip:
         self.processor = load_or_explain("CLIP image processor", "clip_model", name,
                                          lambda: CLIPImageProcessorPil.from_pretrained(name, revision=rev))
 
-    @torch.no_grad()
     def images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = self.processor(images=list(images[start : start + self.batch_size]),
-                                    return_tensors="pt")["pixel_values"].to(self.device)
-            out.append(_features(self.model.get_image_features(pixel_values=pixels)).float().cpu())
-        return torch.cat(out)
+        return embed_images(self, images, lambda px: _features(self.model.get_image_features(pixel_values=px)))
 
     @torch.no_grad()
     def texts(self, texts: Sequence[str]) -> torch.Tensor:

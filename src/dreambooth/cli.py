@@ -33,11 +33,21 @@ COMPAT_REFUSED = {
 }
 
 
+def _config_command(sub, name: str, config: type, handler: Callable[[argparse.Namespace], int],
+                    config_help: str = "A TOML, YAML or JSON file of options", **kw: Any) -> argparse.ArgumentParser:
+    """A subcommand whose flags come from a config schema, plus --config for a file of the same options."""
+    p = sub.add_parser(name, **kw)
+    p.add_argument("--config", help=config_help)
+    schema.add_arguments(p, config)
+    p.set_defaults(handler=handler)
+    return p
+
+
 def _add_train_parser(sub) -> None:
-    p = sub.add_parser("train", help="DreamBooth fine-tuning", description="Fine-tune a model on a subject.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", help="A TOML, YAML or JSON file of options; flags given here override it")
-    schema.add_arguments(p, TrainConfig)
+    p = _config_command(sub, "train", TrainConfig, _run_train,
+                        "A TOML, YAML or JSON file of options; flags given here override it",
+                        help="DreamBooth fine-tuning", description="Fine-tune a model on a subject.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
     compat = p.add_argument_group("accepted for compatibility with the reference script")
     for name in COMPAT_IGNORED:
         compat.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
@@ -48,27 +58,21 @@ def _add_train_parser(sub) -> None:
     compat.add_argument("--validation_images", nargs="+", help=argparse.SUPPRESS)
     compat.add_argument("--validation_scheduler", dest="validation_sampler", help=argparse.SUPPRESS)
     compat.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
-    p.set_defaults(handler=_run_train)
 
 
 def _add_generate_parser(sub) -> None:
-    p = sub.add_parser("generate", help="Render prompts from a trained model",
-                       description="Render prompts from a trained output, a checkpoint, or any SD pipeline folder.")
-    p.add_argument("--config", help="A TOML, YAML or JSON file of options")
-    schema.add_arguments(p, GenerateConfig)
-    p.set_defaults(handler=_run_generate)
+    _config_command(sub, "generate", GenerateConfig, _run_generate, help="Render prompts from a trained model",
+                    description="Render prompts from a trained output, a checkpoint, or any SD pipeline folder.")
 
 
 def _add_evaluate_parser(sub) -> None:
     from .evaluation import EvaluateConfig
 
-    p = sub.add_parser("evaluate", help="Score a model with the paper's metrics on the DreamBench prompts",
-                       description="Sample the DreamBench prompts (or the toy protocol) with fixed seeds, score DINO, "
-                                   "CLIP-I, CLIP-T, PRES and DIV with bootstrap intervals, and write report.json, "
-                                   "report.md and a grid per prompt.")
-    p.add_argument("--config", help="A TOML, YAML or JSON file of options")
-    schema.add_arguments(p, EvaluateConfig)
-    p.set_defaults(handler=_run_evaluate)
+    _config_command(sub, "evaluate", EvaluateConfig, _run_evaluate,
+                    help="Score a model with the paper's metrics on the DreamBench prompts",
+                    description="Sample the DreamBench prompts (or the toy protocol) with fixed seeds, score DINO, "
+                                "CLIP-I, CLIP-T, PRES and DIV with bootstrap intervals, and write report.json, "
+                                "report.md and a grid per prompt.")
     c = sub.add_parser("evaluate-summary", help="Pool several evaluation reports (e.g. all DreamBench subjects)",
                        description="Pool the per-image scores of several report.json files of one backend into one "
                                    "figure per metric with a bootstrap 95%% interval, and list each subject's values.")
@@ -80,12 +84,10 @@ def _add_evaluate_parser(sub) -> None:
 def _add_export_parser(sub) -> None:
     from .export import ExportConfig
 
-    p = sub.add_parser("export", help="Write a run's result for other tools (kohya LoRA, merged pipeline)",
-                       description="Export a LoRA run to the kohya/AUTOMATIC1111 format, or fuse it into the base "
-                                   "model as a full pipeline.")
-    p.add_argument("--config", help="A TOML, YAML or JSON file of options")
-    schema.add_arguments(p, ExportConfig)
-    p.set_defaults(handler=_run_export)
+    _config_command(sub, "export", ExportConfig, _run_export,
+                    help="Write a run's result for other tools (kohya LoRA, merged pipeline)",
+                    description="Export a LoRA run to the kohya/AUTOMATIC1111 format, or fuse it into the base "
+                                "model as a full pipeline.")
 
 
 def _add_identifier_parser(sub) -> None:
@@ -104,12 +106,10 @@ def _add_identifier_parser(sub) -> None:
 def _add_demo_parser(sub) -> None:
     from .toy.demo import DemoConfig
 
-    p = sub.add_parser("demo", help="DreamBooth a toy subject into the bundled toy model and measure it",
-                       description="Offline, CPU-sized: fine-tune the bundled toy model on one toy subject with "
-                                   "prior preservation; write before/after grids and print the metrics.")
-    p.add_argument("--config", help="A TOML, YAML or JSON file of options")
-    schema.add_arguments(p, DemoConfig)
-    p.set_defaults(handler=_run_demo)
+    _config_command(sub, "demo", DemoConfig, _run_demo,
+                    help="DreamBooth a toy subject into the bundled toy model and measure it",
+                    description="Offline, CPU-sized: fine-tune the bundled toy model on one toy subject with "
+                                "prior preservation; write before/after grids and print the metrics.")
 
 
 def _add_toy_parser(sub) -> None:
@@ -117,10 +117,8 @@ def _add_toy_parser(sub) -> None:
 
     toy = sub.add_parser("toy", help="The toy world: pretrain or measure its base model")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
-    p = toy_sub.add_parser("pretrain", help="Train the toy base model from scratch (about 30 min on 2 CPU cores)")
-    p.add_argument("--config", help="A TOML, YAML or JSON file of options")
-    schema.add_arguments(p, PretrainConfig)
-    p.set_defaults(handler=_run_pretrain)
+    _config_command(toy_sub, "pretrain", PretrainConfig, _run_pretrain,
+                    help="Train the toy base model from scratch (about 30 min on 2 CPU cores)")
     q = toy_sub.add_parser("quality", help="Measure a toy model on held-out prompts with the judges")
     q.add_argument("--model", default=None, help="Pipeline folder (default: the bundled toy model)")
     q.add_argument("--per_prompt", type=int, default=12, help="Samples per held-out prompt")

@@ -90,10 +90,15 @@ def load_lora(pipe: Any, adapter: str, name: str) -> None:
                         "this base model, in diffusers or kohya format") from None
 
 
+def resolve_device(name: str) -> torch.device:
+    """--device auto: the GPU when there is one."""
+    return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def open_pipeline(model: str, sampler: str, precision: str = "auto", device: str = "auto",
                   lora: list[str] | None = None, lora_scale: float = 1.0) -> tuple[Any, torch.device]:
     """A pipeline ready to sample: loaded at the precision asked, on the device, with the sampler set."""
-    dev = torch.device(device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     dtype = DTYPES.get(precision) or (torch.float16 if dev.type == "cuda" else torch.float32)
     if dtype == torch.float16 and dev.type == "cpu":
         raise ConfigError("precision", "fp16", "fp16 needs a GPU; use fp32 or bf16 on CPU")

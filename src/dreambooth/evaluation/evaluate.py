@@ -215,13 +215,9 @@ def load_real(cfg: EvaluateConfig) -> list[Image.Image]:
 def make_backend(cfg: EvaluateConfig, real: list[Image.Image]) -> Backend:
     if cfg.backend == "toy":
         return BACKENDS["toy"](cfg.subject)
-    return BACKENDS[cfg.backend](real, cfg, _device(cfg.device))
+    from ..generation import resolve_device
 
-
-def _device(name: str) -> str:
-    import torch
-
-    return name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    return BACKENDS[cfg.backend](real, cfg, resolve_device(cfg.device))
 
 
 def sample_all(cfg: EvaluateConfig, cases: list[Case], class_job: tuple[str, int], n: int,

@@ -139,11 +139,8 @@ def combine(reports: dict[str, dict[str, Any]], resamples: int = 2000, seed: int
     if len(backends) != 1:
         raise DreamBoothError(f"the reports come from different backends ({', '.join(sorted(backends))}); combine "
                               "reports of one backend")
-    units: dict[str, list[np.ndarray]] = {}
-    for r in reports.values():
-        for part in [*r["per_prompt"], r["class_prompt"]]:
-            for name, values in part.get("unit_scores", {}).items():
-                units.setdefault(name, []).append(np.asarray(values, dtype=np.float64))
+    units = _collect([part.get("unit_scores", {}) for r in reports.values()
+                      for part in [*r["per_prompt"], r["class_prompt"]]])
     name = backends.pop()
     per_report = {label: {k: m["value"] for k, m in r["metrics"].items()} for label, r in reports.items()}
     return {"backend": name, "subjects": len(reports),

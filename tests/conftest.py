@@ -15,12 +15,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: 2 workers x 
     torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import make_images, make_tiny_sd  # noqa: E402
+from tiny import make_images, make_tiny_sd, make_tiny_sdxl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return make_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    return make_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
 @pytest.fixture(scope="session")

@@ -78,9 +78,9 @@ def test_nothing_written_is_lost_on_error(base_args, tmp_path, capsys):
     assert (out / "precious.txt").read_text() == "keep" and sorted(p.name for p in out.iterdir()) == ["precious.txt"]
 
 
-def test_console_script_prints_no_traceback(tmp_path):
+def test_console_script_prints_no_traceback(tiny_model, tmp_path):
     exe = Path(sys.executable).with_name("dreambooth")
-    proc = subprocess.run([str(exe), "train", "--pretrained_model_name_or_path", str(tmp_path),
+    proc = subprocess.run([str(exe), "train", "--pretrained_model_name_or_path", str(tiny_model),
                            "--instance_data_dir", str(tmp_path / "nope"), "--instance_prompt", "a zwx dog"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -4,14 +4,18 @@ from dreambooth import schema
 from dreambooth.cli import main, parser
 from dreambooth.config import TrainConfig
 from dreambooth.errors import ConfigError
+from dreambooth.families import FAMILIES
 
 REQUIRED = dict(pretrained_model_name_or_path="m", instance_data_dir="d", instance_prompt="a zwx dog")
 
 
 def test_defaults_follow_the_reference_script():
     cfg = schema.build(TrainConfig, REQUIRED)
-    assert (cfg.resolution, cfg.train_batch_size, cfg.learning_rate, cfg.lr_scheduler, cfg.lr_warmup_steps) == (
-        512, 4, 5e-6, "constant", 500)
+    assert (cfg.train_batch_size, cfg.learning_rate, cfg.lr_scheduler, cfg.lr_warmup_steps) == (
+        4, 5e-6, "constant", 500)
+    # resolution: the family's, as the reference SD and SDXL scripts default
+    assert cfg.resolution is None and (FAMILIES["sd"].default_resolution, FAMILIES["sdxl"].default_resolution) == (
+        512, 1024)
     assert (cfg.num_class_images, cfg.prior_loss_weight, cfg.checkpointing_steps, cfg.adam_weight_decay) == (
         100, 1.0, 500, 1e-2)
 

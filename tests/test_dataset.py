@@ -22,8 +22,10 @@ def test_examples_are_a_function_of_position(tmp_path):
     paths = sorted(inst.iterdir()), sorted(cls.iterdir())
     a = DreamBoothDataset(*paths, resolution=32, seed=7, random_flip=True)
     b = DreamBoothDataset(*paths, resolution=32, seed=7, random_flip=True)
-    assert torch.equal(a[11]["instance"], b[11]["instance"]) and torch.equal(a[11]["class"], b[11]["class"])
-    assert a[0]["instance"].shape == (3, 32, 32) and a[0]["instance"].min() >= -1 and a[0]["instance"].max() <= 1
+    assert torch.equal(a[11]["instance"]["pixels"], b[11]["instance"]["pixels"])
+    assert torch.equal(a[11]["class"]["pixels"], b[11]["class"]["pixels"])
+    first = a[0]["instance"]["pixels"]
+    assert first.shape == (3, 32, 32) and first.min() >= -1 and first.max() <= 1
     assert a.epoch_length == 5
 
 
@@ -42,3 +44,32 @@ def test_collate_puts_instance_first_then_class(tmp_path):
     assert batch["pixel_values"].shape == (4, 3, 32, 32)
     assert batch["is_prior"].tolist() == [False, False, True, True]
     assert batch["positions"].tolist() == [0, 1, 0, 1]
+    assert batch["original_sizes"].shape == batch["crop_top_lefts"].shape == (4, 2)
+
+
+def test_crop_coordinates_locate_the_crop_in_the_resized_image(tmp_path):
+    """SDXL conditions on (original size, crop top-left); they must describe the pixels actually used, flips
+    included (a flipped crop's left is measured from the mirrored image's edge)."""
+    import numpy as np
+    from PIL import Image
+
+    from dreambooth.data.dataset import to_tensor
+
+    inst = make_images(tmp_path / "i", n=4)
+    paths = sorted(inst.iterdir())
+    ds = DreamBoothDataset(paths, None, resolution=32, seed=3, random_flip=True)
+    flipped = 0
+    for position in range(12):
+        ex = ds[position]["instance"]
+        img = Image.open(paths[ds.instance_order[position]]).convert("RGB")
+        assert ex["original_size"] == (img.height, img.width)
+        scale = 32 / min(img.size)
+        w, h = max(32, round(img.width * scale)), max(32, round(img.height * scale))
+        resized = img.resize((w, h), Image.Resampling.BILINEAR)
+        top, left = ex["crop_top_left"]
+        plain = to_tensor(resized.crop((left, top, left + 32, top + 32)))
+        mirror = to_tensor(resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT).crop((left, top, left + 32, top + 32)))
+        assert torch.equal(ex["pixels"], plain) or torch.equal(ex["pixels"], mirror)
+        flipped += int(not torch.equal(ex["pixels"], plain))
+        assert np.isfinite(ex["pixels"].numpy()).all()
+    assert 0 < flipped < 12  # both branches were exercised

@@ -1,5 +1,5 @@
-"""LoRA DreamBooth (SD family): what a run writes, that diffusers loads it, exact resume, fp32 adapters under
-mixed precision, and `dreambooth generate` with base + LoRA."""
+"""LoRA DreamBooth (SD family; SDXL in test_sdxl.py): what a run writes, that diffusers loads it, exact resume,
+fp32 adapters under mixed precision, DoRA, and `dreambooth generate` with base + LoRA."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import dreambooth
 from dreambooth.cli import main
-from dreambooth.generation import generate
+from dreambooth.generation import generate, load_for_inference
 from test_resume import Killed, kill_after_checkpoint
 
 LORA = dict(use_lora=True, rank=4, learning_rate=1e-2)
@@ -49,8 +49,6 @@ def test_lora_run_writes_a_lora_file_that_diffusers_loads(base_args, tiny_model,
 def test_generate_takes_base_plus_lora_and_matches_diffusers(base_args, tiny_model, tmp_path):
     dreambooth.train(**base_args(**LORA))
     lora_file = tmp_path / "out" / "pytorch_lora_weights.safetensors"
-    from dreambooth.generation import load_for_inference
-
     ours = load_for_inference(str(tiny_model), torch.float32, lora=[str(lora_file)])
     theirs = StableDiffusionPipeline.from_pretrained(tiny_model)
     theirs.load_lora_weights(lora_file.parent)
@@ -145,3 +143,16 @@ def test_export_refuses_to_overwrite_and_non_lora_runs(lora_run, tiny_model, tmp
     assert (tmp_path / "taken.safetensors").read_bytes() == b"mine"
     assert main(["export", "--model", str(tiny_model), "--format", "merged", "--output", str(tmp_path / "m")]) == 2
     assert "--use_lora" in capsys.readouterr().err
+
+
+def test_dora_run_saves_magnitudes_that_diffusers_loads(base_args, tiny_model, tmp_path):
+    dreambooth.train(**base_args(**LORA, use_dora=True, with_prior_preservation=False, class_prompt=None,
+                                 class_data_dir=None, max_train_steps=2))
+    out = tmp_path / "out"
+    state = load_file(out / "pytorch_lora_weights.safetensors")
+    assert any("lora_magnitude_vector" in k for k in state)
+    plain = StableDiffusionPipeline.from_pretrained(tiny_model)
+    before = render(plain)
+    plain.load_lora_weights(out)
+    assert np.abs(render(plain) - before).max() > 1e-4
+    assert np.allclose(render(load_for_inference(str(out), torch.float32)), render(plain), atol=1e-6)

@@ -21,14 +21,15 @@ def write_tokenizer(folder: Path, max_length: int = 16) -> CLIPTokenizer:
     return write_bpe_tokenizer(folder, COMMON, RARE, max_length)
 
 
-def make_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
-    """Save a ~1M-parameter SD-architecture pipeline (64 px images, 8x8x4 latents) to `folder`."""
+def make_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0, text_act: str = "quick_gelu") -> Path:
+    """Save a ~1M-parameter SD-architecture pipeline (64 px images, 8x8x4 latents) to `folder`; text_act="gelu"
+    gives an SD 2.x-style (OpenCLIP) text encoder."""
     torch.manual_seed(seed)
     tokenizer = write_tokenizer(folder.parent / f"{folder.name}-tok")
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer.get_vocab()), hidden_size=32, intermediate_size=37, num_attention_heads=4,
         num_hidden_layers=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-        projection_dim=32,
+        projection_dim=32, hidden_act=text_act,
     ))
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -45,6 +46,44 @@ def make_tiny_sd(folder: Path, prediction_type: str = "epsilon", seed: int = 0) 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
+    """Save a tiny SDXL-architecture pipeline: two text encoders (the second with a projection), a UNet with
+    text_time added conditioning, 64 px images."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = write_tokenizer(folder.parent / f"{folder.name}-tok")
+    tokenizer_2 = write_tokenizer(folder.parent / f"{folder.name}-tok2")
+
+    def config(hidden: int) -> CLIPTextConfig:
+        return CLIPTextConfig(vocab_size=len(tokenizer.get_vocab()), hidden_size=hidden, intermediate_size=37,
+                              num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=16, bos_token_id=0,
+                              eos_token_id=1, pad_token_id=1, projection_dim=32)
+
+    # different widths, as in SDXL (768 / 1280): single-file loading tells the two encoders apart by width
+    text_encoder, text_encoder_2 = CLIPTextModel(config(32)), CLIPTextModelWithProjection(config(48))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32 + 48, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+        transformer_layers_per_block=(1, 1),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4,
+        sample_size=64, scaling_factor=0.13025,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     add_watermarker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 

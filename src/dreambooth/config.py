@@ -20,8 +20,10 @@ REPORTERS = ("none", "tensorboard", "wandb", "comet_ml", "all")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-def _multiple_of_8(v: int) -> str | None:
-    return None if v % 8 == 0 and v >= 8 else "must be a positive multiple of 8 (the VAE downsamples by 8)"
+def _multiple_of_8(v: int | None) -> str | None:
+    if v is None or (v % 8 == 0 and v >= 8):
+        return None
+    return "must be a positive multiple of 8 (the VAE downsamples by 8)"
 
 
 def _family_choices() -> list[str]:
@@ -38,6 +40,9 @@ class TrainConfig:
     revision: str | None = option(None, "Hub revision of the base model", group="model")
     variant: str | None = option(None, "Weight variant of the base model files, e.g. fp16", group="model")
     tokenizer_name: str | None = option(None, "Tokenizer folder or hub id, if not the model's own", group="model")
+    pretrained_vae_model_name_or_path: str | None = option(
+        None, "A VAE to use instead of the model's own (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix",
+        group="model")
     family: str = option("auto", "Model family; auto reads model_index.json", choices=_family_choices, group="model")
     prediction_type: str | None = option(
         None, "Override the scheduler's prediction type", choices=PREDICTION_TYPES, group="model"
@@ -64,7 +69,8 @@ class TrainConfig:
     class_inference_steps: int = option(25, "Sampler steps for class images", check=at_least(1), group="data")
     class_guidance_scale: float = option(7.5, "Guidance scale for class images", check=at_least(0), group="data")
     class_negative_prompt: str | None = option(None, "Negative prompt for class images", group="data")
-    resolution: int = option(512, "Training resolution in pixels", check=_multiple_of_8, group="data")
+    resolution: int | None = option(None, "Training resolution in pixels (default: the family's, 512 for SD, 1024 "
+                                    "for SDXL)", check=_multiple_of_8, group="data")
     center_crop: bool = option(False, "Centre-crop instead of random-crop after resizing", group="data")
     random_flip: bool = option(False, "Randomly flip training images horizontally", group="data")
     dataloader_num_workers: int = option(0, "Data-loading worker processes", check=at_least(0), group="data")

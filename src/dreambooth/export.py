@@ -1,9 +1,12 @@
 """`dreambooth export`: a run's result in the formats other tools load. Exporters are registered by name (the
 `--format` choices):
 
-- `kohya`: a LoRA run's adapters in the kohya / AUTOMATIC1111 key format (`lora_unet_*`, `lora_te_*`, with
-  `.lora_down`/`.lora_up`/`.alpha`), the single file A1111 and ComfyUI put in their `loras` folder.
+- `kohya`: a LoRA run's adapters in the kohya / AUTOMATIC1111 key format (`lora_unet_*`, `lora_te_*` or, for
+  SDXL, `lora_te1_*` / `lora_te2_*`, with `.lora_down`/`.lora_up`/`.alpha`), the single file A1111 and ComfyUI
+  put in their `loras` folder.
 - `merged`: a LoRA run's adapters fused into the base weights, saved as a full diffusers pipeline.
+- `single-file`: a full fine-tune (or a fused LoRA run, or any SD/SDXL pipeline) as one `.safetensors` checkpoint
+  in the original SD/SDXL key layout, the file A1111 and ComfyUI put in their `checkpoints` folder.
 """
 
 from __future__ import annotations
@@ -34,10 +37,11 @@ def exporter(name: str) -> Callable[[Callable[[Any], Path]], Callable[[Any], Pat
 
 @dataclasses.dataclass
 class ExportConfig:
-    model: str = option(help="A run's output folder (or one of its checkpoint-N folders)")
+    model: str = option(help="A run's output folder (or one of its checkpoint-N folders); single-file also takes "
+                        "any SD/SDXL pipeline folder")
     format: str = option(help="What to write", choices=lambda: list(EXPORTERS))
-    output: Path = option(help="The file (kohya) or folder (merged) to write; must not exist yet")
-    lora_scale: float = option(1.0, "Strength the LoRA is fused at (merged)", check=at_least(0))
+    output: Path = option(help="The file (kohya, single-file) or folder (merged) to write; must not exist yet")
+    lora_scale: float = option(1.0, "Strength the LoRA is fused at (merged, single-file)", check=at_least(0))
     precision: str = option("fp32", "Precision of the written weights", choices=("fp32", "fp16", "bf16"))
 
 
@@ -62,18 +66,20 @@ def _lora_run(cfg: ExportConfig) -> Path:
 
 def kohya_keys(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     """peft-format LoRA keys (`unet.<module>.lora_A.weight`, `text_encoder.<module>.lora_B.weight`) to kohya's
-    (`lora_unet_<module>.lora_down.weight`, `lora_te_text_model_<module>.lora_up.weight`, `<...>.alpha`)."""
+    (`lora_unet_<module>.lora_down.weight`, `lora_te_text_model_<module>.lora_up.weight`, `<...>.alpha`). A model
+    with two text encoders (SDXL) names them `lora_te1_` and `lora_te2_`, as kohya's SDXL trainer does."""
+    two_encoders = any(key.startswith("text_encoder_2.") for key in state)
+    prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1" if two_encoders else "lora_te",
+                "text_encoder_2": "lora_te2"}
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         module, _, kind = key.rpartition(".lora_")
         part, _, path = module.partition(".")
-        if part == "unet":
-            name = "lora_unet_" + path.replace(".", "_")
-        elif part == "text_encoder":
-            path = path if path.startswith("text_model.") else "text_model." + path  # transformers 5 drops it
-            name = "lora_te_" + path.replace(".", "_")
-        else:
-            raise DataError(f"LoRA key {key!r} belongs to no part this export knows (unet, text_encoder)")
+        if part not in prefixes:
+            raise DataError(f"LoRA key {key!r} belongs to no part this export knows ({', '.join(prefixes)})")
+        if part.startswith("text_encoder") and not path.startswith("text_model."):
+            path = "text_model." + path  # transformers 5 drops it from peft keys; kohya names keep it
+        name = f"{prefixes[part]}_{path.replace('.', '_')}"
         out[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = tensor
         out[f"{name}.alpha"] = torch.tensor(float(alpha))
     return out
@@ -97,14 +103,43 @@ def export_kohya(cfg: ExportConfig) -> Path:
     return out
 
 
-@exporter("merged")
-def export_merged(cfg: ExportConfig) -> Path:
+def _full_pipeline(cfg: ExportConfig) -> Any:
+    """The model as one pipeline in fp32: a pipeline folder, a full run or checkpoint, or a LoRA run with its
+    adapters fused in at --lora_scale."""
     from .generation import load_for_inference
 
-    _lora_run(cfg)
     pipe = load_for_inference(cfg.model, torch.float32)
-    pipe.fuse_lora(lora_scale=cfg.lora_scale)
-    pipe.unload_lora_weights()
-    pipe.to(DTYPES[cfg.precision])
+    if is_lora_output(Path(cfg.model).expanduser()):
+        pipe.fuse_lora(lora_scale=cfg.lora_scale)
+        pipe.unload_lora_weights()
+    return pipe
+
+
+@exporter("merged")
+def export_merged(cfg: ExportConfig) -> Path:
+    _lora_run(cfg)
+    pipe = _full_pipeline(cfg).to(DTYPES[cfg.precision])
     pipe.save_pretrained(cfg.output, safe_serialization=True)
     return Path(cfg.output)
+
+
+@exporter("single-file")
+def export_single_file(cfg: ExportConfig) -> Path:
+    """One .safetensors in the original SD / SDXL key layout (UNet, VAE, text encoders), as A1111 and ComfyUI
+    load checkpoints; a LoRA run is fused first."""
+    from safetensors.torch import save_file
+
+    from .families import family_of
+    from .single_file import pipeline_to_ldm
+
+    out = Path(cfg.output)
+    if out.suffix != ".safetensors":
+        raise DreamBoothError(f"--output {out} must be a .safetensors file for --format single-file")
+    pipe = _full_pipeline(cfg)
+    state = pipeline_to_ldm(pipe, family_of(pipe).single_file_text_layout(pipe))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file({k: v.to(DTYPES[cfg.precision]).contiguous() for k, v in state.items()}, str(tmp),
+              metadata={"format": "pt"})
+    tmp.replace(out)  # a killed export never leaves a half-written file under the final name
+    return out

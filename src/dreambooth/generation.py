@@ -59,11 +59,11 @@ def load_for_inference(model: str, dtype: torch.dtype, lora: list[str] | None = 
     lora_run = is_lora_output(path)
     checkpoint = lora_run or ((path / "state.json").is_file() and (path / "train_config.json").is_file())
     base = json.loads((path / "train_config.json").read_text()) if checkpoint else None
-    source = (ModelSource(base["pretrained_model_name_or_path"], base["revision"], base["variant"])
-              if base else ModelSource(model))
+    source = (ModelSource(base["pretrained_model_name_or_path"], base["revision"], base["variant"],
+                          vae=base.get("pretrained_vae_model_name_or_path")) if base else ModelSource(model))
     pipe = get_family(source).load_pipeline(source, dtype)
     if checkpoint and not lora_run:
-        for name in ("unet", "text_encoder"):
+        for name in ("unet", *(n for n in pipe.components if n.startswith("text_encoder"))):
             if (path / name).is_dir():
                 module = getattr(pipe, name)
                 setattr(pipe, name, type(module).from_pretrained(path / name, dtype=dtype,

@@ -28,7 +28,7 @@ CONFIG_FILE = "train_config.json"
 # Settings that define what a run learns; an output folder belongs to one combination of them.
 IDENTITY = (
     "pretrained_model_name_or_path", "revision", "variant", "instance_data_dir", "instance_prompt", "class_prompt",
-    "with_prior_preservation", "train_text_encoder", "resolution", "use_lora",
+    "with_prior_preservation", "train_text_encoder", "resolution", "use_lora", "pretrained_vae_model_name_or_path",
 )
 
 
@@ -113,6 +113,11 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
 
 def setup(cfg: TrainConfig) -> Run:
     """All checks that need no model weights, then the Accelerator and the seed."""
+    source = ModelSource(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.tokenizer_name,
+                         cfg.pretrained_vae_model_name_or_path)
+    family = get_family(source, cfg.family)
+    if cfg.resolution is None:
+        cfg.resolution = family.default_resolution
     instance = scan_folder(Path(cfg.instance_data_dir), "instance", cfg.resolution)
     if not instance.images:
         raise DataError(f"instance folder {cfg.instance_data_dir} holds no images; add 3-5 photos of the subject "
@@ -120,8 +125,6 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.class_data_dir is not None and Path(cfg.class_data_dir).is_file():
         raise DataError(f"class folder {cfg.class_data_dir} is a file; pass a folder (it is created if missing)")
     resume_from = resolve_resume(cfg)
-    source = ModelSource(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.tokenizer_name)
-    family = get_family(source, cfg.family)
     accelerator = make_accelerator(cfg)
     if cfg.seed is None:
         drawn = [random.SystemRandom().randrange(2**31)]

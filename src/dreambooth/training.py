@@ -43,13 +43,13 @@ class Parts:
 
     components: Components
     unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    text_encoders: dict[str, torch.nn.Module]  # by pipeline name; prepared for training when they are trained
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     dataset: DreamBoothDataset
     class_images: ClassImages | None
     cond: dict[str, dict[str, torch.Tensor]] | None  # cached prompt conditioning when the text encoder is frozen
-    input_ids: torch.Tensor  # [instance prompt, class prompt] token ids
+    input_ids: torch.Tensor  # [instance prompt, class prompt] token ids, one row per tokenizer
     weight_dtype: torch.dtype
     max_train_steps: int
     state: dict[str, Any] = field(default_factory=lambda: {"step": 0, "loss_sum": 0.0, "instance_sum": 0.0,
@@ -91,21 +91,24 @@ def build(run: Run) -> Parts:
 
     # model
     weight_dtype = WEIGHT_DTYPES.get(acc.mixed_precision, torch.float32)
-    c.vae.requires_grad_(False).to(acc.device, weight_dtype).eval()
+    c.vae.requires_grad_(False).to(acc.device, run.family.vae_dtype(c, weight_dtype)).eval()
+    encoders = list(c.text_encoders.values())
     if cfg.use_lora:  # base weights frozen in the compute dtype, adapters trained in fp32
-        c.unet.to(acc.device, weight_dtype)
-        c.text_encoder.to(acc.device, weight_dtype)
-        add_adapters(cfg, c.unet, [c.text_encoder])
+        for module in [c.unet, *encoders]:
+            module.to(acc.device, weight_dtype)
+        add_adapters(cfg, c.unet, encoders)
     else:
-        c.text_encoder.requires_grad_(cfg.train_text_encoder)
-        c.text_encoder.to(acc.device, torch.float32 if cfg.train_text_encoder else weight_dtype)
+        for encoder in encoders:
+            encoder.requires_grad_(cfg.train_text_encoder)
+            encoder.to(acc.device, torch.float32 if cfg.train_text_encoder else weight_dtype)
         c.unet.requires_grad_(True).to(acc.device)
     c.unet.train()
-    c.text_encoder.train(cfg.train_text_encoder)
+    for encoder in encoders:
+        encoder.train(cfg.train_text_encoder)
     if cfg.gradient_checkpointing:
         c.unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            c.text_encoder.gradient_checkpointing_enable()
+        for encoder in encoders if cfg.train_text_encoder else []:
+            encoder.gradient_checkpointing_enable()
     with torch.no_grad():
         warn_about_identifier(cfg, c)
 
@@ -125,26 +128,25 @@ def build(run: Run) -> Parts:
     # optimizer and schedule
     scale = per_step if cfg.scale_lr else 1
     groups = [{"params": trainable(c.unet), "lr": cfg.learning_rate * scale}]
-    if cfg.train_text_encoder:
-        groups.append({"params": trainable(c.text_encoder), "lr": (cfg.text_encoder_lr or cfg.learning_rate) * scale})
+    for encoder in encoders if cfg.train_text_encoder else []:
+        groups.append({"params": trainable(encoder), "lr": (cfg.text_encoder_lr or cfg.learning_rate) * scale})
     optimizer = make_optimizer(cfg, groups)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=max_train_steps, num_cycles=cfg.lr_num_cycles,
                                  power=cfg.lr_power)
-    parts = Parts(c, c.unet, c.text_encoder, optimizer, lr_scheduler, dataset, class_images, cond, input_ids,
+    parts = Parts(c, c.unet, dict(c.text_encoders), optimizer, lr_scheduler, dataset, class_images, cond, input_ids,
                   weight_dtype, max_train_steps)
     if run.resume_from is not None:
-        state = load_checkpoint(run.resume_from, trained_modules(cfg, c.unet, c.text_encoder), optimizer,
+        state = load_checkpoint(run.resume_from, trained_modules(cfg, c.unet, c.text_encoders), optimizer,
                                 acc.process_index)
         lr_scheduler.load_state_dict(state.pop("lr_scheduler"))
         if acc.scaler is not None and state.get("grad_scaler"):
             acc.scaler.load_state_dict(state.pop("grad_scaler"))
         parts.state.update(state)
         log.info("resumed from %s at step %d", run.resume_from, state["step"])
-    if cfg.train_text_encoder:
-        parts.unet, parts.text_encoder, parts.optimizer = acc.prepare(c.unet, c.text_encoder, optimizer)
-    else:
-        parts.unet, parts.optimizer = acc.prepare(c.unet, optimizer)
+    names = list(c.text_encoders) if cfg.train_text_encoder else []
+    parts.unet, *prepared, parts.optimizer = acc.prepare(c.unet, *(c.text_encoders[n] for n in names), optimizer)
+    parts.text_encoders.update(zip(names, prepared))
     return parts
 
 
@@ -165,8 +167,8 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.opti
     return torch.optim.AdamW(groups, **kw)
 
 
-def trained_modules(cfg: TrainConfig, unet, text_encoder) -> dict[str, torch.nn.Module]:
-    return {"unet": unet, "text_encoder": text_encoder} if cfg.train_text_encoder else {"unet": unet}
+def trained_modules(cfg: TrainConfig, unet, text_encoders: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    return {"unet": unet, **(text_encoders if cfg.train_text_encoder else {})}
 
 
 def warn_about_identifier(cfg: TrainConfig, c: Components) -> None:
@@ -184,7 +186,7 @@ def conditioning(run: Run, parts: Parts, n_instance: int, n_class: int) -> dict[
     if parts.cond is not None:
         inst, cls = parts.cond["instance"], parts.cond["class"]
     else:  # trained text encoder: encode with gradients, once per prompt
-        both = run.family.encode(parts.components, parts.input_ids, text_encoder=parts.text_encoder)
+        both = run.family.encode(parts.components, parts.input_ids, parts.text_encoders)
         inst, cls = ({k: v[:1] for k, v in both.items()}, {k: v[1:] for k, v in both.items()})
     return {k: torch.cat([inst[k].expand(n_instance, *inst[k].shape[1:]),
                           cls[k].expand(n_class, *cls[k].shape[1:])]) for k in inst}
@@ -197,7 +199,7 @@ def fit(run: Run, parts: Parts) -> None:
                                start * accum, parts.max_train_steps * accum)
     loader = DataLoader(parts.dataset, batch_sampler=sampler, collate_fn=collate,
                         num_workers=cfg.dataloader_num_workers)
-    trained = [parts.unet] + ([parts.text_encoder] if cfg.train_text_encoder else [])
+    trained = list(trained_modules(cfg, parts.unet, parts.text_encoders).values())
     params = [p for m in trained for p in trainable(m)]
     scaling = c.vae.config.scaling_factor
     shift = getattr(c.vae.config, "shift_factor", None) or 0.0
@@ -211,7 +213,7 @@ def fit(run: Run, parts: Parts) -> None:
     for batch in loader:
         with acc.accumulate(*trained):
             # latents and noise, every draw keyed by example position
-            pixels = batch["pixel_values"].to(acc.device, parts.weight_dtype)
+            pixels = batch["pixel_values"].to(acc.device, c.vae.dtype)
             positions, is_prior = batch["positions"], batch["is_prior"]
             with torch.no_grad():
                 dist = c.vae.encode(pixels).latent_dist
@@ -223,7 +225,7 @@ def fit(run: Run, parts: Parts) -> None:
             # denoise and score
             n_class = int(is_prior.sum())
             cond = conditioning(run, parts, len(is_prior) - n_class, n_class)
-            pred = parts.unet(noisy, timesteps, **cond).sample
+            pred = parts.unet(noisy, timesteps, **run.family.unet_inputs(cond, batch, cfg.resolution)).sample
             target = diffusion_target(c.noise_scheduler, latents, noise, timesteps, c.prediction_type)
             weights = (min_snr_weights(c.noise_scheduler, timesteps, cfg.snr_gamma, c.prediction_type)
                        if cfg.snr_gamma else None)
@@ -255,8 +257,12 @@ def fit(run: Run, parts: Parts) -> None:
         if step % cfg.checkpointing_steps == 0:
             save(run, parts, step)
         if cfg.validation_prompt and step % cfg.validation_steps == 0 and acc.is_main_process:
-            render_validation(run.family, c, parts.unet, parts.text_encoder, cfg, step, acc)
+            render_validation(run.family, c, parts.unet, parts.text_encoders, cfg, step, acc)
     bar.close()
+
+
+def unwrapped(acc, modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+    return {name: acc.unwrap_model(m) for name, m in modules.items()}
 
 
 def save(run: Run, parts: Parts, step: int) -> Path:
@@ -264,8 +270,9 @@ def save(run: Run, parts: Parts, step: int) -> Path:
     state = {**parts.state, "lr_scheduler": parts.lr_scheduler.state_dict()}
     if acc.scaler is not None:
         state["grad_scaler"] = acc.scaler.state_dict()
-    modules = trained_modules(run.cfg, acc.unwrap_model(parts.unet), acc.unwrap_model(parts.text_encoder))
-    extra = (lambda folder: run.family.save_lora(modules["unet"], modules.get("text_encoder"), folder)
+    modules = trained_modules(run.cfg, acc.unwrap_model(parts.unet), unwrapped(acc, parts.text_encoders))
+    encoders = {k: v for k, v in modules.items() if k != "unet"} or None
+    extra = (lambda folder: run.family.save_lora(modules["unet"], encoders, folder)
              ) if run.cfg.use_lora else None  # so that a LoRA checkpoint also loads on its own
     return save_checkpoint(Path(run.cfg.output_dir), step, modules, parts.optimizer.optimizer
                            if hasattr(parts.optimizer, "optimizer") else parts.optimizer, state,
@@ -296,13 +303,13 @@ def finish(run: Run, parts: Parts, started: float) -> dict[str, Any]:
                                    "generated": ci.generated}
     if acc.is_main_process:
         out = Path(cfg.output_dir)
-        unet, text_encoder = acc.unwrap_model(parts.unet), acc.unwrap_model(parts.text_encoder)
+        unet, encoders = acc.unwrap_model(parts.unet), unwrapped(acc, parts.text_encoders)
         if cfg.use_lora:
-            run.family.save_lora(unet, text_encoder if cfg.train_text_encoder else None, out)
+            run.family.save_lora(unet, encoders if cfg.train_text_encoder else None, out)
         else:
-            run.family.save(parts.components, unet, text_encoder, out)
+            run.family.save(parts.components, unet, encoders, out)
         if cfg.validation_prompt and steps % cfg.validation_steps != 0:
-            render_validation(run.family, parts.components, parts.unet, parts.text_encoder, cfg, steps, acc)
+            render_validation(run.family, parts.components, parts.unet, parts.text_encoders, cfg, steps, acc)
         (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
         log.info("saved the fine-tuned pipeline to %s (%d steps, mean loss %s)", out, steps,
                  f"{summary['mean_loss']:.4f}" if summary["mean_loss"] is not None else "n/a")

@@ -15,12 +15,12 @@ from .sampling import make_scheduler
 
 
 @torch.no_grad()
-def render_validation(family: ModelFamily, components: Components, unet, text_encoder, cfg: TrainConfig,
+def render_validation(family: ModelFamily, components: Components, unet, text_encoders: dict, cfg: TrainConfig,
                       step: int, accelerator) -> Path:
     """Render cfg.num_validation_images for the validation prompt; save and log them as one grid."""
     scheduler = make_scheduler(cfg.validation_sampler, components.noise_scheduler.config)
-    pipe = family.pipeline(components, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder),
-                           scheduler)
+    pipe = family.pipeline(components, accelerator.unwrap_model(unet),
+                           {k: accelerator.unwrap_model(m) for k, m in text_encoders.items()}, scheduler)
     device = accelerator.device
     generators = [torch.Generator(device).manual_seed(derive_seed(cfg.seed, "validation", i))
                   for i in range(cfg.num_validation_images)]

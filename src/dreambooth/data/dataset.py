@@ -52,8 +52,10 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def resize_crop(img: Image.Image, size: int, center: bool, flip: bool, rng: random.Random) -> Image.Image:
-    """Resize the short side to `size`, then crop a square (centred or random) and maybe flip."""
+def resize_crop(img: Image.Image, size: int, center: bool, flip: bool, rng: random.Random
+                ) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize the short side to `size`, then crop a square (centred or random) and maybe flip. Also returns the
+    crop's (top, left) in the resized image, mirrored when flipped (what SDXL's crop conditioning means)."""
     scale = size / min(img.size)
     w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
     img = img.resize((w, h), Image.Resampling.BILINEAR)
@@ -64,7 +66,8 @@ def resize_crop(img: Image.Image, size: int, center: bool, flip: bool, rng: rand
     img = img.crop((left, top, left + size, top + size))
     if flip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return img
+        left = w - size - left
+    return img, (top, left)
 
 
 class DreamBoothDataset(Dataset):
@@ -96,9 +99,11 @@ class DreamBoothDataset(Dataset):
     def __len__(self) -> int:  # positions are unbounded; this is one epoch
         return self.epoch_length
 
-    def _example(self, img: Image.Image, position: int, kind: str) -> torch.Tensor:
+    def _example(self, img: Image.Image, position: int, kind: str) -> dict:
+        """Pixels, and the original size and crop that SDXL conditions on."""
         rng = random.Random(derive_seed(self.seed, "augment", kind, position))
-        return to_tensor(resize_crop(img, self.resolution, self.center_crop, self.random_flip, rng))
+        crop, top_left = resize_crop(img, self.resolution, self.center_crop, self.random_flip, rng)
+        return {"pixels": to_tensor(crop), "original_size": (img.height, img.width), "crop_top_left": top_left}
 
     def __getitem__(self, position: int) -> dict:
         item = {
@@ -113,16 +118,15 @@ class DreamBoothDataset(Dataset):
 
 def collate(items: list[dict]) -> dict:
     """Instance examples first, then class examples, in one batch (the paper's joint batch)."""
-    pixels = [it["instance"] for it in items]
-    is_prior = [False] * len(items)
-    if "class" in items[0]:
-        pixels += [it["class"] for it in items]
-        is_prior += [True] * len(items)
+    examples = [it["instance"] for it in items] + [it["class"] for it in items if "class" in it]
     positions = [it["position"] for it in items]
+    with_prior = len(examples) > len(items)
     return {
-        "pixel_values": torch.stack(pixels),
-        "is_prior": torch.tensor(is_prior),
-        "positions": torch.tensor(positions + positions if "class" in items[0] else positions),
+        "pixel_values": torch.stack([e["pixels"] for e in examples]),
+        "original_sizes": torch.tensor([e["original_size"] for e in examples]),
+        "crop_top_lefts": torch.tensor([e["crop_top_left"] for e in examples]),
+        "is_prior": torch.tensor([False] * len(items) + [True] * (len(examples) - len(items))),
+        "positions": torch.tensor(positions + positions if with_prior else positions),
     }
 
 

@@ -27,6 +27,16 @@ def get_family(source: ModelSource, name: str = "auto") -> ModelFamily:
                      f"supported pipelines: {supported}")
 
 
-from . import sd  # noqa: E402,F401  (registers itself)
+def family_of(pipe) -> ModelFamily:
+    """The family of a loaded pipeline."""
+    name = type(pipe).__name__
+    family = next((cls() for cls in FAMILIES.values() if name in cls.pipeline_classes), None)
+    if family is None:
+        raise ModelError(f"{name} is not a pipeline of a supported family")
+    return family
 
-__all__ = ["FAMILIES", "Components", "ModelFamily", "ModelSource", "get_family", "model_identity", "register"]
+
+from . import sd, sdxl  # noqa: E402,F401  (each registers itself)
+
+__all__ = ["FAMILIES", "Components", "ModelFamily", "ModelSource", "family_of", "get_family", "model_identity",
+           "register"]

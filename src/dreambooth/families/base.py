@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -15,12 +15,14 @@ from ..errors import ModelError
 
 @dataclass
 class ModelSource:
-    """Where a base model comes from: a local folder or a hub id, with revision and variant."""
+    """Where a base model comes from: a local folder or a hub id, with revision and variant; optionally a VAE
+    from elsewhere (e.g. the fp16-fix SDXL VAE) and a tokenizer from elsewhere."""
 
     name_or_path: str
     revision: str | None = None
     variant: str | None = None
     tokenizer_name: str | None = None
+    vae: str | None = None
 
     @property
     def is_local(self) -> bool:
@@ -36,16 +38,24 @@ class ModelSource:
 
 @dataclass
 class Components:
-    """The loaded parts of a pipeline; `extra` holds family-specific parts (second text encoder, ...)."""
+    """The loaded parts of a pipeline. Text encoders are keyed by their pipeline attribute (`text_encoder`,
+    `text_encoder_2`, ...) and tokenizers are in the same order; the first pair is the primary one."""
 
     family: str
     source: ModelSource
-    tokenizer: Any
-    text_encoder: torch.nn.Module
+    tokenizers: list[Any]
+    text_encoders: dict[str, torch.nn.Module]
     vae: torch.nn.Module
     unet: torch.nn.Module
     noise_scheduler: Any
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.tokenizers[0]
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return next(iter(self.text_encoders.values()))
 
     @property
     def prediction_type(self) -> str:
@@ -57,6 +67,7 @@ class ModelFamily:
 
     name: ClassVar[str]
     pipeline_classes: ClassVar[tuple[str, ...]]  # model_index.json `_class_name`s this family reads
+    default_resolution: ClassVar[int]  # training resolution when --resolution is not given
 
     def check_source(self, source: ModelSource) -> None:
         """Raise ModelError if the model cannot be this family's pipeline; cheap, no weights are read."""
@@ -69,23 +80,43 @@ class ModelFamily:
         raise NotImplementedError
 
     def tokenize(self, c: Components, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> token ids, shape (prompts, tokenizers, length)."""
         raise NotImplementedError
 
-    def encode(self, c: Components, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Token ids -> the UNet's conditioning keyword arguments (encoder_hidden_states, ...)."""
+    def encode(self, c: Components, input_ids: torch.Tensor,
+               text_encoders: dict[str, torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
+        """Token ids -> per-prompt conditioning tensors (encoder_hidden_states, ...), with `text_encoders` (the
+        trained ones) in place of the loaded ones when given."""
         raise NotImplementedError
 
-    def pipeline(self, c: Components, unet: torch.nn.Module, text_encoder: torch.nn.Module, scheduler: Any) -> Any:
+    def unet_inputs(self, cond: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], resolution: int
+                    ) -> dict[str, Any]:
+        """Per-example conditioning (one row per example of `batch`) -> the UNet's keyword arguments."""
+        return cond
+
+    def vae_dtype(self, c: Components, weight_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the frozen VAE encodes in under mixed precision."""
+        return weight_dtype
+
+    def pipeline(self, c: Components, unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
+                 scheduler: Any) -> Any:
         """An inference pipeline built from (possibly trained) modules, without reloading anything."""
         raise NotImplementedError
 
     def load_pipeline(self, source: ModelSource, dtype: torch.dtype) -> Any:
         raise NotImplementedError
 
-    def save(self, c: Components, unet: torch.nn.Module, text_encoder: torch.nn.Module, output_dir: Path) -> None:
+    def save(self, c: Components, unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
+             output_dir: Path) -> None:
         raise NotImplementedError
 
-    def save_lora(self, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, output_dir: Path) -> None:
+    def single_file_text_layout(self, pipe: Any) -> dict[str, tuple[str, str]]:
+        """For the original single-file checkpoint: each text encoder's (layout, key prefix), where layout is
+        `clip` (transformers keys) or `open_clip`."""
+        raise NotImplementedError
+
+    def save_lora(self, unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None,
+                  output_dir: Path) -> None:
         """The adapters as the diffusers LoRA file (`pytorch_lora_weights.safetensors`) of this family's pipeline."""
         raise NotImplementedError
 
@@ -132,4 +163,6 @@ def model_identity(source: ModelSource) -> dict[str, Any]:
                 h.update(f.read(1 << 20))
         # Content only, no path: a moved or re-cloned model keeps its class images (and their seeds).
         ident = {"variant": source.variant, "unet_digest": h.hexdigest()[:16]}
+    if source.vae is not None:  # a replaced VAE changes every generated image
+        ident["vae"] = source.vae
     return ident

@@ -1,10 +1,14 @@
-"""Stable Diffusion 1.x / 2.x: one CLIP text encoder, an epsilon or v-prediction UNet, a KL VAE."""
+"""Stable Diffusion 1.x / 2.x: one CLIP text encoder, an epsilon or v-prediction UNet, a KL VAE.
+
+The class is written over a list of (tokenizer, text encoder) parts and a pipeline class, so that SDXL
+(`sdxl.py`) only adds what differs: a second encoder, pooled embeddings and size conditioning.
+"""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -13,8 +17,6 @@ from transformers import AutoTokenizer, CLIPTextModel
 from ..errors import ModelError
 from . import register
 from .base import Components, ModelFamily, ModelSource
-
-REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 @contextmanager
@@ -33,93 +35,128 @@ def loading(source: ModelSource, part: str):
 class StableDiffusion(ModelFamily):
     name = "sd"
     pipeline_classes = ("StableDiffusionPipeline",)
+    default_resolution = 512
+    pipeline_class: ClassVar[type] = StableDiffusionPipeline
+    # (tokenizer folder, text-encoder folder, text-encoder class), primary first
+    text_parts: ClassVar[tuple[tuple[str, str, type], ...]] = (("tokenizer", "text_encoder", CLIPTextModel),)
+    # what the pipeline needs besides its modules, when built here or loaded
+    pipeline_options: ClassVar[dict[str, Any]] = {"safety_checker": None, "feature_extractor": None,
+                                                   "requires_safety_checker": False}
+
+    @property
+    def required_parts(self) -> tuple[str, ...]:
+        return ("unet", "vae", "scheduler", *(p for tok, enc, _ in self.text_parts for p in (tok, enc)))
 
     def check_source(self, source: ModelSource) -> None:
         """The pipeline's part folders exist (local folders only; hub repos are checked when loading)."""
         if source.is_local:
-            missing = [p for p in REQUIRED_PARTS if not (source.path / p).is_dir()]
+            missing = [p for p in self.required_parts if not (source.path / p).is_dir()]
             if missing:
                 raise ModelError(f"model folder {source.name_or_path} lacks {', '.join(m + '/' for m in missing)}; "
-                                 "it is not a complete Stable Diffusion pipeline")
+                                 f"it is not a complete {self.pipeline_classes[0]}")
+
+    def load_texts(self, source: ModelSource) -> tuple[list[Any], dict[str, torch.nn.Module]]:
+        """Every tokenizer and text encoder, primary first."""
+        self.check_source(source)
+        tokenizers, encoders = [], {}
+        for tok, enc, cls in self.text_parts:
+            with loading(source, tok):  # --tokenizer_name replaces the primary tokenizer only
+                own = tok != self.text_parts[0][0] or not source.tokenizer_name
+                tokenizers.append(AutoTokenizer.from_pretrained(
+                    source.name_or_path if own else source.tokenizer_name, subfolder=tok if own else None,
+                    revision=source.revision))
+            with loading(source, enc):
+                encoders[enc] = cls.from_pretrained(source.name_or_path, subfolder=enc, **source.hub_kwargs())
+        return tokenizers, encoders
 
     def load_text(self, source: ModelSource) -> tuple[Any, torch.nn.Module]:
-        """Only the tokenizer and text encoder (for identifier search)."""
-        self.check_source(source)
-        with loading(source, "tokenizer"):
-            tokenizer = AutoTokenizer.from_pretrained(
-                source.tokenizer_name or source.name_or_path,
-                subfolder=None if source.tokenizer_name else "tokenizer", revision=source.revision,
-            )
-        with loading(source, "text_encoder"):
-            text_encoder = CLIPTextModel.from_pretrained(source.name_or_path, subfolder="text_encoder",
-                                                         **source.hub_kwargs())
-        return tokenizer, text_encoder
+        """Only the primary tokenizer and text encoder (for identifier search)."""
+        tokenizers, encoders = self.load_texts(source)
+        return tokenizers[0], next(iter(encoders.values()))
+
+    def load_vae(self, source: ModelSource) -> AutoencoderKL:
+        """The pipeline's VAE, or the one at source.vae (a VAE folder or hub id, with or without a vae/ folder)."""
+        if source.vae is None:
+            with loading(source, "vae"):
+                return AutoencoderKL.from_pretrained(source.name_or_path, subfolder="vae", **source.hub_kwargs())
+        vae_source = ModelSource(source.vae)
+        sub = "vae" if vae_source.is_local and (vae_source.path / "vae").is_dir() else None
+        with loading(vae_source, "the VAE (--pretrained_vae_model_name_or_path)"):
+            return AutoencoderKL.from_pretrained(source.vae, subfolder=sub, use_safetensors=True)
 
     def load(self, source: ModelSource, prediction_type: str | None = None) -> Components:
-        tokenizer, text_encoder = self.load_text(source)
+        tokenizers, encoders = self.load_texts(source)
         kw = source.hub_kwargs()
         name = source.name_or_path
         with loading(source, "scheduler"):
             scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", revision=source.revision)
         if prediction_type is not None:
             scheduler.register_to_config(prediction_type=prediction_type)
-        with loading(source, "vae"):
-            vae = AutoencoderKL.from_pretrained(name, subfolder="vae", **kw)
+        vae = self.load_vae(source)
         with loading(source, "unet"):
             unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", **kw)
-        return Components(self.name, source, tokenizer, text_encoder, vae, unet, scheduler)
+        return Components(self.name, source, tokenizers, encoders, vae, unet, scheduler)
 
     def tokenize(self, c: Components, prompts: list[str]) -> torch.Tensor:
-        return c.tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=c.tokenizer.model_max_length,
-            return_tensors="pt",
-        ).input_ids
+        ids = [tok(prompts, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                   return_tensors="pt").input_ids for tok in c.tokenizers]
+        if len({i.shape[-1] for i in ids}) > 1:
+            raise ModelError(f"the tokenizers of {c.source.name_or_path} have different max lengths "
+                             f"({', '.join(str(i.shape[-1]) for i in ids)}); they must match")
+        return torch.stack(ids, dim=1)
 
-    def encode(self, c: Components, input_ids: torch.Tensor, text_encoder: torch.nn.Module | None = None
-               ) -> dict[str, torch.Tensor]:
-        encoder = text_encoder if text_encoder is not None else c.text_encoder
-        return {"encoder_hidden_states": encoder(input_ids.to(encoder.device))[0]}
+    def encode(self, c: Components, input_ids: torch.Tensor,
+               text_encoders: dict[str, torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
+        encoder = next(iter((text_encoders or c.text_encoders).values()))
+        return {"encoder_hidden_states": encoder(input_ids[:, 0].to(encoder.device))[0]}
 
-    def pipeline(self, c: Components, unet: torch.nn.Module, text_encoder: torch.nn.Module, scheduler: Any
-                 ) -> StableDiffusionPipeline:
-        pipe = StableDiffusionPipeline(
-            vae=c.vae, text_encoder=text_encoder, tokenizer=c.tokenizer, unet=unet, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+    def _modules(self, c: Components, text_encoders: dict[str, torch.nn.Module]) -> dict[str, Any]:
+        tokenizers = {tok: t for (tok, _, _), t in zip(self.text_parts, c.tokenizers)}
+        return {**tokenizers, **c.text_encoders, **text_encoders, "vae": c.vae}
+
+    def pipeline(self, c: Components, unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
+                 scheduler: Any) -> Any:
+        pipe = self.pipeline_class(unet=unet, scheduler=scheduler, **self._modules(c, text_encoders),
+                                   **self.pipeline_options)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def load_pipeline(self, source: ModelSource, dtype: torch.dtype) -> StableDiffusionPipeline:
+    def load_pipeline(self, source: ModelSource, dtype: torch.dtype) -> Any:
         self.check_source(source)
+        vae = {"vae": self.load_vae(source).to(dtype)} if source.vae else {}
         with loading(source, "pipeline"):
-            pipe = StableDiffusionPipeline.from_pretrained(
-                source.name_or_path, dtype=dtype, safety_checker=None, requires_safety_checker=False,
-                **source.hub_kwargs(),
-            )
+            pipe = self.pipeline_class.from_pretrained(source.name_or_path, dtype=dtype, **vae, **self._load_options(),
+                                                       **source.hub_kwargs())
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def save(self, c: Components, unet: torch.nn.Module, text_encoder: torch.nn.Module, output_dir: Path) -> None:
+    def _load_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.pipeline_options.items() if k != "feature_extractor"}
+
+    def save(self, c: Components, unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
+             output_dir: Path) -> None:
         """The base pipeline with the trained modules swapped in; the base's own inference scheduler is kept."""
         with loading(c.source, "pipeline"):
-            pipe = StableDiffusionPipeline.from_pretrained(
-                c.source.name_or_path, unet=unet, text_encoder=text_encoder, vae=c.vae, tokenizer=c.tokenizer,
-                **c.source.hub_kwargs(),
-            )
+            pipe = self.pipeline_class.from_pretrained(c.source.name_or_path, unet=unet,
+                                                       **self._modules(c, text_encoders), **self._load_options(),
+                                                       **c.source.hub_kwargs())
         pipe.save_pretrained(output_dir, safe_serialization=True)
 
-    def save_lora(self, unet: torch.nn.Module, text_encoder: torch.nn.Module | None, output_dir: Path) -> None:
+    def single_file_text_layout(self, pipe: Any) -> dict[str, tuple[str, str]]:
+        """SD 1.x keeps OpenAI CLIP (quick_gelu) in transformers keys; SD 2.x's OpenCLIP encoder (gelu) is stored
+        in OpenCLIP's own layout."""
+        if pipe.text_encoder.config.hidden_act == "gelu":
+            return {"text_encoder": ("open_clip", "cond_stage_model.model.")}
+        return {"text_encoder": ("clip", "cond_stage_model.transformer.")}
+
+    def save_lora(self, unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None,
+                  output_dir: Path) -> None:
         """peft-format keys (`unet.<module>.lora_A.weight`) with each adapter's config as metadata, so a custom
         lora_alpha survives loading."""
         from peft.utils import get_peft_model_state_dict
 
-        def layers(module):
-            return get_peft_model_state_dict(module, save_embedding_layers=False) if module is not None else None
-
-        def metadata(module):
-            return module.peft_config["default"].to_dict() if module is not None else None
-
-        StableDiffusionPipeline.save_lora_weights(
-            output_dir, unet_lora_layers=layers(unet), text_encoder_lora_layers=layers(text_encoder),
-            unet_lora_adapter_metadata=metadata(unet), text_encoder_lora_adapter_metadata=metadata(text_encoder),
-            safe_serialization=True)
+        parts = {"unet": unet, **(text_encoders or {})}
+        layers = {f"{name}_lora_layers": get_peft_model_state_dict(m, save_embedding_layers=False)
+                  for name, m in parts.items()}
+        metadata = {f"{name}_lora_adapter_metadata": m.peft_config["default"].to_dict() for name, m in parts.items()}
+        self.pipeline_class.save_lora_weights(output_dir, **layers, **metadata, safe_serialization=True)

@@ -131,3 +131,58 @@ def test_bf16_mixed_precision_and_gradient_checkpointing_on_cpu(base_args, tiny_
     unet = weights(tmp_path / "out", "unet")
     assert all(v.dtype == torch.float32 for v in unet.values())  # trained weights stay fp32
     assert not same(unet, weights(tiny_model, "unet"))
+
+
+def test_latent_cache_encodes_each_view_once_and_learns_the_same(base_args, tmp_path):
+    """Centre crops without flips: 4 instance + 4 class views, so 16 examples over 4 steps need 8 VAE encodings;
+    the run learns what a run that encodes every step learns (the VAE's batch composition differs, so equal up to
+    float rounding: losses to 1e-5)."""
+    common = dict(center_crop=True, max_train_steps=4)
+    cached = dreambooth.train(**base_args(output_dir=str(tmp_path / "cached"), **common))
+    plain = dreambooth.train(**base_args(output_dir=str(tmp_path / "plain"), cache_latents=False, **common))
+    assert cached["latent_cache"] == {"enabled": True, "views": 8, "encoded": 8, "hits": 8}
+    assert plain["latent_cache"]["encoded"] == 16 and plain["latent_cache"]["views"] == 0
+    assert abs(cached["mean_loss"] - plain["mean_loss"]) < 1e-5
+    assert abs(cached["final_loss"] - plain["final_loss"]) < 1e-5
+
+
+def test_latent_cache_keys_flips_and_crops_apart(base_args, tmp_path):
+    """Random crops and flips: a view is reused only when crop and flip match, so the cache never serves the
+    wrong pixels (same losses as uncached) and encodes at least as many views as there are images."""
+    common = dict(random_flip=True, max_train_steps=6, with_prior_preservation=False, class_prompt=None,
+                  class_data_dir=None)
+    cached = dreambooth.train(**base_args(output_dir=str(tmp_path / "cached"), **common))
+    plain = dreambooth.train(**base_args(output_dir=str(tmp_path / "plain"), cache_latents=False, **common))
+    stats = cached["latent_cache"]
+    assert stats["encoded"] + stats["hits"] == 12 and stats["views"] == stats["encoded"] >= 4
+    assert abs(cached["mean_loss"] - plain["mean_loss"]) < 1e-5
+
+
+def test_latent_cache_serves_each_view_its_own_posterior(tiny_model):
+    from diffusers import AutoencoderKL
+
+    from dreambooth.latent_cache import LatentCache
+
+    vae = AutoencoderKL.from_pretrained(tiny_model, subfolder="vae").eval()
+    torch.manual_seed(0)
+    pixels = torch.rand(4, 3, 64, 64) * 2 - 1
+    views = ["a", "b", "a", "c"]
+    pixels[2] = pixels[0]  # the same view has the same pixels
+    cache = LatentCache(vae)
+    mean, std = cache.moments(pixels, views)
+    with torch.no_grad():
+        ref = vae.encode(pixels).latent_dist
+    assert torch.allclose(mean, ref.mean, atol=1e-5) and torch.allclose(std, ref.std, atol=1e-5)
+    assert cache.stats() == {"enabled": True, "views": 3, "encoded": 3, "hits": 1}
+    again, _ = cache.moments(pixels[[3, 1]], ["c", "b"])
+    assert torch.equal(again, mean[[3, 1]]) and cache.stats()["encoded"] == 3
+    full = LatentCache(vae, max_views=1)
+    full.moments(pixels, views)
+    assert full.stats()["views"] == 1 and full.moments(pixels[[3]], ["c"])[0].shape == (1, 4, 8, 8)
+
+
+def test_channels_last_learns_what_the_default_layout_learns(base_args, tmp_path):
+    common = dict(max_train_steps=2, with_prior_preservation=False, class_prompt=None, class_data_dir=None)
+    a = dreambooth.train(**base_args(output_dir=str(tmp_path / "a"), **common))
+    b = dreambooth.train(**base_args(output_dir=str(tmp_path / "b"), channels_last=True, **common))
+    assert abs(a["mean_loss"] - b["mean_loss"]) < 1e-4

@@ -88,6 +88,12 @@ class TrainConfig:
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step", check=at_least(1),
                                               group="training")
     gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet", group="training")
+    channels_last: bool = option(False, "Keep the UNet's activations channels-last (often faster convolutions on "
+                                 "GPUs)", group="training")
+    torch_compile: bool = option(False, "torch.compile the trained models (slow first steps, faster afterwards)",
+                                 group="training")
+    cache_latents: bool = option(True, "Encode each training view (image, crop, flip) with the frozen VAE once and "
+                                 "reuse it; --no-cache_latents encodes every step", group="training")
     learning_rate: float = option(5e-6, "Peak learning rate", check=positive, group="training")
     scale_lr: bool = option(False, "Multiply the lr by processes x accumulation x batch size", group="training")
     lr_scheduler: str = option("constant", "Learning-rate schedule", choices=LR_SCHEDULERS, group="training")

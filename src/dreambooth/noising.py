@@ -30,9 +30,9 @@ def keyed_timesteps(seed: int, positions: torch.Tensor, is_prior: torch.Tensor, 
     ])
 
 
-def sample_latents(latent_dist, seed: int, positions: torch.Tensor, is_prior: torch.Tensor) -> torch.Tensor:
+def sample_latents(mean: torch.Tensor, std: torch.Tensor, seed: int, positions: torch.Tensor, is_prior: torch.Tensor
+                   ) -> torch.Tensor:
     """A keyed sample of the VAE posterior: mean + std * eps."""
-    mean, std = latent_dist.mean, latent_dist.std
     eps = keyed_normal(seed, positions, is_prior, tuple(mean.shape[1:]), "vae").to(mean.device, mean.dtype)
     return mean + std * eps
 

@@ -81,8 +81,8 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
                               "settings or choose a new --output_dir")
     if cfg.seed is None:
         cfg.seed = previous["seed"]
-    changed = _differences(previous, schema.to_dict(cfg), [k for k in previous if k not in IDENTITY and
-                                                            k != "resume_from_checkpoint"])
+    now = json.loads(json.dumps(schema.to_dict(cfg)))  # as train_config.json holds it (tuples become lists)
+    changed = _differences(previous, now, [k for k in previous if k not in IDENTITY and k != "resume_from_checkpoint"])
     if changed:
         log.warning("resuming %s with changed settings: %s", ckpt.name, "; ".join(changed))
     return ckpt
@@ -103,7 +103,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     try:
         accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                   mixed_precision=cfg.mixed_precision, log_with=trackers, project_config=project,
-                                  cpu=cpu_processes)
+                                  cpu=cpu_processes, dynamo_backend="inductor" if cfg.torch_compile else None)
     except (ValueError, ImportError) as e:
         raise DreamBoothError(f"cannot set up the run: {str(e).splitlines()[0]}") from None
     if cfg.allow_tf32 and torch.cuda.is_available():

@@ -53,9 +53,10 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def resize_crop(img: Image.Image, size: int, center: bool, flip: bool, rng: random.Random
-                ) -> tuple[Image.Image, tuple[int, int]]:
+                ) -> tuple[Image.Image, tuple[int, int], bool]:
     """Resize the short side to `size`, then crop a square (centred or random) and maybe flip. Also returns the
-    crop's (top, left) in the resized image, mirrored when flipped (what SDXL's crop conditioning means)."""
+    crop's (top, left) in the resized image, mirrored when flipped (what SDXL's crop conditioning means), and
+    whether it flipped."""
     scale = size / min(img.size)
     w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
     img = img.resize((w, h), Image.Resampling.BILINEAR)
@@ -64,10 +65,11 @@ def resize_crop(img: Image.Image, size: int, center: bool, flip: bool, rng: rand
     else:
         left, top = rng.randint(0, w - size), rng.randint(0, h - size)
     img = img.crop((left, top, left + size, top + size))
-    if flip and rng.random() < 0.5:
+    flipped = flip and rng.random() < 0.5
+    if flipped:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         left = w - size - left
-    return img, (top, left)
+    return img, (top, left), flipped
 
 
 class DreamBoothDataset(Dataset):
@@ -99,20 +101,21 @@ class DreamBoothDataset(Dataset):
     def __len__(self) -> int:  # positions are unbounded; this is one epoch
         return self.epoch_length
 
-    def _example(self, img: Image.Image, position: int, kind: str) -> dict:
-        """Pixels, and the original size and crop that SDXL conditions on."""
+    def _example(self, img: Image.Image, index: int, position: int, kind: str) -> dict:
+        """Pixels, the original size and crop that SDXL conditions on, and the view: what makes these pixels (the
+        key of the latent cache)."""
         rng = random.Random(derive_seed(self.seed, "augment", kind, position))
-        crop, top_left = resize_crop(img, self.resolution, self.center_crop, self.random_flip, rng)
-        return {"pixels": to_tensor(crop), "original_size": (img.height, img.width), "crop_top_left": top_left}
+        crop, top_left, flipped = resize_crop(img, self.resolution, self.center_crop, self.random_flip, rng)
+        return {"pixels": to_tensor(crop), "original_size": (img.height, img.width), "crop_top_left": top_left,
+                "view": (kind, index, *top_left, flipped)}
 
     def __getitem__(self, position: int) -> dict:
-        item = {
-            "position": position,
-            "instance": self._example(self._instance_cache[self.instance_order[position]], position, "instance"),
-        }
+        index = self.instance_order[position]
+        item = {"position": position, "instance": self._example(self._instance_cache[index], index, position,
+                                                                 "instance")}
         if self.class_order is not None:
-            path = self.class_images[self.class_order[position]]
-            item["class"] = self._example(open_rgb(path), position, "class")
+            index = self.class_order[position]
+            item["class"] = self._example(open_rgb(self.class_images[index]), index, position, "class")
         return item
 
 
@@ -125,6 +128,7 @@ def collate(items: list[dict]) -> dict:
         "pixel_values": torch.stack([e["pixels"] for e in examples]),
         "original_sizes": torch.tensor([e["original_size"] for e in examples]),
         "crop_top_lefts": torch.tensor([e["crop_top_left"] for e in examples]),
+        "views": [e["view"] for e in examples],
         "is_prior": torch.tensor([False] * len(items) + [True] * (len(examples) - len(items))),
         "positions": torch.tensor(positions + positions if with_prior else positions),
     }

@@ -1,0 +1,46 @@
+"""The frozen VAE's posterior for each distinct training view, encoded once per run.
+
+A view is (kind, image, crop top-left, flip): the dataset's augmentation decides it from (seed, position), so the
+same view always gives the same pixels and, the VAE being frozen, the same posterior moments (mean, std). Views are
+encoded the first time a batch needs them, each on its own, so the moments do not depend on which batch came first
+(a resumed run gets bit-identical latents). The per-position sample mean + std * eps is drawn after the cache, so a
+cached run draws the latents an uncached one would, up to the VAE's float rounding across batch sizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import torch
+
+
+class LatentCache:
+    def __init__(self, vae: torch.nn.Module, enabled: bool = True, max_views: int = 4096):
+        self.vae, self.enabled, self.max_views = vae, enabled, max_views
+        self.store: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.encoded = 0  # images that went through the VAE
+        self.hits = 0  # images served from the cache
+
+    @torch.no_grad()
+    def moments(self, pixels: torch.Tensor, views: Sequence[Hashable]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the posterior of each image in `pixels`, one per view key."""
+        if not self.enabled:
+            self.encoded += len(views)
+            dist = self.vae.encode(pixels).latent_dist
+            return dist.mean, dist.std
+        missing = list(dict.fromkeys(v for v in views if v not in self.store))  # a view twice in a batch: once
+        fresh: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
+        for view in missing:  # one at a time: a view's moments must not depend on the batch it first came in
+            i = views.index(view)
+            dist = self.vae.encode(pixels[i : i + 1]).latent_dist
+            fresh[view] = (dist.mean[0], dist.std[0])
+        if missing:
+            self.encoded += len(missing)
+            room = self.max_views - len(self.store)
+            self.store.update(list(fresh.items())[: max(0, room)])
+        self.hits += len(views) - len(missing)
+        pairs = [fresh.get(v) or self.store[v] for v in views]
+        return torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
+
+    def stats(self) -> dict[str, int | bool]:
+        return {"enabled": self.enabled, "views": len(self.store), "encoded": self.encoded, "hits": self.hits}

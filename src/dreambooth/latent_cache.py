@@ -23,16 +23,17 @@ class LatentCache:
 
     @torch.no_grad()
     def moments(self, pixels: torch.Tensor, views: Sequence[Hashable]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) of the posterior of each image in `pixels`, one per view key."""
+        """(mean, std) of the posterior of each image in `pixels` (on any device), one per view key; only images
+        the cache lacks are moved to the VAE's device and encoded."""
         if not self.enabled:
             self.encoded += len(views)
-            dist = self.vae.encode(pixels).latent_dist
+            dist = self.vae.encode(self._to_vae(pixels)).latent_dist
             return dist.mean, dist.std
         missing = list(dict.fromkeys(v for v in views if v not in self.store))  # a view twice in a batch: once
         fresh: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
         for view in missing:  # one at a time: a view's moments must not depend on the batch it first came in
             i = views.index(view)
-            dist = self.vae.encode(pixels[i : i + 1]).latent_dist
+            dist = self.vae.encode(self._to_vae(pixels[i : i + 1])).latent_dist
             fresh[view] = (dist.mean[0], dist.std[0])
         if missing:
             self.encoded += len(missing)
@@ -41,6 +42,9 @@ class LatentCache:
         self.hits += len(views) - len(missing)
         pairs = [fresh.get(v) or self.store[v] for v in views]
         return torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
+
+    def _to_vae(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.to(self.vae.device, self.vae.dtype)
 
     def stats(self) -> dict[str, int | bool]:
         return {"enabled": self.enabled, "views": len(self.store), "encoded": self.encoded, "hits": self.hits}

@@ -82,7 +82,9 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.T
     """An AutoencoderKL state dict -> `first_stage_model.*`; decoder blocks are numbered from the bottom and the
     mid-block attention is 1x1 convolutions there."""
     ups = len(config["up_block_types"])
-    table = {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out"}
+    table = {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out",
+             **{m: m for m in ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out",
+                               "quant_conv", "post_quant_conv")}}  # named alike in both
     for coder in ("encoder", "decoder"):
         table[f"{coder}.mid_block.resnets.0"] = f"{coder}.mid.block_1"
         table[f"{coder}.mid_block.resnets.1"] = f"{coder}.mid.block_2"
@@ -93,11 +95,9 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.T
     for i in range(ups):
         table[f"decoder.up_blocks.{i}.resnets"] = f"decoder.up.{ups - 1 - i}.block"
         table[f"decoder.up_blocks.{i}.upsamplers.0"] = f"decoder.up.{ups - 1 - i}.upsample"
-    same = ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out", "quant_conv",
-            "post_quant_conv")
     out = {}
     for key, tensor in state.items():
-        found = _rename(key, table) or next(((m, key[len(m) + 1:]) for m in same if key.startswith(m + ".")), None)
+        found = _rename(key, table)
         if found is None:
             raise _unmapped("VAE", key)
         prefix, rest = found

@@ -220,10 +220,9 @@ def fit(run: Run, parts: Parts) -> None:
     for batch in loader:
         with acc.accumulate(*trained):
             # latents and noise, every draw keyed by example position
-            pixels = batch["pixel_values"].to(acc.device, c.vae.dtype)
             positions, is_prior = batch["positions"], batch["is_prior"]
             with torch.no_grad():
-                mean, std = parts.latents.moments(pixels, batch["views"])
+                mean, std = parts.latents.moments(batch["pixel_values"], batch["views"])
                 latents = ((sample_latents(mean, std, cfg.seed, positions, is_prior) - shift) * scaling).float()
             noise, timesteps = noise_batch(latents, cfg.seed, positions, is_prior, num_timesteps,
                                            cfg.offset_noise_strength if cfg.offset_noise else 0.0)

@@ -13,12 +13,16 @@ def register(cls: type[ModelFamily]) -> type[ModelFamily]:
     return cls
 
 
+def _reading(class_name: str) -> ModelFamily | None:
+    """The family that reads pipelines of this class, if any."""
+    return next((cls() for cls in FAMILIES.values() if class_name in cls.pipeline_classes), None)
+
+
 def get_family(source: ModelSource, name: str = "auto") -> ModelFamily:
     """The family named, or the one whose pipeline class matches the model's model_index.json."""
     index = read_model_index(source)
     class_name = index.get("_class_name", "?")
-    family = FAMILIES[name]() if name != "auto" else next(
-        (cls() for cls in FAMILIES.values() if class_name in cls.pipeline_classes), None)
+    family = FAMILIES[name]() if name != "auto" else _reading(class_name)
     if family is not None:
         family.check_source(source)
         return family
@@ -30,7 +34,7 @@ def get_family(source: ModelSource, name: str = "auto") -> ModelFamily:
 def family_of(pipe) -> ModelFamily:
     """The family of a loaded pipeline."""
     name = type(pipe).__name__
-    family = next((cls() for cls in FAMILIES.values() if name in cls.pipeline_classes), None)
+    family = _reading(name)
     if family is None:
         raise ModelError(f"{name} is not a pipeline of a supported family")
     return family

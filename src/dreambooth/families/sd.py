@@ -39,9 +39,9 @@ class StableDiffusion(ModelFamily):
     pipeline_class: ClassVar[type] = StableDiffusionPipeline
     # (tokenizer folder, text-encoder folder, text-encoder class), primary first
     text_parts: ClassVar[tuple[tuple[str, str, type], ...]] = (("tokenizer", "text_encoder", CLIPTextModel),)
-    # what the pipeline needs besides its modules, when built here or loaded
-    pipeline_options: ClassVar[dict[str, Any]] = {"safety_checker": None, "feature_extractor": None,
-                                                   "requires_safety_checker": False}
+    # what the pipeline needs besides its modules, loaded or built here; building also leaves optional_parts empty
+    load_options: ClassVar[dict[str, Any]] = {"safety_checker": None, "requires_safety_checker": False}
+    optional_parts: ClassVar[tuple[str, ...]] = ("feature_extractor",)
 
     @property
     def required_parts(self) -> tuple[str, ...]:
@@ -117,7 +117,7 @@ class StableDiffusion(ModelFamily):
     def pipeline(self, c: Components, unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
                  scheduler: Any) -> Any:
         pipe = self.pipeline_class(unet=unet, scheduler=scheduler, **self._modules(c, text_encoders),
-                                   **self.pipeline_options)
+                                   **self.load_options, **dict.fromkeys(self.optional_parts))
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -125,20 +125,17 @@ class StableDiffusion(ModelFamily):
         self.check_source(source)
         vae = {"vae": self.load_vae(source).to(dtype)} if source.vae else {}
         with loading(source, "pipeline"):
-            pipe = self.pipeline_class.from_pretrained(source.name_or_path, dtype=dtype, **vae, **self._load_options(),
+            pipe = self.pipeline_class.from_pretrained(source.name_or_path, dtype=dtype, **vae, **self.load_options,
                                                        **source.hub_kwargs())
         pipe.set_progress_bar_config(disable=True)
         return pipe
-
-    def _load_options(self) -> dict[str, Any]:
-        return {k: v for k, v in self.pipeline_options.items() if k != "feature_extractor"}
 
     def save(self, c: Components, unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
              output_dir: Path) -> None:
         """The base pipeline with the trained modules swapped in; the base's own inference scheduler is kept."""
         with loading(c.source, "pipeline"):
             pipe = self.pipeline_class.from_pretrained(c.source.name_or_path, unet=unet,
-                                                       **self._modules(c, text_encoders), **self._load_options(),
+                                                       **self._modules(c, text_encoders), **self.load_options,
                                                        **c.source.hub_kwargs())
         pipe.save_pretrained(output_dir, safe_serialization=True)
 

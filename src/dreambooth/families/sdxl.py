@@ -22,7 +22,8 @@ class StableDiffusionXL(StableDiffusion):
     pipeline_class = StableDiffusionXLPipeline
     text_parts = (("tokenizer", "text_encoder", CLIPTextModel),
                   ("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))
-    pipeline_options = {"image_encoder": None, "feature_extractor": None, "add_watermarker": False}
+    load_options = {"add_watermarker": False}
+    optional_parts = ("image_encoder", "feature_extractor")
 
     def encode(self, c: Components, input_ids: torch.Tensor,
                text_encoders: dict[str, torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
@@ -57,6 +58,3 @@ class StableDiffusionXL(StableDiffusion):
     def single_file_text_layout(self, pipe: Any) -> dict[str, tuple[str, str]]:
         return {"text_encoder": ("clip", "conditioner.embedders.0.transformer."),
                 "text_encoder_2": ("open_clip", "conditioner.embedders.1.model.")}
-
-    def _load_options(self) -> dict[str, Any]:
-        return {"add_watermarker": False}

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench reproduce lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
+# The paper's ablations on the toy world (about 30 min on 2 CPU cores): docs/ablations.{md,png}; runs in reproduce/.
+reproduce: $(STAMP)
+	$(BIN)/dreambooth reproduce --docs_dir docs
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info dreambooth-demo
+	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info dreambooth-demo reproduce

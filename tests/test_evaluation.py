@@ -250,7 +250,7 @@ def test_evaluate_keeps_a_folder_it_did_not_write(tmp_path, instance_dir, capsys
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     code = main(["evaluate", "--backend", "toy", "--subject", "circle", "--model", str(BUNDLED), "--identifier",
                  "zq", "--output_dir", str(tmp_path / "mine")])
-    assert code == 2 and "holds no earlier evaluation" in capsys.readouterr().err
+    assert code == 2 and "not written by `dreambooth evaluate`" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
 

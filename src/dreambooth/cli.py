@@ -112,6 +112,16 @@ def _add_demo_parser(sub) -> None:
                                 "prior preservation; write before/after grids and print the metrics.")
 
 
+def _add_reproduce_parser(sub) -> None:
+    from .toy.ablations import ReproduceConfig
+
+    _config_command(sub, "reproduce", ReproduceConfig, _run_reproduce,
+                    help="Re-run the paper's ablations on the toy world (prior preservation, class noun, images)",
+                    description="Offline, CPU-sized: train every variant of each study for every toy subject and "
+                                "seed, score them with the toy judges, and write tables beside the paper's numbers "
+                                "and a plot (about 35 min on 2 CPU cores; --quick: about a minute).")
+
+
 def _add_toy_parser(sub) -> None:
     from .toy.pretrain import PretrainConfig
 
@@ -240,6 +250,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_reproduce(args: argparse.Namespace) -> int:
+    from .toy.ablations import reproduce
+
+    reproduce(_values(args))
+    return 0
+
+
 def _run_pretrain(args: argparse.Namespace) -> int:
     from .toy.pretrain import pretrain
 
@@ -267,7 +284,7 @@ def parser() -> argparse.ArgumentParser:
                                 "text-to-image diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_train_parser, _add_generate_parser, _add_evaluate_parser, _add_export_parser,
-                _add_identifier_parser, _add_demo_parser, _add_toy_parser):
+                _add_identifier_parser, _add_demo_parser, _add_reproduce_parser, _add_toy_parser):
         add(sub)
     return p
 

@@ -140,8 +140,9 @@ def check(config: Any) -> None:
     for name, f in fields(type(config)).items():
         value = getattr(config, name)
         allowed = choices_of(f)
-        if allowed is not None and value is not None and value not in allowed:
-            raise ConfigError(name, value, "choose one of " + ", ".join(allowed))
+        for item in value if isinstance(value, list | tuple) else [value]:  # a list's every item is one of the choices
+            if allowed is not None and item is not None and item not in allowed:
+                raise ConfigError(name, item, "choose one of " + ", ".join(allowed))
         rule = f.metadata.get("check")
         problem = rule(value) if rule else None
         if problem:
@@ -211,7 +212,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if f.metadata.get("required"):
             help_text += " (required)"
         elif f.default not in (None, False, dataclasses.MISSING):
-            help_text += f" (default: {f.default})"
+            shown = " ".join(map(str, f.default)) if isinstance(f.default, list | tuple) else f.default
+            help_text += f" (default: {shown})"
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
         if base is bool:
             group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)

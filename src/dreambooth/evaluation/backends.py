@@ -177,14 +177,21 @@ class Toy(Backend):
         self.sampling = {"sampler": SAMPLER, "num_inference_steps": STEPS, "guidance_scale": GUIDANCE}
 
     def cases(self, subject: Subject) -> list[Case]:
+        """Prompts name the subject by the noun it was trained with (which may be wrong or empty, as in the class-noun
+        ablation); the judges always hold images to the subject's true class."""
         from ..toy.world import BACKGROUNDS, SIZES, prompt
 
-        cls, v = self.subject.cls, subject.identifier
-        out = [Case(prompt(cls, background=bg, identifier=v), "recontextualization", prompt(cls, background=bg),
+        cls, noun, v = self.subject.cls, subject.class_noun, subject.identifier
+        out = [Case(prompt(noun, background=bg, identifier=v), "recontextualization", prompt(cls, background=bg),
                     {"background": bg}) for bg in BACKGROUNDS]
-        out += [Case(prompt(cls, size=s, identifier=v), "property modification", prompt(cls, size=s), {"size": s})
+        out += [Case(prompt(noun, size=s, identifier=v), "property modification", prompt(cls, size=s), {"size": s})
                 for s in SIZES]
         return out
+
+    def class_prompt(self, subject: Subject) -> str:
+        from ..toy.world import prompt
+
+        return prompt(subject.class_noun)
 
     def score(self, case: Case, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
         from ..toy.judges import read

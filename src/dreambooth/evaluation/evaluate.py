@@ -18,8 +18,8 @@ from PIL import Image
 
 from .. import schema
 from ..data import derive_seed, open_rgb, scan_folder
-from ..errors import ConfigError, DataError, DreamBoothError
-from ..files import write_text_atomic
+from ..errors import ConfigError, DataError
+from ..files import claim_output_dir, write_text_atomic
 from ..identifier import class_noun_after, infer_identifier
 from ..sampling import SAMPLERS
 from ..schema import at_least, option
@@ -42,8 +42,8 @@ class EvaluateConfig:
     real_images: Path | None = option(None, "The subject's real images (dreambench: required)", group="input")
     subject: str | None = option(None, "A DreamBench subject name (sets class noun and prompt list), or the toy "
                                  "subject (toy backend)", group="subject")
-    class_noun: str | None = option(None, "Class noun (default: from --subject or the model's training config)",
-                                    group="subject")
+    class_noun: str | None = option(None, "Class noun (default: from --subject or the model's training config); "
+                                    "toy: the noun the model was trained with, \"\" for none", group="subject")
     identifier: str | None = option(None, "Identifier [V] (default: from the model's training config)",
                                     group="subject")
     live: bool | None = option(None, "Use the live-subject prompts (default: from --subject, else objects)",
@@ -107,7 +107,7 @@ def evaluate(config: EvaluateConfig | dict | str | Path | None = None, **overrid
     quiet_libraries()
     started = time.time()
     out = Path(cfg.output_dir)
-    prepare_output(out)
+    claim_output_dir(out, "report.json", "`dreambooth evaluate`")  # an earlier evaluation's files are replaced
 
     # what is evaluated
     subject = resolve_subject(cfg)
@@ -159,16 +159,6 @@ def for_training(train_cfg: Any) -> EvaluateConfig:
     return schema.build(EvaluateConfig, {**defaults, **values, "model": str(train_cfg.output_dir)})
 
 
-def prepare_output(out: Path) -> None:
-    """An empty or new folder, or one an earlier evaluation wrote (its files are replaced, nothing else is)."""
-    if out.is_file():
-        raise DreamBoothError(f"--output_dir {out} is a file; pass a folder")
-    if out.exists() and any(out.iterdir()) and not (out / "report.json").is_file():
-        raise DreamBoothError(f"{out} is not empty and holds no earlier evaluation; pass --output_dir with a new "
-                              "folder")
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def resolve_subject(cfg: EvaluateConfig) -> Subject:
     """Class noun, identifier and prompt list from the flags, the protocol and the model's training config."""
     trained = training_config(cfg.model) if cfg.model else {}
@@ -182,8 +172,8 @@ def resolve_subject(cfg: EvaluateConfig) -> Subject:
     if cfg.backend == "toy":
         from ..toy.subjects import SUBJECTS
 
-        toy = SUBJECTS[cfg.subject]
-        return Subject(toy.name, toy.cls, identifier)
+        toy = SUBJECTS[cfg.subject]  # --class_noun names it otherwise ("" for none), as the model was trained
+        return Subject(toy.name, toy.cls if cfg.class_noun is None else cfg.class_noun, identifier)
     bench = protocol.subjects().get(cfg.subject) if cfg.subject else None
     noun = cfg.class_noun or (bench.class_noun if bench else None) or (
         class_noun_after(prompt, identifier) if prompt else None)

@@ -65,3 +65,23 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, resamples: int = 2000, le
     tail = (1 - level) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return float(low), float(high)
+
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond 30 the normal's 1.96 is within 4%).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_interval(values: Sequence[float] | np.ndarray) -> tuple[float, float, float]:
+    """(mean, low, high): the 95% Student-t interval for the mean of a few independent units (e.g. training runs),
+    where a bootstrap over so few units would be too narrow. One unit: the interval is unknown (nan)."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    if len(x) == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(x.mean())
+    if len(x) == 1:
+        return mean, float("nan"), float("nan")
+    df = len(x) - 1
+    half = (_T975[df - 1] if df <= len(_T975) else 1.96) * float(x.std(ddof=1)) / np.sqrt(len(x))
+    return mean, mean - half, mean + half

@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from .. import schema
 from ..errors import DreamBoothError
+from ..files import claim_output_dir
 from ..schema import at_least, option, positive
 from .judges import read
 from .measure import GUIDANCE, SAMPLER, STEPS, diversity, is_subject_rate, load_toy, sample, subject_scores
@@ -88,14 +89,10 @@ def measure(pipe, subject: Subject, prompts: dict[str, list[str]], n: int, seed:
 
 def prepare_output(out: Path) -> None:
     """Replace a previous demo's output; refuse any other non-empty folder (nothing of the user's is lost)."""
-    if out.exists() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
-            raise DreamBoothError(f"{out} exists and was not written by the demo; pass --output_dir with a new "
-                                  "folder")
+    if claim_output_dir(out, MARKER, "the demo"):
         for child in out.iterdir():
             if child.name != "class-images":  # class images are reused when their settings match
                 shutil.rmtree(child) if child.is_dir() else child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def pick_identifier(model: str, class_noun: str) -> str:

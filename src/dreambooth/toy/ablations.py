@@ -1,0 +1,333 @@
+"""`dreambooth reproduce`: the paper's ablations, re-run on the toy world.
+
+Each study is a set of variants of the demo's recipe. Every variant is trained from the same base model for every
+(subject, seed) and scored by `dreambooth evaluate --backend toy`. A (subject, seed) pair is the unit: its variants
+share instance images, identifier and evaluation seeds, so differences between variants are paired, and the
+intervals in the report are over units (`ablation_report.py`).
+
+A run that finished is not run again: its folder keeps `result.json` with the settings it was made with, so a
+killed `reproduce` continues where it stopped and a changed setting re-runs only what it changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .. import schema
+from ..errors import DreamBoothError
+from ..files import claim_output_dir, write_text_atomic
+from ..schema import at_least, option, positive
+from .measure import GUIDANCE, SAMPLER, STEPS
+from .subjects import SUBJECTS, Subject
+from .world import CLASSES, prompt
+
+log = logging.getLogger("dreambooth")
+MARKER = "reproduce.json"  # a folder holding this was written by `reproduce`, whose runs it may reuse
+RESULT = "result.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way of training: the demo's recipe with prior preservation on or off, a class noun (the subject's own,
+    none, or a wrong one) and the first `images` of the unit's five instance images."""
+
+    prior: bool = True
+    noun: str = "correct"  # "correct", "none" or "wrong"
+    images: int = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """What the paper reports: `metric` is higher for variant `high` than for `low`."""
+
+    metric: str
+    high: str
+    low: str
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    title: str
+    variants: dict[str, tuple[str, Variant]]  # key -> (label, variant); the first is the reference
+    metrics: tuple[str, ...]  # the toy metrics the table shows
+    paper: dict[str, dict[str, float]]  # variant key -> the paper's figures, by toy-metric name
+    paper_source: str
+    claims: tuple[Claim, ...]
+
+
+WITH_PPL, WITHOUT_PPL = Variant(), Variant(prior=False)
+STUDIES = {
+    "prior": Study(
+        "Prior-preservation loss (paper Table 3)",
+        {"ppl": ("with prior preservation", WITH_PPL), "no_ppl": ("without prior preservation", WITHOUT_PPL)},
+        ("subject", "prompt", "pres", "div"),
+        {"ppl": {"pres": 0.493, "div": 0.391}, "no_ppl": {"pres": 0.664, "div": 0.371}},
+        "Ruiz et al. 2023, Table 3 (Imagen): PRES and DIV; subject fidelity is a little lower with the loss",
+        (Claim("pres", "no_ppl", "ppl", "the loss lowers PRES (less language drift)"),
+         Claim("div", "ppl", "no_ppl", "the loss raises DIV"),
+         Claim("subject", "no_ppl", "ppl", "at a small cost in subject fidelity"))),
+    "class_noun": Study(
+        "Class noun in the instance prompt (paper Table 4)",
+        {"correct": ('correct class noun, "a [V] [class]"', WITHOUT_PPL),
+         "none": ('no class noun, "a [V]"', Variant(prior=False, noun="none")),
+         "wrong": ('wrong class noun, "a [V] [other class]"', Variant(prior=False, noun="wrong")),
+         # with the prior-preservation loss the wrong noun's own prior is held in place while the subject is learnt
+         "correct_ppl": ("correct class noun, with prior preservation", WITH_PPL),
+         "wrong_ppl": ("wrong class noun, with prior preservation", Variant(noun="wrong"))},
+        ("subject", "prompt"),
+        {"correct": {"subject": 0.744}, "none": {"subject": 0.303}, "wrong": {"subject": 0.454}},
+        "Ruiz et al. 2023, Table 4: DINO subject fidelity (the paper does not say whether these runs used the "
+        "prior-preservation loss; the toy runs both ways, and \"no class noun\" has no class prompt to preserve)",
+        (Claim("subject", "correct", "none", "the correct class noun beats no class noun"),
+         Claim("subject", "correct", "wrong", "the correct class noun beats a wrong one"),
+         Claim("subject", "wrong", "none", "a wrong class noun still beats none (0.454 vs 0.303)"),
+         Claim("subject", "correct_ppl", "wrong_ppl", "the correct class noun beats a wrong one, with prior "
+               "preservation"))),
+    "num_images": Study(
+        "Number of instance images (paper supplement)",
+        {f"images_{n}": (f"{n} image{'s' if n > 1 else ''}", Variant(images=n)) for n in range(1, 6)},
+        ("subject", "prompt", "div"),
+        {},
+        "Ruiz et al. 2023, supplementary material: subject fidelity grows with the number of input images up to "
+        "about four (direction only; no figures are quoted here)",
+        (Claim("subject", "images_2", "images_1", "two images beat one"),
+         Claim("subject", "images_4", "images_1", "four images beat one"),
+         Claim("subject", "images_4", "images_2", "four images beat two"))),
+}
+
+
+@dataclasses.dataclass
+class ReproduceConfig:
+    output_dir: Path = option(Path("reproduce"), "Where the runs, tables and plot go")
+    docs_dir: Path | None = option(None, "Also write the tables (ablations.md) and plot (ablations.png) here")
+    studies: list[str] = option(tuple(STUDIES), "Studies to run", choices=lambda: list(STUDIES))
+    subjects: list[str] = option(tuple(SUBJECTS), "Toy subjects (units: subjects x seeds)",
+                                 choices=lambda: list(SUBJECTS))
+    seeds: list[int] = option((0, 1), "Seeds: each draws other instance images, training noise and sampling noise")
+    model: str | None = option(None, "Base model (default: the bundled toy model)")
+    max_train_steps: int = option(400, "Fine-tuning steps per run", check=at_least(1))
+    learning_rate: float = option(2e-4, "Fine-tuning learning rate", check=positive)
+    train_batch_size: int = option(4, "Instance images per step (as many class images join them)", check=at_least(1))
+    prior_loss_weight: float = option(1.0, "Lambda of the prior-preservation loss", check=at_least(0))
+    num_class_images: int = option(100, "Class images for prior preservation", check=at_least(1))
+    train_text_encoder: bool = option(True, "Also fine-tune the text encoder (as the demo does)")
+    images_per_prompt: int = option(16, "Evaluation images per prompt (7 prompts per run)", check=at_least(2))
+    class_images: int = option(32, "Evaluation images of the bare class prompt (PRES)", check=at_least(1))
+    jobs: int = option(2, "Runs at once, in separate processes; the CPU threads are split between them",
+                       check=at_least(1))
+    keep_models: bool = option(False, "Keep each run's weights (about 21 MB a run)")
+    quick: bool = option(False, "A small run for tests and a first look: one subject, one seed, 200 steps, "
+                         "fewer class and evaluation images")
+
+    def check(self) -> None:
+        if self.quick:
+            return
+        if len(self.subjects) * len(self.seeds) < 2:
+            log.warning("one (subject, seed) unit gives no interval; pass more --subjects or --seeds")
+
+
+QUICK = {"subjects": ["circle"], "seeds": [0], "max_train_steps": 200, "num_class_images": 50,
+         "images_per_prompt": 8, "class_images": 16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    study_keys: tuple[str, ...]  # variant keys (in their studies) this run serves
+    variant: Variant
+    subject: str
+    seed: int
+    folder: Path
+    train: dict[str, Any]
+    evaluate: dict[str, Any]
+    keep_model: bool
+
+    def settings(self) -> dict[str, Any]:
+        return json.loads(json.dumps({"train": self.train, "evaluate": self.evaluate,
+                                      "instance_images": self.variant.images}, default=str))
+
+
+def noun_for(subject: Subject, variant: Variant) -> str:
+    if variant.noun == "none":
+        return ""
+    if variant.noun == "wrong":  # the next class of the world: one the base model draws well, but not this one
+        return CLASSES[(CLASSES.index(subject.cls) + 1) % len(CLASSES)]
+    return subject.cls
+
+
+def variant_name(v: Variant) -> str:
+    return f"{'ppl' if v.prior else 'no_ppl'}-{v.noun}-{v.images}img"
+
+
+def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Path) -> list[Job]:
+    """One job per distinct (variant, subject, seed) over the chosen studies; a variant two studies share runs once."""
+    wanted: dict[Variant, list[str]] = {}
+    for study in cfg.studies:
+        for key, (_, variant) in STUDIES[study].variants.items():
+            wanted.setdefault(variant, []).append(f"{study}/{key}")
+    jobs = []
+    for variant, keys in wanted.items():
+        for name in cfg.subjects:
+            subject = SUBJECTS[name]
+            noun, v = noun_for(subject, variant), identifiers[name]
+            for seed in cfg.seeds:
+                folder = out / "runs" / variant_name(variant) / f"{name}-seed{seed}"
+                train = {
+                    "pretrained_model_name_or_path": model, "instance_data_dir": str(folder / "instance-images"),
+                    "instance_prompt": prompt(noun, identifier=v), "identifier": v,
+                    "with_prior_preservation": variant.prior,
+                    "class_prompt": prompt(noun) if variant.prior else None,
+                    "class_data_dir": str(out / "class-images" / noun) if variant.prior else None,
+                    "num_class_images": cfg.num_class_images, "prior_loss_weight": cfg.prior_loss_weight,
+                    "class_sampler": SAMPLER, "class_inference_steps": STEPS, "class_guidance_scale": GUIDANCE,
+                    "sample_batch_size": 50, "resolution": 32, "center_crop": True,
+                    "random_flip": False,  # a flip changes a two-tone subject
+                    "train_text_encoder": cfg.train_text_encoder, "train_batch_size": cfg.train_batch_size,
+                    "max_train_steps": cfg.max_train_steps, "learning_rate": cfg.learning_rate,
+                    "lr_scheduler": "constant", "lr_warmup_steps": 0,
+                    "checkpointing_steps": cfg.max_train_steps + 1, "mixed_precision": "no", "seed": seed,
+                    "output_dir": str(folder / "model"),
+                }
+                evaluate = {"backend": "toy", "model": str(folder / "model"), "subject": name, "class_noun": noun,
+                            "identifier": v, "images_per_prompt": cfg.images_per_prompt,
+                            "class_images": cfg.class_images, "seed": seed, "batch_size": 64,
+                            "output_dir": str(folder / "evaluation")}
+                jobs.append(Job(tuple(keys), variant, name, seed, folder, train, evaluate, cfg.keep_models))
+    return jobs
+
+
+def run_job(job: Job, threads: int | None = None) -> dict[str, Any]:
+    """Train and score one run (in a worker process or in this one); its output goes to the run's log.txt."""
+    import torch
+
+    from ..evaluation import evaluate
+    from ..training import train
+
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.time()
+    job.folder.mkdir(parents=True, exist_ok=True)
+    images = Path(job.train["instance_data_dir"])
+    shutil.rmtree(images, ignore_errors=True)
+    images.mkdir()
+    for i, img in enumerate(SUBJECTS[job.subject].instance_images(5, seed=job.seed)[: job.variant.images]):
+        Image.fromarray(img).save(images / f"{job.subject}-{i}.png")
+    shutil.rmtree(job.folder / "model", ignore_errors=True)  # a run killed midway starts over
+    with open(job.folder / "log.txt", "w") as logfile, contextlib.redirect_stderr(logfile), \
+            contextlib.redirect_stdout(logfile):
+        summary = train(**job.train)
+        report = evaluate(**job.evaluate)
+    if not job.keep_model:
+        shutil.rmtree(job.folder / "model")
+    result = {"settings": job.settings(), "metrics": {k: m["value"] for k, m in report["metrics"].items()},
+              "mean_loss": summary["mean_loss"], "wall_time_s": round(time.time() - started, 1)}
+    write_text_atomic(job.folder / RESULT, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def finished(job: Job) -> dict[str, Any] | None:
+    """The run's result when it finished with these very settings."""
+    path = job.folder / RESULT
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    return result if result.get("settings") == job.settings() else None
+
+
+def prepare_class_images(jobs: list[Job]) -> None:
+    """Generate each class folder's images once, before runs that share the folder start at the same time."""
+    from accelerate import Accelerator
+
+    from ..config import TrainConfig
+    from ..families import ModelSource, get_family
+    from ..prior import ensure_class_images
+
+    seen = set()
+    for job in jobs:
+        folder = job.train["class_data_dir"]
+        if folder is None or folder in seen:
+            continue
+        seen.add(folder)
+        cfg = schema.build(TrainConfig, job.train)
+        source = ModelSource(cfg.pretrained_model_name_or_path)
+        made = ensure_class_images(cfg, get_family(source), source, Accelerator(cpu=True))
+        log.info("class images for %r: %d reused, %d generated", cfg.class_prompt, made.reused, made.generated)
+
+
+def run_all(jobs: list[Job], workers: int) -> dict[Path, dict[str, Any]]:
+    """Every job's result by folder: earlier results reused, the rest run `workers` at a time."""
+    results = {job.folder: r for job in jobs if (r := finished(job)) is not None}
+    todo = [job for job in jobs if job.folder not in results]
+    if results:
+        log.info("%d run(s) already done with these settings are reused", len(results))
+    if not todo:
+        return results
+    prepare_class_images(todo)
+    workers = min(workers, len(todo))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    log.info("%d run(s) to train and score, %d at a time, %d CPU thread(s) each", len(todo), workers, threads)
+
+    def report(i: int, job: Job, result: dict[str, Any]) -> None:
+        metrics = " ".join(f"{k} {v:.3f}" for k, v in result["metrics"].items())
+        log.info("[%d/%d] %s %s seed %d: %s (%.0f s)", i, len(todo), variant_name(job.variant), job.subject,
+                 job.seed, metrics, result["wall_time_s"])
+
+    if workers == 1:
+        for i, job in enumerate(todo, 1):
+            results[job.folder] = run_job(job)
+            report(i, job, results[job.folder])
+        return results
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(run_job, job, threads): job for job in todo}
+        for i, future in enumerate(as_completed(futures), 1):
+            job = futures[future]
+            try:
+                results[job.folder] = future.result()
+            except Exception as e:  # one failed run is named; the finished ones stay on disk for the next try
+                raise DreamBoothError(f"run {job.folder} failed ({type(e).__name__}: {e}); see "
+                                      f"{job.folder / 'log.txt'}") from None
+            report(i, job, results[job.folder])
+    return results
+
+
+def reproduce(config: ReproduceConfig | dict | str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """Run the ablation studies on the toy world; returns the results (also written as ablations.json)."""
+    from ..quiet import quiet_libraries
+    from .ablation_report import summarize, write_report
+    from .demo import BUNDLED, pick_identifier
+
+    values = {**schema.values_of(config, ReproduceConfig), **overrides}
+    if values.get("quick"):
+        values = {**QUICK, **values}  # flags given with --quick still win
+    cfg = schema.build(ReproduceConfig, values)
+    quiet_libraries()
+    started = time.time()
+    model = cfg.model or str(BUNDLED)
+    if not (Path(model) / "model_index.json").is_file():
+        raise DreamBoothError(f"{model} holds no toy pipeline (model_index.json); pass --model with a folder that "
+                              "`dreambooth toy pretrain` wrote")
+    out = Path(cfg.output_dir)
+    claim_output_dir(out, MARKER, "`dreambooth reproduce`")
+    write_text_atomic(out / MARKER, json.dumps(schema.to_dict(cfg), default=str, indent=2) + "\n")
+
+    identifiers = {name: pick_identifier(model, SUBJECTS[name].cls) for name in cfg.subjects}
+    jobs = plan(cfg, model, identifiers, out)
+    reused = sum(finished(job) is not None for job in jobs)
+    results = run_all(jobs, cfg.jobs)
+
+    summary = summarize(cfg, jobs, results, identifiers)
+    summary |= {"reused_runs": reused, "wall_time_s": round(time.time() - started, 1)}
+    write_report(summary, out, cfg.docs_dir)
+    return summary

@@ -1,0 +1,124 @@
+"""`dreambooth reproduce`: planning, statistics, verdicts, the report, and a quick run on the bundled toy model."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreambooth import cli, schema
+from dreambooth.evaluation.backends import BACKENDS, Subject
+from dreambooth.evaluation.metrics import t_interval
+from dreambooth.toy.ablation_report import command_line, verdict
+from dreambooth.toy.ablations import QUICK, ReproduceConfig, Variant, noun_for, plan, variant_name
+from dreambooth.toy.subjects import SUBJECTS
+
+
+def test_t_interval_matches_students_t():
+    mean, low, high = t_interval([1.0, 2.0, 3.0])
+    half = 4.303 * 1.0 / math.sqrt(3)  # t(0.975, df=2) * sd / sqrt(n)
+    assert mean == 2.0 and low == pytest.approx(2.0 - half) and high == pytest.approx(2.0 + half)
+    one = t_interval([0.5])
+    assert one[0] == 0.5 and math.isnan(one[1]) and math.isnan(one[2])
+    assert t_interval([0.4] * 6)[1:] == pytest.approx((0.4, 0.4))
+
+
+@pytest.mark.parametrize(("diff", "expected"), [
+    ({"mean": 0.3, "low": 0.1, "high": 0.5}, "reproduces"),
+    ({"mean": 0.1, "low": -0.1, "high": 0.3}, "same direction, not significant"),
+    ({"mean": -0.1, "low": -0.3, "high": 0.1}, "opposite direction, not significant"),
+    ({"mean": -0.3, "low": -0.5, "high": -0.1}, "opposite direction: does not reproduce"),
+    ({"mean": 0.2, "low": float("nan"), "high": float("nan")}, "same direction (one unit: no interval)"),
+])
+def test_verdict(diff, expected):
+    assert verdict(diff) == expected
+
+
+def test_plan_runs_a_shared_variant_once_and_shares_class_images(tmp_path):
+    cfg = schema.build(ReproduceConfig, {"subjects": ["circle", "square"], "seeds": [0, 3]})
+    jobs = plan(cfg, "model-dir", {"circle": "jox", "square": "kp"}, tmp_path)
+    variants = {j.variant for j in jobs}
+    # prior: 2; class noun: 5, of which "correct" and "correct_ppl" are prior's two; images: 5, of which 5 images is
+    # prior's "with" -> 9 distinct variants
+    assert len(variants) == 9 and len(jobs) == 9 * 4
+    assert len({j.folder for j in jobs}) == len(jobs)
+    by = {(variant_name(j.variant), j.subject, j.seed): j for j in jobs}
+    wrong = by[("no_ppl-wrong-5img", "circle", 3)].train
+    assert wrong["instance_prompt"] == "a jox square" and wrong["with_prior_preservation"] is False
+    assert wrong["class_data_dir"] is None and wrong["seed"] == 3
+    wrong_ppl = by[("ppl-wrong-5img", "circle", 0)].train
+    assert wrong_ppl["class_prompt"] == "a square"  # the wrong noun's own prior is what is preserved
+    assert wrong_ppl["class_data_dir"] == by[("ppl-correct-5img", "square", 0)].train["class_data_dir"]
+    assert by[("no_ppl-none-5img", "square", 0)].train["instance_prompt"] == "a kp"
+    assert by[("no_ppl-none-5img", "square", 0)].evaluate["class_noun"] == ""
+    one = by[("ppl-correct-1img", "circle", 0)]
+    assert one.variant.images == 1 and one.train["class_prompt"] == "a circle"
+    assert one.train["class_data_dir"] == by[("ppl-correct-5img", "circle", 3)].train["class_data_dir"]
+    assert one.settings() != by[("ppl-correct-5img", "circle", 0)].settings()
+
+
+def test_wrong_noun_is_another_class_of_the_world():
+    for subject in SUBJECTS.values():
+        wrong = noun_for(subject, Variant(noun="wrong"))
+        assert wrong and wrong != subject.cls
+        assert noun_for(subject, Variant(noun="none")) == ""
+
+
+def test_toy_prompts_use_the_trained_noun_but_judge_the_true_class():
+    backend = BACKENDS["toy"]("circle")
+    cases = backend.cases(Subject("circle", "", "jox"))
+    assert cases[0].prompt == "a jox on a white background" and cases[0].text == "a circle on a white background"
+    assert backend.class_prompt(Subject("circle", "square", "jox")) == "a square"
+    drawn = SUBJECTS["circle"].instance_images(2)
+    scores = backend.score(cases[0], [Image.fromarray(a) for a in drawn])
+    assert scores["subject"].min() > 0.5  # the real subject still scores, whatever noun the prompt used
+
+
+def test_command_line_names_only_what_differs():
+    cfg = schema.build(ReproduceConfig, {**QUICK, "quick": True, "studies": ["prior"], "max_train_steps": 100})
+    assert command_line(cfg) == "dreambooth reproduce --studies prior --max_train_steps 100 --quick"
+    assert command_line(schema.build(ReproduceConfig, {"docs_dir": "docs"})) == "dreambooth reproduce --docs_dir docs"
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("keep me")
+    assert cli.main(["reproduce", "--output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "not written by `dreambooth reproduce`" in err and "Traceback" not in err
+    assert (tmp_path / "mine.txt").read_text() == "keep me"
+    assert cli.main(["reproduce", "--studies", "prior", "bogus", "--output_dir", str(tmp_path / "a")]) == 2
+    assert "choose one of prior, class_noun, num_images" in capsys.readouterr().err
+    assert cli.main(["reproduce", "--model", str(tmp_path / "none"), "--output_dir", str(tmp_path / "b")]) == 2
+    assert "holds no toy pipeline" in capsys.readouterr().err
+
+
+def test_quick_run_reproduces_the_prior_preservation_direction(tmp_path):
+    out = tmp_path / "repro"
+    argv = ["reproduce", "--quick", "--studies", "prior", "--output_dir", str(out)]
+    assert cli.main(argv) == 0
+    summary = json.loads((out / "ablations.json").read_text())
+    prior = summary["studies"]["prior"]
+    with_ppl, without = (prior["variants"][k]["metrics"] for k in ("ppl", "no_ppl"))
+    # the paper's Table 3 direction: the prior-preservation loss lowers drift (PRES)
+    assert with_ppl["pres"]["mean"] < without["pres"]["mean"]
+    pres_claim = next(c for c in prior["claims"] if c["metric"] == "pres")
+    assert pres_claim["difference"]["mean"] == pytest.approx(without["pres"]["mean"] - with_ppl["pres"]["mean"])
+    assert summary["command"] == f"dreambooth reproduce --output_dir {out} --studies prior --quick"
+    md = (out / "ablations.md").read_text()
+    assert "| with prior preservation |" in md and "0.493" in md and "![ablations](ablations.png)" in md
+    assert (out / "ablations.png").stat().st_size > 10_000
+    for run in ("ppl-correct-5img", "no_ppl-correct-5img"):
+        result = json.loads((out / "runs" / run / "circle-seed0" / "result.json").read_text())
+        assert set(result["metrics"]) == {"subject", "prompt", "pres", "div"}
+        assert not (out / "runs" / run / "circle-seed0" / "model").exists()  # weights dropped unless --keep_models
+
+    # a second call reuses the finished runs and gives the same figures
+    assert cli.main(argv) == 0
+    md = (out / "ablations.md").read_text()
+    assert "This call ran 0 of them" in md and "reused 2 from earlier calls" in md
+    again = json.loads((out / "ablations.json").read_text())
+    assert again["studies"] == summary["studies"]
+    assert np.isclose(again["train_time_s"], summary["train_time_s"])

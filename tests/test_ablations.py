@@ -58,6 +58,14 @@ def test_plan_runs_a_shared_variant_once_and_shares_class_images(tmp_path):
     assert one.variant.images == 1 and one.train["class_prompt"] == "a circle"
     assert one.train["class_data_dir"] == by[("ppl-correct-5img", "circle", 3)].train["class_data_dir"]
     assert one.settings() != by[("ppl-correct-5img", "circle", 0)].settings()
+    assert {j.train["max_train_steps"] for j in jobs} == {cfg.max_train_steps}
+
+
+def test_steps_per_image_scales_each_runs_steps(tmp_path):
+    cfg = schema.build(ReproduceConfig, {"studies": ["num_images"], "subjects": ["circle"], "seeds": [0],
+                                         "steps_per_image": 80})
+    jobs = plan(cfg, "model-dir", {"circle": "jox"}, tmp_path)
+    assert sorted((j.variant.images, j.train["max_train_steps"]) for j in jobs) == [(n, 80 * n) for n in range(1, 6)]
 
 
 def test_wrong_noun_is_another_class_of_the_world():

@@ -106,7 +106,10 @@ def markdown(summary: dict[str, Any], plot: str | None) -> str:
     lines = [
         "# DreamBooth's ablations, reproduced on the toy world", "",
         "Made by:", "", "```", summary["command"], "```", "",
-        f"{summary['runs']} training runs of {s['max_train_steps']} steps (learning rate {s['learning_rate']}, batch "
+        f"{summary['runs']} training runs of "
+        + (f"{s['steps_per_image']} steps per instance image" if s.get("steps_per_image")
+           else f"{s['max_train_steps']} steps")
+        + f" (learning rate {s['learning_rate']}, batch "
         f"{s['train_batch_size']}, text encoder {'trained' if s['train_text_encoder'] else 'frozen'}, λ = "
         f"{s['prior_loss_weight']}, {s['num_class_images']} class images), each scored on 7 prompts × "
         f"{s['images_per_prompt']} images and {s['class_images']} bare class-prompt images. The runs took "

@@ -119,6 +119,8 @@ class ReproduceConfig:
     seeds: list[int] = option((0, 1), "Seeds: each draws other instance images, training noise and sampling noise")
     model: str | None = option(None, "Base model (default: the bundled toy model)")
     max_train_steps: int = option(400, "Fine-tuning steps per run", check=at_least(1))
+    steps_per_image: int | None = option(None, "Instead of --max_train_steps: this many steps per instance image, so "
+                                         "that runs with fewer images see each image as often", check=at_least(1))
     learning_rate: float = option(2e-4, "Fine-tuning learning rate", check=positive)
     train_batch_size: int = option(4, "Instance images per step (as many class images join them)", check=at_least(1))
     prior_loss_weight: float = option(1.0, "Lambda of the prior-preservation loss", check=at_least(0))
@@ -182,6 +184,7 @@ def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Pat
         for name in cfg.subjects:
             subject = SUBJECTS[name]
             noun, v = noun_for(subject, variant), identifiers[name]
+            steps = cfg.steps_per_image * variant.images if cfg.steps_per_image else cfg.max_train_steps
             for seed in cfg.seeds:
                 folder = out / "runs" / variant_name(variant) / f"{name}-seed{seed}"
                 train = {
@@ -195,9 +198,9 @@ def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Pat
                     "sample_batch_size": 50, "resolution": 32, "center_crop": True,
                     "random_flip": False,  # a flip changes a two-tone subject
                     "train_text_encoder": cfg.train_text_encoder, "train_batch_size": cfg.train_batch_size,
-                    "max_train_steps": cfg.max_train_steps, "learning_rate": cfg.learning_rate,
+                    "max_train_steps": steps, "learning_rate": cfg.learning_rate,
                     "lr_scheduler": "constant", "lr_warmup_steps": 0,
-                    "checkpointing_steps": cfg.max_train_steps + 1, "mixed_precision": "no", "seed": seed,
+                    "checkpointing_steps": steps + 1, "mixed_precision": "no", "seed": seed,
                     "output_dir": str(folder / "model"),
                 }
                 evaluate = {"backend": "toy", "model": str(folder / "model"), "subject": name, "class_noun": noun,

@@ -182,7 +182,9 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
         ax.set_ylim(0, 1.05)
         ax.set_title(st["title"], fontsize=10)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2, frameon=False)
-    fig.suptitle("Toy world: mean, 95% interval over (subject, seed) units;\ndots = units, x = paper", fontsize=9)
+    crosses = any(v["paper"] for st in studies.values() for v in st["variants"].values())
+    fig.suptitle("Toy world: mean, 95% interval over (subject, seed) units;\ndots = units"
+                 + (", x = paper" if crosses else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

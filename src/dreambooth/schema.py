@@ -140,9 +140,10 @@ def check(config: Any) -> None:
     for name, f in fields(type(config)).items():
         value = getattr(config, name)
         allowed = choices_of(f)
-        for item in value if isinstance(value, list | tuple) else [value]:  # a list's every item is one of the choices
-            if allowed is not None and item is not None and item not in allowed:
-                raise ConfigError(name, item, "choose one of " + ", ".join(allowed))
+        if allowed is not None:
+            for item in value if isinstance(value, list | tuple) else [value]:  # each item of a list is checked
+                if item is not None and item not in allowed:
+                    raise ConfigError(name, item, "choose one of " + ", ".join(allowed))
         rule = f.metadata.get("check")
         problem = rule(value) if rule else None
         if problem:

@@ -147,7 +147,6 @@ QUICK = {"subjects": ["circle"], "seeds": [0], "max_train_steps": 200, "num_clas
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    study_keys: tuple[str, ...]  # variant keys (in their studies) this run serves
     variant: Variant
     subject: str
     seed: int
@@ -175,12 +174,9 @@ def variant_name(v: Variant) -> str:
 
 def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Path) -> list[Job]:
     """One job per distinct (variant, subject, seed) over the chosen studies; a variant two studies share runs once."""
-    wanted: dict[Variant, list[str]] = {}
-    for study in cfg.studies:
-        for key, (_, variant) in STUDIES[study].variants.items():
-            wanted.setdefault(variant, []).append(f"{study}/{key}")
+    variants = dict.fromkeys(v for study in cfg.studies for _, v in STUDIES[study].variants.values())
     jobs = []
-    for variant, keys in wanted.items():
+    for variant in variants:
         for name in cfg.subjects:
             subject = SUBJECTS[name]
             noun, v = noun_for(subject, variant), identifiers[name]
@@ -207,7 +203,7 @@ def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Pat
                             "identifier": v, "images_per_prompt": cfg.images_per_prompt,
                             "class_images": cfg.class_images, "seed": seed, "batch_size": 64,
                             "output_dir": str(folder / "evaluation")}
-                jobs.append(Job(tuple(keys), variant, name, seed, folder, train, evaluate, cfg.keep_models))
+                jobs.append(Job(variant, name, seed, folder, train, evaluate, cfg.keep_models))
     return jobs
 
 
@@ -269,14 +265,16 @@ def prepare_class_images(jobs: list[Job]) -> None:
         log.info("class images for %r: %d reused, %d generated", cfg.class_prompt, made.reused, made.generated)
 
 
-def run_all(jobs: list[Job], workers: int) -> dict[Path, dict[str, Any]]:
-    """Every job's result by folder: earlier results reused, the rest run `workers` at a time."""
+def run_all(jobs: list[Job], workers: int) -> tuple[dict[Path, dict[str, Any]], int]:
+    """Every job's result by folder, and how many were reused: earlier results are reused, the rest run `workers`
+    at a time."""
     results = {job.folder: r for job in jobs if (r := finished(job)) is not None}
+    reused = len(results)
     todo = [job for job in jobs if job.folder not in results]
-    if results:
-        log.info("%d run(s) already done with these settings are reused", len(results))
+    if reused:
+        log.info("%d run(s) already done with these settings are reused", reused)
     if not todo:
-        return results
+        return results, reused
     prepare_class_images(todo)
     workers = min(workers, len(todo))
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -291,7 +289,7 @@ def run_all(jobs: list[Job], workers: int) -> dict[Path, dict[str, Any]]:
         for i, job in enumerate(todo, 1):
             results[job.folder] = run_job(job)
             report(i, job, results[job.folder])
-        return results
+        return results, reused
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
         futures = {pool.submit(run_job, job, threads): job for job in todo}
         for i, future in enumerate(as_completed(futures), 1):
@@ -302,7 +300,7 @@ def run_all(jobs: list[Job], workers: int) -> dict[Path, dict[str, Any]]:
                 raise DreamBoothError(f"run {job.folder} failed ({type(e).__name__}: {e}); see "
                                       f"{job.folder / 'log.txt'}") from None
             report(i, job, results[job.folder])
-    return results
+    return results, reused
 
 
 def reproduce(config: ReproduceConfig | dict | str | Path | None = None, **overrides: Any) -> dict[str, Any]:
@@ -327,8 +325,7 @@ def reproduce(config: ReproduceConfig | dict | str | Path | None = None, **overr
 
     identifiers = {name: pick_identifier(model, SUBJECTS[name].cls) for name in cfg.subjects}
     jobs = plan(cfg, model, identifiers, out)
-    reused = sum(finished(job) is not None for job in jobs)
-    results = run_all(jobs, cfg.jobs)
+    results, reused = run_all(jobs, cfg.jobs)
 
     summary = summarize(cfg, jobs, results, identifiers)
     summary |= {"reused_runs": reused, "wall_time_s": round(time.time() - started, 1)}

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench reproduce lint clean
+.PHONY: install demo test test-repeat bench reproduce lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 -q tests
+
+# The suite REPEAT times in a row, stopping at the first failure: a flaky test shows here before it blocks anyone.
+REPEAT ?= 5
+test-repeat: $(STAMP)
+	@for i in $$(seq $(REPEAT)); do \
+		echo "== test run $$i of $(REPEAT)"; \
+		$(BIN)/python -m pytest -n 2 -q tests || exit 1; \
+	done
 
 # Performance figures for this machine (minutes; the SD 1.5-size steps need ~20 GB of memory on CPU):
 # benchmarks/results/{cpu,gpu}.{md,json}. BENCH_ARGS=--skip_sd15 or --quick for a shorter run.

@@ -10,8 +10,8 @@ Results go to benchmarks/results/<device>.json and .md. Measurements:
 - class_images: class images/s and the toy judges' class accuracy and diversity against sampler steps: the
   default (dpm++, 25 steps) and fewer, against the reference script's 50 steps (PNDM, its pipelines' default).
 - sd15: an SD 1.5-architecture UNet (random weights) at 512 px, batch 1 instance + 1 prior: full fine-tune step
-  (with gradient checkpointing; and with 8-bit Adam on a GPU) and LoRA step; FLOPs counted with
-  torch.utils.flop_counter, MFU = FLOPs per step x steps/s / peak.
+  (with gradient checkpointing; on a GPU also with 8-bit Adam, and with `--deterministic`'s kernels) and LoRA
+  step; FLOPs counted with torch.utils.flop_counter, MFU = FLOPs per step x steps/s / peak.
 """
 
 from __future__ import annotations
@@ -149,6 +149,8 @@ def sd15(args) -> dict:
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
 
+    from dreambooth.run import determinism
+
     dev = device()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
@@ -189,14 +191,15 @@ def sd15(args) -> dict:
         unet(x, t, c).sample.float().pow(2).mean().backward()
     opt.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
-    step()  # warm-up (allocations, kernels)
-    reset_peak()
-    sync()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync()
-    per_s = args.steps / (time.perf_counter() - start)
+    with determinism("deterministic" in variant):  # what `train --deterministic` switches on
+        step()  # warm-up (allocations, kernels)
+        reset_peak()
+        sync()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        sync()
+        per_s = args.steps / (time.perf_counter() - start)
     return {"variant": variant, "steps": args.steps, "steps_per_s": per_s, "flops_per_step": flops,
             "trainable_params": sum(p.numel() for p in params), "peak_memory_gb": peak_memory_gb()}
 
@@ -268,7 +271,7 @@ def main() -> None:
         if not args.skip_sd15:
             variants = ["full+checkpointing", "lora"]
             if gpu:
-                variants = ["full", "full+checkpointing", "full+8bit+checkpointing", "lora"]
+                variants = ["full", "full+deterministic", "full+checkpointing", "full+8bit+checkpointing", "lora"]
             results["sd15"] = [child("sd15", v, 1 if not gpu else 10, 0, work) for v in variants]
             results["sd15_vae"] = child("sd15_vae", "", 3 if not gpu else 20, 0, work)
     peak_flops = results["peak"]["flops_per_s"]

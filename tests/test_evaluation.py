@@ -256,12 +256,15 @@ def test_evaluate_keeps_a_folder_it_did_not_write(tmp_path, instance_dir, capsys
 
 
 def test_evaluate_names_a_missing_backbone_and_a_short_images_folder(tmp_path, instance_dir, backbones, capsys):
-    code = main(["evaluate", "--images_dir", str(tmp_path), "--real_images", str(instance_dir), "--class_noun",
+    images = tmp_path / "images"
+    images.mkdir()
+    code = main(["evaluate", "--images_dir", str(images), "--real_images", str(instance_dir), "--class_noun",
                  "dog", "--identifier", "zwx", "--dino_model", str(tmp_path / "no-dino"), "--output_dir",
                  str(tmp_path / "o1")])
     err = capsys.readouterr().err
     assert code == 2 and "--dino_model" in err and len(err.strip().splitlines()) == 1
-    code = main(["evaluate", "--images_dir", str(tmp_path / "o1"), "--real_images", str(instance_dir),
+    assert not (tmp_path / "o1").exists()  # failed before its inputs loaded: the folder it made is gone again
+    code = main(["evaluate", "--images_dir", str(images), "--real_images", str(instance_dir),
                  "--class_noun", "dog", "--identifier", "zwx", "--dino_model", backbones["dino_model"],
                  "--clip_model", backbones["clip_model"], "--output_dir", str(tmp_path / "o2")])
     err = capsys.readouterr().err

@@ -1,5 +1,5 @@
 """`dreambooth export --format single-file`: a full fine-tune as one checkpoint in the original SD / SDXL key
-layout, read back by diffusers' from_single_file with every tensor and every image unchanged."""
+layout, read back by diffusers' from_single_file with every tensor unchanged and the same images."""
 
 from __future__ import annotations
 
@@ -51,7 +51,10 @@ def test_full_fine_tune_round_trips_through_from_single_file(kind, request, base
     for part in ("unet", "vae", *(n for n in back.components if n.startswith("text_encoder"))):
         ours, theirs = getattr(trained, part).state_dict(), getattr(back, part).state_dict()
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), part
-    assert np.array_equal(render(trained), render(back))
+    # The weights are bit-identical (above), but the two loaders build the modules differently (e.g. tensor strides,
+    # attention processors), so float sums may run in another order: images agree to float rounding, ~1e-7 seen;
+    # 1e-5 is far below one 8-bit level (3.9e-3).
+    assert np.allclose(render(trained), render(back), rtol=0, atol=1e-5)
 
 
 def test_lora_run_exports_fused_and_matches_merged(base_args, tiny_model, tmp_path):

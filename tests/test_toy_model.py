@@ -60,7 +60,7 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("keep me")
     assert main(["demo", "--output_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "not written by the demo" in err
+    assert len(err.splitlines()) == 1 and "not written by `dreambooth demo`" in err
     assert (tmp_path / "mine.txt").read_text() == "keep me"
 
 

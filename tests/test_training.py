@@ -59,12 +59,16 @@ def test_reference_command_line_end_to_end(base_args, tiny_model, tmp_path):
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
 
-    # the same command again reuses every class image, and with the same seed learns the same weights
+    # the same command into the finished folder is refused and changes nothing; into a new folder it reuses every
+    # class image and, with the same seed on the same device, learns the same weights bit for bit
     first = weights(out, "unet")
-    assert main(["train", *to_argv(args)]) == 0
-    again = json.loads((out / "run_summary.json").read_text())
-    assert again["class_images"] == {"used": 4, "user": 0, "reused": 4, "generated": 0}
+    assert main(["train", *to_argv(args)]) == 2
     assert same(weights(out, "unet"), first)
+    again_dir = tmp_path / "again"
+    assert main(["train", *to_argv({**args, "output_dir": str(again_dir)})]) == 0
+    again = json.loads((again_dir / "run_summary.json").read_text())
+    assert again["class_images"] == {"used": 4, "user": 0, "reused": 4, "generated": 0}
+    assert same(weights(again_dir, "unet"), first)
 
 
 def test_text_encoder_trains_only_when_asked(base_args, tiny_model):

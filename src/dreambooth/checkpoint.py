@@ -7,13 +7,17 @@ Layout of `output_dir/checkpoint-<step>/` (each one loads on its own, without th
     optimizer.safetensors/.json  optimizer state tensors / param groups and scalar state
     rng-<rank>.safetensors/.json RNG states of each process
     train_config.json            the resolved config of the run
-    state.json                   step, lr-scheduler state, loss totals (written last)
+    state.json                   step, lr-scheduler state, loss totals, wall time
+    manifest.json                size and SHA-256 of every file above (written last)
 A checkpoint is written to a hidden temporary folder and renamed into place, then `output_dir/latest` is replaced
-atomically; a kill at any moment leaves either the previous checkpoint or the new one, never a half one.
+atomically; a kill at any moment leaves either the previous checkpoint or the new one, never a half one. A save that
+fails (disk full) removes its temporary folder. Before resuming, a checkpoint is checked against its manifest, so a
+file damaged later (truncated, overwritten) is named instead of failing deep inside a loader.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -25,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
@@ -33,6 +38,7 @@ from .lora import ADAPTER_FILE, is_adapted, load_adapter, save_adapter
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 LATEST = "latest"
+MANIFEST = "manifest.json"
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -40,7 +46,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoints that were completely written (renamed into place), oldest first."""
     if not output_dir.is_dir():
         return []
     found = [p for p in output_dir.iterdir() if CHECKPOINT_RE.match(p.name) and (p / "state.json").is_file()]
@@ -48,21 +54,73 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def find_checkpoint(output_dir: Path, spec: str) -> Path | None:
-    """Resolve --resume_from_checkpoint: "latest", a checkpoint name inside output_dir, or a path."""
+    """Resolve --resume_from_checkpoint ("latest", a checkpoint name inside output_dir, or a path) to a checkpoint
+    that passes `verify`; a damaged one is named, with the newest intact one offered instead."""
     if spec == LATEST:
         pointer = output_dir / LATEST
-        if pointer.is_file():
-            target = output_dir / pointer.read_text().strip()
-            if (target / "state.json").is_file():
-                return target
+        target = output_dir / pointer.read_text().strip() if pointer.is_file() else None
         found = list_checkpoints(output_dir)
-        return found[-1] if found else None
-    path = Path(spec).expanduser()
-    candidate = path if path.is_absolute() or path.exists() else output_dir / spec
-    if not (candidate / "state.json").is_file():
-        raise CheckpointError(f"--resume_from_checkpoint {spec}: {candidate} is not a complete checkpoint; "
-                              f"use 'latest' or one of: {', '.join(p.name for p in list_checkpoints(output_dir))}")
+        candidate = target if target is not None and (target / "state.json").is_file() else (
+            found[-1] if found else None)
+    else:
+        path = Path(spec).expanduser()
+        candidate = path if path.is_absolute() or path.exists() else output_dir / spec
+        if not (candidate / "state.json").is_file():
+            raise CheckpointError(f"--resume_from_checkpoint {spec}: {candidate} is not a complete checkpoint; use "
+                                  f"'latest' or one of: {', '.join(p.name for p in list_checkpoints(output_dir))}")
+    if candidate is None:
+        return None
+    problem = verify(candidate)
+    if problem is not None:
+        intact = next((p for p in reversed(list_checkpoints(output_dir)) if p != candidate and verify(p) is None),
+                      None)
+        offer = (f"resume from the newest intact one with --resume_from_checkpoint {intact.name}"
+                 if intact is not None else "no intact checkpoint is left: start a new run in a new --output_dir")
+        raise CheckpointError(f"checkpoint {candidate} is damaged ({problem}); {offer} (and delete "
+                              f"{candidate.name})")
     return candidate
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Size and SHA-256 of every file in a checkpoint folder, as manifest.json."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _digest(p)} for p in files}
+    _write_json(folder / MANIFEST, {"files": entries})
+
+
+def verify(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint's files, or None. Checkpoints from before manifests are checked for readable
+    JSON only (their weights are checked when they load)."""
+    manifest_path = checkpoint / MANIFEST
+    if not manifest_path.is_file():
+        for name in ("state.json", "optimizer.json", "train_config.json"):
+            try:
+                json.loads((checkpoint / name).read_text())
+            except (OSError, ValueError):
+                return f"{name} is missing or unreadable"
+        return None
+    try:
+        entries = json.loads(manifest_path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, expected in entries.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"{name} has {size} bytes, {expected['size']} were written"
+        if _digest(path) != expected["sha256"]:
+            return f"{name} has changed since it was written (SHA-256 differs)"
+    return None
 
 
 # -- optimizer state as tensors + JSON -------------------------------------------------------------------------
@@ -135,6 +193,29 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    try:
+        _write_checkpoint(tmp, step, modules, optimizer, state, config, accelerator, extra)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed save (disk full) leaves the previous checkpoints only
+        raise
+    if accelerator.is_main_process:
+        if final.exists():  # a re-run of the same step after resuming from an older checkpoint
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        write_text_atomic(output_dir / LATEST, final.name + "\n")
+        if total_limit is not None:
+            others = [p for p in list_checkpoints(output_dir) if p != final]
+            for old in others[: max(0, len(others) - (total_limit - 1))]:  # the new one always survives
+                shutil.rmtree(old, ignore_errors=True)
+        for stale in output_dir.glob(".checkpoint-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_checkpoint(tmp: Path, step: int, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                      state: dict[str, Any], config: dict[str, Any], accelerator,
+                      extra: Callable[[Path], None] | None) -> None:
     rng_tensors, rng_meta = _rng_state()
     save_file(rng_tensors, tmp / f"rng-{accelerator.process_index}.safetensors")
     _write_json(tmp / f"rng-{accelerator.process_index}.json", rng_meta)
@@ -153,24 +234,23 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json(tmp / "state.json", {**state, "step": step, "num_processes": accelerator.num_processes})
-        if final.exists():  # a re-run of the same step after resuming from an older checkpoint
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_text_atomic(output_dir / LATEST, final.name + "\n")
-        if total_limit is not None:
-            others = [p for p in list_checkpoints(output_dir) if p != final]
-            for old in others[: max(0, len(others) - (total_limit - 1))]:  # the new one always survives
-                shutil.rmtree(old, ignore_errors=True)
-        for stale in output_dir.glob(".checkpoint-*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+        write_manifest(tmp)
 
 
 def load_checkpoint(
     checkpoint: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, process_index: int
 ) -> dict[str, Any]:
     """Restore modules, optimizer and this process's RNG in place; return state.json."""
+    try:
+        return _load_checkpoint(checkpoint, modules, optimizer, process_index)
+    except (SafetensorError, OSError, ValueError) as e:  # a checkpoint from before manifests, damaged
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"checkpoint {checkpoint} cannot be read ({first}); resume from an earlier "
+                              "checkpoint with --resume_from_checkpoint checkpoint-N") from None
+
+
+def _load_checkpoint(checkpoint: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+                     process_index: int) -> dict[str, Any]:
     for name, module in modules.items():
         if is_adapted(module) != (checkpoint / name / ADAPTER_FILE).is_file():
             saved = "without" if is_adapted(module) else "with"

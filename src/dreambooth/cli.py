@@ -91,16 +91,11 @@ def _add_export_parser(sub) -> None:
 
 
 def _add_identifier_parser(sub) -> None:
-    p = sub.add_parser("identifier", help="Find or check a rare-token identifier",
-                       description="List rare single tokens of <= 3 characters ranked by how weak their prior is "
-                                   "for a class noun, or check a chosen identifier.")
-    p.add_argument("--pretrained_model_name_or_path", "--model", required=True, help="Pipeline folder or hub id")
-    p.add_argument("--class_noun", help="The class noun, e.g. dog (needed to measure the prior)")
-    p.add_argument("--check", metavar="WORD", help="Check one identifier instead of listing candidates")
-    p.add_argument("--top", type=int, default=20, help="How many candidates to list")
-    p.add_argument("--revision")
-    p.add_argument("--variant")
-    p.set_defaults(handler=_run_identifier)
+    from .identifier import IdentifierConfig
+
+    _config_command(sub, "identifier", IdentifierConfig, _run_identifier, help="Find or check a rare-token identifier",
+                    description="List rare single tokens of <= 3 characters ranked by how weak their prior is for a "
+                                "class noun, or check a chosen identifier.")
 
 
 def _add_demo_parser(sub) -> None:
@@ -182,27 +177,20 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _run_evaluate_summary(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from .evaluation.evaluate import summary_lines
-    from .evaluation.report import combine
+    from .evaluation.report import combine, read_report, summary_target, write_summary
 
-    reports = {}
-    for name in args.reports:
-        path = Path(name) / "report.json" if Path(name).is_dir() else Path(name)
-        try:
-            reports[str(path)] = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            raise DreamBoothError(f"{path} is not a readable report.json; pass the files `dreambooth evaluate` "
-                                  "wrote") from None
+    target = summary_target(args.output, args.reports) if args.output else None  # refused before any work
+    reports = {str(name): read_report(Path(name)) for name in args.reports}
     summary = combine(reports)
     for label, values in summary["per_report"].items():
         print(f"{label}: " + "  ".join(f"{k} {v:.3f}" for k, v in values.items()))
     print(f"pooled over {summary['subjects']} report(s):")
     print("\n".join(summary_lines(summary)))
-    if args.output:
-        Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")
+    if target is not None:
+        print(f"wrote {write_summary(summary, target)}")
     return 0
 
 
@@ -217,12 +205,16 @@ def _run_identifier(args: argparse.Namespace) -> int:
     from . import identifier as ident
     from .families import ModelSource, get_family
 
-    source = ModelSource(args.pretrained_model_name_or_path, args.revision, args.variant)
+    cfg = schema.build(ident.IdentifierConfig, _values(args))
+    source = ModelSource(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
     tokenizer, text_encoder = get_family(source).load_text(source)
     text_encoder.eval()
-    if args.check:
-        report = ident.check(tokenizer, text_encoder, args.check, args.class_noun)
-        print(f"{args.check!r}: {len(report.pieces)} token(s) [{' + '.join(report.pieces)}]", end="")
+    unknown = ident.unknown_word(tokenizer, cfg.class_noun) if cfg.class_noun else None
+    if unknown:
+        print(f"dreambooth identifier: warning: {unknown}", file=sys.stderr)
+    if cfg.check:
+        report = ident.check(tokenizer, text_encoder, cfg.check, cfg.class_noun)
+        print(f"{cfg.check!r}: {len(report.pieces)} token(s) [{' + '.join(report.pieces)}]", end="")
         if report.shift is not None:
             print(f", prior shift {report.shift:.4f} (weaker than {1 - report.percentile:.0%} of rare candidates)"
                   if report.percentile is not None else f", prior shift {report.shift:.4f}", end="")
@@ -230,14 +222,14 @@ def _run_identifier(args: argparse.Namespace) -> int:
         for problem in report.problems:
             print(f"warning: {problem}")
         return 1 if report.problems else 0
-    if args.class_noun is None:
-        found = ident.candidates(tokenizer)[: args.top]
+    if cfg.class_noun is None:
+        found = ident.candidates(tokenizer)[: cfg.top]
         print("token   id      (rarest first; pass --class_noun to rank by measured prior)")
         for c in found:
             print(f"{c.token:<7} {c.token_id}")
         return 0
-    ranked = ident.rank(tokenizer, text_encoder, args.class_noun, top=args.top)
-    print(f"token   id      prior shift for 'a <token> {args.class_noun}' (lower = weaker prior = better)")
+    ranked = ident.rank(tokenizer, text_encoder, cfg.class_noun, top=cfg.top)
+    print(f"token   id      prior shift for 'a <token> {cfg.class_noun}' (lower = weaker prior = better)")
     for c in ranked:
         print(f"{c.token:<7} {c.token_id:<7} {c.shift:.4f}")
     return 0
@@ -297,11 +289,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except DreamBoothError as e:
+        _close_progress_bars()
         print(f"dreambooth {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print(f"dreambooth {args.command}: interrupted; completed checkpoints are kept", file=sys.stderr)
         return 130
+
+
+def _close_progress_bars() -> None:
+    """A bar left open by a failed step would share its line with the error message."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
 
 
 if __name__ == "__main__":

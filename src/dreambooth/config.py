@@ -110,6 +110,12 @@ class TrainConfig:
     mixed_precision: str | None = option(None, "Mixed precision (default: accelerate's config)", choices=PRECISIONS,
                                          group="training")
     allow_tf32: bool = option(False, "Allow TF32 matmuls on Ampere+ GPUs", group="training")
+    device: str = option("auto", "Where to train: auto (the GPU when there is one, as accelerate decides), cpu (even "
+                         "when a GPU exists), or cuda (refused without one)", choices=("auto", "cpu", "cuda"),
+                         group="training")
+    deterministic: bool = option(False, "Deterministic GPU kernels (no cuDNN autotuning, deterministic attention and "
+                                 "cuBLAS), so that a resumed run matches an uninterrupted one bit for bit on a GPU "
+                                 "too; slower", group="training")
     offset_noise: bool = option(False, "Add offset noise (brighter darks, darker lights)", group="training")
     offset_noise_strength: float = option(0.1, "Scale of the offset noise", check=at_least(0), group="training")
     snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (5.0 is the usual choice)", check=positive,

@@ -25,3 +25,11 @@ class ModelError(DreamBoothError):
 
 class CheckpointError(DreamBoothError):
     """A checkpoint or output folder conflicts with the run being started."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A GPU or CPU allocation failure (torch raises RuntimeError subclasses with these messages)."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error)
+    return "out of memory" in text.lower() or "can't allocate memory" in text

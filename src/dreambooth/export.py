@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ import torch
 from . import schema
 from .errors import DataError, DreamBoothError
 from .lora import LORA_WEIGHTS, is_lora_output
+from .outputs import check_inputs, writing
 from .schema import at_least, option
 
 EXPORTERS: dict[str, Callable[[Any], Path]] = {}
@@ -49,11 +53,31 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def export(config: ExportConfig | dict | str | Path | None = None, **overrides: Any) -> Path:
-    """Write a run's result in another format; returns the written path. Nothing existing is overwritten."""
+    """Write a run's result in another format; returns the written path. Nothing existing is overwritten, and a
+    failed export leaves nothing behind."""
     cfg = schema.build(ExportConfig, {**schema.values_of(config, ExportConfig), **overrides})
-    if Path(cfg.output).exists():
-        raise DreamBoothError(f"{cfg.output} already exists; pass --output with a new path (nothing is overwritten)")
-    return EXPORTERS[cfg.format](cfg)
+    out = Path(cfg.output).expanduser()
+    if out.exists():
+        raise DreamBoothError(f"{out} already exists; pass --output with a new path (nothing is overwritten)")
+    check_inputs(out, {"--model model": cfg.model}, "--output")
+    with writing(out):
+        return EXPORTERS[cfg.format](cfg)
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A hidden temporary path beside `out`, renamed to `out` when the block succeeds and removed when it fails,
+    so a killed or failed export never leaves a half-written file under the final name."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
 
 
 def _lora_run(cfg: ExportConfig) -> Path:
@@ -96,10 +120,11 @@ def export_kohya(cfg: ExportConfig) -> Path:
     train = json.loads((folder / "train_config.json").read_text())
     alpha = train.get("lora_alpha") or train.get("rank")
     state = kohya_keys(load_file(folder / LORA_WEIGHTS), alpha)
-    out.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(train.get("rank")),
                 "ss_network_alpha": str(alpha), "ss_base_model": str(train.get("pretrained_model_name_or_path"))}
-    save_file({k: v.to(DTYPES[cfg.precision]).contiguous() for k, v in state.items()}, str(out), metadata=metadata)
+    with staged(out) as tmp:
+        save_file({k: v.to(DTYPES[cfg.precision]).contiguous() for k, v in state.items()}, str(tmp),
+                  metadata=metadata)
     return out
 
 
@@ -119,8 +144,10 @@ def _full_pipeline(cfg: ExportConfig) -> Any:
 def export_merged(cfg: ExportConfig) -> Path:
     _lora_run(cfg)
     pipe = _full_pipeline(cfg).to(DTYPES[cfg.precision])
-    pipe.save_pretrained(cfg.output, safe_serialization=True)
-    return Path(cfg.output)
+    out = Path(cfg.output)
+    with staged(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return out
 
 
 @exporter("single-file")
@@ -137,9 +164,7 @@ def export_single_file(cfg: ExportConfig) -> Path:
         raise DreamBoothError(f"--output {out} must be a .safetensors file for --format single-file")
     pipe = _full_pipeline(cfg)
     state = pipeline_to_ldm(pipe, family_of(pipe).single_file_text_layout(pipe))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file({k: v.to(DTYPES[cfg.precision]).contiguous() for k, v in state.items()}, str(tmp),
-              metadata={"format": "pt"})
-    tmp.replace(out)  # a killed export never leaves a half-written file under the final name
+    with staged(out) as tmp:
+        save_file({k: v.to(DTYPES[cfg.precision]).contiguous() for k, v in state.items()}, str(tmp),
+                  metadata={"format": "pt"})
     return out

@@ -15,8 +15,10 @@ from . import schema
 from .data import derive_seed
 from .errors import ConfigError, DataError
 from .families import ModelSource, get_family
+from .files import save_image_atomic
 from .grid import make_grid
 from .lora import LORA_WEIGHTS, is_lora_output
+from .outputs import OutputFolder
 from .quiet import quiet_libraries
 from .sampling import SAMPLERS, make_scheduler
 from .schema import at_least, option
@@ -129,22 +131,25 @@ def generate(config: GenerateConfig | dict | str | Path | None = None, **overrid
     values = schema.values_of(config, GenerateConfig)
     cfg = schema.build(GenerateConfig, {**values, **overrides})
     quiet_libraries()
-    pipe, device = open_pipeline(cfg.model, cfg.sampler, cfg.precision, cfg.device, cfg.lora, cfg.lora_scale)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written, all_images = [], []
-    for p_index, prompt in enumerate(cfg.prompt):
-        seeds = [derive_seed(cfg.seed, i) for i in range(cfg.num_images)]
-        images = render(pipe, prompt, seeds, cfg.batch_size, device, negative_prompt=cfg.negative_prompt,
-                        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                        height=cfg.height, width=cfg.width)
-        for i, (seed, img) in enumerate(zip(seeds, images)):
-            path = out / f"{p_index:02d}-{slug(prompt)}-{i:03d}.png"
-            img.save(path, pnginfo=_pnginfo(prompt, cfg, seed))
-            written.append(path)
-            all_images.append(img)
-    grid = out / "grid.png"
-    make_grid(all_images, cols=cfg.num_images).save(grid)
+    inputs = {"--model model": cfg.model, **{f"--lora {p}": p for p in cfg.lora or []}}
+    written: list[Path] = []
+    with OutputFolder(cfg.output_dir, "generate", inputs,
+                      kept=lambda: f"the {len(written)} image(s) written before are kept") as out:
+        pipe, device = open_pipeline(cfg.model, cfg.sampler, cfg.precision, cfg.device, cfg.lora, cfg.lora_scale)
+        out.claim()
+        all_images = []
+        for p_index, prompt in enumerate(cfg.prompt):
+            seeds = [derive_seed(cfg.seed, i) for i in range(cfg.num_images)]
+            images = render(pipe, prompt, seeds, cfg.batch_size, device, negative_prompt=cfg.negative_prompt,
+                            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                            height=cfg.height, width=cfg.width)
+            for i, (seed, img) in enumerate(zip(seeds, images)):
+                path = out.entry(f"{p_index:02d}-{slug(prompt)}-{i:03d}.png")
+                save_image_atomic(img, path, pnginfo=_pnginfo(prompt, cfg, seed))
+                written.append(path)
+                all_images.append(img)
+        grid = out.entry("grid.png")
+        save_image_atomic(make_grid(all_images, cols=cfg.num_images), grid)
     log.info("wrote %d image(s) and %s", len(written), grid)
     return [*written, grid]
 

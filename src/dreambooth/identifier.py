@@ -8,12 +8,25 @@ moves it has little meaning to overwrite, which is what DreamBooth wants.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 import torch
 
+from .schema import at_least, option
+
 log = logging.getLogger("dreambooth")
+
+
+@dataclasses.dataclass
+class IdentifierConfig:
+    pretrained_model_name_or_path: str = option(help="Pipeline folder or hub id", aliases=("--model",))
+    class_noun: str | None = option(None, "The class noun, e.g. dog (needed to measure the prior)")
+    check: str | None = option(None, "Check this one identifier instead of listing candidates")
+    top: int = option(20, "How many candidates to list", check=at_least(1))
+    revision: str | None = option(None, "Hub revision of the model")
+    variant: str | None = option(None, "Weight variant of the model files, e.g. fp16")
 
 # Identifiers known to carry a strong prior in popular checkpoints, whatever our measurement says.
 KNOWN_BAD = {"sks": "in Stable Diffusion 1.x/2.x 'sks' draws a rifle (SKS carbine) into images"}
@@ -52,6 +65,16 @@ def tokens_of(tokenizer, word: str) -> list[str]:
 
 def count_tokens(tokenizer, word: str) -> int:
     return len(tokenizer(word, add_special_tokens=False).input_ids)
+
+
+def unknown_word(tokenizer, word: str) -> str | None:
+    """Why `word` (a class noun) is not one token of the vocabulary, or None when it is."""
+    pieces = tokens_of(tokenizer, word)
+    if len(pieces) == 1 and tokenizer.convert_tokens_to_ids(pieces[0] + WORD_END) != tokenizer.unk_token_id:
+        return None
+    return (f"class noun {word!r} is not a word of this model's vocabulary: it splits into {len(pieces)} tokens "
+            f"({' + '.join(pieces)}), so the text encoder may not know it and the priors measured against it mean "
+            "little; check the spelling or use a noun the model knows")
 
 
 @torch.no_grad()

@@ -103,8 +103,8 @@ def ensure_class_images(cfg: TrainConfig, family: ModelFamily, source: ModelSour
     accelerator.wait_for_everyone()
 
     ours = {i: folder / f"class-{digest}-{i:05d}.png" for i in needed}
-    if accelerator.is_main_process:
-        _write_manifest(folder, digest, settings, ours)
+    if accelerator.is_main_process and _manifest_lacks(folder, digest, settings, ours):
+        _write_manifest(folder, digest, settings, ours)  # only when it changes: a class folder may be read-only
     accelerator.wait_for_everyone()
     paths = user + [ours[i] for i in needed]
     return ClassImages(paths, user=len(user), reused=len(needed) - len(missing), generated=len(missing), stale=stale)
@@ -141,6 +141,21 @@ def _generate(cfg: TrainConfig, family: ModelFamily, source: ModelSource, folder
         torch.cuda.empty_cache()
 
 
+def _entry(digest: str, index: int) -> dict[str, Any]:
+    return {"settings": digest, "index": index, "seed": image_seed(digest, index)}
+
+
+def _manifest_lacks(folder: Path, digest: str, settings: dict[str, Any], ours: dict[int, Path]) -> bool:
+    """Whether the manifest misses (or misdescribes) any of these settings' images."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        recorded = manifest["images"]
+        return manifest["settings"].get(digest) != settings or any(
+            recorded.get(p.name) != _entry(digest, i) for i, p in ours.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return True
+
+
 def _write_manifest(folder: Path, digest: str, settings: dict[str, Any], ours: dict[int, Path]) -> None:
     path = folder / MANIFEST
     manifest: dict[str, Any] = {"version": 1, "settings": {}, "images": {}}
@@ -151,6 +166,5 @@ def _write_manifest(folder: Path, digest: str, settings: dict[str, Any], ours: d
             log.warning("%s was unreadable and is rewritten", path)
     manifest.setdefault("settings", {})[digest] = settings
     for index, p in ours.items():
-        manifest.setdefault("images", {})[p.name] = {"settings": digest, "index": index,
-                                                     "seed": image_seed(digest, index)}
+        manifest.setdefault("images", {})[p.name] = _entry(digest, index)
     write_text_atomic(path, json.dumps(manifest, indent=2, sort_keys=True))

@@ -6,7 +6,10 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,15 +24,18 @@ from .data import ImageFolder, scan_folder
 from .errors import CheckpointError, DataError, DreamBoothError
 from .families import ModelFamily, ModelSource, get_family
 from .files import write_text_atomic
+from .outputs import OutputFolder
 
 log = logging.getLogger("dreambooth")
 
 CONFIG_FILE = "train_config.json"
+SUMMARY_FILE = "run_summary.json"  # written last: its presence marks a finished run
 # Settings that define what a run learns; an output folder belongs to one combination of them.
 IDENTITY = (
     "pretrained_model_name_or_path", "revision", "variant", "instance_data_dir", "instance_prompt", "class_prompt",
     "with_prior_preservation", "train_text_encoder", "resolution", "use_lora", "pretrained_vae_model_name_or_path",
 )
+LOCAL_PATHS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "instance_data_dir")
 
 
 @dataclass
@@ -40,38 +46,77 @@ class Run:
     family: ModelFamily
     instance: ImageFolder
     resume_from: Path | None
+    output: OutputFolder  # locked by the main process; claimed once the models have loaded
+    started: float = field(default_factory=time.time)
+
+    def claim(self) -> None:
+        """The models loaded: the output folder becomes this run's (record and train_config.json)."""
+        if self.accelerator.is_main_process:
+            self.output.claim(identity=identity(schema.to_dict(self.cfg)))
+            write_text_atomic(Path(self.cfg.output_dir) / CONFIG_FILE,
+                              json.dumps(schema.to_dict(self.cfg), indent=2))
+
+    def kept(self) -> str:
+        """What survives a failure now (for one-line errors)."""
+        if not self.output.claimed:
+            return "nothing was written"
+        found = list_checkpoints(Path(self.cfg.output_dir))
+        if found:
+            return (f"{found[-1].name} (the newest complete checkpoint) is kept; continue with "
+                    "--resume_from_checkpoint latest")
+        return f"no checkpoint was complete yet; {self.cfg.output_dir} keeps only what was written before"
 
 
 def identity(values: dict) -> dict:
+    """The IDENTITY settings, local paths resolved (so `sd` and `/abs/sd` are one model)."""
     out = {k: values.get(k) for k in IDENTITY}
-    out["instance_data_dir"] = str(Path(out["instance_data_dir"]).expanduser().resolve())
+    for key in LOCAL_PATHS:
+        if out[key] is not None and (key == "instance_data_dir" or Path(out[key]).expanduser().exists()):
+            out[key] = str(Path(out[key]).expanduser().resolve())
     return out
+
+
+def _read_identity(config_file: Path) -> dict:
+    try:
+        return identity(json.loads(config_file.read_text()))
+    except (OSError, ValueError, TypeError):
+        return {}
 
 
 def _differences(a: dict, b: dict, keys) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
-def resolve_resume(cfg: TrainConfig) -> Path | None:
-    """Which checkpoint to resume from; refuse to mix two runs in one output folder."""
+def resolve_resume(cfg: TrainConfig, output: OutputFolder) -> Path | None:
+    """Which checkpoint to resume from; refuse to mix two runs in one output folder or to replace a finished one."""
     out = Path(cfg.output_dir)
     mine = identity(schema.to_dict(cfg))
-    owner_file = out / CONFIG_FILE
-    if owner_file.is_file():
-        owner = identity(json.loads(owner_file.read_text()))
+    checkpoints = list_checkpoints(out)
+    finished = (out / SUMMARY_FILE).is_file()
+    if output.ours:
+        recorded = output.record.get("identity")
+        owner = recorded if isinstance(recorded, dict) else _read_identity(out / CONFIG_FILE)
         diff = _differences(owner, mine, IDENTITY)
-        if diff:
+        if diff and (checkpoints or finished):
             raise CheckpointError(f"output dir {out} belongs to another run ({'; '.join(diff)}); "
                                   "choose a new --output_dir")
-    checkpoints = list_checkpoints(out)
+        if diff:  # an earlier run stopped before its first checkpoint: nothing of value is there
+            log.warning("output dir %s holds an unfinished run without checkpoints (%s); it is replaced", out,
+                        "; ".join(diff))
     if cfg.resume_from_checkpoint is None:
         if checkpoints:
             raise CheckpointError(f"output dir {out} already holds checkpoints ({checkpoints[-1].name} is the "
                                   "latest); pass --resume_from_checkpoint latest to continue that run, or choose a "
                                   "new --output_dir")
+        if finished:
+            raise CheckpointError(f"output dir {out} holds a finished run, which is not replaced; choose a new "
+                                  "--output_dir (or delete the folder)")
         return None
     ckpt = find_checkpoint(out, cfg.resume_from_checkpoint)
     if ckpt is None:
+        if finished:
+            raise CheckpointError(f"output dir {out} holds a finished run without checkpoints, so there is nothing "
+                                  "to resume and it is not replaced; choose a new --output_dir")
         log.info("no checkpoint in %s yet: starting a new run", out)
         return None
     previous = checkpoint_config(ckpt)
@@ -82,16 +127,20 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     if cfg.seed is None:
         cfg.seed = previous["seed"]
     now = json.loads(json.dumps(schema.to_dict(cfg)))  # as train_config.json holds it (tuples become lists)
-    changed = _differences(previous, now, [k for k in previous if k not in IDENTITY and k != "resume_from_checkpoint"])
+    skip = {"resume_from_checkpoint", "device"}
+    changed = _differences(previous, now, [k for k in previous if k not in IDENTITY and k not in skip])
     if changed:
         log.warning("resuming %s with changed settings: %s", ckpt.name, "; ".join(changed))
     return ckpt
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise DreamBoothError("--device cuda: no CUDA GPU is visible to PyTorch; use --device cpu or auto")
+    if cfg.mixed_precision == "fp16" and not cuda:
         raise DreamBoothError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
-    if cfg.use_8bit_adam and not torch.cuda.is_available():
+    if cfg.use_8bit_adam and not cuda:
         raise DreamBoothError("--use_8bit_adam needs a CUDA GPU (bitsandbytes); drop the flag on CPU")
     trackers = None if cfg.report_to == "none" else cfg.report_to
     project = ProjectConfiguration(project_dir=str(cfg.output_dir),
@@ -99,20 +148,39 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     # accelerate keeps one AcceleratorState per Python process; a second train() call may want other settings
     AcceleratorState._reset_state()
     # accelerate only starts CPU (gloo) process groups when told to run on CPU
-    cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    on_cpu = cfg.device == "cpu" or (not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1)
     try:
         accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                   mixed_precision=cfg.mixed_precision, log_with=trackers, project_config=project,
-                                  cpu=cpu_processes, dynamo_backend="inductor" if cfg.torch_compile else None)
+                                  cpu=on_cpu, dynamo_backend="inductor" if cfg.torch_compile else None)
     except (ValueError, ImportError) as e:
         raise DreamBoothError(f"cannot set up the run: {str(e).splitlines()[0]}") from None
-    if cfg.allow_tf32 and torch.cuda.is_available():
+    if cfg.allow_tf32 and cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
 
 
+@contextmanager
+def determinism(enabled: bool) -> Iterator[None]:
+    """--deterministic: deterministic kernels for the run (strict: an op without one fails loudly rather than
+    silently breaking bit-identity), no cuDNN autotuning; the process's previous settings come back afterwards."""
+    if not enabled:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS handles are made
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
 def setup(cfg: TrainConfig) -> Run:
-    """All checks that need no model weights, then the Accelerator and the seed."""
+    """All checks that need no model weights, then the Accelerator, the output folder's lock and the seed."""
     source = ModelSource(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.tokenizer_name,
                          cfg.pretrained_vae_model_name_or_path)
     family = get_family(source, cfg.family)
@@ -124,13 +192,42 @@ def setup(cfg: TrainConfig) -> Run:
                         "(.jpg, .png, .webp, ...)")
     if cfg.class_data_dir is not None and Path(cfg.class_data_dir).is_file():
         raise DataError(f"class folder {cfg.class_data_dir} is a file; pass a folder (it is created if missing)")
-    resume_from = resolve_resume(cfg)
+    output = OutputFolder(cfg.output_dir, "train", inputs={
+        "base model (--pretrained_model_name_or_path)": cfg.pretrained_model_name_or_path,
+        "VAE model (--pretrained_vae_model_name_or_path)": cfg.pretrained_vae_model_name_or_path,
+        "tokenizer model (--tokenizer_name)": cfg.tokenizer_name,
+        "--instance_data_dir": cfg.instance_data_dir, "--class_data_dir": cfg.class_data_dir,
+        "--eval_config": cfg.eval_config})
+    output.check()  # fails fast, before the Accelerator; checked again under the folder's lock
     accelerator = make_accelerator(cfg)
+    _open_on_main(output, accelerator)
+    try:
+        resume_from = resolve_resume(cfg, output)
+    except BaseException:
+        output.close()  # the lock, and the folder if this run made it
+        raise
     if cfg.seed is None:
         drawn = [random.SystemRandom().randrange(2**31)]
         cfg.seed = broadcast_object_list(drawn)[0] if accelerator.num_processes > 1 else drawn[0]
     set_seed(cfg.seed)
+    run = Run(cfg, accelerator, source, family, instance, resume_from, output)
+    output.kept = run.kept  # a file-system error names what survives
+    return run
+
+
+def _open_on_main(output: OutputFolder, accelerator: Accelerator) -> None:
+    """The main process creates and locks the folder; the others share its outcome (a refusal stops them all)."""
+    problem = None
     if accelerator.is_main_process:
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        write_text_atomic(Path(cfg.output_dir) / CONFIG_FILE, json.dumps(schema.to_dict(cfg), indent=2))
-    return Run(cfg, accelerator, source, family, instance, resume_from)
+        try:
+            output.open()
+        except DreamBoothError as e:
+            problem = str(e)
+    if accelerator.num_processes > 1:
+        problem = broadcast_object_list([problem])[0]
+        accelerator.wait_for_everyone()
+    if problem is not None:
+        raise DreamBoothError(problem)
+    if not accelerator.is_main_process:
+        output.attach()
+

@@ -34,9 +34,11 @@ def option(
     choices: Iterable[str] | Callable[[], Iterable[str]] | None = None,
     check: Callable[[Any], str | None] | None = None,
     group: str = "options",
+    aliases: tuple[str, ...] = (),
 ) -> Any:
-    """Declare a config field; `check(value)` returns an explanation of what is allowed, or None when fine."""
-    meta = {"help": help, "choices": choices, "check": check, "group": group}
+    """Declare a config field; `check(value)` returns an explanation of what is allowed, or None when fine;
+    `aliases` are further command-line flags for it (e.g. "--model")."""
+    meta = {"help": help, "choices": choices, "check": check, "group": group, "aliases": aliases}
     if default is REQUIRED:
         return dataclasses.field(default=None, metadata={**meta, "required": True})
     return dataclasses.field(default=default, metadata={**meta, "required": False})
@@ -148,7 +150,7 @@ def check(config: Any) -> None:
         problem = rule(value) if rule else None
         if problem:
             raise ConfigError(name, value, problem)
-    if hasattr(config, "check"):
+    if callable(getattr(config, "check", None)):  # a field may be called `check` (identifier --check)
         config.check()
 
 
@@ -174,6 +176,8 @@ def values_of(config: Any, cls: type) -> dict[str, Any]:
 def load_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML, YAML or JSON config file into a flat dict; one level of [sections] is flattened."""
     path = Path(path)
+    if path.is_dir():
+        raise DreamBoothError(f"config file {path} is a folder; pass the path of a .toml, .yaml or .json file")
     if not path.is_file():
         raise DreamBoothError(f"config file {path} does not exist; check the --config path")
     try:
@@ -208,7 +212,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         group_name = f.metadata.get("group", "options")
         group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
         base, _ = _base_type(hints[name])
-        flags = [f"--{name}"]
+        flags = [f"--{name}", *f.metadata.get("aliases", ())]
         help_text = f.metadata.get("help", "")
         if f.metadata.get("required"):
             help_text += " (required)"

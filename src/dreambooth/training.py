@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,11 @@ from . import schema
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import DreamBoothDataset, StepBatchSampler, collate
-from .errors import DreamBoothError
+from .errors import DreamBoothError, is_out_of_memory
 from .evaluation import evaluate
 from .evaluation.evaluate import for_training
 from .families import Components
+from .files import write_text_atomic
 from .identifier import check as check_identifier
 from .identifier import class_noun_after, infer_identifier
 from .latent_cache import LatentCache
@@ -31,7 +34,7 @@ from .loss import diffusion_target, dreambooth_loss, min_snr_weights
 from .noising import noise_batch, sample_latents
 from .prior import ClassImages, ensure_class_images
 from .quiet import quiet_libraries
-from .run import Run, setup
+from .run import SUMMARY_FILE, Run, determinism, setup
 from .validation import render_validation
 
 log = logging.getLogger("dreambooth")
@@ -54,8 +57,9 @@ class Parts:
     weight_dtype: torch.dtype
     max_train_steps: int
     latents: LatentCache  # the frozen VAE's output per training view
+    # wall_time_s: seconds of the invocations that led here (up to the checkpoint a run resumed from)
     state: dict[str, Any] = field(default_factory=lambda: {"step": 0, "loss_sum": 0.0, "instance_sum": 0.0,
-                                                           "prior_sum": 0.0})
+                                                           "prior_sum": 0.0, "wall_time_s": 0.0})
 
 
 def train(config: TrainConfig | dict | str | Path | None = None, **overrides: Any) -> dict[str, Any]:
@@ -71,17 +75,33 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
     values = schema.values_of(config, TrainConfig)
     cfg = schema.build(TrainConfig, {**values, **overrides})
     quiet_libraries()
-    started = time.time()
     evaluation = for_training(cfg) if cfg.eval else None  # a bad evaluation setting fails before training
-    run = setup(cfg)
-    parts = build(run)
-    fit(run, parts)
-    summary = finish(run, parts, started)
-    del parts
-    if evaluation is not None and run.accelerator.is_main_process:
-        summary["evaluation"] = evaluate(evaluation)["metrics"]
-        (Path(cfg.output_dir) / "run_summary.json").write_text(json.dumps(summary, indent=2))
+    with determinism(cfg.deterministic), memory_errors(cfg):
+        run = setup(cfg)
+        with run.output:  # locked until the end; file-system errors say what was kept
+            parts = build(run)
+            fit(run, parts)
+            summary = finish(run, parts)
+            del parts
+            if evaluation is not None and run.accelerator.is_main_process:
+                summary["evaluation"] = evaluate(evaluation)["metrics"]
+                write_text_atomic(Path(cfg.output_dir) / SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary
+
+
+@contextmanager
+def memory_errors(cfg: TrainConfig) -> Iterator[None]:
+    """Running out of GPU or CPU memory is a setting to change, not a crash: one line with the usual remedies."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise DreamBoothError(
+            f"out of memory ({first}) at --resolution {cfg.resolution}, --train_batch_size {cfg.train_batch_size}; "
+            "lower them, or add --gradient_checkpointing, --use_lora or --mixed_precision bf16; completed "
+            f"checkpoints in {cfg.output_dir} are kept") from None
 
 
 def build(run: Run) -> Parts:
@@ -90,6 +110,7 @@ def build(run: Run) -> Parts:
     # class images first: generation loads its own pipeline, freed before the training copies load
     class_images = ensure_class_images(cfg, run.family, run.source, acc) if cfg.with_prior_preservation else None
     c = run.family.load(run.source, cfg.prediction_type)
+    run.claim()  # the inputs loaded: from here on the output folder is this run's
 
     # model
     weight_dtype = WEIGHT_DTYPES.get(acc.mixed_precision, torch.float32)
@@ -120,6 +141,11 @@ def build(run: Run) -> Parts:
     dataset = DreamBoothDataset(run.instance.images, class_images.paths if class_images else None, cfg.resolution,
                                 cfg.seed, cfg.center_crop, cfg.random_flip)
     per_step = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
+    if per_step > 2 * dataset.epoch_length:
+        log.warning("one optimizer step takes %d examples, %.0f passes over the %d training images: "
+                    "--gradient_accumulation_steps %d makes each step that much longer and repeats the same images; "
+                    "lower it", per_step, per_step / dataset.epoch_length, dataset.epoch_length,
+                    cfg.gradient_accumulation_steps)
     max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(dataset.epoch_length / per_step)
     prompts = [cfg.instance_prompt, cfg.class_prompt or cfg.instance_prompt]
     input_ids = run.family.tokenize(c, prompts)
@@ -273,7 +299,8 @@ def unwrapped(acc, modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Mo
 
 def save(run: Run, parts: Parts, step: int) -> Path:
     acc = run.accelerator
-    state = {**parts.state, "lr_scheduler": parts.lr_scheduler.state_dict()}
+    state = {**parts.state, "lr_scheduler": parts.lr_scheduler.state_dict(),
+             "wall_time_s": parts.state["wall_time_s"] + time.time() - run.started}
     if acc.scaler is not None:
         state["grad_scaler"] = acc.scaler.state_dict()
     modules = trained_modules(run.cfg, acc.unwrap_model(parts.unet), unwrapped(acc, parts.text_encoders))
@@ -285,7 +312,7 @@ def save(run: Run, parts: Parts, step: int) -> Path:
                            schema.to_dict(run.cfg), acc, run.cfg.checkpoints_total_limit, extra)
 
 
-def finish(run: Run, parts: Parts, started: float) -> dict[str, Any]:
+def finish(run: Run, parts: Parts) -> dict[str, Any]:
     """Save the pipeline, a final validation grid and the run summary."""
     cfg, acc = run.cfg, run.accelerator
     acc.wait_for_everyone()
@@ -296,7 +323,9 @@ def finish(run: Run, parts: Parts, started: float) -> dict[str, Any]:
         "mean_loss": parts.state["loss_sum"] / steps if steps else None,
         "mean_instance_loss": parts.state["instance_sum"] / steps if steps else None,
         "mean_prior_loss": parts.state["prior_sum"] / steps if cfg.with_prior_preservation and steps else None,
-        "wall_time_s": round(time.time() - started, 2),
+        # all invocations that led to this result (a resumed run adds those up to its checkpoint), and this one
+        "wall_time_s": round(parts.state["wall_time_s"] + time.time() - run.started, 2),
+        "wall_time_this_invocation_s": round(time.time() - run.started, 2),
         "processes": acc.num_processes,
         "seed": cfg.seed,
         "family": run.family.name,
@@ -317,7 +346,7 @@ def finish(run: Run, parts: Parts, started: float) -> dict[str, Any]:
             run.family.save(parts.components, unet, encoders, out)
         if cfg.validation_prompt and steps % cfg.validation_steps != 0:
             render_validation(run.family, parts.components, parts.unet, parts.text_encoders, cfg, steps, acc)
-        (out / "run_summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))  # last: marks the run finished
         log.info("saved the fine-tuned pipeline to %s (%d steps, mean loss %s)", out, steps,
                  f"{summary['mean_loss']:.4f}" if summary["mean_loss"] is not None else "n/a")
     acc.wait_for_everyone()

@@ -19,8 +19,9 @@ from PIL import Image
 from .. import schema
 from ..data import derive_seed, open_rgb, scan_folder
 from ..errors import ConfigError, DataError
-from ..files import claim_output_dir, write_text_atomic
+from ..files import save_image_atomic, write_text_atomic
 from ..identifier import class_noun_after, infer_identifier
+from ..outputs import OutputFolder
 from ..sampling import SAMPLERS
 from ..schema import at_least, option
 from . import protocol
@@ -106,14 +107,20 @@ def evaluate(config: EvaluateConfig | dict | str | Path | None = None, **overrid
     cfg = schema.build(EvaluateConfig, {**schema.values_of(config, EvaluateConfig), **overrides})
     quiet_libraries()
     started = time.time()
-    out = Path(cfg.output_dir)
-    claim_output_dir(out, "report.json", "`dreambooth evaluate`")  # an earlier evaluation's files are replaced
+    inputs = {"--model model": cfg.model, "--images_dir": cfg.images_dir, "--real_images": cfg.real_images,
+              "--lpips_weights": cfg.lpips_weights, "--clip_model model": cfg.clip_model,
+              "--dino_model model": cfg.dino_model}
+    with OutputFolder(cfg.output_dir, "evaluate", inputs) as out:  # an earlier evaluation's files are replaced
+        return _evaluate(cfg, out, started)
 
+
+def _evaluate(cfg: EvaluateConfig, out: OutputFolder, started: float) -> dict[str, Any]:
     # what is evaluated
     subject = resolve_subject(cfg)
     real = load_real(cfg)
     backend = make_backend(cfg, real)
     cases = backend.cases(subject)
+    out.claim()
     n = cfg.images_per_prompt or backend.images_per_prompt
     sampling = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v for k, v in backend.sampling.items()}
     log.info("evaluating %r (%s, identifier %r) on %d %s prompts", subject.name or subject.class_noun,
@@ -123,8 +130,8 @@ def evaluate(config: EvaluateConfig | dict | str | Path | None = None, **overrid
     class_prompt = backend.class_prompt(subject)
     if cfg.model is not None:
         n_class = cfg.class_images or backend.class_images
-        images, class_imgs = sample_all(cfg, cases, (class_prompt, n_class), n, sampling, out / "images")
-        image_root = out / "images"
+        image_root = out.entry("images")
+        images, class_imgs = sample_all(cfg, cases, (class_prompt, n_class), n, sampling, image_root)
     else:
         images, class_imgs = read_images(Path(cfg.images_dir), [c.prompt for c in cases])
         image_root = Path(cfg.images_dir)
@@ -139,7 +146,7 @@ def evaluate(config: EvaluateConfig | dict | str | Path | None = None, **overrid
     report["image_root"] = str(image_root)
     report["wall_time_s"] = round(time.time() - started, 1)
     write_report(out, report, cases, images, real)
-    log.info("wrote %s and %s", out / "report.json", out / "report.md")
+    log.info("wrote %s and %s", out.path / "report.json", out.path / "report.md")
     return report
 
 
@@ -229,7 +236,7 @@ def sample_all(cfg: EvaluateConfig, cases: list[Case], class_job: tuple[str, int
         imgs = render(pipe, prompt, [derive_seed(cfg.seed, i) for i in range(count)], cfg.batch_size, device,
                       **kwargs)
         for i, img in enumerate(imgs):
-            img.save(target / f"{i:02d}.png")
+            save_image_atomic(img, target / f"{i:02d}.png")
         results[name] = imgs
     write_text_atomic(folder / "prompts.json", json.dumps(
         {name: prompt for name, prompt, _ in jobs}, indent=2) + "\n")

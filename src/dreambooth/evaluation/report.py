@@ -14,9 +14,10 @@ from PIL import Image, ImageOps
 
 from .. import schema
 from ..errors import DreamBoothError
-from ..files import write_text_atomic
+from ..files import save_image_atomic, write_text_atomic
 from ..generation import slug
 from ..grid import make_grid
+from ..outputs import OutputFolder, check_output_file, writing
 from .backends import BACKENDS, Backend, Case, Metric, Subject
 from .metrics import bootstrap_ci
 
@@ -115,9 +116,9 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(out: Path, report: dict[str, Any], cases: list[Case], images: list[list[Image.Image]],
+def write_report(out: OutputFolder, report: dict[str, Any], cases: list[Case], images: list[list[Image.Image]],
                  real: list[Image.Image]) -> None:
-    grids = out / "grids"
+    grids = out.entry("grids")
     grids.mkdir(exist_ok=True)
     for i, (case, imgs) in enumerate(zip(cases, images)):
         cols = max(len(real), len(imgs))
@@ -127,9 +128,49 @@ def write_report(out: Path, report: dict[str, Any], cases: list[Case], images: l
         grid = make_grid([t or blank for t in tiles], cols=cols)
         scale = max(1, 96 // size[0])  # toy images are 32 px: enlarge them, without smoothing, to be seen
         grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST) if scale > 1 else grid
-        grid.save(grids / f"{i:02d}-{slug(case.prompt)}.png")
-    write_text_atomic(out / "report.md", markdown(report))
-    write_text_atomic(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+        save_image_atomic(grid, grids / f"{i:02d}-{slug(case.prompt)}.png")
+    write_text_atomic(out.entry("report.md"), markdown(report))
+    write_text_atomic(out.entry("report.json"), json.dumps(report, indent=2, default=str) + "\n")
+
+
+REPORT_KEYS = ("backend", "metrics", "per_prompt", "class_prompt")
+SUMMARY_MARK = "dreambooth evaluate-summary"  # `written_by` of a summary file: the only kind it replaces
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """A report.json that `dreambooth evaluate` wrote (or a folder holding one), or a one-line error."""
+    path = path / "report.json" if path.is_dir() else path
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        report = None
+    if not isinstance(report, dict):
+        raise DreamBoothError(f"{path} is not a readable report.json; pass the files `dreambooth evaluate` wrote")
+    lacking = [k for k in REPORT_KEYS if k not in report]
+    if lacking:
+        raise DreamBoothError(f"{path} is not a report of `dreambooth evaluate` (it has no {', '.join(lacking)}); "
+                              "pass the report.json files that command wrote")
+    return report
+
+
+def _is_summary(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("written_by") == SUMMARY_MARK
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
+
+
+def summary_target(output: str | Path, inputs: list[str]) -> Path:
+    """Where the pooled summary goes: a new file, or an earlier summary (nothing else is replaced)."""
+    return check_output_file(output, "--output", {f"report {r}": r for r in inputs}, ours=_is_summary)
+
+
+def write_summary(summary: dict[str, Any], out: Path) -> Path:
+    """The pooled summary as JSON, marked as ours."""
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, json.dumps({"written_by": SUMMARY_MARK, **summary}, indent=2) + "\n")
+    return out
 
 
 def combine(reports: dict[str, dict[str, Any]], resamples: int = 2000, seed: int = 0) -> dict[str, Any]:

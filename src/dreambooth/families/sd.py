@@ -26,8 +26,14 @@ def loading(source: ModelSource, part: str):
         yield
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        hint = ("weights load from .safetensors only; convert .bin/.ckpt files with diffusers' conversion scripts"
-                if "safetensors" in str(e).lower() else "check that the folder is a complete diffusers pipeline")
+        folder = source.path / part if (source.path / part).is_dir() else source.path
+        present = source.is_local and any(folder.rglob("*.safetensors"))
+        if present and "unable to load weights" in str(e).lower():
+            hint = "its .safetensors file is damaged or incomplete (a cut-off download?); download or save it again"
+        elif "safetensors" in str(e).lower():
+            hint = "weights load from .safetensors only; convert .bin/.ckpt files with diffusers' conversion scripts"
+        else:
+            hint = "check that the folder is a complete diffusers pipeline"
         raise ModelError(f"cannot load {part} of {source.name_or_path}: {first}; {hint}") from None
 
 

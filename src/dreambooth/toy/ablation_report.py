@@ -15,7 +15,11 @@ from .. import schema
 from ..evaluation.backends import BACKENDS
 from ..evaluation.metrics import t_interval
 from ..files import write_text_atomic
+from ..outputs import OutputFolder, check_output_file
 from .ablations import QUICK, STUDIES, Job, ReproduceConfig, variant_name
+
+TITLE = "# DreamBooth's ablations, reproduced on the toy world"  # the first line: how a table of ours is recognised
+SOFTWARE = "dreambooth reproduce"  # the plot's PNG metadata, likewise
 
 log = logging.getLogger("dreambooth")
 NAMES = {"subject": "subject fidelity", "prompt": "prompt fidelity", "pres": "PRES", "div": "DIV"}
@@ -104,7 +108,7 @@ def markdown(summary: dict[str, Any], plot: str | None) -> str:
     units = summary["units"]
     toy = BACKENDS["toy"].metrics
     lines = [
-        "# DreamBooth's ablations, reproduced on the toy world", "",
+        TITLE, "",
         "Made by:", "", "```", summary["command"], "```", "",
         f"{summary['runs']} training runs of "
         + (f"{s['steps_per_image']} steps per instance image" if s.get("steps_per_image")
@@ -186,19 +190,46 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
     fig.suptitle("Toy world: mean, 95% interval over (subject, seed) units;\ndots = units"
                  + (", x = paper" if crosses else ""), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png", metadata={"Software": SOFTWARE})
     plt.close(fig)
     return True
 
 
-def write_report(summary: dict[str, Any], out: Path, docs_dir: Path | None) -> None:
-    folders = [out] + ([Path(docs_dir)] if docs_dir else [])
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
-        drawn = plot(summary, folder / "ablations.png")
-        write_text_atomic(folder / "ablations.md", markdown(summary, "ablations.png" if drawn else None))
-    write_text_atomic(out / "ablations.json", json.dumps(summary, indent=2) + "\n")
+def docs_targets(docs_dir: Path) -> tuple[Path, Path]:
+    """ablations.md and ablations.png in --docs_dir, refused (before any run) if either exists and was not written
+    by `reproduce`: the table by its title, the plot by its PNG metadata (or, from before that, by the table beside
+    it)."""
+    md, png = Path(docs_dir) / "ablations.md", Path(docs_dir) / "ablations.png"
+
+    def md_ours(path: Path) -> bool:
+        try:
+            return path.read_text(encoding="utf-8").startswith(TITLE)
+        except (OSError, UnicodeDecodeError):
+            return False
+
+    def png_ours(path: Path) -> bool:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as img:
+                return img.info.get("Software") == SOFTWARE or md_ours(md)
+        except OSError:
+            return False
+
+    return check_output_file(md, "--docs_dir", ours=md_ours), check_output_file(png, "--docs_dir", ours=png_ours)
+
+
+def write_report(summary: dict[str, Any], out: OutputFolder, docs_dir: Path | None) -> None:
+    targets = [(out.entry("ablations.md"), out.entry("ablations.png"))]
+    if docs_dir:
+        Path(docs_dir).mkdir(parents=True, exist_ok=True)
+        targets.append(docs_targets(docs_dir))
+    for md, png in targets:
+        drawn = plot(summary, png)
+        write_text_atomic(md, markdown(summary, png.name if drawn else None))
+    write_text_atomic(out.entry("ablations.json"), json.dumps(summary, indent=2) + "\n")
     for st in summary["studies"].values():
         for c in st["claims"]:
             print(f"{st['title']}: {c['text']}: {_signed(c['difference'])} -> {c['verdict']}")
-    print(f"tables: {out / 'ablations.md'}; plot: {out / 'ablations.png'}; figures: {out / 'ablations.json'}")
+    where = out.path
+    print(f"tables: {where / 'ablations.md'}; plot: {where / 'ablations.png'}; figures: {where / 'ablations.json'}")

@@ -27,7 +27,8 @@ from PIL import Image
 
 from .. import schema
 from ..errors import DreamBoothError
-from ..files import claim_output_dir, write_text_atomic
+from ..files import write_text_atomic
+from ..outputs import OutputFolder
 from ..schema import at_least, option, positive
 from .measure import GUIDANCE, SAMPLER, STEPS
 from .subjects import SUBJECTS, Subject
@@ -306,7 +307,7 @@ def run_all(jobs: list[Job], workers: int) -> tuple[dict[Path, dict[str, Any]], 
 def reproduce(config: ReproduceConfig | dict | str | Path | None = None, **overrides: Any) -> dict[str, Any]:
     """Run the ablation studies on the toy world; returns the results (also written as ablations.json)."""
     from ..quiet import quiet_libraries
-    from .ablation_report import summarize, write_report
+    from .ablation_report import docs_targets, summarize, write_report
     from .demo import BUNDLED, pick_identifier
 
     values = {**schema.values_of(config, ReproduceConfig), **overrides}
@@ -319,15 +320,17 @@ def reproduce(config: ReproduceConfig | dict | str | Path | None = None, **overr
     if not (Path(model) / "model_index.json").is_file():
         raise DreamBoothError(f"{model} holds no toy pipeline (model_index.json); pass --model with a folder that "
                               "`dreambooth toy pretrain` wrote")
-    out = Path(cfg.output_dir)
-    claim_output_dir(out, MARKER, "`dreambooth reproduce`")
-    write_text_atomic(out / MARKER, json.dumps(schema.to_dict(cfg), default=str, indent=2) + "\n")
+    if cfg.docs_dir is not None:
+        docs_targets(cfg.docs_dir)  # refused now, not after the runs
+    with OutputFolder(cfg.output_dir, "reproduce", {"--model model": model}) as folder:
+        identifiers = {name: pick_identifier(model, SUBJECTS[name].cls) for name in cfg.subjects}  # the model loads
+        folder.claim()
+        write_text_atomic(folder.entry(MARKER), json.dumps(schema.to_dict(cfg), default=str, indent=2) + "\n")
+        folder.entry("runs"), folder.entry("class-images")  # written by the runs
+        jobs = plan(cfg, model, identifiers, folder.path)
+        results, reused = run_all(jobs, cfg.jobs)
 
-    identifiers = {name: pick_identifier(model, SUBJECTS[name].cls) for name in cfg.subjects}
-    jobs = plan(cfg, model, identifiers, out)
-    results, reused = run_all(jobs, cfg.jobs)
-
-    summary = summarize(cfg, jobs, results, identifiers)
-    summary |= {"reused_runs": reused, "wall_time_s": round(time.time() - started, 1)}
-    write_report(summary, out, cfg.docs_dir)
+        summary = summarize(cfg, jobs, results, identifiers)
+        summary |= {"reused_runs": reused, "wall_time_s": round(time.time() - started, 1)}
+        write_report(summary, folder, cfg.docs_dir)
     return summary

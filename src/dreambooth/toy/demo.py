@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 
 from .. import schema
 from ..errors import DreamBoothError
-from ..files import claim_output_dir
+from ..files import write_text_atomic
+from ..outputs import OutputFolder
 from ..schema import at_least, option, positive
 from .judges import read
 from .measure import GUIDANCE, SAMPLER, STEPS, diversity, is_subject_rate, load_toy, sample, subject_scores
@@ -87,12 +88,13 @@ def measure(pipe, subject: Subject, prompts: dict[str, list[str]], n: int, seed:
     return m, by_group
 
 
-def prepare_output(out: Path) -> None:
-    """Replace a previous demo's output; refuse any other non-empty folder (nothing of the user's is lost)."""
-    if claim_output_dir(out, MARKER, "the demo"):
-        for child in out.iterdir():
-            if child.name != "class-images":  # class images are reused when their settings match
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+def clear_previous(out: OutputFolder) -> None:
+    """Remove what an earlier demo wrote in the folder (class images stay: they are reused when their settings
+    match); anything else in it is left alone."""
+    removed = [child for child in out.owned_entries() if child.name != "class-images"]
+    for child in removed:
+        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    out.forget(child.name for child in removed)
 
 
 def pick_identifier(model: str, class_noun: str) -> str:
@@ -135,7 +137,6 @@ def report_lines(before: Measurement, after: Measurement, subject: Subject, iden
 def demo(config: DemoConfig | dict | str | Path | None = None, **overrides: Any) -> dict[str, Any]:
     """Run the toy DreamBooth demo; returns the report (also written to output_dir/report.json)."""
     from ..quiet import quiet_libraries
-    from ..training import train
 
     cfg = schema.build(DemoConfig, {**schema.values_of(config, DemoConfig), **overrides})
     quiet_libraries()
@@ -143,18 +144,26 @@ def demo(config: DemoConfig | dict | str | Path | None = None, **overrides: Any)
     if not (Path(cfg.model) / "model_index.json").is_file() and cfg.model == str(BUNDLED):
         raise DreamBoothError(f"the bundled toy model is missing from {BUNDLED}; reinstall the package or run "
                               "`dreambooth toy pretrain --output_dir DIR` and pass --model DIR")
+    with OutputFolder(cfg.output_dir, "demo", {"--model model": cfg.model}) as folder:
+        return _demo(cfg, folder, started)
+
+
+def _demo(cfg: DemoConfig, folder: OutputFolder, started: float) -> dict[str, Any]:
+    from ..training import train
+
     subject = SUBJECTS[cfg.subject]
-    out = Path(cfg.output_dir)
-    prepare_output(out)
-    (out / MARKER).write_text(json.dumps(schema.to_dict(cfg), default=str, indent=2) + "\n")
+    identifier = cfg.identifier or pick_identifier(cfg.model, subject.cls)  # the base model loads
+    clear_previous(folder)
+    folder.claim()
+    out = folder.path
+    write_text_atomic(folder.entry(MARKER), json.dumps(schema.to_dict(cfg), default=str, indent=2) + "\n")
 
     # the subject: a few instance images in few contexts
-    instance_dir = out / "instance-images"
+    instance_dir = folder.entry("instance-images")
     instance_dir.mkdir()
     instance = subject.instance_images(5, seed=cfg.seed)
     for i, img in enumerate(instance):
         Image.fromarray(img).save(instance_dir / f"{subject.name}-{i}.png")
-    identifier = cfg.identifier or pick_identifier(cfg.model, subject.cls)
     prompts = prompts_for(subject, identifier)
     log.info("subject %r (%s), identifier %r; instance images in %s", subject.name, subject.cls, identifier,
              instance_dir)
@@ -167,12 +176,12 @@ def demo(config: DemoConfig | dict | str | Path | None = None, **overrides: Any)
     del base
 
     # dreambooth
-    model_dir = out / "model"
+    model_dir = folder.entry("model")
     summary = train(
         pretrained_model_name_or_path=cfg.model, instance_data_dir=instance_dir,
         instance_prompt=prompts["subject"][0], identifier=identifier,
         with_prior_preservation=cfg.with_prior_preservation, class_prompt=prompts["class"][0],
-        class_data_dir=out / "class-images", num_class_images=cfg.num_class_images,
+        class_data_dir=folder.entry("class-images"), num_class_images=cfg.num_class_images,
         prior_loss_weight=cfg.prior_loss_weight, class_sampler=SAMPLER, class_inference_steps=STEPS,
         class_guidance_scale=GUIDANCE, sample_batch_size=50, resolution=32, center_crop=True,
         random_flip=False,  # a flip changes a two-tone subject
@@ -192,13 +201,13 @@ def demo(config: DemoConfig | dict | str | Path | None = None, **overrides: Any)
     for group in ("subject", "recontext", "class"):
         for p, b, a in zip(prompts[group], before_images[group], after_images[group]):
             rows += [(f"base: {p}", b), (f"dreambooth: {p}", a)]
-    comparison_grid(rows, out / "before_after.png")
+    comparison_grid(rows, folder.entry("before_after.png"))
     lines = report_lines(before, after, subject, identifier)
     report = {"subject": subject.name, "identifier": identifier, "prompts": prompts, "samples_per_prompt": cfg.samples,
               "before": dataclasses.asdict(before), "after": dataclasses.asdict(after), "training": summary,
               "wall_time_s": round(time.time() - started, 1)}
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out / "report.txt").write_text("\n".join(lines) + "\n")
+    write_text_atomic(folder.entry("report.json"), json.dumps(report, indent=2, default=str) + "\n")
+    write_text_atomic(folder.entry("report.txt"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"grids: {out / 'before_after.png'}; report: {out / 'report.json'}; "
           f"{report['wall_time_s']:.0f} s in all")

@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from .. import schema
+from ..files import write_text_atomic
+from ..outputs import OutputFolder
 from ..schema import at_least, option, positive
 from .tokenizer import write_toy_tokenizer
 from .world import COLOURS, SIZE, Scene, caption, held_out_triples, random_scene, render, with_pattern
@@ -191,7 +193,12 @@ def train_denoiser(unet, text_encoder, tokenizer, latents: tuple[torch.Tensor, t
 def pretrain(config: PretrainConfig | dict | str | Path | None = None, **overrides) -> Path:
     """Train and save the toy base model; returns the pipeline folder."""
     cfg = schema.build(PretrainConfig, {**schema.values_of(config, PretrainConfig), **overrides})
-    out = Path(cfg.output_dir)
+    with OutputFolder(cfg.output_dir, "toy pretrain") as folder:  # no inputs to load: claimed at once
+        folder.claim()
+        return _pretrain(cfg, folder.path)
+
+
+def _pretrain(cfg: PretrainConfig, out: Path) -> Path:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     started = time.time()
@@ -223,6 +230,6 @@ def pretrain(config: PretrainConfig | dict | str | Path | None = None, **overrid
     info = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in schema.to_dict(cfg).items()},
             "minutes": round(minutes, 1), "vae_minutes": round(vae_minutes, 1), "scaling_factor": scaling,
             "torch_threads": torch.get_num_threads()}
-    (out / "pretrain.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_text_atomic(out / "pretrain.json", json.dumps(info, indent=2) + "\n")
     log.info("toy model written to %s in %.1f min", out, minutes)
     return out

@@ -1,0 +1,74 @@
+"""What only a CUDA GPU can show: `--deterministic` resume bit for bit, mixed precision (bf16, fp16 with its grad
+scaler) training, and the fused AdamW path. Marked `gpu`: skipped with the reason where there is no CUDA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dreambooth
+import dreambooth.training as training
+from test_resume import Killed, kill_after_checkpoint
+from test_training import same, weights
+
+pytestmark = pytest.mark.gpu
+NO_PRIOR = dict(with_prior_preservation=False, class_prompt=None, class_data_dir=None)
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+def test_deterministic_resume_is_bitwise_on_cuda(base_args, tmp_path, monkeypatch, precision):
+    """N steps straight and N/2 + kill + resume + N/2 under --deterministic: the same weights and optimizer
+    state bit for bit (same device and kernels by construction; the flag removes the non-deterministic ones)."""
+    common = dict(device="cuda", deterministic=True, mixed_precision=precision, train_text_encoder=True,
+                  max_train_steps=6, checkpointing_steps=3, lr_scheduler="linear", lr_warmup_steps=2)
+    dreambooth.train(**base_args(output_dir=str(tmp_path / "straight"), **common))
+    stopped = base_args(output_dir=str(tmp_path / "stopped"), **common)
+    kill_after_checkpoint(monkeypatch, at_step=3)
+    with pytest.raises(Killed):
+        dreambooth.train(**stopped)
+    monkeypatch.undo()
+    summary = dreambooth.train(**stopped, resume_from_checkpoint="latest")
+    assert summary["resumed_from"].endswith("checkpoint-3") and summary["steps"] == 6
+    for part in ("unet", "text_encoder"):
+        assert same(weights(tmp_path / "straight", part), weights(tmp_path / "stopped", part)), part
+    a, b = (load_file(tmp_path / run / "checkpoint-6" / "optimizer.safetensors") for run in ("straight", "stopped"))
+    assert same(a, b)
+    if precision == "fp16":  # the grad scaler's state went through the checkpoint too
+        state = json.loads((tmp_path / "stopped" / "checkpoint-6" / "state.json").read_text())
+        assert state["grad_scaler"]["scale"] > 0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_mixed_precision_trains_on_cuda(base_args, tiny_model, tmp_path, precision, lora):
+    extra = dict(use_lora=True, rank=4, learning_rate=1e-2) if lora else {}
+    summary = dreambooth.train(**base_args(device="cuda", mixed_precision=precision, train_text_encoder=True,
+                                           max_train_steps=3, **extra))
+    assert summary["steps"] == 3 and torch.isfinite(torch.tensor(summary["mean_loss"]))
+    out = tmp_path / "out"
+    if lora:
+        adapters = load_file(out / "pytorch_lora_weights.safetensors")
+        assert adapters and all(v.dtype == torch.float32 for v in adapters.values())  # adapters trained in fp32
+    else:
+        unet = weights(out, "unet")
+        assert all(v.dtype == torch.float32 for v in unet.values())  # trained weights stay fp32
+        assert not same(unet, weights(tiny_model, "unet"))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_fused_adamw_on_cuda(base_args, monkeypatch, lora):
+    """All trained parameters on the GPU in fp32 (full, or LoRA adapters under bf16): the fused kernel."""
+    made = []
+    real = training.make_optimizer
+
+    def spy(cfg, groups):
+        made.append(real(cfg, groups))
+        return made[-1]
+
+    monkeypatch.setattr(training, "make_optimizer", spy)
+    extra = dict(use_lora=True, mixed_precision="bf16", learning_rate=1e-2) if lora else {}
+    dreambooth.train(**base_args(device="cuda", max_train_steps=2, **NO_PRIOR, **extra))
+    assert made and made[0].defaults["fused"] is True

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import dreambooth
 import dreambooth.training as training
-from test_resume import Killed, kill_after_checkpoint
+from test_resume import straight_and_resumed
 from test_training import same, weights
 
 pytestmark = pytest.mark.gpu
@@ -22,16 +22,10 @@ NO_PRIOR = dict(with_prior_preservation=False, class_prompt=None, class_data_dir
 def test_deterministic_resume_is_bitwise_on_cuda(base_args, tmp_path, monkeypatch, precision):
     """N steps straight and N/2 + kill + resume + N/2 under --deterministic: the same weights and optimizer
     state bit for bit (same device and kernels by construction; the flag removes the non-deterministic ones)."""
-    common = dict(device="cuda", deterministic=True, mixed_precision=precision, train_text_encoder=True,
-                  max_train_steps=6, checkpointing_steps=3, lr_scheduler="linear", lr_warmup_steps=2)
-    dreambooth.train(**base_args(output_dir=str(tmp_path / "straight"), **common))
-    stopped = base_args(output_dir=str(tmp_path / "stopped"), **common)
-    kill_after_checkpoint(monkeypatch, at_step=3)
-    with pytest.raises(Killed):
-        dreambooth.train(**stopped)
-    monkeypatch.undo()
-    summary = dreambooth.train(**stopped, resume_from_checkpoint="latest")
-    assert summary["resumed_from"].endswith("checkpoint-3") and summary["steps"] == 6
+    summary = straight_and_resumed(base_args, tmp_path, monkeypatch, 3, device="cuda", deterministic=True,
+                                   mixed_precision=precision, train_text_encoder=True, max_train_steps=6,
+                                   checkpointing_steps=3, lr_scheduler="linear", lr_warmup_steps=2)
+    assert summary["steps"] == 6
     for part in ("unet", "text_encoder"):
         assert same(weights(tmp_path / "straight", part), weights(tmp_path / "stopped", part)), part
     a, b = (load_file(tmp_path / run / "checkpoint-6" / "optimizer.safetensors") for run in ("straight", "stopped"))

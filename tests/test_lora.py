@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 import dreambooth
 from dreambooth.cli import main
 from dreambooth.generation import generate, load_for_inference
-from test_resume import Killed, kill_after_checkpoint
+from test_resume import straight_and_resumed
+from test_training import same
 
 LORA = dict(use_lora=True, rank=4, learning_rate=1e-2)
 
@@ -58,19 +59,13 @@ def test_generate_takes_base_plus_lora_and_matches_diffusers(base_args, tiny_mod
 
 
 def test_lora_resume_is_exact(base_args, tmp_path, monkeypatch):
-    common = dict(**LORA, max_train_steps=6, checkpointing_steps=3, train_text_encoder=True, text_encoder_lr=5e-3)
-    dreambooth.train(**base_args(output_dir=str(tmp_path / "straight"), **common))
-    stopped = base_args(output_dir=str(tmp_path / "stopped"), **common)
-    kill_after_checkpoint(monkeypatch, at_step=3)
-    with pytest.raises(Killed):
-        dreambooth.train(**stopped)
-    monkeypatch.undo()
-    assert (tmp_path / "stopped" / "checkpoint-3" / "unet" / "adapter.safetensors").is_file()
-    summary = dreambooth.train(**stopped, resume_from_checkpoint="latest")
+    summary = straight_and_resumed(base_args, tmp_path, monkeypatch, 3, **LORA, max_train_steps=6,
+                                   checkpointing_steps=3, train_text_encoder=True, text_encoder_lr=5e-3)
     assert summary["steps"] == 6
+    assert (tmp_path / "stopped" / "checkpoint-3" / "unet" / "adapter.safetensors").is_file()
     a = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
     b = load_file(tmp_path / "stopped" / "pytorch_lora_weights.safetensors")
-    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert same(a, b)  # one device, the same computations: bit for bit
 
 
 def test_lora_adapters_stay_fp32_under_bf16_mixed_precision(base_args, monkeypatch):

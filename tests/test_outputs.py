@@ -48,7 +48,7 @@ def test_a_new_folder_is_removed_again_when_the_command_fails_before_claiming_it
     with pytest.raises(RuntimeError), OutputFolder(out, "generate"):
         assert (out / LOCK).is_file()
         raise RuntimeError("the model did not load")
-    assert not out.exists()
+    assert not (tmp_path / "a").exists()  # the parent it made too
     with OutputFolder(out, "generate") as folder:
         folder.claim()
     assert sorted(p.name for p in out.iterdir()) == [RECORD]  # claimed: kept, lock released
@@ -88,17 +88,20 @@ def test_outputs_that_are_hold_or_sit_inside_an_input_are_refused(tmp_path):
     photos, model = tmp_path / "photos", tmp_path / "model"
     (model / "unet").mkdir(parents=True)
     photos.mkdir()
-    for out, inputs, fragment in [
-        (photos, {"--instance_data_dir": photos}, "is the --instance_data_dir input"),
-        (tmp_path, {"--instance_data_dir": photos}, "holds the --instance_data_dir input"),
-        (photos / "out", {"--instance_data_dir": photos}, "is inside the --instance_data_dir input"),
-        (model, {"--model model": model}, "is the --model model input"),
-        (model / "unet", {"--model model": model}, "is inside the --model model input"),
+    photo_input, model_input = {"--instance_data_dir": photos}, {"--model": model}
+    for out, inputs, models, fragment in [
+        (photos, photo_input, {}, "is the --instance_data_dir input"),
+        (tmp_path, photo_input, {}, "holds the --instance_data_dir input"),
+        (photos / "out", photo_input, {}, "is inside the --instance_data_dir input"),
+        (tmp_path / "c" / "out", {"--class_data_dir": tmp_path / "c"}, {}, "is inside the --class_data_dir"),
+        (tmp_path / "o", {"--class_data_dir": tmp_path / "o" / "class"}, {}, "holds the --class_data_dir"),
+        (model, {}, model_input, "is the --model input"),
+        (model / "unet", {}, model_input, "is inside the --model input"),
     ]:
         with pytest.raises(DreamBoothError, match=fragment):
-            OutputFolder(out, "train", inputs).check()
-    OutputFolder(model / "evaluation", "evaluate", {"--model model": model}).check()  # a new folder in a model
-    OutputFolder(tmp_path / "new", "train", {"hub model": "owner/name"}).check()  # hub ids are not paths
+            OutputFolder(out, "train", inputs, models).check()
+    OutputFolder(model / "evaluation", "evaluate", models=model_input).check()  # a new folder in a model
+    OutputFolder(tmp_path / "new", "train", models={"--model": "owner/name"}).check()  # a hub id is no path
 
 
 def test_a_second_process_is_refused_while_the_first_holds_the_folder(tmp_path):
@@ -189,6 +192,20 @@ def test_the_model_path_is_one_run_however_it_is_typed(base_args, tiny_model, tm
     summary = dreambooth.train(**{**args, "pretrained_model_name_or_path": str(tiny_model), "max_train_steps": 3},
                                resume_from_checkpoint="latest")
     assert summary["steps"] == 3 and summary["resumed_from"].endswith("checkpoint-2")
+    monkeypatch.chdir(tmp_path)  # another working directory, another relative spelling of the same model
+    summary = dreambooth.train(**{**args, "pretrained_model_name_or_path": os.path.relpath(tiny_model, tmp_path),
+                                  "max_train_steps": 4}, resume_from_checkpoint="latest")
+    assert summary["steps"] == 4 and summary["resumed_from"].endswith("checkpoint-3")
+
+
+def test_a_users_train_config_does_not_make_a_folder_trains(base_args, tmp_path, capsys):
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    (exp / "train_config.json").write_text(json.dumps(base_args()))  # the user's --config, kept beside notes
+    (exp / "notes.txt").write_text("keep")
+    assert "not written by `dreambooth train`" in one_line_error(
+        capsys, ["train", "--config", str(exp / "train_config.json"), "--output_dir", str(exp)])
+    assert sorted(p.name for p in exp.iterdir()) == ["notes.txt", "train_config.json"]
 
 
 def test_a_run_that_stopped_before_its_first_checkpoint_may_be_replaced(base_args, tmp_path, monkeypatch):
@@ -316,6 +333,34 @@ def test_generate_keeps_a_users_grid_and_reuses_its_own_folder(tiny_model, tmp_p
     assert (tmp_path / "samples" / "grid.png").is_file()
 
 
+def test_evaluate_whose_model_fails_to_load_leaves_no_folder(tiny_model, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    shutil.rmtree(broken / "unet")
+    one_line_error(capsys, ["evaluate", "--backend", "toy", "--subject", "circle", "--model", str(broken),
+                            "--identifier", "zwx", "--output_dir", str(tmp_path / "eval")])
+    assert not (tmp_path / "eval").exists()
+
+
+def test_an_export_that_finds_its_output_taken_meanwhile_keeps_it(base_args, tmp_path, monkeypatch, capsys):
+    import dreambooth.single_file as single_file
+
+    dreambooth.train(**base_args(with_prior_preservation=False, class_prompt=None, class_data_dir=None,
+                                 max_train_steps=1))
+    out = tmp_path / "m.safetensors"
+    real = single_file.pipeline_to_ldm
+
+    def another_export_finishes_first(*a, **k):
+        out.write_bytes(b"the other export")
+        return real(*a, **k)
+
+    monkeypatch.setattr(single_file, "pipeline_to_ldm", another_export_finishes_first)
+    line = one_line_error(capsys, ["export", "--model", str(tmp_path / "out"), "--format", "single-file",
+                                   "--output", str(out)])
+    assert "appeared while exporting" in line and out.read_bytes() == b"the other export"
+    assert [p.name for p in tmp_path.glob(".m.safetensors*")] == []
+
+
 def test_evaluate_keeps_a_users_report(tiny_model, tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -411,14 +456,17 @@ def test_class_images_are_only_read_when_nothing_is_missing(base_args, tmp_path,
 
 
 def _namespaces_work() -> bool:
+    """Whether this kernel lets an unprivileged process mount a tmpfs and a read-only bind in its own namespace."""
+    probe = ("d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d && mount --bind $d $d && "
+             "mount -o remount,ro,bind $d $d && ! touch $d/x 2>/dev/null")
     try:
-        return subprocess.run(["unshare", "-rm", "true"], capture_output=True, timeout=30).returncode == 0
+        return subprocess.run(["unshare", "-rm", "sh", "-c", probe], capture_output=True, timeout=30).returncode == 0
     except (OSError, subprocess.SubprocessError):
         return False
 
 
-needs_mounts = pytest.mark.skipif(not _namespaces_work(), reason="unshare -rm (user + mount namespaces) is not "
-                                  "permitted here; the monkeypatched cases above cover the same code paths")
+needs_mounts = pytest.mark.skipif(not _namespaces_work(), reason="mounts in an unprivileged user namespace (unshare "
+                                  "-rm) are not permitted here; the monkeypatched cases above cover the same paths")
 
 
 def in_namespace(mounts: str, commands: list[list[str]]) -> str:

@@ -31,6 +31,21 @@ def kill_after_checkpoint(monkeypatch, at_step: int):
     monkeypatch.setattr(training, "save", save_then_die)
 
 
+def straight_and_resumed(make_args, tmp_path, monkeypatch, at_step: int, **common) -> dict:
+    """Train `straight` uninterrupted, and `stopped` killed right after checkpoint `at_step` then resumed with
+    `latest`; returns the resumed run's summary."""
+    dreambooth.train(**make_args(output_dir=str(tmp_path / "straight"), **common))
+    stopped = make_args(output_dir=str(tmp_path / "stopped"), **common)
+    kill_after_checkpoint(monkeypatch, at_step)
+    with pytest.raises(Killed):
+        dreambooth.train(**stopped)
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path / "stopped")] == [f"checkpoint-{at_step}"]
+    summary = dreambooth.train(**stopped, resume_from_checkpoint="latest")
+    assert summary["resumed_from"].endswith(f"checkpoint-{at_step}")
+    return summary
+
+
 @pytest.mark.parametrize("extra", [
     {},
     {"train_text_encoder": True, "gradient_accumulation_steps": 2, "train_batch_size": 1},
@@ -39,18 +54,9 @@ def kill_after_checkpoint(monkeypatch, at_step: int):
 def test_resume_is_exact(base_args, tmp_path, monkeypatch, extra):
     """On one device the resumed run repeats the straight run's computations exactly (same kernels, same batches,
     latents encoded per view), so weights and optimizer state are bit-identical."""
-    common = dict(max_train_steps=6, checkpointing_steps=3, lr_scheduler="linear", lr_warmup_steps=2, **extra)
-    straight = base_args(output_dir=str(tmp_path / "straight"), **common)
-    dreambooth.train(**straight)
-
-    stopped = base_args(output_dir=str(tmp_path / "stopped"), **common)
-    kill_after_checkpoint(monkeypatch, at_step=3)
-    with pytest.raises(Killed):
-        dreambooth.train(**stopped)
-    monkeypatch.undo()
-    assert [p.name for p in list_checkpoints(tmp_path / "stopped")] == ["checkpoint-3"]
-    summary = dreambooth.train(**stopped, resume_from_checkpoint="latest")
-    assert summary["resumed_from"].endswith("checkpoint-3") and summary["steps"] == 6
+    summary = straight_and_resumed(base_args, tmp_path, monkeypatch, 3, max_train_steps=6, checkpointing_steps=3,
+                                   lr_scheduler="linear", lr_warmup_steps=2, **extra)
+    assert summary["steps"] == 6
 
     for part in ["unet"] + (["text_encoder"] if extra.get("train_text_encoder") else []):
         assert same(weights(tmp_path / "straight", part), weights(tmp_path / "stopped", part)), part

@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_line
 from .files import write_text_atomic
 from .lora import ADAPTER_FILE, is_adapted, load_adapter, save_adapter
 
@@ -109,17 +109,17 @@ def verify(checkpoint: Path) -> str | None:
         return None
     try:
         entries = json.loads(manifest_path.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        for name, expected in entries.items():
+            path = checkpoint / name
+            if not path.is_file():
+                return f"{name} is missing"
+            size = path.stat().st_size
+            if size != expected["size"]:
+                return f"{name} has {size} bytes, {expected['size']} were written"
+            if _digest(path) != expected["sha256"]:
+                return f"{name} has changed since it was written (SHA-256 differs)"
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return f"{MANIFEST} is unreadable"
-    for name, expected in entries.items():
-        path = checkpoint / name
-        if not path.is_file():
-            return f"{name} is missing"
-        size = path.stat().st_size
-        if size != expected["size"]:
-            return f"{name} has {size} bytes, {expected['size']} were written"
-        if _digest(path) != expected["sha256"]:
-            return f"{name} has changed since it was written (SHA-256 differs)"
     return None
 
 
@@ -196,7 +196,8 @@ def save_checkpoint(
     try:
         _write_checkpoint(tmp, step, modules, optimizer, state, config, accelerator, extra)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed save (disk full) leaves the previous checkpoints only
+        if accelerator.is_main_process:  # a failed save (disk full) leaves the previous checkpoints only
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     if accelerator.is_main_process:
         if final.exists():  # a re-run of the same step after resuming from an older checkpoint
@@ -244,7 +245,7 @@ def load_checkpoint(
     try:
         return _load_checkpoint(checkpoint, modules, optimizer, process_index)
     except (SafetensorError, OSError, ValueError) as e:  # a checkpoint from before manifests, damaged
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise CheckpointError(f"checkpoint {checkpoint} cannot be read ({first}); resume from an earlier "
                               "checkpoint with --resume_from_checkpoint checkpoint-N") from None
 
@@ -284,3 +285,8 @@ def _load_checkpoint(checkpoint: Path, modules: dict[str, torch.nn.Module], opti
 
 def checkpoint_config(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / "train_config.json").read_text())
+
+
+def checkpoint_identity(checkpoint: Path) -> dict[str, Any] | None:
+    """The run identity (local paths resolved) recorded in state.json; None for checkpoints from before it was."""
+    return json.loads((checkpoint / "state.json").read_text()).get("identity")

@@ -33,3 +33,9 @@ def is_out_of_memory(error: BaseException) -> bool:
         return True
     text = str(error)
     return "out of memory" in text.lower() or "can't allocate memory" in text
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name if it has none), cut to `limit` characters: what a
+    one-line error quotes of a library's failure."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]

@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ import torch
 
 from . import schema
 from .errors import DataError, DreamBoothError
+from .files import staged
 from .lora import LORA_WEIGHTS, is_lora_output
 from .outputs import check_inputs, writing
 from .schema import at_least, option
@@ -59,25 +57,15 @@ def export(config: ExportConfig | dict | str | Path | None = None, **overrides: 
     out = Path(cfg.output).expanduser()
     if out.exists():
         raise DreamBoothError(f"{out} already exists; pass --output with a new path (nothing is overwritten)")
-    check_inputs(out, {"--model model": cfg.model}, "--output")
+    check_inputs(out, {}, {"--model": cfg.model}, "--output")
     with writing(out):
-        return EXPORTERS[cfg.format](cfg)
-
-
-@contextmanager
-def staged(out: Path) -> Iterator[Path]:
-    """A hidden temporary path beside `out`, renamed to `out` when the block succeeds and removed when it fails,
-    so a killed or failed export never leaves a half-written file under the final name."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        try:
+            return EXPORTERS[cfg.format](cfg)
+        except FileExistsError:
+            if not out.exists():
+                raise
+            raise DreamBoothError(f"{out} appeared while exporting (another export?); it is kept, and this export "
+                                  "was not written") from None  # the other export's file stays whole
 
 
 def _lora_run(cfg: ExportConfig) -> Path:
@@ -122,7 +110,8 @@ def export_kohya(cfg: ExportConfig) -> Path:
     state = kohya_keys(load_file(folder / LORA_WEIGHTS), alpha)
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(train.get("rank")),
                 "ss_network_alpha": str(alpha), "ss_base_model": str(train.get("pretrained_model_name_or_path"))}
-    with staged(out) as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with staged(out, exclusive=True) as tmp:
         save_file({k: v.to(DTYPES[cfg.precision]).contiguous() for k, v in state.items()}, str(tmp),
                   metadata=metadata)
     return out
@@ -145,7 +134,8 @@ def export_merged(cfg: ExportConfig) -> Path:
     _lora_run(cfg)
     pipe = _full_pipeline(cfg).to(DTYPES[cfg.precision])
     out = Path(cfg.output)
-    with staged(out) as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with staged(out, exclusive=True) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     return out
 
@@ -164,7 +154,8 @@ def export_single_file(cfg: ExportConfig) -> Path:
         raise DreamBoothError(f"--output {out} must be a .safetensors file for --format single-file")
     pipe = _full_pipeline(cfg)
     state = pipeline_to_ldm(pipe, family_of(pipe).single_file_text_layout(pipe))
-    with staged(out) as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with staged(out, exclusive=True) as tmp:
         save_file({k: v.to(DTYPES[cfg.precision]).contiguous() for k, v in state.items()}, str(tmp),
                   metadata={"format": "pt"})
     return out

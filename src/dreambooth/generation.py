@@ -13,7 +13,7 @@ import torch
 
 from . import schema
 from .data import derive_seed
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, first_line
 from .families import ModelSource, get_family
 from .files import save_image_atomic
 from .grid import make_grid
@@ -87,7 +87,7 @@ def load_lora(pipe: Any, adapter: str, name: str) -> None:
     try:
         pipe.load_lora_weights(str(path.parent if path.is_file() else path), adapter_name=name, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e)
         raise DataError(f"cannot load the LoRA {path} onto {type(pipe).__name__} ({first}); it must be a LoRA for "
                         "this base model, in diffusers or kohya format") from None
 
@@ -131,9 +131,9 @@ def generate(config: GenerateConfig | dict | str | Path | None = None, **overrid
     values = schema.values_of(config, GenerateConfig)
     cfg = schema.build(GenerateConfig, {**values, **overrides})
     quiet_libraries()
-    inputs = {"--model model": cfg.model, **{f"--lora {p}": p for p in cfg.lora or []}}
     written: list[Path] = []
-    with OutputFolder(cfg.output_dir, "generate", inputs,
+    with OutputFolder(cfg.output_dir, "generate", inputs={f"--lora {p}": p for p in cfg.lora or []},
+                      models={"--model": cfg.model},
                       kept=lambda: f"the {len(written)} image(s) written before are kept") as out:
         pipe, device = open_pipeline(cfg.model, cfg.sampler, cfg.precision, cfg.device, cfg.lora, cfg.lora_scale)
         out.claim()

@@ -3,13 +3,16 @@
 - A command writes into a folder that is new, empty (hidden files aside), or marked by its own record file
   (`.dreambooth.json`) from an earlier run of the same command. Any other folder, or a file where the folder should
   be, is refused in one line, so nothing of the user's is ever replaced.
-- Inside such a folder it replaces only the entries the record lists as written by it (`OutputFolder.entry`).
-- The folder must not be, hold, or sit inside anything the command reads (a model it loads, the user's photos). A
-  new folder inside a model folder is allowed (`train --eval` writes `evaluation/` inside the trained output).
-- While the command runs it holds an advisory lock (`.dreambooth.lock`; released by the OS if the process dies), so
+- Inside such a folder, commands that share it with the user (generate, evaluate, demo, reproduce) replace only the
+  entries the record lists as theirs (`OutputFolder.entry`); train and toy pretrain write a pipeline's layout and
+  own their whole folder.
+- The folder must not be, hold, or sit inside anything the command reads (the user's photos, a config). A model
+  folder is stricter only about itself: a new folder inside it is fine (`train --eval` writes `evaluation/` inside
+  the trained output), one of its parts is not.
+- While the command runs it holds an advisory lock (`.dreambooth.lock`; the OS releases it if the process dies), so
   a second command on the same folder is refused instead of racing it.
 - The record is written (the folder is *claimed*) only once the inputs have loaded: a command that fails before that
-  leaves no trace, and a folder it created is removed again.
+  leaves no trace, and folders it created are removed again.
 - File-system errors (read-only, disk full, a file where a folder should be) become one-line errors that say what
   was kept.
 
@@ -24,6 +27,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +36,27 @@ from .files import write_text_atomic
 
 RECORD = ".dreambooth.json"
 LOCK = ".dreambooth.lock"
-# What a command wrote before records existed (kept so that older outputs stay usable).
-LEGACY_MARKERS = {"train": "train_config.json", "demo": "demo.json", "reproduce": "reproduce.json"}
+PathLike = str | Path | None
+
+
+@dataclass(frozen=True)
+class Legacy:
+    """How a command's output looked before records existed: a marker file holding `key`, beside `beside`; the
+    entries it wrote (None: the whole folder, for commands that own theirs)."""
+
+    marker: str
+    key: str
+    beside: tuple[str, ...]
+    entries: tuple[str, ...] | None
+
+
+LEGACY = {
+    "train": Legacy("train_config.json", "instance_prompt", ("run_summary.json", "latest"), None),
+    "demo": Legacy("demo.json", "subject", ("instance-images",), (
+        "demo.json", "instance-images", "model", "class-images", "before_after.png", "report.json", "report.txt")),
+    "reproduce": Legacy("reproduce.json", "studies", ("runs",), (
+        "reproduce.json", "runs", "class-images", "ablations.md", "ablations.png", "ablations.json")),
+}
 FS_HINTS = {
     errno.ENOSPC: "free some disk space or choose another folder",
     errno.EDQUOT: "free some of your disk quota or choose another folder",
@@ -45,7 +68,7 @@ FS_HINTS = {
     errno.EEXIST: "a file stands where a folder should be; move it or choose another path",
     errno.EISDIR: "a folder stands where a file should be; move it or choose another path",
 }
-_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")  # how safetensors reports the OSError it wraps
 
 
 def visible(folder: Path) -> list[Path]:
@@ -62,14 +85,28 @@ def _resolved(path: str | Path) -> Path:
 
 
 def read_record(folder: Path) -> dict[str, Any] | None:
-    path = folder / RECORD
-    if not path.is_file():
-        return None
     try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        record = json.loads((folder / RECORD).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def _legacy_record(folder: Path, command: str) -> dict[str, Any] | None:
+    """The record an older output of `command` implies, when the folder really is one (the marker parses and holds
+    its key, and what the command writes beside it is there), else None."""
+    legacy = LEGACY.get(command)
+    if legacy is None:
+        return None
+    try:
+        marker = json.loads((folder / legacy.marker).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(marker, dict) or legacy.key not in marker:
+        return None
+    if not any((folder / name).exists() for name in legacy.beside) and not any(folder.glob("checkpoint-*")):
+        return None
+    return {"command": command, "entries": None if legacy.entries is None else list(legacy.entries)}
 
 
 def filesystem_error(error: BaseException) -> OSError | None:
@@ -84,11 +121,6 @@ def filesystem_error(error: BaseException) -> OSError | None:
     return None
 
 
-def describe_filesystem_error(error: OSError, where: Path, kept: str) -> str:
-    target = error.filename or where
-    return f"cannot write {target}: {error.strerror} ({FS_HINTS[error.errno]}); {kept}"
-
-
 @contextmanager
 def writing(where: str | Path, kept: str | Callable[[], str] = "nothing was written") -> Iterator[None]:
     """Turn a file-system error while writing `where` into a one-line DreamBoothError that says what was kept."""
@@ -100,88 +132,117 @@ def writing(where: str | Path, kept: str | Callable[[], str] = "nothing was writ
         fs = filesystem_error(e)
         if fs is None:
             raise
-        raise DreamBoothError(describe_filesystem_error(fs, Path(where), kept() if callable(kept) else kept)
+        target = fs.filename or where
+        what_was_kept = kept() if callable(kept) else kept
+        raise DreamBoothError(f"cannot write {target}: {fs.strerror} ({FS_HINTS[fs.errno]}); {what_was_kept}"
                               ) from None
+
+
+def check_inputs(out: Path, inputs: Mapping[str, PathLike], models: Mapping[str, PathLike], flag: str) -> None:
+    """Refuse an output path that is, holds or sits inside an input. Models (folders or hub ids) may hold a new
+    entry, or one a dreambooth command wrote; a model path that does not exist is taken for a hub id."""
+    target = _resolved(out)
+    for name, given in [*inputs.items(), *models.items()]:
+        if given is None:
+            continue
+        src = _resolved(given)
+        if name in models and not src.exists():
+            continue
+        if _inside(src, target):
+            what = "is" if src == target else "holds"
+            raise DreamBoothError(f"{flag} {out} {what} the {name} input {given}; write the output to a place of "
+                                  "its own")
+        if _inside(target, src) and (src.is_dir() or not src.exists()):
+            top = src / target.relative_to(src).parts[0]
+            if name not in models or (top.exists() and read_record(top) is None):
+                raise DreamBoothError(f"{flag} {out} is inside the {name} input {given}; write the output outside "
+                                      "it")
 
 
 class OutputFolder:
     """The folder one command writes, checked, locked and claimed by the rule above. Use as a context manager:
 
-        with OutputFolder(out, "generate", inputs={"--model": model}) as folder:
+        with OutputFolder(out, "generate", models={"--model": model}) as folder:
             ...load inputs...
             folder.claim()
             path = folder.entry("grid.png")   # refused if grid.png exists and was not written by generate
     """
 
-    def __init__(self, path: str | Path, command: str, inputs: Mapping[str, str | Path | None] | None = None,
-                 flag: str = "--output_dir", kept: Callable[[], str] | None = None, lock: bool = True):
+    def __init__(self, path: str | Path, command: str, inputs: Mapping[str, PathLike] | None = None,
+                 models: Mapping[str, PathLike] | None = None, flag: str = "--output_dir",
+                 kept: Callable[[], str] | None = None):
         self.path = Path(path).expanduser()
-        self.command, self.flag, self.lock_wanted = command, flag, lock
-        self.inputs = {name: p for name, p in (inputs or {}).items() if p is not None}
+        self.command, self.flag = command, flag
+        self.inputs, self.models = dict(inputs or {}), dict(models or {})
         self.kept = kept or self._default_kept
         self.record: dict[str, Any] | None = None  # what an earlier run of this command recorded
-        self.opened = self.created = self.claimed = False
+        self.opened = self.claimed = False
+        self._made: list[Path] = []  # folders this command created, deepest first
         self._entries: list[str] = []
         self._info: dict[str, Any] = {}
         self._lock_fd: int | None = None
-
-    # -- checks -------------------------------------------------------------------------------------------------
 
     @property
     def ours(self) -> bool:
         """An earlier run of this command wrote the folder."""
         return self.record is not None
 
+    # -- checks (read only) --------------------------------------------------------------------------------------
+
     def check(self) -> None:
-        """Refuse a file, an input's folder, or a folder holding what this command did not write; reads only."""
-        if self.path.is_file() or (self.path.exists() and not self.path.is_dir()):
+        """Refuse a file, an input's place, or a folder holding what this command did not write."""
+        if self.path.exists() and not self.path.is_dir():
             raise DreamBoothError(f"{self.flag} {self.path} is a file; pass a folder")
-        self._check_inputs()
+        check_inputs(self.path, self.inputs, self.models, self.flag)
         self._check_contents()
 
     def _check_contents(self) -> None:
         if not self.path.is_dir():
             return
         record = read_record(self.path)
-        legacy = LEGACY_MARKERS.get(self.command)
-        if record is not None and record.get("command") == self.command:
-            self.record = record
-        elif record is None and legacy and (self.path / legacy).is_file():
-            self.record = {"command": self.command, "entries": None}  # None: every entry is ours
-        elif record is not None:
+        if record is not None and record.get("command") != self.command:
             raise DreamBoothError(f"{self.flag} {self.path} was written by `dreambooth {record.get('command')}`, "
                                   f"not `dreambooth {self.command}`; pass a new folder")
-        elif visible(self.path):
+        self.record = record or _legacy_record(self.path, self.command)
+        if self.record is None and visible(self.path):
             raise DreamBoothError(f"{self.flag} {self.path} is not empty and was not written by `dreambooth "
                                   f"{self.command}`; pass a new or empty folder (nothing in it is changed)")
-
-    def _check_inputs(self) -> None:
-        check_inputs(self.path, self.inputs, self.flag)
 
     # -- lock, claim, entries ----------------------------------------------------------------------------------
 
     def open(self) -> OutputFolder:
-        """Check, create the folder if needed, take its lock and check again (another process may have written the
-        folder between the first check and the lock)."""
+        """Check, create the folder if needed, take its lock, and check its contents again under the lock (another
+        process may have written there since the first check)."""
         self.check()
         try:
-            if not self.path.exists():
-                self.path.mkdir(parents=True)
-                self.created = True
-            if self.lock_wanted:
-                self._lock()
+            for _ in range(10):  # a holder that failed may remove the folder as we take its lock: make it again
+                self._make_folder()
+                try:
+                    self._lock()
+                    break
+                except FileNotFoundError:
+                    continue
             self._check_contents()
             self.opened = True
         except BaseException as e:
             self.close()
-            fs = filesystem_error(e)
-            if fs is not None:
-                raise DreamBoothError(describe_filesystem_error(fs, self.path, "nothing was written")) from None
-            raise
+            with writing(self.path):
+                raise e
         return self
 
+    def _make_folder(self) -> None:
+        missing = [p for p in [self.path, *self.path.parents] if not p.exists()]
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+                self._made.insert(0, folder)
+            except FileExistsError:  # another process made it a moment ago
+                if not folder.is_dir():
+                    raise
+
     def attach(self) -> None:
-        """Write into a folder that another process of the same command opened and locked (distributed runs)."""
+        """Write into a folder that another process of the same run opened and locked (distributed training)."""
+        self.check()
         self.opened = True
 
     def _lock(self) -> None:
@@ -208,8 +269,8 @@ class OutputFolder:
         """Mark the folder as this command's (inputs have loaded; writing starts)."""
         previous = (self.record or {}).get("entries")
         self._entries = list(previous) if isinstance(previous, list) else []
-        self.claimed = True
         self._info = info
+        self.claimed = True
         self._write_record()
 
     def entry(self, name: str) -> Path:
@@ -226,13 +287,14 @@ class OutputFolder:
         return path
 
     def owned_entries(self) -> list[Path]:
-        """The existing entries an earlier run recorded (all visible ones for a legacy output)."""
+        """The existing entries an earlier run recorded (every visible one where it owned the whole folder)."""
         if self.record is None or not self.path.is_dir():
             return []
         names = self.record.get("entries")
         return visible(self.path) if names is None else [self.path / n for n in names if (self.path / n).exists()]
 
     def forget(self, names: Iterable[str]) -> None:
+        """Entries removed by the command: no longer listed as its own."""
         drop = set(names)
         self._entries = [n for n in self._entries if n not in drop]
         if self.record is not None and isinstance(self.record.get("entries"), list):
@@ -245,20 +307,20 @@ class OutputFolder:
             {"command": self.command, "entries": self._entries, **self._info}, indent=2) + "\n")
 
     def close(self) -> None:
-        """Release the lock; a folder this command created and never claimed is removed again."""
+        """Release the lock; folders this command created and never claimed are removed again."""
         if self._lock_fd is not None:
             with suppress(OSError):
-                os.unlink(self.path / LOCK)  # before unlocking, so a waiter never locks a file that stays
+                os.unlink(self.path / LOCK)  # before unlocking, so no one locks a file that stays
             os.close(self._lock_fd)
             self._lock_fd = None
-        if self.created and not self.claimed:
-            with suppress(OSError):
-                self.path.rmdir()  # only if empty: nothing written is removed
+        if not self.claimed:
+            for folder in self._made:
+                with suppress(OSError):
+                    folder.rmdir()  # only if empty: nothing written is removed
+            self._made = []
 
     def _default_kept(self) -> str:
-        if not self.claimed:
-            return "nothing was written"
-        return f"what was written before in {self.path} is kept"
+        return f"what was written before in {self.path} is kept" if self.claimed else "nothing was written"
 
     def __enter__(self) -> OutputFolder:
         return self if self.opened else self.open()
@@ -270,35 +332,15 @@ class OutputFolder:
                 raise exc
 
 
-def check_inputs(out: Path, inputs: Mapping[str, str | Path | None], flag: str) -> None:
-    """Refuse an output path that is, holds or sits inside an input; a new entry inside a model folder (an input
-    whose name says `model`) is fine, as is an entry there that a dreambooth command wrote."""
-    target = _resolved(out)
-    for name, given in inputs.items():
-        if given is None:
-            continue
-        src = _resolved(given)
-        if not src.exists():
-            continue  # a hub id, or a missing input that its own check reports
-        if _inside(src, target):
-            what = "is" if src == target else "holds"
-            raise DreamBoothError(f"{flag} {out} {what} the {name} input {given}; write the output to a place of "
-                                  "its own")
-        if src.is_dir() and _inside(target, src):
-            top = src / target.relative_to(src).parts[0]
-            if "model" not in name or (top.exists() and read_record(top) is None):
-                raise DreamBoothError(f"{flag} {out} is inside the {name} input {given}; write the output outside "
-                                      "it")
-
-
-def check_output_file(path: str | Path, flag: str, inputs: Mapping[str, str | Path | None] | None = None,
-                      ours: Callable[[Path], bool] | None = None) -> Path:
+def check_output_file(path: str | Path, flag: str, inputs: Mapping[str, PathLike] | None = None,
+                      models: Mapping[str, PathLike] | None = None, ours: Callable[[Path], bool] | None = None
+                      ) -> Path:
     """A single output file: refused if it is a folder, clashes with an input, or exists and `ours` does not
     recognise it as written by this command (without `ours`, any existing file is refused)."""
     out = Path(path).expanduser()
     if out.is_dir():
         raise DreamBoothError(f"{flag} {out} is a folder; pass a file path")
-    check_inputs(out, inputs or {}, flag)
+    check_inputs(out, inputs or {}, models or {}, flag)
     if out.exists() and not (ours is not None and ours(out)):
         raise DreamBoothError(f"{out} already exists and was not written by this command; pass a new path "
                               "(nothing is overwritten)")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from .config import TrainConfig
 from .data import derive_seed, scan_folder
 from .errors import DreamBoothError
 from .families import ModelFamily, ModelSource, model_identity
-from .files import write_text_atomic
+from .files import save_image_atomic, write_text_atomic
 from .sampling import make_scheduler
 
 log = logging.getLogger("dreambooth")
@@ -130,10 +129,7 @@ def _generate(cfg: TrainConfig, family: ModelFamily, source: ModelSource, folder
                 generator=generators,
             ).images
         for i, img in zip(batch, images):
-            final = folder / f"class-{digest}-{i:05d}.png"
-            tmp = folder / f".{final.name}.tmp"
-            img.save(tmp, format="PNG")
-            os.replace(tmp, final)  # a kill never leaves a half-written image under the final name
+            save_image_atomic(img, folder / f"class-{digest}-{i:05d}.png")  # a kill leaves no half image
         bar.update(len(batch))
     bar.close()
     del pipe

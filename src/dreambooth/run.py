@@ -18,10 +18,10 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 
 from . import schema
-from .checkpoint import checkpoint_config, find_checkpoint, list_checkpoints
+from .checkpoint import checkpoint_config, checkpoint_identity, find_checkpoint, list_checkpoints
 from .config import TrainConfig
 from .data import ImageFolder, scan_folder
-from .errors import CheckpointError, DataError, DreamBoothError
+from .errors import CheckpointError, DataError, DreamBoothError, first_line
 from .families import ModelFamily, ModelSource, get_family
 from .files import write_text_atomic
 from .outputs import OutputFolder
@@ -120,7 +120,8 @@ def resolve_resume(cfg: TrainConfig, output: OutputFolder) -> Path | None:
         log.info("no checkpoint in %s yet: starting a new run", out)
         return None
     previous = checkpoint_config(ckpt)
-    diff = _differences(identity(previous), mine, IDENTITY)
+    saved = checkpoint_identity(ckpt)  # resolved when it was saved: the same run from any working directory
+    diff = _differences(saved if saved is not None else identity(previous), mine, IDENTITY)
     if diff:
         raise CheckpointError(f"checkpoint {ckpt} is from another run ({'; '.join(diff)}); resume with the same "
                               "settings or choose a new --output_dir")
@@ -154,7 +155,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
                                   mixed_precision=cfg.mixed_precision, log_with=trackers, project_config=project,
                                   cpu=on_cpu, dynamo_backend="inductor" if cfg.torch_compile else None)
     except (ValueError, ImportError) as e:
-        raise DreamBoothError(f"cannot set up the run: {str(e).splitlines()[0]}") from None
+        raise DreamBoothError(f"cannot set up the run: {first_line(e, 300)}") from None
     if cfg.allow_tf32 and cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
@@ -169,7 +170,10 @@ def determinism(enabled: bool) -> Iterator[None]:
         return
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
               torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS handles are made
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    # torch < 2.10 refuses deterministic cuBLAS without it; it is read when cuBLAS handles are made, so a process
+    # that used cuBLAS before keeps its workspaces (deterministic per handle and stream in torch >= 2.10)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
@@ -177,6 +181,8 @@ def determinism(enabled: bool) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -192,42 +198,51 @@ def setup(cfg: TrainConfig) -> Run:
                         "(.jpg, .png, .webp, ...)")
     if cfg.class_data_dir is not None and Path(cfg.class_data_dir).is_file():
         raise DataError(f"class folder {cfg.class_data_dir} is a file; pass a folder (it is created if missing)")
-    output = OutputFolder(cfg.output_dir, "train", inputs={
-        "base model (--pretrained_model_name_or_path)": cfg.pretrained_model_name_or_path,
-        "VAE model (--pretrained_vae_model_name_or_path)": cfg.pretrained_vae_model_name_or_path,
-        "tokenizer model (--tokenizer_name)": cfg.tokenizer_name,
-        "--instance_data_dir": cfg.instance_data_dir, "--class_data_dir": cfg.class_data_dir,
-        "--eval_config": cfg.eval_config})
+    output = OutputFolder(
+        cfg.output_dir, "train",
+        inputs={"--instance_data_dir": cfg.instance_data_dir, "--class_data_dir": cfg.class_data_dir,
+                "--eval_config": cfg.eval_config},
+        models={"base model (--pretrained_model_name_or_path)": cfg.pretrained_model_name_or_path,
+                "VAE (--pretrained_vae_model_name_or_path)": cfg.pretrained_vae_model_name_or_path,
+                "tokenizer (--tokenizer_name)": cfg.tokenizer_name})
     output.check()  # fails fast, before the Accelerator; checked again under the folder's lock
     accelerator = make_accelerator(cfg)
-    _open_on_main(output, accelerator)
+    resume_from = _open_on_main(cfg, output, accelerator)
     try:
-        resume_from = resolve_resume(cfg, output)
+        set_seed(cfg.seed)
+        run = Run(cfg, accelerator, source, family, instance, resume_from, output)
     except BaseException:
-        output.close()  # the lock, and the folder if this run made it
+        output.close()
         raise
-    if cfg.seed is None:
-        drawn = [random.SystemRandom().randrange(2**31)]
-        cfg.seed = broadcast_object_list(drawn)[0] if accelerator.num_processes > 1 else drawn[0]
-    set_seed(cfg.seed)
-    run = Run(cfg, accelerator, source, family, instance, resume_from, output)
     output.kept = run.kept  # a file-system error names what survives
     return run
 
 
-def _open_on_main(output: OutputFolder, accelerator: Accelerator) -> None:
-    """The main process creates and locks the folder; the others share its outcome (a refusal stops them all)."""
-    problem = None
+def _open_on_main(cfg: TrainConfig, output: OutputFolder, accelerator: Accelerator) -> Path | None:
+    """The main process locks the folder and decides whether and where the run resumes; the others share its
+    outcome and its seed (a refusal stops them all, in one line each)."""
+    refusal: DreamBoothError | None = None
+    resume_from = None
     if accelerator.is_main_process:
         try:
             output.open()
+            resume_from = resolve_resume(cfg, output)
+            if cfg.seed is None:
+                cfg.seed = random.SystemRandom().randrange(2**31)
         except DreamBoothError as e:
-            problem = str(e)
+            output.close()  # the lock, and the folder if this run made it
+            refusal = e
+        except BaseException:
+            output.close()
+            raise
     if accelerator.num_processes > 1:
-        problem = broadcast_object_list([problem])[0]
+        message = str(refusal) if refusal is not None else None
+        message, resume_from, cfg.seed = broadcast_object_list([message, resume_from, cfg.seed])
         accelerator.wait_for_everyone()
-    if problem is not None:
-        raise DreamBoothError(problem)
+        refusal = refusal or (DreamBoothError(message) if message is not None else None)
+    if refusal is not None:
+        raise refusal
     if not accelerator.is_main_process:
         output.attach()
+    return resume_from
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import tomllib
 import yaml
 
-from .errors import ConfigError, DreamBoothError
+from .errors import ConfigError, DreamBoothError, first_line
 
 T = TypeVar("T")
 REQUIRED: Any = dataclasses.MISSING
@@ -191,7 +191,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
         else:
             raise DreamBoothError(f"config file {path} has an unknown extension; use .toml, .yaml, .yml or .json")
     except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        first = str(e).splitlines()[0]
+        first = first_line(e, 300)
         raise DreamBoothError(f"config file {path} cannot be parsed ({first}); fix its syntax") from None
     if not isinstance(data, dict):
         raise DreamBoothError(f"config file {path} must hold key = value pairs at the top level")

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ from . import schema
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import DreamBoothDataset, StepBatchSampler, collate
-from .errors import DreamBoothError, is_out_of_memory
+from .errors import DreamBoothError, first_line, is_out_of_memory
 from .evaluation import evaluate
 from .evaluation.evaluate import for_training
 from .families import Components
@@ -34,7 +34,7 @@ from .loss import diffusion_target, dreambooth_loss, min_snr_weights
 from .noising import noise_batch, sample_latents
 from .prior import ClassImages, ensure_class_images
 from .quiet import quiet_libraries
-from .run import SUMMARY_FILE, Run, determinism, setup
+from .run import SUMMARY_FILE, Run, determinism, identity, setup
 from .validation import render_validation
 
 log = logging.getLogger("dreambooth")
@@ -76,9 +76,9 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
     cfg = schema.build(TrainConfig, {**values, **overrides})
     quiet_libraries()
     evaluation = for_training(cfg) if cfg.eval else None  # a bad evaluation setting fails before training
-    with determinism(cfg.deterministic), memory_errors(cfg):
+    with determinism(cfg.deterministic):
         run = setup(cfg)
-        with run.output:  # locked until the end; file-system errors say what was kept
+        with run.output, memory_errors(cfg, run.kept):  # locked until the end; errors say what was kept
             parts = build(run)
             fit(run, parts)
             summary = finish(run, parts)
@@ -90,18 +90,17 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
 
 
 @contextmanager
-def memory_errors(cfg: TrainConfig) -> Iterator[None]:
+def memory_errors(cfg: TrainConfig, kept: Callable[[], str]) -> Iterator[None]:
     """Running out of GPU or CPU memory is a setting to change, not a crash: one line with the usual remedies."""
     try:
         yield
     except (RuntimeError, MemoryError) as e:
         if not is_out_of_memory(e):
             raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        first = first_line(e, 160)
         raise DreamBoothError(
             f"out of memory ({first}) at --resolution {cfg.resolution}, --train_batch_size {cfg.train_batch_size}; "
-            "lower them, or add --gradient_checkpointing, --use_lora or --mixed_precision bf16; completed "
-            f"checkpoints in {cfg.output_dir} are kept") from None
+            f"lower them, or add --gradient_checkpointing, --use_lora or --mixed_precision bf16; {kept()}") from None
 
 
 def build(run: Run) -> Parts:
@@ -300,6 +299,7 @@ def unwrapped(acc, modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Mo
 def save(run: Run, parts: Parts, step: int) -> Path:
     acc = run.accelerator
     state = {**parts.state, "lr_scheduler": parts.lr_scheduler.state_dict(),
+             "identity": identity(schema.to_dict(run.cfg)),  # resolved paths: resumable from any directory
              "wall_time_s": parts.state["wall_time_s"] + time.time() - run.started}
     if acc.scaler is not None:
         state["grad_scaler"] = acc.scaler.state_dict()

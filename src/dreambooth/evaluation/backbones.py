@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import AutoModel, AutoTokenizer, CLIPModel
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from ..errors import DreamBoothError
+from ..errors import DreamBoothError, first_line
 
 DINO_DEFAULT = "facebook/dino-vits16"
 CLIP_DEFAULT = "openai/clip-vit-base-patch32"
@@ -32,7 +32,7 @@ def load_or_explain(what: str, flag: str, name: str, load: Callable[[], T]) -> T
     try:
         return load()
     except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e, 300)
         revision_flag = flag.replace("model", "revision")
         hub = "" if Path(name).expanduser().exists() else (
             f", or, for a hub repo whose safetensors sit in a conversion pull request, --{revision_flag} refs/pr/N")

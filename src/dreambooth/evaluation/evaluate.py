@@ -107,10 +107,9 @@ def evaluate(config: EvaluateConfig | dict | str | Path | None = None, **overrid
     cfg = schema.build(EvaluateConfig, {**schema.values_of(config, EvaluateConfig), **overrides})
     quiet_libraries()
     started = time.time()
-    inputs = {"--model model": cfg.model, "--images_dir": cfg.images_dir, "--real_images": cfg.real_images,
-              "--lpips_weights": cfg.lpips_weights, "--clip_model model": cfg.clip_model,
-              "--dino_model model": cfg.dino_model}
-    with OutputFolder(cfg.output_dir, "evaluate", inputs) as out:  # an earlier evaluation's files are replaced
+    inputs = {"--images_dir": cfg.images_dir, "--real_images": cfg.real_images, "--lpips_weights": cfg.lpips_weights}
+    models = {"--model": cfg.model, "--clip_model": cfg.clip_model, "--dino_model": cfg.dino_model}
+    with OutputFolder(cfg.output_dir, "evaluate", inputs, models) as out:  # an earlier evaluation's files are replaced
         return _evaluate(cfg, out, started)
 
 
@@ -120,9 +119,14 @@ def _evaluate(cfg: EvaluateConfig, out: OutputFolder, started: float) -> dict[st
     real = load_real(cfg)
     backend = make_backend(cfg, real)
     cases = backend.cases(subject)
-    out.claim()
     n = cfg.images_per_prompt or backend.images_per_prompt
     sampling = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v for k, v in backend.sampling.items()}
+    sampler = None
+    if cfg.model is not None:
+        from ..generation import open_pipeline
+
+        sampler = open_pipeline(str(cfg.model), sampling["sampler"], cfg.precision, cfg.device)
+    out.claim()  # every input loaded
     log.info("evaluating %r (%s, identifier %r) on %d %s prompts", subject.name or subject.class_noun,
              subject.class_noun, subject.identifier, len(cases), backend.name)
 
@@ -131,7 +135,7 @@ def _evaluate(cfg: EvaluateConfig, out: OutputFolder, started: float) -> dict[st
     if cfg.model is not None:
         n_class = cfg.class_images or backend.class_images
         image_root = out.entry("images")
-        images, class_imgs = sample_all(cfg, cases, (class_prompt, n_class), n, sampling, image_root)
+        images, class_imgs = sample_all(cfg, sampler, cases, (class_prompt, n_class), n, sampling, image_root)
     else:
         images, class_imgs = read_images(Path(cfg.images_dir), [c.prompt for c in cases])
         image_root = Path(cfg.images_dir)
@@ -217,14 +221,15 @@ def make_backend(cfg: EvaluateConfig, real: list[Image.Image]) -> Backend:
     return BACKENDS[cfg.backend](real, cfg, resolve_device(cfg.device))
 
 
-def sample_all(cfg: EvaluateConfig, cases: list[Case], class_job: tuple[str, int], n: int,
+def sample_all(cfg: EvaluateConfig, sampler: tuple[Any, Any], cases: list[Case], class_job: tuple[str, int], n: int,
                sampling: dict[str, Any], folder: Path) -> tuple[list[list[Image.Image]], list[Image.Image]]:
-    """Every prompt's n images and the class prompt's images, with fixed seeds; written as they come."""
+    """Every prompt's n images and the class prompt's images, with fixed seeds, from `sampler` (a pipeline and its
+    device); written as they come."""
     from tqdm.auto import tqdm
 
-    from ..generation import open_pipeline, render
+    from ..generation import render
 
-    pipe, device = open_pipeline(str(cfg.model), sampling["sampler"], cfg.precision, cfg.device)
+    pipe, device = sampler
     kwargs = {"num_inference_steps": sampling["num_inference_steps"], "guidance_scale": sampling["guidance_scale"],
               "negative_prompt": cfg.negative_prompt}
     jobs = [(f"{i:02d}", c.prompt, n) for i, c in enumerate(cases)]

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 
 
 @dataclass
@@ -143,7 +143,7 @@ def read_model_index(source: ModelSource) -> dict[str, Any]:
     try:
         return DiffusionPipeline.load_config(source.name_or_path, revision=source.revision)
     except Exception as e:  # network, auth, missing repo: all reported as one line
-        first = (str(e).splitlines() or [type(e).__name__])[0]
+        first = first_line(e, 300)
         raise ModelError(f"cannot fetch {source.name_or_path} from the hub ({first}); "
                          "check the id, your network, or pass a local folder") from None
 

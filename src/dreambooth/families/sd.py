@@ -14,7 +14,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel
 
-from ..errors import ModelError
+from ..errors import ModelError, first_line
 from . import register
 from .base import Components, ModelFamily, ModelSource
 
@@ -25,7 +25,7 @@ def loading(source: ModelSource, part: str):
     try:
         yield
     except (OSError, ValueError, RuntimeError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = first_line(e, 300)
         folder = source.path / part if (source.path / part).is_dir() else source.path
         present = source.is_local and any(folder.rglob("*.safetensors"))
         if present and "unable to load weights" in str(e).lower():

@@ -132,6 +132,8 @@ class ReproduceConfig:
     jobs: int = option(2, "Runs at once, in separate processes; the CPU threads are split between them",
                        check=at_least(1))
     keep_models: bool = option(False, "Keep each run's weights (about 21 MB a run)")
+    device: str = option("auto", "Where runs train and sample: auto (the GPU when there is one), cpu or cuda",
+                         choices=("auto", "cpu", "cuda"))
     quick: bool = option(False, "A small run for tests and a first look: one subject, one seed, 200 steps, "
                          "fewer class and evaluation images")
 
@@ -197,12 +199,12 @@ def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Pat
                     "train_text_encoder": cfg.train_text_encoder, "train_batch_size": cfg.train_batch_size,
                     "max_train_steps": steps, "learning_rate": cfg.learning_rate,
                     "lr_scheduler": "constant", "lr_warmup_steps": 0,
-                    "checkpointing_steps": steps + 1, "mixed_precision": "no", "seed": seed,
+                    "checkpointing_steps": steps + 1, "mixed_precision": "no", "seed": seed, "device": cfg.device,
                     "output_dir": str(folder / "model"),
                 }
                 evaluate = {"backend": "toy", "model": str(folder / "model"), "subject": name, "class_noun": noun,
                             "identifier": v, "images_per_prompt": cfg.images_per_prompt,
-                            "class_images": cfg.class_images, "seed": seed, "batch_size": 64,
+                            "class_images": cfg.class_images, "seed": seed, "batch_size": 64, "device": cfg.device,
                             "output_dir": str(folder / "evaluation")}
                 jobs.append(Job(variant, name, seed, folder, train, evaluate, cfg.keep_models))
     return jobs
@@ -262,7 +264,8 @@ def prepare_class_images(jobs: list[Job]) -> None:
         seen.add(folder)
         cfg = schema.build(TrainConfig, job.train)
         source = ModelSource(cfg.pretrained_model_name_or_path)
-        made = ensure_class_images(cfg, get_family(source), source, Accelerator(cpu=True))
+        # on the device the runs train on: class images are keyed by the precision they were made in
+        made = ensure_class_images(cfg, get_family(source), source, Accelerator(cpu=cfg.device == "cpu"))
         log.info("class images for %r: %d reused, %d generated", cfg.class_prompt, made.reused, made.generated)
 
 
@@ -322,11 +325,12 @@ def reproduce(config: ReproduceConfig | dict | str | Path | None = None, **overr
                               "`dreambooth toy pretrain` wrote")
     if cfg.docs_dir is not None:
         docs_targets(cfg.docs_dir)  # refused now, not after the runs
-    with OutputFolder(cfg.output_dir, "reproduce", {"--model model": model}) as folder:
+    with OutputFolder(cfg.output_dir, "reproduce", models={"--model": model}) as folder:
         identifiers = {name: pick_identifier(model, SUBJECTS[name].cls) for name in cfg.subjects}  # the model loads
         folder.claim()
         write_text_atomic(folder.entry(MARKER), json.dumps(schema.to_dict(cfg), default=str, indent=2) + "\n")
-        folder.entry("runs"), folder.entry("class-images")  # written by the runs
+        for written_by_the_runs in ("runs", "class-images"):
+            folder.entry(written_by_the_runs)
         jobs = plan(cfg, model, identifiers, folder.path)
         results, reused = run_all(jobs, cfg.jobs)
 

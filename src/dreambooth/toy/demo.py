@@ -48,6 +48,8 @@ class DemoConfig:
     train_text_encoder: bool = option(True, "Also fine-tune the text encoder (binds the untrained identifier)")
     samples: int = option(32, "Samples per prompt in the before/after measurement", check=at_least(2))
     seed: int = option(0, "Seed of training and of the measurement")
+    device: str = option("auto", "Where to fine-tune: auto (the GPU when there is one), cpu or cuda; the toy "
+                         "measurement samples on the CPU", choices=("auto", "cpu", "cuda"))
 
 
 @dataclasses.dataclass
@@ -144,7 +146,7 @@ def demo(config: DemoConfig | dict | str | Path | None = None, **overrides: Any)
     if not (Path(cfg.model) / "model_index.json").is_file() and cfg.model == str(BUNDLED):
         raise DreamBoothError(f"the bundled toy model is missing from {BUNDLED}; reinstall the package or run "
                               "`dreambooth toy pretrain --output_dir DIR` and pass --model DIR")
-    with OutputFolder(cfg.output_dir, "demo", {"--model model": cfg.model}) as folder:
+    with OutputFolder(cfg.output_dir, "demo", models={"--model": cfg.model}) as folder:
         return _demo(cfg, folder, started)
 
 
@@ -188,7 +190,7 @@ def _demo(cfg: DemoConfig, folder: OutputFolder, started: float) -> dict[str, An
         train_text_encoder=cfg.train_text_encoder, train_batch_size=cfg.train_batch_size,
         max_train_steps=cfg.max_train_steps, learning_rate=cfg.learning_rate,
         lr_scheduler="constant", lr_warmup_steps=0, checkpointing_steps=cfg.max_train_steps + 1,
-        mixed_precision="no", seed=cfg.seed, output_dir=model_dir,
+        mixed_precision="no", seed=cfg.seed, output_dir=model_dir, device=cfg.device,
     )
 
     # after

@@ -28,8 +28,9 @@ test: $(STAMP)
 REPEAT ?= 5
 test-repeat: $(STAMP)
 	@for i in $$(seq $(REPEAT)); do \
-		echo "== test run $$i of $(REPEAT)"; \
-		$(BIN)/python -m pytest -n 2 -q tests || exit 1; \
+		start=$$(date +%s); \
+		$(BIN)/python -m pytest -n 2 -q tests || { echo "== test run $$i of $(REPEAT) FAILED"; exit 1; }; \
+		echo "== test run $$i of $(REPEAT) passed in $$(( $$(date +%s) - start )) s"; \
 	done
 
 # Performance figures for this machine (minutes; the SD 1.5-size steps need ~20 GB of memory on CPU):

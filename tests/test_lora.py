@@ -75,7 +75,7 @@ def test_lora_adapters_stay_fp32_under_bf16_mixed_precision(base_args, monkeypat
     real_fit = training.fit
 
     def spy(run, parts):
-        unet = run.accelerator.unwrap_model(parts.unet)
+        unet = run.accelerator.unwrap_model(parts.denoiser)
         seen["trainable"] = {p.dtype for p in unet.parameters() if p.requires_grad}
         seen["frozen"] = {p.dtype for p in unet.parameters() if not p.requires_grad}
         seen["lrs"] = [g["lr"] for g in parts.optimizer.param_groups]
@@ -104,30 +104,6 @@ def test_lora_flags_are_checked(base_args, tiny_model, tmp_path, capsys):
 def lora_run(base_args, tmp_path):
     dreambooth.train(**base_args(**LORA, train_text_encoder=True))
     return tmp_path / "out"
-
-
-def test_export_kohya_round_trips_through_diffusers(lora_run, tiny_model, tmp_path):
-    out = tmp_path / "kohya" / "zwx.safetensors"
-    assert main(["export", "--model", str(lora_run), "--format", "kohya", "--output", str(out)]) == 0
-    keys = set(load_file(out))
-    assert keys and all(k.startswith(("lora_unet_", "lora_te_text_model_")) for k in keys)
-    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
-    assert any(k.startswith("lora_te_") for k in keys) and any(k.startswith("lora_unet_") for k in keys)
-    ours = StableDiffusionPipeline.from_pretrained(tiny_model)
-    ours.load_lora_weights(lora_run)
-    kohya = StableDiffusionPipeline.from_pretrained(tiny_model)
-    kohya.load_lora_weights(out.parent, weight_name=out.name)
-    assert np.allclose(render(ours), render(kohya), atol=1e-5)
-
-
-def test_export_merged_is_a_full_pipeline_with_the_same_images(lora_run, tiny_model, tmp_path):
-    out = tmp_path / "merged"
-    assert main(["export", "--model", str(lora_run), "--format", "merged", "--output", str(out)]) == 0
-    merged = StableDiffusionPipeline.from_pretrained(out)
-    assert not any("lora" in k for k in merged.unet.state_dict())
-    with_lora = StableDiffusionPipeline.from_pretrained(tiny_model)
-    with_lora.load_lora_weights(lora_run)
-    assert np.allclose(render(merged), render(with_lora), atol=1e-4)
 
 
 def test_export_refuses_to_overwrite_and_non_lora_runs(lora_run, tiny_model, tmp_path, capsys):

@@ -1,14 +1,14 @@
 import torch
 from diffusers import DDPMScheduler
 
-from dreambooth.loss import diffusion_target, dreambooth_loss, min_snr_weights
+from dreambooth.loss import diffusion_target, dreambooth_loss, min_snr_weights, per_example_mse
 
 
 def test_loss_matches_hand_computation():
     pred = torch.tensor([[1.0, 2.0], [0.0, 0.0], [3.0, 1.0]])
     target = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
     is_prior = torch.tensor([False, False, True])
-    parts = dreambooth_loss(pred, target, is_prior, prior_loss_weight=0.5)
+    parts = dreambooth_loss(per_example_mse(pred, target), is_prior, prior_loss_weight=0.5)
     instance = ((1 + 4) / 2 + (1 + 1) / 2) / 2  # mean over instance examples of per-example MSE
     prior = (4 + 0) / 2
     assert torch.isclose(parts.instance, torch.tensor(instance))
@@ -18,18 +18,19 @@ def test_loss_matches_hand_computation():
 
 def test_loss_weights_apply_per_example():
     pred, target = torch.ones(2, 3), torch.zeros(2, 3)
-    parts = dreambooth_loss(pred, target, torch.tensor([False, True]), 1.0, weights=torch.tensor([2.0, 0.25]))
+    per_example = per_example_mse(pred, target, weights=torch.tensor([2.0, 0.25]))
+    parts = dreambooth_loss(per_example, torch.tensor([False, True]), 1.0)
     assert parts.instance.item() == 2.0 and parts.prior.item() == 0.25
 
 
 def test_without_prior_examples_prior_part_is_zero():
-    parts = dreambooth_loss(torch.ones(2, 4), torch.zeros(2, 4), torch.tensor([False, False]), 1.0)
+    parts = dreambooth_loss(per_example_mse(torch.ones(2, 4), torch.zeros(2, 4)), torch.tensor([False, False]), 1.0)
     assert parts.prior.item() == 0.0 and parts.loss.item() == 1.0
 
 
 def test_zero_lambda_gives_prior_examples_no_gradient():
     pred = torch.randn(4, 3, requires_grad=True)
-    parts = dreambooth_loss(pred, torch.zeros(4, 3), torch.tensor([False, False, True, True]), 0.0)
+    parts = dreambooth_loss(per_example_mse(pred, torch.zeros(4, 3)), torch.tensor([False, False, True, True]), 0.0)
     parts.loss.backward()
     assert pred.grad[2:].abs().sum() == 0 and pred.grad[:2].abs().sum() > 0
 

@@ -1,4 +1,5 @@
-"""Tiny random Stable Diffusion pipelines and subject images, built in temp folders (no downloads)."""
+"""Tiny random pipelines of every model family (SD, SDXL, SD3, Flux) and subject images, built in temp folders
+with offline tokenizers (no downloads). `TINY` maps each registered family to its builder."""
 
 from __future__ import annotations
 
@@ -88,6 +89,94 @@ def make_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def write_t5_tokenizer(folder: Path, max_length: int = 32):
+    """A T5 (Unigram) tokenizer built offline: <pad>, </s>, <unk>, a whole piece for each test word and single
+    letters for anything else, so every word tokenizes."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    pieces = ["<pad>", "</s>", "<unk>", "\u2581"] + [f"\u2581{w}" for w in COMMON + RARE]
+    pieces += [f"\u2581{c}" for c in string.ascii_lowercase] + list(string.ascii_lowercase)
+    vocab = [(p, 0.0 if i < 3 else -1.0 if i < 4 + len(COMMON + RARE) else -5.0)
+             for i, p in enumerate(dict.fromkeys(pieces))]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def t5_encoder(vocab_size: int, width: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=vocab_size, d_model=width, d_kv=8, d_ff=37, num_layers=2,
+                                   num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0,
+                                   pad_token_id=0, eos_token_id=1))
+
+
+def flow_vae(shift: float, scaling: float) -> AutoencoderKL:
+    """SD3/Flux-style VAE: no quant convs, shift and scaling factors; 8x downsampling like the real ones."""
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                         layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4, sample_size=64,
+                         use_quant_conv=False, use_post_quant_conv=False, shift_factor=shift, scaling_factor=scaling)
+
+
+def make_tiny_sd3(folder: Path, seed: int = 0, with_t5: bool = True) -> Path:
+    """A tiny SD3 pipeline: MMDiT (1 joint block, patch 2 over 8x8x4 latents), CLIP-L/G-like encoders with
+    projections, T5 (or none: the pipeline zero-fills it), the flow-matching scheduler with SD3's shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = write_tokenizer(folder.parent / f"{folder.name}-tok")
+    t5_tokenizer = write_t5_tokenizer(folder.parent / f"{folder.name}-t5tok") if with_t5 else None
+
+    def clip(width: int) -> CLIPTextModelWithProjection:
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer.get_vocab()), hidden_size=width, intermediate_size=37, num_attention_heads=4,
+            num_hidden_layers=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            projection_dim=32, hidden_act="gelu"))
+
+    # CLIP-L and CLIP-G of different widths (768 / 1280 in SD3): single-file loading tells them apart by width;
+    # their penultimate states side by side (32 + 48) fit inside T5's width (96), as 2048 fits 4096
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=96, pooled_projection_dim=64, out_channels=4,
+                                        pos_embed_max_size=16)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=flow_vae(0.0609, 1.5035), text_encoder=clip(32), tokenizer=tokenizer, text_encoder_2=clip(48),
+        tokenizer_2=tokenizer, text_encoder_3=t5_encoder(len(t5_tokenizer), 96) if with_t5 else None,
+        tokenizer_3=t5_tokenizer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_tiny_flux(folder: Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+    """A tiny Flux pipeline: 1 double + 1 single block over 2x2-packed 8x8x4 latents, CLIP-L-like pooled and T5
+    conditioning, the guidance embedding of the dev models, dynamic shifting."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer = write_tokenizer(folder.parent / f"{folder.name}-tok")
+    t5_tokenizer = write_t5_tokenizer(folder.parent / f"{folder.name}-t5tok")
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer.get_vocab()), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        projection_dim=32))
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+                                         guidance_embeds=guidance_embeds)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=flow_vae(0.1159, 0.3611),
+                        text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=t5_encoder(len(t5_tokenizer), 32), tokenizer_2=t5_tokenizer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def make_images(folder: Path, n: int = 4, size: int = 72, seed: int = 0) -> Path:
     """n distinct RGB images of a 'subject': a coloured square on a varying background."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -145,3 +234,7 @@ def make_tiny_lpips(path: Path, layout: str = "torchvision", seed: int = 0) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
+
+
+# every registered family's tiny pipeline: the family-agnostic tests run over this table
+TINY = {"sd": make_tiny_sd, "sdxl": make_tiny_sdxl, "sd3": make_tiny_sd3, "flux": make_tiny_flux}

@@ -10,7 +10,8 @@ import dataclasses
 from pathlib import Path
 
 from .errors import ConfigError
-from .sampling import SAMPLERS
+from .objectives import WEIGHTING_SCHEMES
+from .sampling import sampler_names
 from .schema import at_least, in_unit_interval, option, positive
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -65,12 +66,14 @@ class TrainConfig:
         None, "Precision of class-image generation (default: fp16 on GPU, fp32 on CPU)", choices=PRIOR_PRECISIONS,
         group="data",
     )
-    class_sampler: str = option("dpm++", "Sampler for class images", choices=lambda: list(SAMPLERS), group="data")
+    class_sampler: str | None = option(None, "Sampler for class images (default: the family's, dpm++ for SD/SDXL, "
+                                       "euler for SD3/Flux)", choices=sampler_names, group="data")
     class_inference_steps: int = option(25, "Sampler steps for class images", check=at_least(1), group="data")
-    class_guidance_scale: float = option(7.5, "Guidance scale for class images", check=at_least(0), group="data")
+    class_guidance_scale: float | None = option(None, "Guidance scale for class images (default: the family's, "
+                                                "7.5 SD/SDXL, 7.0 SD3, 3.5 Flux)", check=at_least(0), group="data")
     class_negative_prompt: str | None = option(None, "Negative prompt for class images", group="data")
-    resolution: int | None = option(None, "Training resolution in pixels (default: the family's, 512 for SD, 1024 "
-                                    "for SDXL)", check=_multiple_of_8, group="data")
+    resolution: int | None = option(None, "Training resolution in pixels (default: the family's: 512 for SD and "
+                                    "Flux, 1024 for SDXL and SD3)", check=_multiple_of_8, group="data")
     center_crop: bool = option(False, "Centre-crop instead of random-crop after resizing", group="data")
     random_flip: bool = option(False, "Randomly flip training images horizontally", group="data")
     dataloader_num_workers: int = option(0, "Data-loading worker processes", check=at_least(0), group="data")
@@ -121,6 +124,22 @@ class TrainConfig:
     snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (5.0 is the usual choice)", check=positive,
                                      group="training")
 
+    # rectified flow (SD3, Flux); refused for the other families
+    weighting_scheme: str | None = option(None, "How sigma is drawn and losses weighted (default: the family's: "
+                                          "logit_normal for SD3, none for Flux)", choices=WEIGHTING_SCHEMES,
+                                          group="flow")
+    logit_mean: float = option(0.0, "Mean of the logit-normal sigma density", group="flow")
+    logit_std: float = option(1.0, "Standard deviation of the logit-normal sigma density", check=positive,
+                              group="flow")
+    mode_scale: float = option(1.29, "Scale of the `mode` sigma density", group="flow")
+    precondition_outputs: bool | None = option(None, "Read the model's output as a prediction of the clean latents "
+                                               "(SD3's preconditioning; default: on for SD3, off for Flux)",
+                                               group="flow")
+    max_sequence_length: int | None = option(None, "T5 tokens per prompt (default: 77 for SD3, 512 for Flux)",
+                                             check=at_least(1), group="flow")
+    guidance_scale: float | None = option(None, "Flux dev: the guidance value the transformer is given while "
+                                          "training (default 3.5)", check=at_least(0), group="flow")
+
     # LoRA
     use_lora: bool = option(False, "Train LoRA adapters (peft) instead of the full UNet / text encoder", group="lora")
     rank: int = option(4, "LoRA rank", check=at_least(1), group="lora")
@@ -128,8 +147,8 @@ class TrainConfig:
                                       check=positive, group="lora")
     lora_dropout: float = option(0.0, "Dropout on the LoRA branch", check=in_unit_interval, group="lora")
     use_dora: bool = option(False, "Weight-decomposed LoRA (DoRA)", group="lora")
-    lora_target_modules: list[str] = option(("to_k", "to_q", "to_v", "to_out.0"),
-                                            "UNet modules that get adapters", group="lora")
+    lora_target_modules: list[str] | None = option(None, "Denoiser modules that get adapters (default: the "
+                                                   "family's; SD: to_k to_q to_v to_out.0)", group="lora")
     text_encoder_lora_target_modules: list[str] = option(("q_proj", "k_proj", "v_proj", "out_proj"),
                                                          "Text-encoder modules that get adapters "
                                                          "(with --train_text_encoder)", group="lora")
@@ -149,12 +168,12 @@ class TrainConfig:
     validation_prompt: str | None = option(None, "Prompt rendered every --validation_steps", group="validation")
     num_validation_images: int = option(4, "Images per validation", check=at_least(1), group="validation")
     validation_steps: int = option(100, "Validate every N steps", check=at_least(1), group="validation")
-    validation_sampler: str = option("dpm++", "Sampler for validation images", choices=lambda: list(SAMPLERS),
-                                     group="validation")
+    validation_sampler: str | None = option(None, "Sampler for validation images (default: the family's)",
+                                            choices=sampler_names, group="validation")
     validation_inference_steps: int = option(25, "Sampler steps for validation images", check=at_least(1),
                                              group="validation")
-    validation_guidance_scale: float = option(7.5, "Guidance scale for validation images", check=at_least(0),
-                                              group="validation")
+    validation_guidance_scale: float | None = option(None, "Guidance scale for validation images (default: the "
+                                                     "family's)", check=at_least(0), group="validation")
     eval: bool = option(False, "After training, run `dreambooth evaluate` on the result with the instance images as "
                         "the real images; report in output_dir/evaluation", group="validation")
     eval_config: Path | None = option(None, "Options file for that evaluation (backend, backbones, subject, ...)",
@@ -186,3 +205,23 @@ class TrainConfig:
             raise ConfigError("instance_prompt", self.instance_prompt, "a non-empty prompt")
         if self.identifier is not None and self.identifier not in self.instance_prompt.split():
             raise ConfigError("identifier", self.identifier, "a word of --instance_prompt")
+
+    def check_family(self, family) -> None:
+        """Rules that need the model's family, checked before any weights load: options that only other families
+        (or their objective) read are refused, the resolution fits, the samplers exist for its kind of model."""
+        from .families import FAMILIES
+        from .objectives import OBJECTIVES
+        from .sampling import resolve_sampler
+
+        reads = {*family.options, *OBJECTIVES[family.objective].options}
+        scoped = {opt for kind in (*FAMILIES.values(), *OBJECTIVES.values()) for opt in kind.options}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in sorted(scoped - reads):
+            if getattr(self, name) != defaults[name]:
+                raise ConfigError(name, getattr(self, name), f"means nothing for {family.name} models "
+                                  f"({family.pipeline_classes[0]}); remove it")
+        if self.resolution is not None and self.resolution % family.resolution_multiple:
+            raise ConfigError("resolution", self.resolution, f"must be a multiple of {family.resolution_multiple} "
+                              f"for {family.name} models")
+        resolve_sampler(self.class_sampler, family, "class_sampler")
+        resolve_sampler(self.validation_sampler, family, "validation_sampler")

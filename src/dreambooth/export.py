@@ -1,12 +1,14 @@
 """`dreambooth export`: a run's result in the formats other tools load. Exporters are registered by name (the
-`--format` choices):
+`--format` choices); where a family has its own layout, the family writes it:
 
-- `kohya`: a LoRA run's adapters in the kohya / AUTOMATIC1111 key format (`lora_unet_*`, `lora_te_*` or, for
-  SDXL, `lora_te1_*` / `lora_te2_*`, with `.lora_down`/`.lora_up`/`.alpha`), the single file A1111 and ComfyUI
-  put in their `loras` folder.
+- `kohya`: a LoRA run's adapters in the kohya / AUTOMATIC1111 / ComfyUI key layout: SD and SDXL
+  (`lora_unet_*`, `lora_te_*` or `lora_te1_*` / `lora_te2_*`), Flux (Black Forest Labs' fused `double_blocks` /
+  `single_blocks` names, CLIP-L as `lora_te1_*`), with `.lora_down`/`.lora_up`/`.alpha`: the single file UIs put in
+  their `loras` folder. SD3 has none: its diffusers LoRA file is what ComfyUI loads.
 - `merged`: a LoRA run's adapters fused into the base weights, saved as a full diffusers pipeline.
-- `single-file`: a full fine-tune (or a fused LoRA run, or any SD/SDXL pipeline) as one `.safetensors` checkpoint
-  in the original SD/SDXL key layout, the file A1111 and ComfyUI put in their `checkpoints` folder.
+- `single-file`: a full fine-tune (or a fused LoRA run, or any supported pipeline) in the original layout: SD/SDXL
+  checkpoints (UNet, VAE, text encoders), Stability's SD3 file (MMDiT, VAE, CLIP-L/G, T5), Black Forest Labs' Flux
+  transformer file.
 """
 
 from __future__ import annotations
@@ -24,17 +26,11 @@ from .errors import DataError, DreamBoothError
 from .files import staged
 from .lora import LORA_WEIGHTS, is_lora_output
 from .outputs import check_inputs, writing
+from .registry import Registry
 from .schema import at_least, option
 
-EXPORTERS: dict[str, Callable[[Any], Path]] = {}
-
-
-def exporter(name: str) -> Callable[[Callable[[Any], Path]], Callable[[Any], Path]]:
-    def register(fn: Callable[[Any], Path]) -> Callable[[Any], Path]:
-        EXPORTERS[name] = fn
-        return fn
-
-    return register
+EXPORTERS: Registry[Callable[[Any], Path]] = Registry("exporter")
+exporter = EXPORTERS.register
 
 
 @dataclasses.dataclass
@@ -76,30 +72,21 @@ def _lora_run(cfg: ExportConfig) -> Path:
     return folder
 
 
-def kohya_keys(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """peft-format LoRA keys (`unet.<module>.lora_A.weight`, `text_encoder.<module>.lora_B.weight`) to kohya's
-    (`lora_unet_<module>.lora_down.weight`, `lora_te_text_model_<module>.lora_up.weight`, `<...>.alpha`). A model
-    with two text encoders (SDXL) names them `lora_te1_` and `lora_te2_`, as kohya's SDXL trainer does."""
-    two_encoders = any(key.startswith("text_encoder_2.") for key in state)
-    prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1" if two_encoders else "lora_te",
-                "text_encoder_2": "lora_te2"}
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state.items():
-        module, _, kind = key.rpartition(".lora_")
-        part, _, path = module.partition(".")
-        if part not in prefixes:
-            raise DataError(f"LoRA key {key!r} belongs to no part this export knows ({', '.join(prefixes)})")
-        if part.startswith("text_encoder") and not path.startswith("text_model."):
-            path = "text_model." + path  # transformers 5 drops it from peft keys; kohya names keep it
-        name = f"{prefixes[part]}_{path.replace('.', '_')}"
-        out[f"{name}.{'lora_down' if kind.startswith('A') else 'lora_up'}.weight"] = tensor
-        out[f"{name}.alpha"] = torch.tensor(float(alpha))
-    return out
+def run_family(folder: Path) -> str | None:
+    """The family a run (run_summary.json) or one of its checkpoints (state.json) recorded, if any."""
+    for name in ("run_summary.json", "state.json"):
+        try:
+            return json.loads((folder / name).read_text())["family"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 @exporter("kohya")
 def export_kohya(cfg: ExportConfig) -> Path:
     from safetensors.torch import load_file, save_file
+
+    from .families import FAMILIES, ModelSource, get_family
 
     folder = _lora_run(cfg)
     out = Path(cfg.output)
@@ -107,7 +94,9 @@ def export_kohya(cfg: ExportConfig) -> Path:
         raise DreamBoothError(f"--output {out} must be a .safetensors file for --format kohya")
     train = json.loads((folder / "train_config.json").read_text())
     alpha = train.get("lora_alpha") or train.get("rank")
-    state = kohya_keys(load_file(folder / LORA_WEIGHTS), alpha)
+    source = ModelSource(train["pretrained_model_name_or_path"], train.get("revision"), train.get("variant"))
+    family = FAMILIES[run_family(folder)]() if run_family(folder) else get_family(source)
+    state = family.kohya_lora(load_file(folder / LORA_WEIGHTS), alpha, train.get("rank"), source)
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(train.get("rank")),
                 "ss_network_alpha": str(alpha), "ss_base_model": str(train.get("pretrained_model_name_or_path"))}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -124,7 +113,8 @@ def _full_pipeline(cfg: ExportConfig) -> Any:
 
     pipe = load_for_inference(cfg.model, torch.float32)
     if is_lora_output(Path(cfg.model).expanduser()):
-        pipe.fuse_lora(lora_scale=cfg.lora_scale)
+        # every part with adapters (Flux's fuse_lora would leave its text encoder out by default)
+        pipe.fuse_lora(components=list(pipe._lora_loadable_modules), lora_scale=cfg.lora_scale)
         pipe.unload_lora_weights()
     return pipe
 
@@ -147,13 +137,12 @@ def export_single_file(cfg: ExportConfig) -> Path:
     from safetensors.torch import save_file
 
     from .families import family_of
-    from .single_file import pipeline_to_ldm
 
     out = Path(cfg.output)
     if out.suffix != ".safetensors":
         raise DreamBoothError(f"--output {out} must be a .safetensors file for --format single-file")
     pipe = _full_pipeline(cfg)
-    state = pipeline_to_ldm(pipe, family_of(pipe).single_file_text_layout(pipe))
+    state = family_of(pipe).single_file_state(pipe)
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged(out, exclusive=True) as tmp:
         save_file({k: v.to(DTYPES[cfg.precision]).contiguous() for k, v in state.items()}, str(tmp),

@@ -14,13 +14,13 @@ import torch
 from . import schema
 from .data import derive_seed
 from .errors import ConfigError, DataError, first_line
-from .families import ModelSource, get_family
+from .families import ModelSource, family_of, get_family
 from .files import save_image_atomic
 from .grid import make_grid
 from .lora import LORA_WEIGHTS, is_lora_output
 from .outputs import OutputFolder
 from .quiet import quiet_libraries
-from .sampling import SAMPLERS, make_scheduler
+from .sampling import make_scheduler, resolve_sampler, sampler_names
 from .schema import at_least, option
 
 log = logging.getLogger("dreambooth")
@@ -38,8 +38,10 @@ class GenerateConfig:
     num_images: int = option(4, "Images per prompt", check=at_least(1))
     seed: int = option(0, "Seed; image i of a prompt uses a seed derived from (seed, i)")
     num_inference_steps: int = option(25, "Sampler steps", check=at_least(1))
-    guidance_scale: float = option(7.5, "Classifier-free guidance scale", check=at_least(0))
-    sampler: str = option("dpm++", "Sampler", choices=lambda: list(SAMPLERS))
+    guidance_scale: float | None = option(None, "Guidance scale (default: the family's: 7.5 SD/SDXL, 7.0 SD3, 3.5 "
+                                         "Flux)", check=at_least(0))
+    sampler: str | None = option(None, "Sampler (default: the model family's: dpm++ for SD/SDXL, euler for SD3/Flux)",
+                                 choices=sampler_names)
     height: int | None = option(None, "Image height (default: the model's)", check=at_least(8))
     width: int | None = option(None, "Image width (default: the model's)", check=at_least(8))
     batch_size: int = option(4, "Images per forward pass", check=at_least(1))
@@ -65,7 +67,7 @@ def load_for_inference(model: str, dtype: torch.dtype, lora: list[str] | None = 
                           vae=base.get("pretrained_vae_model_name_or_path")) if base else ModelSource(model))
     pipe = get_family(source).load_pipeline(source, dtype)
     if checkpoint and not lora_run:
-        for name in ("unet", *(n for n in pipe.components if n.startswith("text_encoder"))):
+        for name in (family_of(pipe).denoiser_name, *(n for n in pipe.components if n.startswith("text_encoder"))):
             if (path / name).is_dir():
                 module = getattr(pipe, name)
                 setattr(pipe, name, type(module).from_pretrained(path / name, dtype=dtype,
@@ -97,15 +99,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
 
 
-def open_pipeline(model: str, sampler: str, precision: str = "auto", device: str = "auto",
+def open_pipeline(model: str, sampler: str | None, precision: str = "auto", device: str = "auto",
                   lora: list[str] | None = None, lora_scale: float = 1.0) -> tuple[Any, torch.device]:
-    """A pipeline ready to sample: loaded at the precision asked, on the device, with the sampler set."""
+    """A pipeline ready to sample: loaded at the precision asked, on the device, with the sampler set (None: the
+    family's default)."""
     dev = resolve_device(device)
     dtype = DTYPES.get(precision) or (torch.float16 if dev.type == "cuda" else torch.float32)
     if dtype == torch.float16 and dev.type == "cpu":
         raise ConfigError("precision", "fp16", "fp16 needs a GPU; use fp32 or bf16 on CPU")
     pipe = load_for_inference(model, dtype, lora, lora_scale).to(dev)
-    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config)
+    family = family_of(pipe)
+    pipe.scheduler = make_scheduler(resolve_sampler(sampler, family), pipe.scheduler.config, family.sampler_kind)
     pipe.set_progress_bar_config(disable=True)
     return pipe, dev
 
@@ -137,15 +141,19 @@ def generate(config: GenerateConfig | dict | str | Path | None = None, **overrid
                       kept=lambda: f"the {len(written)} image(s) written before are kept") as out:
         pipe, device = open_pipeline(cfg.model, cfg.sampler, cfg.precision, cfg.device, cfg.lora, cfg.lora_scale)
         out.claim()
+        family = family_of(pipe)
+        guidance = cfg.guidance_scale if cfg.guidance_scale is not None else family.default_guidance
+        settings = {"negative_prompt": cfg.negative_prompt, "steps": cfg.num_inference_steps, "model": cfg.model,
+                    "sampler": resolve_sampler(cfg.sampler, family), "guidance_scale": guidance}
         all_images = []
         for p_index, prompt in enumerate(cfg.prompt):
             seeds = [derive_seed(cfg.seed, i) for i in range(cfg.num_images)]
             images = render(pipe, prompt, seeds, cfg.batch_size, device, negative_prompt=cfg.negative_prompt,
-                            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                            num_inference_steps=cfg.num_inference_steps, guidance_scale=guidance,
                             height=cfg.height, width=cfg.width)
             for i, (seed, img) in enumerate(zip(seeds, images)):
                 path = out.entry(f"{p_index:02d}-{slug(prompt)}-{i:03d}.png")
-                save_image_atomic(img, path, pnginfo=_pnginfo(prompt, cfg, seed))
+                save_image_atomic(img, path, pnginfo=_pnginfo({"prompt": prompt, "seed": seed, **settings}))
                 written.append(path)
                 all_images.append(img)
         grid = out.entry("grid.png")
@@ -154,11 +162,10 @@ def generate(config: GenerateConfig | dict | str | Path | None = None, **overrid
     return [*written, grid]
 
 
-def _pnginfo(prompt: str, cfg: GenerateConfig, seed: int):
+def _pnginfo(parameters: dict[str, Any]):
+    """What made the image, as PNG text (`parameters`, JSON)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    info.add_text("parameters", json.dumps({"prompt": prompt, "negative_prompt": cfg.negative_prompt, "seed": seed,
-                                            "steps": cfg.num_inference_steps, "sampler": cfg.sampler,
-                                            "guidance_scale": cfg.guidance_scale, "model": cfg.model}))
+    info.add_text("parameters", json.dumps(parameters))
     return info

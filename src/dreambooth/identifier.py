@@ -83,7 +83,9 @@ def prior_shift(tokenizer, text_encoder, words: list[str], class_noun: str, batc
     def pooled(prompts: list[str]) -> torch.Tensor:
         ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
                         return_tensors="pt").input_ids.to(text_encoder.device)
-        return text_encoder(ids).pooler_output.float()
+        out = text_encoder(ids)  # CLIPTextModel pools; CLIPTextModelWithProjection (SD3's) projects its pool
+        pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.text_embeds
+        return pooled.float()
 
     reference = pooled([f"a {class_noun}"])
     shifts: list[float] = []

@@ -1,5 +1,5 @@
-"""LoRA DreamBooth through peft: adapters on the UNet (and the text encoder), their state for exact resume, and
-the diffusers LoRA file that `pipe.load_lora_weights` reads."""
+"""LoRA DreamBooth through peft: adapters on the denoiser (and the text encoders), their state for exact resume,
+and the diffusers LoRA file that `pipe.load_lora_weights` reads."""
 
 from __future__ import annotations
 
@@ -21,17 +21,17 @@ def lora_config(cfg: Any, targets: list[str]) -> LoraConfig:
                       init_lora_weights="gaussian", target_modules=list(targets), use_dora=cfg.use_dora)
 
 
-def add_adapters(cfg: Any, unet: torch.nn.Module, text_encoders: list[torch.nn.Module]) -> None:
-    """Freeze the base weights and add trainable adapters; they stay fp32 whatever the base weights' dtype, so
-    fp16 mixed precision can unscale their gradients."""
-    unet.requires_grad_(False)
-    unet.add_adapter(lora_config(cfg, cfg.lora_target_modules))
-    modules = [unet]
-    if cfg.train_text_encoder:
-        for encoder in text_encoders:
-            encoder.requires_grad_(False)
-            encoder.add_adapter(lora_config(cfg, cfg.text_encoder_lora_target_modules))
-            modules.append(encoder)
+def add_adapters(cfg: Any, denoiser: torch.nn.Module, targets: list[str] | tuple[str, ...],
+                 text_encoders: list[torch.nn.Module]) -> None:
+    """Freeze the base weights and add trainable adapters (on `targets` of the denoiser, and on the text encoders
+    given); they stay fp32 whatever the base weights' dtype, so fp16 mixed precision can unscale their gradients."""
+    denoiser.requires_grad_(False)
+    denoiser.add_adapter(lora_config(cfg, targets))
+    modules = [denoiser]
+    for encoder in text_encoders:
+        encoder.requires_grad_(False)
+        encoder.add_adapter(lora_config(cfg, cfg.text_encoder_lora_target_modules))
+        modules.append(encoder)
     for module in modules:
         for p in module.parameters():
             if p.requires_grad:

@@ -1,4 +1,5 @@
-"""The DreamBooth objective as small pure functions: targets, min-SNR weights and the two-part loss."""
+"""The DreamBooth loss as small pure functions: DDPM targets, min-SNR weights, per-example MSE and the two-part
+loss that prior preservation adds up."""
 
 from __future__ import annotations
 
@@ -32,25 +33,22 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, pred
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
-def dreambooth_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    is_prior: torch.Tensor,
-    prior_loss_weight: float,
-    weights: torch.Tensor | None = None,
-) -> LossParts:
-    """MSE(instance) + lambda * MSE(prior), each the mean over its own examples of a per-example weighted MSE.
-
-    Args:
-        pred: model output, shape (N, ...).
-        target: regression target, same shape.
-        is_prior: bool (N,), True for class (prior-preservation) examples.
-        prior_loss_weight: lambda.
-        weights: optional per-example weights (N,), e.g. min-SNR.
-    """
+def per_example_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error of each example (N,), times its weight when given (min-SNR, SD3's sigma weighting)."""
     per_example = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
     if weights is not None:
-        per_example = per_example * weights.float()
+        per_example = per_example * weights.float().flatten()
+    return per_example
+
+
+def dreambooth_loss(per_example: torch.Tensor, is_prior: torch.Tensor, prior_loss_weight: float) -> LossParts:
+    """loss(instance) + lambda * loss(prior), each the mean over its own examples of the per-example losses.
+
+    Args:
+        per_example: one loss per example (N,), from the family's objective.
+        is_prior: bool (N,), True for class (prior-preservation) examples.
+        prior_loss_weight: lambda.
+    """
     is_prior = is_prior.to(per_example.device)
     instance = per_example[~is_prior].mean()
     prior = per_example[is_prior].mean() if bool(is_prior.any()) else per_example.new_zeros(())

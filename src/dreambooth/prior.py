@@ -25,7 +25,7 @@ from .data import derive_seed, scan_folder
 from .errors import DreamBoothError
 from .families import ModelFamily, ModelSource, model_identity
 from .files import save_image_atomic, write_text_atomic
-from .sampling import make_scheduler
+from .sampling import make_scheduler, resolve_sampler
 
 log = logging.getLogger("dreambooth")
 
@@ -51,14 +51,19 @@ def generation_dtype(precision: str | None, device: torch.device) -> torch.dtype
     return DTYPES[precision]
 
 
-def class_settings(cfg: TrainConfig, source: ModelSource, dtype: torch.dtype) -> dict[str, Any]:
+def class_settings(cfg: TrainConfig, family: ModelFamily, source: ModelSource, dtype: torch.dtype
+                   ) -> dict[str, Any]:
+    """What a class image is a function of (sampler and guidance resolved to the family's defaults)."""
+    guidance = cfg.class_guidance_scale if cfg.class_guidance_scale is not None else family.default_guidance
+    size = {"size": cfg.resolution} if family.class_images_at_training_size else {}
     return {
         "prompt": cfg.class_prompt,
         "negative_prompt": cfg.class_negative_prompt,
         "model": model_identity(source),
-        "sampler": cfg.class_sampler,
+        "sampler": resolve_sampler(cfg.class_sampler, family, "class_sampler"),
         "steps": cfg.class_inference_steps,
-        "guidance_scale": cfg.class_guidance_scale,
+        "guidance_scale": guidance,
+        **size,
         "dtype": str(dtype).removeprefix("torch."),
     }
 
@@ -86,7 +91,7 @@ def ensure_class_images(cfg: TrainConfig, family: ModelFamily, source: ModelSour
     """Make sure cfg.num_class_images class images exist; generate (split over processes) only what is missing."""
     folder = Path(cfg.class_data_dir)
     dtype = generation_dtype(cfg.prior_generation_precision, accelerator.device)
-    settings = class_settings(cfg, source, dtype)
+    settings = class_settings(cfg, family, source, dtype)
     digest = settings_hash(settings)
     user, ours, stale = plan(folder, digest, cfg.num_class_images)
     needed = range(cfg.num_class_images - len(user))
@@ -98,7 +103,7 @@ def ensure_class_images(cfg: TrainConfig, family: ModelFamily, source: ModelSour
     if missing:
         folder.mkdir(parents=True, exist_ok=True)
         mine = missing[accelerator.process_index :: accelerator.num_processes]
-        _generate(cfg, family, source, folder, digest, mine, dtype, accelerator)
+        _generate(cfg, family, source, folder, digest, mine, dtype, settings, accelerator)
     accelerator.wait_for_everyone()
 
     ours = {i: folder / f"class-{digest}-{i:05d}.png" for i in needed}
@@ -114,9 +119,9 @@ def image_seed(digest: str, index: int) -> int:
 
 
 def _generate(cfg: TrainConfig, family: ModelFamily, source: ModelSource, folder: Path, digest: str,
-              indices: list[int], dtype: torch.dtype, accelerator) -> None:
+              indices: list[int], dtype: torch.dtype, settings: dict[str, Any], accelerator) -> None:
     pipe = family.load_pipeline(source, dtype).to(accelerator.device)
-    pipe.scheduler = make_scheduler(cfg.class_sampler, pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(settings["sampler"], pipe.scheduler.config, family.sampler_kind)
     bar = tqdm(total=len(indices), desc="class images", unit="img", disable=not accelerator.is_local_main_process)
     for start in range(0, len(indices), cfg.sample_batch_size):
         batch = indices[start : start + cfg.sample_batch_size]
@@ -125,7 +130,8 @@ def _generate(cfg: TrainConfig, family: ModelFamily, source: ModelSource, folder
             images = pipe(
                 [cfg.class_prompt] * len(batch),
                 negative_prompt=[cfg.class_negative_prompt] * len(batch) if cfg.class_negative_prompt else None,
-                num_inference_steps=cfg.class_inference_steps, guidance_scale=cfg.class_guidance_scale,
+                num_inference_steps=cfg.class_inference_steps, guidance_scale=settings["guidance_scale"],
+                height=settings.get("size"), width=settings.get("size"),
                 generator=generators,
             ).images
         for i, img in zip(batch, images):

@@ -190,6 +190,7 @@ def setup(cfg: TrainConfig) -> Run:
     source = ModelSource(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.tokenizer_name,
                          cfg.pretrained_vae_model_name_or_path)
     family = get_family(source, cfg.family)
+    cfg.check_family(family)
     if cfg.resolution is None:
         cfg.resolution = family.default_resolution
     instance = scan_folder(Path(cfg.instance_data_dir), "instance", cfg.resolution)

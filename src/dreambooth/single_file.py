@@ -115,8 +115,11 @@ def vae_to_ldm(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.T
 
 def clip_to_ldm(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """A transformers CLIP text model -> its keys under `prefix` with the `text_model.` level the original keeps
-    (transformers 5 dropped that level from CLIPTextModel)."""
-    return {prefix + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()}
+    (transformers 5 dropped that level from CLIPTextModel); a projection (SD3's encoders) stays beside it."""
+    def key(k: str) -> str:
+        return k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k
+
+    return {prefix + key(k): v for k, v in state.items()}
 
 
 OPEN_CLIP = {"embeddings.token_embedding": "token_embedding", "final_layer_norm": "ln_final"}

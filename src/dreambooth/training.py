@@ -24,14 +24,15 @@ from .data import DreamBoothDataset, StepBatchSampler, collate
 from .errors import DreamBoothError, first_line, is_out_of_memory
 from .evaluation import evaluate
 from .evaluation.evaluate import for_training
-from .families import Components
+from .families import Components, ModelFamily
 from .files import write_text_atomic
 from .identifier import check as check_identifier
-from .identifier import class_noun_after, infer_identifier
+from .identifier import class_noun_after, infer_identifier, tokens_of
 from .latent_cache import LatentCache
 from .lora import add_adapters
-from .loss import diffusion_target, dreambooth_loss, min_snr_weights
-from .noising import noise_batch, sample_latents
+from .loss import dreambooth_loss
+from .noising import sample_latents
+from .objectives import OBJECTIVES, Keys, Objective
 from .prior import ClassImages, ensure_class_images
 from .quiet import quiet_libraries
 from .run import SUMMARY_FILE, Run, determinism, identity, setup
@@ -46,14 +47,15 @@ class Parts:
     """What `build` makes for `fit`."""
 
     components: Components
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module  # the UNet or transformer, prepared for training
     text_encoders: dict[str, torch.nn.Module]  # by pipeline name; prepared for training when they are trained
+    objective: Objective
     optimizer: torch.optim.Optimizer
     lr_scheduler: Any
     dataset: DreamBoothDataset
     class_images: ClassImages | None
     cond: dict[str, dict[str, torch.Tensor]] | None  # cached prompt conditioning when the text encoder is frozen
-    input_ids: torch.Tensor  # [instance prompt, class prompt] token ids, one row per tokenizer
+    input_ids: dict[str, torch.Tensor]  # [instance prompt, class prompt] token ids per text encoder
     weight_dtype: torch.dtype
     max_train_steps: int
     latents: LatentCache  # the frozen VAE's output per training view
@@ -83,8 +85,8 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
             fit(run, parts)
             summary = finish(run, parts)
             del parts
-            if evaluation is not None and run.accelerator.is_main_process:
-                summary["evaluation"] = evaluate(evaluation)["metrics"]
+            if evaluation is not None and run.accelerator.is_main_process:  # the resolution is known now
+                summary["evaluation"] = evaluate(for_training(cfg))["metrics"]
                 write_text_atomic(Path(cfg.output_dir) / SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary
 
@@ -112,29 +114,34 @@ def build(run: Run) -> Parts:
     run.claim()  # the inputs loaded: from here on the output folder is this run's
 
     # model
+    family, denoiser = run.family, c.denoiser
     weight_dtype = WEIGHT_DTYPES.get(acc.mixed_precision, torch.float32)
-    c.vae.requires_grad_(False).to(acc.device, run.family.vae_dtype(c, weight_dtype)).eval()
-    encoders = list(c.text_encoders.values())
+    c.vae.requires_grad_(False).to(acc.device, family.vae_dtype(c, weight_dtype)).eval()
+    trained_names = trained_text_encoders(cfg, family, c)
+    encoders = [c.text_encoders[n] for n in trained_names]
+    frozen = [e for n, e in c.text_encoders.items() if n not in trained_names]
+    for encoder in frozen:
+        encoder.requires_grad_(False).to(acc.device, weight_dtype).eval()
     if cfg.use_lora:  # base weights frozen in the compute dtype, adapters trained in fp32
-        for module in [c.unet, *encoders]:
+        for module in [denoiser, *encoders]:
             module.to(acc.device, weight_dtype)
-        add_adapters(cfg, c.unet, encoders)
+        add_adapters(cfg, denoiser, cfg.lora_target_modules or family.default_lora_targets, encoders)
     else:
         for encoder in encoders:
-            encoder.requires_grad_(cfg.train_text_encoder)
-            encoder.to(acc.device, torch.float32 if cfg.train_text_encoder else weight_dtype)
-        c.unet.requires_grad_(True).to(acc.device)
+            encoder.requires_grad_(True).to(acc.device, torch.float32)
+        denoiser.requires_grad_(True).to(acc.device)
     if cfg.channels_last:
-        c.unet.to(memory_format=torch.channels_last)
-    c.unet.train()
+        denoiser.to(memory_format=torch.channels_last)
+    denoiser.train()
     for encoder in encoders:
-        encoder.train(cfg.train_text_encoder)
+        encoder.train()
     if cfg.gradient_checkpointing:
-        c.unet.enable_gradient_checkpointing()
-        for encoder in encoders if cfg.train_text_encoder else []:
+        denoiser.enable_gradient_checkpointing()
+        for encoder in encoders:
             encoder.gradient_checkpointing_enable()
     with torch.no_grad():
         warn_about_identifier(cfg, c)
+    objective = OBJECTIVES[family.objective].from_config(c.noise_scheduler, cfg, family.objective_defaults)
 
     # data
     dataset = DreamBoothDataset(run.instance.images, class_images.paths if class_images else None, cfg.resolution,
@@ -147,35 +154,36 @@ def build(run: Run) -> Parts:
                     cfg.gradient_accumulation_steps)
     max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(dataset.epoch_length / per_step)
     prompts = [cfg.instance_prompt, cfg.class_prompt or cfg.instance_prompt]
-    input_ids = run.family.tokenize(c, prompts)
+    input_ids = family.tokenize(c, prompts, cfg)
     cond = None
-    if not cfg.train_text_encoder:  # frozen encoder: encode the two prompts once
+    if not encoders:  # frozen encoders: encode the two prompts once, then free the GPU of them (T5-XXL: ~9.5 GB)
         with torch.no_grad():
-            both = run.family.encode(c, input_ids)
+            both = family.encode(c, input_ids, cfg)
         cond = {"instance": {k: v[:1] for k, v in both.items()}, "class": {k: v[1:] for k, v in both.items()}}
+        for encoder in c.text_encoders.values():
+            encoder.to("cpu")
 
     # optimizer and schedule
     scale = per_step if cfg.scale_lr else 1
-    groups = [{"params": trainable(c.unet), "lr": cfg.learning_rate * scale}]
-    for encoder in encoders if cfg.train_text_encoder else []:
+    groups = [{"params": trainable(denoiser), "lr": cfg.learning_rate * scale}]
+    for encoder in encoders:
         groups.append({"params": trainable(encoder), "lr": (cfg.text_encoder_lr or cfg.learning_rate) * scale})
     optimizer = make_optimizer(cfg, groups)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=max_train_steps, num_cycles=cfg.lr_num_cycles,
                                  power=cfg.lr_power)
-    parts = Parts(c, c.unet, dict(c.text_encoders), optimizer, lr_scheduler, dataset, class_images, cond, input_ids,
-                  weight_dtype, max_train_steps, LatentCache(c.vae, cfg.cache_latents))
+    parts = Parts(c, denoiser, dict(c.text_encoders), objective, optimizer, lr_scheduler, dataset, class_images,
+                  cond, input_ids, weight_dtype, max_train_steps, LatentCache(c.vae, cfg.cache_latents))
     if run.resume_from is not None:
-        state = load_checkpoint(run.resume_from, trained_modules(cfg, c.unet, c.text_encoders), optimizer,
+        state = load_checkpoint(run.resume_from, trained_modules(run, denoiser, c.text_encoders), optimizer,
                                 acc.process_index)
         lr_scheduler.load_state_dict(state.pop("lr_scheduler"))
         if acc.scaler is not None and state.get("grad_scaler"):
             acc.scaler.load_state_dict(state.pop("grad_scaler"))
         parts.state.update(state)
         log.info("resumed from %s at step %d", run.resume_from, state["step"])
-    names = list(c.text_encoders) if cfg.train_text_encoder else []
-    parts.unet, *prepared, parts.optimizer = acc.prepare(c.unet, *(c.text_encoders[n] for n in names), optimizer)
-    parts.text_encoders.update(zip(names, prepared))
+    parts.denoiser, *prepared, parts.optimizer = acc.prepare(denoiser, *encoders, optimizer)
+    parts.text_encoders.update(zip(trained_names, prepared))
     return parts
 
 
@@ -199,8 +207,16 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.opti
     return torch.optim.AdamW(groups, **kw, fused=fused or None)
 
 
-def trained_modules(cfg: TrainConfig, unet, text_encoders: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
-    return {"unet": unet, **(text_encoders if cfg.train_text_encoder else {})}
+def trained_text_encoders(cfg: TrainConfig, family: ModelFamily, c: Components) -> list[str]:
+    """The text encoders --train_text_encoder trains for this family (never T5), that the model has."""
+    return [n for n in family.trained_text_encoders if n in c.text_encoders] if cfg.train_text_encoder else []
+
+
+def trained_modules(run: Run, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module]
+                    ) -> dict[str, torch.nn.Module]:
+    """What is trained, by its pipeline name (the checkpoint's folder names)."""
+    names = [n for n in run.family.trained_text_encoders if n in text_encoders] if run.cfg.train_text_encoder else []
+    return {run.family.denoiser_name: denoiser, **{n: text_encoders[n] for n in names}}
 
 
 def warn_about_identifier(cfg: TrainConfig, c: Components) -> None:
@@ -211,6 +227,10 @@ def warn_about_identifier(cfg: TrainConfig, c: Components) -> None:
     for problem in report.problems:
         log.warning("%s; `dreambooth identifier --pretrained_model_name_or_path %s --class_noun <noun>` lists "
                     "better ones", problem, cfg.pretrained_model_name_or_path)
+    for name, tokenizer in list(c.tokenizers.items())[1:]:  # T5 (SD3, Flux) reads the identifier too
+        pieces = tokens_of(tokenizer, word)
+        if len(pieces) > 1 and type(tokenizer) is not type(c.tokenizer):
+            log.info("identifier %r is %d tokens for %s (%s)", word, len(pieces), name, " + ".join(pieces))
 
 
 def conditioning(run: Run, parts: Parts, n_instance: int, n_class: int) -> dict[str, torch.Tensor]:
@@ -218,7 +238,7 @@ def conditioning(run: Run, parts: Parts, n_instance: int, n_class: int) -> dict[
     if parts.cond is not None:
         inst, cls = parts.cond["instance"], parts.cond["class"]
     else:  # trained text encoder: encode with gradients, once per prompt
-        both = run.family.encode(parts.components, parts.input_ids, parts.text_encoders)
+        both = run.family.encode(parts.components, parts.input_ids, run.cfg, parts.text_encoders)
         inst, cls = ({k: v[:1] for k, v in both.items()}, {k: v[1:] for k, v in both.items()})
     return {k: torch.cat([inst[k].expand(n_instance, *inst[k].shape[1:]),
                           cls[k].expand(n_class, *cls[k].shape[1:])]) for k in inst}
@@ -231,11 +251,10 @@ def fit(run: Run, parts: Parts) -> None:
                                start * accum, parts.max_train_steps * accum)
     loader = DataLoader(parts.dataset, batch_sampler=sampler, collate_fn=collate,
                         num_workers=cfg.dataloader_num_workers)
-    trained = list(trained_modules(cfg, parts.unet, parts.text_encoders).values())
+    trained = list(trained_modules(run, parts.denoiser, parts.text_encoders).values())
     params = [p for m in trained for p in trainable(m)]
     scaling = c.vae.config.scaling_factor
     shift = getattr(c.vae.config, "shift_factor", None) or 0.0
-    num_timesteps = c.noise_scheduler.config.num_train_timesteps
     acc.init_trackers("dreambooth", config={k: v for k, v in schema.to_dict(cfg).items()
                                             if isinstance(v, int | float | str | bool)})
     bar = tqdm(total=parts.max_train_steps, initial=start, desc="train", unit="step",
@@ -244,23 +263,19 @@ def fit(run: Run, parts: Parts) -> None:
 
     for batch in loader:
         with acc.accumulate(*trained):
-            # latents and noise, every draw keyed by example position
-            positions, is_prior = batch["positions"], batch["is_prior"]
+            # latents, every draw keyed by example position
+            keys = Keys(cfg.seed, batch["positions"], batch["is_prior"])
             with torch.no_grad():
                 mean, std = parts.latents.moments(batch["pixel_values"], batch["views"])
-                latents = ((sample_latents(mean, std, cfg.seed, positions, is_prior) - shift) * scaling).float()
-            noise, timesteps = noise_batch(latents, cfg.seed, positions, is_prior, num_timesteps,
-                                           cfg.offset_noise_strength if cfg.offset_noise else 0.0)
-            noisy = c.noise_scheduler.add_noise(latents, noise, timesteps)
+                latents = sample_latents(mean, std, keys.seed, keys.positions, keys.is_prior)
+                latents = ((latents - shift) * scaling).float()
 
-            # denoise and score
-            n_class = int(is_prior.sum())
-            cond = conditioning(run, parts, len(is_prior) - n_class, n_class)
-            pred = parts.unet(noisy, timesteps, **run.family.unet_inputs(cond, batch, cfg.resolution)).sample
-            target = diffusion_target(c.noise_scheduler, latents, noise, timesteps, c.prediction_type)
-            weights = (min_snr_weights(c.noise_scheduler, timesteps, cfg.snr_gamma, c.prediction_type)
-                       if cfg.snr_gamma else None)
-            loss = dreambooth_loss(pred, target, is_prior, cfg.prior_loss_weight, weights)
+            # the family's objective: noise, denoise and score each example
+            n_class = int(keys.is_prior.sum())
+            cond = conditioning(run, parts, len(keys.is_prior) - n_class, n_class)
+            denoise = run.family.denoiser_call(c, parts.denoiser, cond, batch, cfg)
+            per_example = parts.objective.losses(denoise, latents, keys)
+            loss = dreambooth_loss(per_example, keys.is_prior, cfg.prior_loss_weight)
 
             # update
             acc.backward(loss.loss)
@@ -288,7 +303,7 @@ def fit(run: Run, parts: Parts) -> None:
         if step % cfg.checkpointing_steps == 0:
             save(run, parts, step)
         if cfg.validation_prompt and step % cfg.validation_steps == 0 and acc.is_main_process:
-            render_validation(run.family, c, parts.unet, parts.text_encoders, cfg, step, acc)
+            render_validation(run.family, c, parts.denoiser, parts.text_encoders, cfg, step, acc)
     bar.close()
 
 
@@ -300,13 +315,15 @@ def save(run: Run, parts: Parts, step: int) -> Path:
     acc = run.accelerator
     state = {**parts.state, "lr_scheduler": parts.lr_scheduler.state_dict(),
              "identity": identity(schema.to_dict(run.cfg)),  # resolved paths: resumable from any directory
+             "family": run.family.name,
              "wall_time_s": parts.state["wall_time_s"] + time.time() - run.started}
     if acc.scaler is not None:
         state["grad_scaler"] = acc.scaler.state_dict()
-    modules = trained_modules(run.cfg, acc.unwrap_model(parts.unet), unwrapped(acc, parts.text_encoders))
-    encoders = {k: v for k, v in modules.items() if k != "unet"} or None
-    extra = (lambda folder: run.family.save_lora(modules["unet"], encoders, folder)
+    modules = trained_modules(run, acc.unwrap_model(parts.denoiser), unwrapped(acc, parts.text_encoders))
+    denoiser = modules.pop(run.family.denoiser_name)
+    extra = (lambda folder: run.family.save_lora(denoiser, modules or None, folder)
              ) if run.cfg.use_lora else None  # so that a LoRA checkpoint also loads on its own
+    modules = {run.family.denoiser_name: denoiser, **modules}
     return save_checkpoint(Path(run.cfg.output_dir), step, modules, parts.optimizer.optimizer
                            if hasattr(parts.optimizer, "optimizer") else parts.optimizer, state,
                            schema.to_dict(run.cfg), acc, run.cfg.checkpoints_total_limit, extra)
@@ -339,13 +356,14 @@ def finish(run: Run, parts: Parts) -> dict[str, Any]:
                                    "generated": ci.generated}
     if acc.is_main_process:
         out = Path(cfg.output_dir)
-        unet, encoders = acc.unwrap_model(parts.unet), unwrapped(acc, parts.text_encoders)
+        modules = trained_modules(run, acc.unwrap_model(parts.denoiser), unwrapped(acc, parts.text_encoders))
+        denoiser = modules.pop(run.family.denoiser_name)
         if cfg.use_lora:
-            run.family.save_lora(unet, encoders if cfg.train_text_encoder else None, out)
+            run.family.save_lora(denoiser, modules or None, out)
         else:
-            run.family.save(parts.components, unet, encoders, out)
+            run.family.save(parts.components, denoiser, unwrapped(acc, parts.text_encoders), out)
         if cfg.validation_prompt and steps % cfg.validation_steps != 0:
-            render_validation(run.family, parts.components, parts.unet, parts.text_encoders, cfg, steps, acc)
+            render_validation(run.family, parts.components, parts.denoiser, parts.text_encoders, cfg, steps, acc)
         write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))  # last: marks the run finished
         log.info("saved the fine-tuned pipeline to %s (%d steps, mean loss %s)", out, steps,
                  f"{summary['mean_loss']:.4f}" if summary["mean_loss"] is not None else "n/a")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -11,27 +13,44 @@ from .config import TrainConfig
 from .data import derive_seed
 from .families import Components, ModelFamily
 from .grid import make_grid
-from .sampling import make_scheduler
+from .sampling import make_scheduler, resolve_sampler
+
+
+@contextmanager
+def on_device(modules, device: torch.device) -> Iterator[None]:
+    """Frozen text encoders wait on the CPU while training (their embeddings are cached); the pipeline needs them
+    beside the denoiser for a moment."""
+    homes = [(m, next(m.parameters()).device) for m in modules]
+    for module, _ in homes:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in homes:
+            module.to(home)
 
 
 @torch.no_grad()
-def render_validation(family: ModelFamily, components: Components, unet, text_encoders: dict, cfg: TrainConfig,
+def render_validation(family: ModelFamily, components: Components, denoiser, text_encoders: dict, cfg: TrainConfig,
                       step: int, accelerator) -> Path:
     """Render cfg.num_validation_images for the validation prompt; save and log them as one grid."""
-    scheduler = make_scheduler(cfg.validation_sampler, components.noise_scheduler.config)
-    pipe = family.pipeline(components, accelerator.unwrap_model(unet),
-                           {k: accelerator.unwrap_model(m) for k, m in text_encoders.items()}, scheduler)
+    name = resolve_sampler(cfg.validation_sampler, family, "validation_sampler")
+    scheduler = make_scheduler(name, components.noise_scheduler.config, family.sampler_kind)
+    encoders = {k: accelerator.unwrap_model(m) for k, m in text_encoders.items()}
+    pipe = family.pipeline(components, accelerator.unwrap_model(denoiser), encoders, scheduler)
     device = accelerator.device
     generators = [torch.Generator(device).manual_seed(derive_seed(cfg.seed, "validation", i))
                   for i in range(cfg.num_validation_images)]
-    was_training = unet.training
-    unet.eval()
-    with accelerator.autocast():
+    guidance = cfg.validation_guidance_scale if cfg.validation_guidance_scale is not None else family.default_guidance
+    was_training = denoiser.training
+    denoiser.eval()
+    with accelerator.autocast(), on_device(encoders.values(), device):
         images = pipe(
             [cfg.validation_prompt] * cfg.num_validation_images, generator=generators,
-            num_inference_steps=cfg.validation_inference_steps, guidance_scale=cfg.validation_guidance_scale,
+            num_inference_steps=cfg.validation_inference_steps, guidance_scale=guidance, height=cfg.resolution,
+            width=cfg.resolution,
         ).images
-    unet.train(was_training)
+    denoiser.train(was_training)
     folder = Path(cfg.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:06d}.png"

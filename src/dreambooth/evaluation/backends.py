@@ -7,7 +7,7 @@ per prompt); `evaluate` turns those into the report. `dreambench` scores with th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from ..errors import DreamBoothError
+from ..registry import Registry
 from . import metrics, protocol
 
 
@@ -73,12 +74,8 @@ class Backend:
         return []
 
 
-BACKENDS: dict[str, Callable[..., Backend]] = {}
-
-
-def register(cls: type[Backend]) -> type[Backend]:
-    BACKENDS[cls.name] = cls
-    return cls
+BACKENDS: Registry[type[Backend]] = Registry("evaluation backend")
+register = BACKENDS.register()
 
 
 @register
@@ -96,7 +93,7 @@ class DreamBench(Backend):
     }
     images_per_prompt = protocol.IMAGES_PER_PROMPT
     class_images = 16
-    sampling = {"sampler": "dpm++", "num_inference_steps": 25, "guidance_scale": 7.5}
+    sampling = {"sampler": None, "num_inference_steps": 25, "guidance_scale": None}  # None: the family's default
     references = {  # Ruiz et al. 2023, Table 1
         "DreamBooth (Stable Diffusion), paper Table 1": {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305},
         "real images, paper Table 1": {"dino": 0.774, "clip_i": 0.885},

@@ -22,7 +22,7 @@ from ..errors import ConfigError, DataError
 from ..files import save_image_atomic, write_text_atomic
 from ..identifier import class_noun_after, infer_identifier
 from ..outputs import OutputFolder
-from ..sampling import SAMPLERS
+from ..sampling import sampler_names
 from ..schema import at_least, option
 from . import protocol
 from .backbones import CLIP_DEFAULT, DINO_DEFAULT
@@ -54,13 +54,16 @@ class EvaluateConfig:
     class_images: int | None = option(None, "Images of the bare class prompt for PRES (default: dreambench 16, toy "
                                       "32)", check=at_least(1), group="sampling")
     seed: int = option(0, "Image i of every prompt uses a seed derived from (seed, i)", group="sampling")
-    sampler: str | None = option(None, "Sampler (default: the backend's)", choices=lambda: list(SAMPLERS),
+    sampler: str | None = option(None, "Sampler (default: the backend's, else the model family's)",
+                                 choices=sampler_names,
                                  group="sampling")
     num_inference_steps: int | None = option(None, "Sampler steps (default: the backend's)", check=at_least(1),
                                              group="sampling")
     guidance_scale: float | None = option(None, "Guidance scale (default: the backend's)", check=at_least(0),
                                           group="sampling")
     negative_prompt: str | None = option(None, "Negative prompt", group="sampling")
+    resolution: int | None = option(None, "Image size to sample (default: the pipeline's; `train --eval`: the "
+                                    "training resolution)", check=at_least(8), group="sampling")
     batch_size: int = option(8, "Images per forward pass", check=at_least(1), group="sampling")
     precision: str = option("auto", "Sampling precision: auto = fp16 on GPU, fp32 on CPU",
                             choices=("auto", "fp32", "fp16", "bf16"), group="sampling")
@@ -123,9 +126,15 @@ def _evaluate(cfg: EvaluateConfig, out: OutputFolder, started: float) -> dict[st
     sampling = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v for k, v in backend.sampling.items()}
     sampler = None
     if cfg.model is not None:
+        from ..families import family_of
         from ..generation import open_pipeline
+        from ..sampling import resolve_sampler
 
         sampler = open_pipeline(str(cfg.model), sampling["sampler"], cfg.precision, cfg.device)
+        family = family_of(sampler[0])
+        sampling["sampler"] = resolve_sampler(sampling["sampler"], family)
+        if sampling["guidance_scale"] is None:
+            sampling["guidance_scale"] = family.default_guidance
     out.claim()  # every input loaded
     log.info("evaluating %r (%s, identifier %r) on %d %s prompts", subject.name or subject.class_noun,
              subject.class_noun, subject.identifier, len(cases), backend.name)
@@ -163,6 +172,7 @@ def for_training(train_cfg: Any) -> EvaluateConfig:
         raise ConfigError("identifier", None, "required with --eval when it cannot be inferred from the prompts")
     noun = class_noun_after(train_cfg.instance_prompt, identifier)
     defaults = {"real_images": train_cfg.instance_data_dir, "identifier": identifier, "seed": train_cfg.seed or 0,
+                "resolution": train_cfg.resolution,
                 "output_dir": Path(train_cfg.output_dir) / "evaluation"} | ({"class_noun": noun} if noun else {})
     for fixed in ("model", "images_dir"):
         if fixed in values:
@@ -231,7 +241,7 @@ def sample_all(cfg: EvaluateConfig, sampler: tuple[Any, Any], cases: list[Case],
 
     pipe, device = sampler
     kwargs = {"num_inference_steps": sampling["num_inference_steps"], "guidance_scale": sampling["guidance_scale"],
-              "negative_prompt": cfg.negative_prompt}
+              "negative_prompt": cfg.negative_prompt, "height": cfg.resolution, "width": cfg.resolution}
     jobs = [(f"{i:02d}", c.prompt, n) for i, c in enumerate(cases)]
     jobs.append((CLASS_FOLDER, *class_job))
     results = {}

@@ -1,16 +1,14 @@
-"""Model families by name; the names are the `--family` choices. A new family is one new module here."""
+"""Model families by name; the names are the `--family` choices. A new family is one new module here that
+registers itself (the registry refuses a duplicate name or a family that leaves a hook of `ModelFamily` unfilled)."""
 
 from __future__ import annotations
 
 from ..errors import ModelError
-from .base import Components, ModelFamily, ModelSource, model_identity, read_model_index
+from ..registry import Registry
+from .base import Components, Denoise, ModelFamily, ModelSource, model_identity, read_model_index
 
-FAMILIES: dict[str, type[ModelFamily]] = {}
-
-
-def register(cls: type[ModelFamily]) -> type[ModelFamily]:
-    FAMILIES[cls.name] = cls
-    return cls
+FAMILIES: Registry[type[ModelFamily]] = Registry("model family")
+register = FAMILIES.register()
 
 
 def _reading(class_name: str) -> ModelFamily | None:
@@ -40,7 +38,7 @@ def family_of(pipe) -> ModelFamily:
     return family
 
 
-from . import sd, sdxl  # noqa: E402,F401  (each registers itself)
+from . import flux, sd, sd3, sdxl  # noqa: E402,F401  (each registers itself)
 
-__all__ = ["FAMILIES", "Components", "ModelFamily", "ModelSource", "family_of", "get_family", "model_identity",
-           "register"]
+__all__ = ["FAMILIES", "Components", "Denoise", "ModelFamily", "ModelSource", "family_of", "get_family",
+           "model_identity", "register"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,86 +41,110 @@ class ModelSource:
 @dataclass
 class Components:
     """The loaded parts of a pipeline. Text encoders are keyed by their pipeline attribute (`text_encoder`,
-    `text_encoder_2`, ...) and tokenizers are in the same order; the first pair is the primary one."""
+    `text_encoder_2`, ...), and so are the tokenizers that feed them; the first pair is the primary one. The
+    denoiser is the pipeline's `unet` or `transformer`."""
 
     family: str
     source: ModelSource
-    tokenizers: list[Any]
+    tokenizers: dict[str, Any]  # by the name of the text encoder each one feeds
     text_encoders: dict[str, torch.nn.Module]
     vae: torch.nn.Module
-    unet: torch.nn.Module
-    noise_scheduler: Any
+    denoiser: torch.nn.Module
+    noise_scheduler: Any  # the training schedule
 
     @property
     def tokenizer(self) -> Any:
-        return self.tokenizers[0]
+        return next(iter(self.tokenizers.values()))
 
     @property
     def text_encoder(self) -> torch.nn.Module:
         return next(iter(self.text_encoders.values()))
 
-    @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
+
+Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noisy latents, time values) -> prediction
 
 
-class ModelFamily:
-    """A family of text-to-image pipelines (SD 1.x/2.x, SDXL, ...) behind one interface."""
+class ModelFamily(ABC):
+    """A family of text-to-image pipelines (SD 1.x/2.x, SDXL, SD3, Flux, ...) behind one interface; the training
+    loop, generation, evaluation and export talk to families only through it. A new family is one module that
+    subclasses this (usually through `DiffusersFamily`), fills the abstract hooks and registers itself."""
 
     name: ClassVar[str]
     pipeline_classes: ClassVar[tuple[str, ...]]  # model_index.json `_class_name`s this family reads
     default_resolution: ClassVar[int]  # training resolution when --resolution is not given
+    resolution_multiple: ClassVar[int] = 8  # the VAE downsamples by 8 (Flux packs 2x2 latents: 16)
+    denoiser_name: ClassVar[str]  # the pipeline attribute of the trained denoiser: unet or transformer
+    objective: ClassVar[str]  # the OBJECTIVES entry that trains it
+    objective_defaults: ClassVar[dict[str, Any]] = {}  # the objective's options where the user sets none
+    options: ClassVar[tuple[str, ...]] = ()  # TrainConfig fields only this family reads (e.g. Flux's guidance_scale)
+    sampler_kind: ClassVar[str]  # which samplers fit (sampling.SAMPLERS): "ddpm" or "flow"
+    default_sampler: ClassVar[str]
+    default_guidance: ClassVar[float]  # for class images, validation, generate and evaluate
+    default_lora_targets: ClassVar[tuple[str, ...]]  # denoiser modules that get adapters by default
+    trained_text_encoders: ClassVar[tuple[str, ...]]  # what --train_text_encoder trains (T5 never is)
+    # class images at --resolution, where the pipeline's own default size is not the model's (Flux: always 1024)
+    class_images_at_training_size: ClassVar[bool] = False
 
+    @abstractmethod
     def check_source(self, source: ModelSource) -> None:
         """Raise ModelError if the model cannot be this family's pipeline; cheap, no weights are read."""
 
+    @abstractmethod
     def load(self, source: ModelSource, prediction_type: str | None = None) -> Components:
-        raise NotImplementedError
+        """Every part training needs, from a folder or hub id."""
 
+    @abstractmethod
     def load_text(self, source: ModelSource) -> tuple[Any, torch.nn.Module]:
-        """(tokenizer, text encoder) alone, for identifier search."""
-        raise NotImplementedError
+        """(tokenizer, text encoder) of the primary (CLIP) encoder alone, for identifier search."""
 
-    def tokenize(self, c: Components, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> token ids, shape (prompts, tokenizers, length)."""
-        raise NotImplementedError
+    @abstractmethod
+    def tokenize(self, c: Components, prompts: list[str], cfg: Any) -> dict[str, torch.Tensor]:
+        """Prompts -> token ids (prompts, length) per text encoder name."""
 
-    def encode(self, c: Components, input_ids: torch.Tensor,
+    @abstractmethod
+    def encode(self, c: Components, input_ids: dict[str, torch.Tensor], cfg: Any,
                text_encoders: dict[str, torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
-        """Token ids -> per-prompt conditioning tensors (encoder_hidden_states, ...), with `text_encoders` (the
-        trained ones) in place of the loaded ones when given."""
-        raise NotImplementedError
+        """Token ids -> per-prompt conditioning tensors (leading dimension: prompts) as the pipeline encodes them,
+        with `text_encoders` (the trained ones) in place of the loaded ones when given."""
 
-    def unet_inputs(self, cond: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], resolution: int
-                    ) -> dict[str, Any]:
-        """Per-example conditioning (one row per example of `batch`) -> the UNet's keyword arguments."""
-        return cond
+    @abstractmethod
+    def denoiser_call(self, c: Components, denoiser: torch.nn.Module, cond: dict[str, torch.Tensor],
+                      batch: dict[str, Any], cfg: Any) -> Denoise:
+        """How the denoiser is called on a batch: per-example conditioning (one row per example) bound, latents
+        in and out in (N, C, H, W) (a family that packs them packs and unpacks here)."""
+
+    @abstractmethod
+    def pipeline(self, c: Components, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
+                 scheduler: Any) -> Any:
+        """An inference pipeline built from (possibly trained) modules, without reloading anything."""
+
+    @abstractmethod
+    def load_pipeline(self, source: ModelSource, dtype: torch.dtype) -> Any:
+        """The whole inference pipeline, for class images, generate and evaluate."""
+
+    @abstractmethod
+    def save(self, c: Components, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
+             output_dir: Path) -> None:
+        """The fine-tuned pipeline as a diffusers folder."""
+
+    @abstractmethod
+    def save_lora(self, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None,
+                  output_dir: Path) -> None:
+        """The adapters as the diffusers LoRA file (`pytorch_lora_weights.safetensors`) of this family's pipeline."""
+
+    @abstractmethod
+    def single_file_state(self, pipe: Any) -> dict[str, torch.Tensor]:
+        """The pipeline's weights in the original single-file layout that A1111 / ComfyUI load."""
 
     def vae_dtype(self, c: Components, weight_dtype: torch.dtype) -> torch.dtype:
         """The dtype the frozen VAE encodes in under mixed precision."""
         return weight_dtype
 
-    def pipeline(self, c: Components, unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
-                 scheduler: Any) -> Any:
-        """An inference pipeline built from (possibly trained) modules, without reloading anything."""
-        raise NotImplementedError
-
-    def load_pipeline(self, source: ModelSource, dtype: torch.dtype) -> Any:
-        raise NotImplementedError
-
-    def save(self, c: Components, unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
-             output_dir: Path) -> None:
-        raise NotImplementedError
-
-    def single_file_text_layout(self, pipe: Any) -> dict[str, tuple[str, str]]:
-        """For the original single-file checkpoint: each text encoder's (layout, key prefix), where layout is
-        `clip` (transformers keys) or `open_clip`."""
-        raise NotImplementedError
-
-    def save_lora(self, unet: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None,
-                  output_dir: Path) -> None:
-        """The adapters as the diffusers LoRA file (`pytorch_lora_weights.safetensors`) of this family's pipeline."""
-        raise NotImplementedError
+    def kohya_lora(self, state: dict[str, torch.Tensor], lora_alpha: float, rank: int, source: ModelSource
+                   ) -> dict[str, torch.Tensor]:
+        """A run's LoRA (peft-format keys) in the kohya layout that A1111 / ComfyUI read for this family."""
+        raise ModelError(f"{self.name} LoRAs have no kohya layout; ComfyUI and diffusers load the run's "
+                         "pytorch_lora_weights.safetensors as it is")
 
 
 def read_model_index(source: ModelSource) -> dict[str, Any]:
@@ -149,10 +175,11 @@ def read_model_index(source: ModelSource) -> dict[str, Any]:
 
 
 def model_identity(source: ModelSource) -> dict[str, Any]:
-    """A cheap fingerprint of the base model: changes when its UNet weights change, not when it is moved."""
+    """A cheap fingerprint of the base model: changes when its denoiser's weights change, not when it is moved."""
     ident: dict[str, Any] = {"model": source.name_or_path, "revision": source.revision, "variant": source.variant}
     if source.is_local:
-        weights = sorted((source.path / "unet").glob("*.safetensors"))
+        part = "unet" if (source.path / "unet").is_dir() else "transformer"
+        weights = sorted((source.path / part).glob("*.safetensors"))
         h = hashlib.sha256()
         for path in weights:
             size = path.stat().st_size
@@ -162,7 +189,7 @@ def model_identity(source: ModelSource) -> dict[str, Any]:
                 f.seek(max(0, size - (1 << 20)))
                 h.update(f.read(1 << 20))
         # Content only, no path: a moved or re-cloned model keeps its class images (and their seeds).
-        ident = {"variant": source.variant, "unet_digest": h.hexdigest()[:16]}
+        ident = {"variant": source.variant, f"{part}_digest": h.hexdigest()[:16]}
     if source.vae is not None:  # a replaced VAE changes every generated image
         ident["vae"] = source.vae
     return ident

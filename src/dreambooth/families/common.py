@@ -1,0 +1,174 @@
+"""What the diffusers pipelines of every family share: loading their parts (tokenizers and text encoders, VAE,
+denoiser, training scheduler), building a pipeline from trained modules, saving it, saving LoRA files. A family
+module subclasses `DiffusersFamily`, names its parts and fills the hooks that differ (tokenize, encode, how the
+denoiser is called, the single-file layout)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from diffusers import AutoencoderKL
+
+from ..errors import ModelError, first_line
+from .base import Components, ModelFamily, ModelSource
+
+
+@contextmanager
+def loading(source: ModelSource, part: str):
+    """Turn the libraries' loading errors into one line that names the part and the fix."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = first_line(e, 300)
+        folder = source.path / part if (source.path / part).is_dir() else source.path
+        present = source.is_local and any(folder.rglob("*.safetensors"))
+        if present and "unable to load weights" in str(e).lower():
+            hint = "its .safetensors file is damaged or incomplete (a cut-off download?); download or save it again"
+        elif "safetensors" in str(e).lower():
+            hint = "weights load from .safetensors only; convert .bin/.ckpt files with diffusers' conversion scripts"
+        else:
+            hint = "check that the folder is a complete diffusers pipeline"
+        raise ModelError(f"cannot load {part} of {source.name_or_path}: {first}; {hint}") from None
+
+
+@dataclass(frozen=True)
+class TextPart:
+    """One (tokenizer, text encoder) pair of a pipeline, by its folder names; `optional` parts (SD3's T5) may be
+    missing from a model, as the pipeline allows."""
+
+    tokenizer: str
+    encoder: str
+    cls: type
+    optional: bool = False
+
+
+class DiffusersFamily(ModelFamily):
+    pipeline_class: ClassVar[type]
+    denoiser_class: ClassVar[type]
+    scheduler_class: ClassVar[type]  # the training noise schedule, read from the model's scheduler config
+    text_parts: ClassVar[tuple[TextPart, ...]]  # primary first
+    # what the pipeline needs besides its modules, loaded or built here; building also leaves optional_parts empty
+    load_options: ClassVar[dict[str, Any]] = {}
+    optional_parts: ClassVar[tuple[str, ...]] = ()
+    upcast_vae_in_fp16: ClassVar[bool] = True  # its VAE overflows in fp16 (SDXL, SD3, Flux; not SD 1.x/2.x)
+
+    def present_parts(self, source: ModelSource) -> tuple[TextPart, ...]:
+        """The text parts this model has (hub models: all of them)."""
+        if not source.is_local:
+            return self.text_parts
+        return tuple(p for p in self.text_parts if not p.optional or (source.path / p.encoder).is_dir())
+
+    def check_source(self, source: ModelSource) -> None:
+        """The pipeline's part folders exist (local folders only; hub repos are checked when loading)."""
+        if source.is_local:
+            required = (self.denoiser_name, "vae", "scheduler",
+                        *(f for p in self.text_parts if not p.optional for f in (p.tokenizer, p.encoder)))
+            missing = [p for p in required if not (source.path / p).is_dir()]
+            if missing:
+                raise ModelError(f"model folder {source.name_or_path} lacks {', '.join(m + '/' for m in missing)}; "
+                                 f"it is not a complete {self.pipeline_classes[0]}")
+
+    def load_texts(self, source: ModelSource) -> tuple[dict[str, Any], dict[str, torch.nn.Module]]:
+        """Every tokenizer and text encoder the model has, by encoder name, primary first."""
+        from transformers import AutoTokenizer
+
+        self.check_source(source)
+        tokenizers, encoders = {}, {}
+        for i, part in enumerate(self.present_parts(source)):
+            with loading(source, part.tokenizer):  # --tokenizer_name replaces the primary tokenizer only
+                own = i > 0 or not source.tokenizer_name
+                tokenizers[part.encoder] = AutoTokenizer.from_pretrained(
+                    source.name_or_path if own else source.tokenizer_name, subfolder=part.tokenizer if own else None,
+                    revision=source.revision)
+            with loading(source, part.encoder):
+                encoders[part.encoder] = part.cls.from_pretrained(source.name_or_path, subfolder=part.encoder,
+                                                                  **source.hub_kwargs())
+        return tokenizers, encoders
+
+    def load_text(self, source: ModelSource) -> tuple[Any, torch.nn.Module]:
+        tokenizers, encoders = self.load_texts(source)
+        return next(iter(tokenizers.values())), next(iter(encoders.values()))
+
+    def load_vae(self, source: ModelSource) -> AutoencoderKL:
+        """The pipeline's VAE, or the one at source.vae (a VAE folder or hub id, with or without a vae/ folder)."""
+        if source.vae is None:
+            with loading(source, "vae"):
+                return AutoencoderKL.from_pretrained(source.name_or_path, subfolder="vae", **source.hub_kwargs())
+        vae_source = ModelSource(source.vae)
+        sub = "vae" if vae_source.is_local and (vae_source.path / "vae").is_dir() else None
+        with loading(vae_source, "the VAE (--pretrained_vae_model_name_or_path)"):
+            return AutoencoderKL.from_pretrained(source.vae, subfolder=sub, use_safetensors=True)
+
+    def load(self, source: ModelSource, prediction_type: str | None = None) -> Components:
+        tokenizers, encoders = self.load_texts(source)
+        with loading(source, "scheduler"):
+            scheduler = self.scheduler_class.from_pretrained(source.name_or_path, subfolder="scheduler",
+                                                             revision=source.revision)
+        if prediction_type is not None:
+            scheduler.register_to_config(prediction_type=prediction_type)
+        vae = self.load_vae(source)
+        with loading(source, self.denoiser_name):
+            denoiser = self.denoiser_class.from_pretrained(source.name_or_path, subfolder=self.denoiser_name,
+                                                           **source.hub_kwargs())
+        return Components(self.name, source, tokenizers, encoders, vae, denoiser, scheduler)
+
+    def _modules(self, c: Components, text_encoders: dict[str, torch.nn.Module]) -> dict[str, Any]:
+        """Tokenizers and text encoders by their pipeline names (None for optional parts the model lacks)."""
+        modules: dict[str, Any] = {"vae": c.vae}
+        encoders = {**c.text_encoders, **text_encoders}
+        for part in self.text_parts:
+            modules[part.tokenizer] = c.tokenizers.get(part.encoder)
+            modules[part.encoder] = encoders.get(part.encoder)
+        return modules
+
+    def pipeline(self, c: Components, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
+                 scheduler: Any) -> Any:
+        pipe = self.pipeline_class(**{self.denoiser_name: denoiser}, scheduler=scheduler,
+                                   **self._modules(c, text_encoders), **self.load_options,
+                                   **dict.fromkeys(self.optional_parts))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def load_pipeline(self, source: ModelSource, dtype: torch.dtype) -> Any:
+        self.check_source(source)
+        vae = {"vae": self.load_vae(source).to(dtype)} if source.vae else {}
+        absent = {f: None for p in self.text_parts if p not in self.present_parts(source) for f in
+                  (p.tokenizer, p.encoder)}
+        with loading(source, "pipeline"):
+            pipe = self.pipeline_class.from_pretrained(source.name_or_path, dtype=dtype, **vae, **absent,
+                                                       **self.load_options, **source.hub_kwargs())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def save(self, c: Components, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
+             output_dir: Path) -> None:
+        """The base pipeline with the trained modules swapped in; the base's own inference scheduler is kept."""
+        with loading(c.source, "pipeline"):
+            pipe = self.pipeline_class.from_pretrained(c.source.name_or_path, **{self.denoiser_name: denoiser},
+                                                       **self._modules(c, text_encoders), **self.load_options,
+                                                       **c.source.hub_kwargs())
+        pipe.save_pretrained(output_dir, safe_serialization=True)
+
+    def save_lora(self, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None,
+                  output_dir: Path) -> None:
+        """peft-format keys (`unet.<module>.lora_A.weight`, `transformer.<module>...`) with each adapter's config
+        as metadata, so a custom lora_alpha survives loading."""
+        from peft.utils import get_peft_model_state_dict
+
+        parts = {self.denoiser_name: denoiser, **(text_encoders or {})}
+        layers = {f"{name}_lora_layers": get_peft_model_state_dict(m, save_embedding_layers=False)
+                  for name, m in parts.items()}
+        metadata = {f"{name}_lora_adapter_metadata": m.peft_config["default"].to_dict() for name, m in parts.items()}
+        self.pipeline_class.save_lora_weights(output_dir, **layers, **metadata, safe_serialization=True)
+
+    def vae_dtype(self, c: Components, weight_dtype: torch.dtype) -> torch.dtype:
+        """A VAE that overflows in fp16 (its config says force_upcast) stays fp32 under fp16, unless a separate
+        VAE (such as SDXL's fp16-fix one) is given."""
+        upcast = self.upcast_vae_in_fp16 and getattr(c.vae.config, "force_upcast", False)
+        if weight_dtype == torch.float16 and c.source.vae is None and upcast:
+            return torch.float32
+        return weight_dtype

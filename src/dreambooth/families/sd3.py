@@ -1,0 +1,89 @@
+"""Stable Diffusion 3 / 3.5: an MMDiT transformer (`SD3Transformer2DModel`) trained by rectified flow; CLIP-L and
+CLIP-G (penultimate hidden states concatenated, pooled projections concatenated) and T5 (optional: the pipeline
+zero-fills its part without it); a 16-channel VAE with shift and scaling factors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+from . import register
+from .base import Components, Denoise
+from .common import DiffusersFamily, TextPart
+
+T5_PART = "text_encoder_3"
+
+
+@register
+class StableDiffusion3(DiffusersFamily):
+    name = "sd3"
+    pipeline_classes = ("StableDiffusion3Pipeline",)
+    pipeline_class = StableDiffusion3Pipeline
+    denoiser_name = "transformer"
+    denoiser_class = SD3Transformer2DModel
+    scheduler_class = FlowMatchEulerDiscreteScheduler
+    text_parts = (TextPart("tokenizer", "text_encoder", CLIPTextModelWithProjection),
+                  TextPart("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection),
+                  TextPart("tokenizer_3", T5_PART, T5EncoderModel, optional=True))
+    optional_parts = ("image_encoder", "feature_extractor")
+    default_resolution = 1024
+    objective = "rectified_flow"
+    objective_defaults = {"weighting_scheme": "logit_normal", "precondition_outputs": True}  # the reference's
+    options = ("max_sequence_length",)
+    max_sequence_length = 77  # the reference script's T5 length (the pipeline's own default is 256)
+    sampler_kind = "flow"
+    default_sampler = "euler"
+    default_guidance = 7.0
+    default_lora_targets = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+                            "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
+    trained_text_encoders = ("text_encoder", "text_encoder_2")
+
+    def sequence_length(self, cfg: Any) -> int:
+        return getattr(cfg, "max_sequence_length", None) or self.max_sequence_length
+
+    def tokenize(self, c: Components, prompts: list[str], cfg: Any) -> dict[str, torch.Tensor]:
+        """CLIP ids padded to 77, T5 ids (special tokens added) padded to --max_sequence_length."""
+        ids = {}
+        for name, tok in c.tokenizers.items():
+            length = self.sequence_length(cfg) if name == T5_PART else tok.model_max_length
+            ids[name] = tok(prompts, padding="max_length", max_length=length, truncation=True,
+                            return_tensors="pt").input_ids
+        return ids
+
+    def encode(self, c: Components, input_ids: dict[str, torch.Tensor], cfg: Any,
+               text_encoders: dict[str, torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
+        """As `StableDiffusion3Pipeline.encode_prompt`: both CLIPs' penultimate layers side by side, zero-padded
+        to T5's width, then T5's sequence after them; the pooled projections side by side."""
+        encoders = {**c.text_encoders, **(text_encoders or {})}
+        hidden, pooled = [], []
+        for part in self.text_parts[:2]:
+            encoder = encoders[part.encoder]
+            out = encoder(input_ids[part.encoder].to(encoder.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled.append(out[0])
+        clip = torch.cat(hidden, dim=-1)
+        if T5_PART in encoders:
+            t5 = encoders[T5_PART]
+            t5_states = t5(input_ids[T5_PART].to(t5.device))[0].to(clip.dtype)
+        else:  # as the pipeline does without T5
+            width = c.denoiser.config.joint_attention_dim
+            t5_states = clip.new_zeros(clip.shape[0], self.sequence_length(cfg), width)
+        clip = torch.nn.functional.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
+        return {"encoder_hidden_states": torch.cat([clip, t5_states], dim=-2),
+                "pooled_projections": torch.cat(pooled, dim=-1)}
+
+    def denoiser_call(self, c: Components, denoiser: torch.nn.Module, cond: dict[str, torch.Tensor],
+                      batch: dict[str, Any], cfg: Any) -> Denoise:
+        def denoise(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=cond[
+                "encoder_hidden_states"], pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+
+        return denoise
+
+    def single_file_state(self, pipe: Any) -> dict[str, torch.Tensor]:
+        from ..single_file_mmdit import sd3_single_file
+
+        return sd3_single_file(pipe)

@@ -1,0 +1,304 @@
+"""One suite over every registered model family (SD, SDXL, SD3, Flux) on the tiny pipelines of tests/tiny.py:
+encoding as the pipeline does, training with prior preservation (full and LoRA), exact resume, generate, the
+exports diffusers loads back, evaluation. A new family gets all of it by registering and adding a tiny builder."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dreambooth
+from conftest import to_argv
+from dreambooth.cli import main
+from dreambooth.families import FAMILIES, ModelSource, get_family
+from dreambooth.generation import load_for_inference
+from dreambooth.registry import Registry
+from test_resume import straight_and_resumed
+from test_training import same, weights
+from tiny import TINY, make_tiny_clip, make_tiny_dino, make_tiny_sd3
+
+LORA = dict(use_lora=True, rank=4, learning_rate=1e-2)
+NO_PRIOR = dict(with_prior_preservation=False, class_prompt=None, class_data_dir=None)
+T5_TOKENS = 16  # --max_sequence_length for the families with T5: short, for speed
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def tiny(request, tmp_path_factory):
+    """(family name, its tiny pipeline folder)."""
+    return request.param, TINY[request.param](tmp_path_factory.mktemp("models") / request.param)
+
+
+@pytest.fixture
+def family_args(base_args, tiny):
+    family, model = tiny
+    extra = {"max_sequence_length": T5_TOKENS} if "max_sequence_length" in FAMILIES[family].options else {}
+    return lambda **changes: base_args(**{"pretrained_model_name_or_path": str(model), **extra, **changes})
+
+
+def render(pipe, **kwargs) -> np.ndarray:
+    pipe.set_progress_bar_config(disable=True)
+    if "max_sequence_length" in type(pipe).__call__.__code__.co_varnames:
+        kwargs.setdefault("max_sequence_length", T5_TOKENS)
+    return pipe("a photo of zwx dog", num_inference_steps=2, height=64, width=64, output_type="np",
+                generator=torch.Generator().manual_seed(0), **kwargs).images[0]
+
+
+def base_pipeline(model):
+    family = get_family(ModelSource(str(model)))
+    return family.load_pipeline(ModelSource(str(model)), torch.float32)
+
+
+def test_every_registered_family_has_a_tiny_pipeline_and_fills_every_hook():
+    assert set(FAMILIES) == set(TINY)
+    for cls in FAMILIES.values():
+        cls()  # abstract hooks left unfilled would refuse to instantiate
+
+
+def test_registries_refuse_duplicates_and_unfilled_hooks():
+    from dreambooth.families.base import ModelFamily
+
+    registry: Registry[type] = Registry("thing")
+    registry.register("a")(int)
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.register("a")(float)
+
+    class Half(ModelFamily):
+        name = "half"
+
+    with pytest.raises(TypeError, match="does not fill these hooks: .*denoiser_call"):
+        registry.register()(Half)
+
+
+# -- encoding ------------------------------------------------------------------------------------------------------
+
+
+def pipeline_encoding(family: str, pipe, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """The conditioning each pipeline computes for itself, under our names."""
+    if family == "sd":
+        embeds, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
+        return {"encoder_hidden_states": embeds}
+    if family == "sdxl":
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": embeds, "text_embeds": pooled}
+    if family == "sd3":
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False,
+                                                  max_sequence_length=T5_TOKENS)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+    embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, max_sequence_length=T5_TOKENS)
+    return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+
+@pytest.mark.parametrize("without_t5", [False, True], ids=["", "sd3-without-t5"])
+def test_encodes_as_the_pipeline_does(tiny, tmp_path, without_t5):
+    family_name, model = tiny
+    if without_t5:
+        if family_name != "sd3":
+            pytest.skip("only SD3 allows leaving T5 out")
+        model = make_tiny_sd3(tmp_path / "sd3-no-t5", with_t5=False)
+    source = ModelSource(str(model))
+    family = get_family(source)
+    c = family.load(source)
+    prompts = ["a photo of zwx dog", "a photo of dog"]
+    cfg = type("Cfg", (), {"max_sequence_length": T5_TOKENS})()
+    with torch.no_grad():
+        ours = family.encode(c, family.tokenize(c, prompts, cfg), cfg)
+        pipe = family.pipeline(c, c.denoiser, c.text_encoders, c.noise_scheduler)
+        theirs = pipeline_encoding(family_name, pipe, prompts)
+    assert ours.keys() == theirs.keys()
+    for key in ours:  # the same modules on the same inputs, batched alike: equal to float rounding
+        assert torch.allclose(ours[key], theirs[key], atol=1e-6), key
+
+
+# -- training ------------------------------------------------------------------------------------------------------
+
+
+def test_full_run_with_prior_trains_what_it_should_and_renders(family_args, tiny, tmp_path):
+    family_name, model = tiny
+    family = FAMILIES[family_name]
+    args = family_args(train_text_encoder=True, max_train_steps=2, checkpointing_steps=2,
+                       validation_prompt="a photo of zwx dog", validation_steps=2, num_validation_images=1,
+                       validation_inference_steps=2)
+    assert main(["train", *to_argv(args)]) == 0
+    out = tmp_path / "out"
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["family"] == family_name and summary["class_images"]["generated"] == 4
+    assert summary["mean_prior_loss"] > 0 and np.isfinite(summary["mean_loss"])
+    assert not same(weights(out, family.denoiser_name), weights(model, family.denoiser_name))
+    for part in family.trained_text_encoders:
+        assert not same(weights(out, part), weights(model, part)), part
+    frozen = [p.name for p in model.iterdir() if p.name.startswith("text_encoder")
+              and p.name not in family.trained_text_encoders]
+    for part in ["vae", *frozen]:  # T5 is never trained
+        assert same(weights(out, part), weights(model, part)), part
+    assert (out / "validation" / "step-000002.png").is_file()
+    assert np.isfinite(render(family.pipeline_class.from_pretrained(out))).all()
+    for source in (out, out / "checkpoint-2"):  # the output and a checkpoint on its own
+        assert main(["generate", "--model", str(source), "--prompt", "a photo of zwx dog", "--num_images", "1",
+                     "--num_inference_steps", "2", "--device", "cpu", "--output_dir",
+                     str(tmp_path / f"samples-{source.name}")]) == 0
+
+
+def test_resume_is_exact(family_args, tiny, tmp_path, monkeypatch):
+    family = FAMILIES[tiny[0]]
+    straight_and_resumed(family_args, tmp_path, monkeypatch, 2, max_train_steps=4, checkpointing_steps=2,
+                         train_text_encoder=True, **NO_PRIOR)
+    for part in (family.denoiser_name, *family.trained_text_encoders):  # one device, the same computations
+        assert same(weights(tmp_path / "straight", part), weights(tmp_path / "stopped", part)), part
+
+
+@pytest.fixture
+def lora_run(family_args, tiny, tmp_path):
+    targets = {}
+    if tiny[0] == "flux":  # diffusers' kohya-Flux reader hard-codes Flux-dev's widths for the single blocks' fused
+        # linear1, so the tiny model's round trip adapts the double blocks; test_kohya_flux_layout covers linear1
+        targets = {"lora_target_modules": [f"transformer_blocks.0.{m}" for m in FAMILIES["flux"].default_lora_targets]}
+    dreambooth.train(**family_args(**LORA, train_text_encoder=True, max_train_steps=2, **targets))
+    return tmp_path / "out"
+
+
+def test_lora_run_loads_in_diffusers_and_exports(lora_run, tiny, tmp_path, capsys):
+    family_name, model = tiny
+    family = FAMILIES[family_name]
+    keys = set(load_file(lora_run / "pytorch_lora_weights.safetensors"))
+    assert {k.split(".")[0] for k in keys} == {family.denoiser_name, *family.trained_text_encoders}
+    theirs = base_pipeline(model)
+    before = render(theirs)
+    theirs.load_lora_weights(lora_run)
+    after = render(theirs)
+    assert np.abs(after - before).max() > 1e-4  # the adapters change the image
+    assert np.allclose(render(load_for_inference(str(lora_run), torch.float32)), after, atol=1e-6)
+
+    merged = tmp_path / "merged"
+    assert main(["export", "--model", str(lora_run), "--format", "merged", "--output", str(merged)]) == 0
+    # fused weights: W + BA summed once instead of added per call, float rounding apart
+    assert np.allclose(render(family.pipeline_class.from_pretrained(merged)), after, atol=1e-4)
+
+    kohya = tmp_path / "kohya.safetensors"
+    code = main(["export", "--model", str(lora_run), "--format", "kohya", "--output", str(kohya)])
+    if family_name == "sd3":  # no kohya layout exists; the diffusers file is what UIs load
+        assert code == 2 and "no kohya layout" in capsys.readouterr().err and not kohya.exists()
+        return
+    assert code == 0
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in load_file(kohya))
+    converted = base_pipeline(model)
+    converted.load_lora_weights(str(kohya.parent), weight_name=kohya.name)
+    # diffusers' converter splits fused and renamed modules back: the same adapters, up to the order of sums
+    assert np.allclose(render(converted), after, atol=1e-5)
+
+
+@pytest.fixture
+def flux_width_shim(monkeypatch):
+    """diffusers' Flux single-file reader hard-codes Flux-dev's width (3072) in one split of the single blocks;
+    this gives that one split the tiny model's width, and everything else runs as shipped."""
+    import diffusers.loaders.single_file_utils as sfu
+
+    split = torch.split
+
+    class Torch:
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+        @staticmethod
+        def split(tensor, sizes, dim=0):
+            if sizes == (3072, 3072, 3072, 12288) and tensor.shape[0] != sum(sizes):
+                inner = tensor.shape[0] // 7  # q, k, v of the inner width and an MLP 4 times as wide
+                sizes = (inner, inner, inner, 4 * inner)
+            return split(tensor, sizes, dim=dim)
+
+    monkeypatch.setattr(sfu, "torch", Torch())
+
+
+def test_single_file_export_round_trips_through_from_single_file(family_args, tiny, tmp_path, flux_width_shim):
+    family_name, model = tiny
+    family = FAMILIES[family_name]
+    dreambooth.train(**family_args(max_train_steps=1, **NO_PRIOR))
+    out = tmp_path / "model.safetensors"
+    assert main(["export", "--model", str(tmp_path / "out"), "--format", "single-file", "--output", str(out)]) == 0
+    trained = family.pipeline_class.from_pretrained(tmp_path / "out")
+    denoiser = getattr(trained, family.denoiser_name)
+    back = type(denoiser).from_single_file(str(out), config=str(tmp_path / "out"), subfolder=family.denoiser_name,
+                                           local_files_only=True)
+    ours, theirs = denoiser.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_train_with_eval_scores_the_trained_model(family_args, tiny, tmp_path):
+    root = tmp_path / "backbones"
+    (tmp_path / "eval.toml").write_text("\n".join([
+        f'dino_model = "{make_tiny_dino(root / "dino")}"', f'clip_model = "{make_tiny_clip(root / "clip")}"',
+        "images_per_prompt = 2", "class_images = 2", "num_inference_steps = 1", "bootstrap_resamples = 100",
+        'device = "cpu"']))
+    summary = dreambooth.train(**family_args(max_train_steps=1, eval=True, eval_config=str(tmp_path / "eval.toml"),
+                                             identifier="zwx",
+                                             **NO_PRIOR))
+    report = json.loads((tmp_path / "out" / "evaluation" / "report.json").read_text())
+    assert report["sampling"]["sampler"] == FAMILIES[tiny[0]].default_sampler
+    assert summary["evaluation"]["dino"]["value"] == report["metrics"]["dino"]["value"]
+
+
+# -- what each family reads ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family_name, option, value, message", [
+    ("sd3", "snr_gamma", 5.0, "means nothing for sd3 models"),
+    ("flux", "prediction_type", "v_prediction", "means nothing for flux models"),
+    ("sd", "weighting_scheme", "logit_normal", "means nothing for sd models"),
+    ("sdxl", "max_sequence_length", 77, "means nothing for sdxl models"),
+    ("sd3", "guidance_scale", 1.0, "means nothing for sd3 models"),
+    ("flux", "resolution", 72, "must be a multiple of 16 for flux models"),
+    ("sd3", "class_sampler", "dpm++", "not a sampler for sd3 models; choose one of euler"),
+])
+def test_options_a_family_does_not_read_are_refused(base_args, tmp_path, capsys, family_name, option, value,
+                                                    message):
+    model = TINY[family_name](tmp_path / family_name)
+    code = main(["train", *to_argv(base_args(pretrained_model_name_or_path=str(model), **{option: value}))])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_flux_is_told_the_training_guidance(family_args, tiny, monkeypatch):
+    family_name, _ = tiny
+    if family_name != "flux":
+        pytest.skip("the guidance embedding is Flux-dev's")
+    from diffusers import FluxTransformer2DModel
+
+    seen = []
+    forward = FluxTransformer2DModel.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["guidance"])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "forward", spy)
+    dreambooth.train(**family_args(max_train_steps=1, guidance_scale=2.5, **NO_PRIOR))
+    assert seen and all(torch.equal(g, torch.full_like(g, 2.5)) for g in seen)
+
+
+def test_kohya_flux_layout_fuses_qkv_and_keeps_the_scale():
+    from dreambooth.lora_formats import kohya_flux
+
+    torch.manual_seed(0)
+    rank, width, inp = 2, 6, 6
+    state = {}
+    for module in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k",
+                   "transformer_blocks.0.attn.to_v", "single_transformer_blocks.0.attn.to_q",
+                   "single_transformer_blocks.0.attn.to_k", "single_transformer_blocks.0.attn.to_v"):
+        state[f"transformer.{module}.lora_A.weight"] = torch.randn(rank, inp)
+        state[f"transformer.{module}.lora_B.weight"] = torch.randn(width, rank)
+    out = kohya_flux(state, alpha=4.0, rank=rank, widths={"proj_mlp": 4 * width})
+    qkv = "lora_unet_double_blocks_0_img_attn_qkv"
+    assert out[f"{qkv}.lora_down.weight"].shape == (3 * rank, inp)
+    assert out[f"{qkv}.lora_up.weight"].shape == (3 * width, 3 * rank)
+    scale = out[f"{qkv}.alpha"] / (3 * rank)
+    assert scale == pytest.approx(4.0 / rank)  # alpha / rank as in each part
+    delta = out[f"{qkv}.lora_up.weight"] @ out[f"{qkv}.lora_down.weight"]
+    expected = torch.cat([state[f"transformer.transformer_blocks.0.attn.to_{x}.lora_B.weight"]
+                          @ state[f"transformer.transformer_blocks.0.attn.to_{x}.lora_A.weight"] for x in "qkv"])
+    assert torch.allclose(delta, expected, atol=1e-6)
+    linear1 = "lora_unet_single_blocks_0_linear1"
+    assert out[f"{linear1}.lora_up.weight"].shape == (7 * width, 4 * rank)  # q, k, v + an empty MLP block
+    assert out[f"{linear1}.lora_up.weight"][3 * width:].abs().sum() == 0

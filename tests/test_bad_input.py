@@ -42,7 +42,8 @@ def test_corrupt_instance_image(base_args, instance_dir, capsys):
 
 @pytest.mark.parametrize("setup, fragment", [
     (lambda p: None, "no model_index.json"),
-    (lambda p: (p / "model_index.json").write_text(json.dumps({"_class_name": "WuerstchenCombinedPipeline"})), "not supported"),
+    (lambda p: (p / "model_index.json").write_text(json.dumps({"_class_name": "WuerstchenCombinedPipeline"})),
+     "not supported"),
     (lambda p: (p / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"})),
      "lacks unet/"),
 ])

@@ -224,11 +224,84 @@ def sd15_vae(args) -> dict:
     return {"encode_s": (time.perf_counter() - start) / args.steps, "images": 2}
 
 
+def flux(args) -> dict:
+    """A Flux.1-dev-architecture transformer (random weights, full depth: 19 double + 38 single blocks, unless
+    --images gives a smaller depth for a smoke run) as `train --use_lora` runs it at 512 px, batch 1 instance + 1
+    prior: bf16 base (or --quantize_base nf4), LoRA rank 16 on the default targets, gradient checkpointing, T5
+    embeddings of 512 tokens; steps/s and peak memory."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft import LoraConfig
+
+    from dreambooth.families import FAMILIES
+
+    dev = device()
+    depth = args.images or 0
+    config = dict(patch_size=1, in_channels=64, num_layers=depth or 19, num_single_layers=depth or 38,
+                  attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                  pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    if "nf4" in args.variant:
+        import tempfile as tf
+
+        from diffusers import BitsAndBytesConfig
+
+        with tf.TemporaryDirectory() as folder:  # quantized at load time, as `train --quantize_base nf4` does
+            FluxTransformer2DModel(**config).to(dtype).save_pretrained(folder)
+            model = FluxTransformer2DModel.from_pretrained(folder, dtype=dtype, quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
+    else:
+        model = FluxTransformer2DModel(**config).to(dev, dtype)
+    model.requires_grad_(False)
+    model.enable_gradient_checkpointing()
+    model.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian",
+                                 target_modules=list(FAMILIES["flux"].default_lora_targets)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda" or None)
+    n, latent = 2, 64  # 512 px / 8
+    x = torch.randn(n, 16, latent, latent, device=dev, dtype=dtype)
+    packed = FluxPipeline._pack_latents(x, n, 16, latent, latent)
+    ids = FluxPipeline._prepare_latent_image_ids(n, latent // 2, latent // 2, dev, dtype)
+    text = torch.randn(n, 512, 4096, device=dev, dtype=dtype)
+    pooled = torch.randn(n, 768, device=dev, dtype=dtype)
+    t = torch.tensor([0.3, 0.8], device=dev, dtype=dtype)
+    guidance = torch.full((n,), 1.0, device=dev)
+
+    def step():
+        with torch.autocast(dev.type, dtype=dtype):
+            pred = model(hidden_states=packed, timestep=t, guidance=guidance, pooled_projections=pooled,
+                         encoder_hidden_states=text, txt_ids=torch.zeros(512, 3, device=dev, dtype=dtype),
+                         img_ids=ids, return_dict=False)[0]
+        torch.nn.functional.mse_loss(pred.float(), packed.float()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    reset_peak()
+    sync()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    return {"variant": args.variant, "steps": args.steps, "layers": [config["num_layers"], config["num_single_layers"]],
+            "steps_per_s": args.steps / (time.perf_counter() - start),
+            "base_params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+            "trainable_params": sum(p.numel() for p in params), "peak_memory_gb": peak_memory_gb()}
+
+
 MEASUREMENTS = {"peak": peak, "toy_train": toy_train, "class_images": class_images, "sd15": sd15,
-                "sd15_vae": sd15_vae}
+                "sd15_vae": sd15_vae, "flux": flux}
 
 
 # --- driver ------------------------------------------------------------------------------------------------------
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
 
 def child(name: str, variant: str, steps: int, images: int, workdir: str) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -247,6 +320,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--quick", action="store_true", help="fewer steps and images (a smoke run)")
     p.add_argument("--skip_sd15", action="store_true", help="skip the SD 1.5-size steps (minutes and ~20 GB on CPU)")
+    p.add_argument("--skip_flux", action="store_true", help="skip the Flux-size LoRA steps (GPU only)")
     p.add_argument("--one", choices=list(MEASUREMENTS), help=argparse.SUPPRESS)
     p.add_argument("--variant", default="", help=argparse.SUPPRESS)
     p.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)
@@ -274,6 +348,9 @@ def main() -> None:
                 variants = ["full", "full+deterministic", "full+checkpointing", "full+8bit+checkpointing", "lora"]
             results["sd15"] = [child("sd15", v, 1 if not gpu else 10, 0, work) for v in variants]
             results["sd15_vae"] = child("sd15_vae", "", 3 if not gpu else 20, 0, work)
+        if gpu and not args.skip_flux:  # 12B parameters: a GPU's work (about 24 GB in bf16 before activations)
+            results["flux"] = [child("flux", v, 5, 0, work) for v in ("lora", "lora+nf4")
+                               if v == "lora" or _installed("bitsandbytes")]
     peak_flops = results["peak"]["flops_per_s"]
     for row in results.get("sd15", []):
         row["mfu"] = row["flops_per_step"] * row["steps_per_s"] / peak_flops
@@ -318,6 +395,15 @@ def markdown(r: dict) -> str:
         for row in r["sd15"]:
             step = 1 / row["steps_per_s"]
             lines.append(f"| {row['variant']} | {step + vae:.2f} | {step:.2f} | {(step + vae) / step:.2f}x |")
+    if "flux" in r:
+        lines += ["", "Flux.1-dev-size transformer (random weights), `--use_lora --rank 16 --gradient_checkpointing "
+                  "--mixed_precision bf16` at 512 px, batch 1 + 1 prior:", "",
+                  "| variant | steps/s | s/step | base params (B) | trainable (M) | peak memory (GB) |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for row in r["flux"]:
+            lines.append(f"| {row['variant']} | {row['steps_per_s']:.3f} | {1 / row['steps_per_s']:.2f} | "
+                         f"{row['base_params'] / 1e9:.2f} | {row['trainable_params'] / 1e6:.1f} | "
+                         f"{row['peak_memory_gb']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

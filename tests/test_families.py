@@ -302,3 +302,52 @@ def test_kohya_flux_layout_fuses_qkv_and_keeps_the_scale():
     linear1 = "lora_unet_single_blocks_0_linear1"
     assert out[f"{linear1}.lora_up.weight"].shape == (7 * width, 4 * rank)  # q, k, v + an empty MLP block
     assert out[f"{linear1}.lora_up.weight"][3 * width:].abs().sum() == 0
+
+
+REFERENCE_FLAGS = {  # the SD3 / Flux README command lines of diffusers' examples/dreambooth, on a tiny model
+    "sd3": ["--mixed_precision", "bf16", "--instance_prompt", "a photo of sks dog", "--train_batch_size", "1",
+            "--gradient_accumulation_steps", "2", "--learning_rate", "4e-4", "--lr_scheduler", "constant",
+            "--lr_warmup_steps", "0", "--validation_prompt", "A photo of sks dog in a bucket",
+            "--validation_epochs", "1", "--weighting_scheme", "logit_normal", "--max_sequence_length", "16",
+            "--lora_layers", "attn.to_k,attn.to_q,attn.to_v,attn.to_out.0", "--lora_blocks", "0"],
+    "flux": ["--mixed_precision", "bf16", "--instance_prompt", "a photo of sks dog", "--train_batch_size", "1",
+             "--guidance_scale", "1", "--gradient_accumulation_steps", "2", "--optimizer", "prodigy",
+             "--learning_rate", "1.", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+             "--validation_prompt", "A photo of sks dog in a bucket", "--validation_epochs", "1",
+             "--max_sequence_length", "16", "--upcast_before_saving"],
+}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_reference_command_lines_train_and_resume(tiny, tmp_path, instance_dir, lora, capsys):
+    family_name, model = tiny
+    if family_name not in REFERENCE_FLAGS:
+        pytest.skip("the SD/SDXL reference command line is tested in test_training.py")
+    argv = ["train", "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(instance_dir),
+            "--resolution", "64", "--seed", "0", "--device", "cpu", "--with_prior_preservation", "--class_prompt",
+            "a photo of dog", "--class_data_dir", str(tmp_path / "class"), "--num_class_images", "2",
+            "--class_inference_steps", "2", "--num_validation_images", "1", "--validation_inference_steps", "1",
+            *REFERENCE_FLAGS[family_name], *(["--use_lora", "--rank", "4"] if lora else [])]
+    flags = [*argv, "--checkpointing_steps", "1"]
+    if not lora:  # --lora_layers / --lora_blocks mean nothing without LoRA: refused in one line
+        flags = [a for i, a in enumerate(flags) if not (a.startswith("--lora_") or flags[i - 1].startswith("--lora_"))]
+    assert main([*flags, "--max_train_steps", "2", "--output_dir", str(tmp_path / "stopped")]) == 0
+    assert main([*flags, "--max_train_steps", "3", "--output_dir", str(tmp_path / "stopped"),
+                 "--resume_from_checkpoint", "latest"]) == 0
+    assert main([*flags, "--max_train_steps", "3", "--output_dir", str(tmp_path / "straight")]) == 0
+    out = tmp_path / "straight"
+    assert sorted(p.name for p in (out / "validation").iterdir()), "--validation_epochs 1 validates every epoch"
+    part = "pytorch_lora_weights.safetensors" if lora else FAMILIES[family_name].denoiser_name
+    a = load_file(out / part) if lora else weights(out, part)
+    b = load_file(tmp_path / "stopped" / part) if lora else weights(tmp_path / "stopped", part)
+    # the lr schedule is constant and the run length only decides when to stop, so 2 + resume + 1 = 3 straight
+    assert same(a, b)
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["family"] == family_name and summary["class_images"]["used"] == 2
+
+
+def test_quantized_base_is_refused_where_it_cannot_run(base_args, capsys):
+    assert main(["train", *to_argv(base_args(quantize_base="nf4"))]) == 2
+    assert "only with --use_lora" in capsys.readouterr().err
+    assert main(["train", *to_argv(base_args(quantize_base="nf4", use_lora=True))]) == 2  # device cpu
+    assert "needs a CUDA GPU" in capsys.readouterr().err

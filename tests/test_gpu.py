@@ -66,3 +66,29 @@ def test_fused_adamw_on_cuda(base_args, monkeypatch, lora):
     extra = dict(use_lora=True, mixed_precision="bf16", learning_rate=1e-2) if lora else {}
     dreambooth.train(**base_args(device="cuda", max_train_steps=2, **NO_PRIOR, **extra))
     assert made and made[0].defaults["fused"] is True
+
+
+@pytest.mark.parametrize("quantize", ["int8", "nf4"])
+def test_lora_on_a_quantized_base_on_cuda(base_args, tmp_path, quantize):
+    pytest.importorskip("bitsandbytes", reason="--quantize_base needs bitsandbytes")
+    summary = dreambooth.train(**base_args(device="cuda", use_lora=True, learning_rate=1e-2, mixed_precision="bf16",
+                                           quantize_base=quantize, max_train_steps=2, **NO_PRIOR))
+    assert summary["steps"] == 2 and torch.isfinite(torch.tensor(summary["mean_loss"]))
+    adapters = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
+    assert adapters and all(v.dtype == torch.float32 for v in adapters.values())
+
+
+def test_frozen_text_encoders_leave_the_gpu_once_their_embeddings_are_cached(base_args, monkeypatch):
+    seen = {}
+    real_fit = training.fit
+
+    def spy(run, parts):
+        seen["devices"] = {next(m.parameters()).device.type for m in parts.text_encoders.values()}
+        seen["denoiser"] = next(parts.denoiser.parameters()).device.type
+        real_fit(run, parts)
+
+    monkeypatch.setattr(training, "fit", spy)
+    dreambooth.train(**base_args(device="cuda", max_train_steps=1, validation_prompt="a zwx dog",
+                                 validation_steps=1, num_validation_images=1, validation_inference_steps=1,
+                                 **NO_PRIOR))
+    assert seen == {"devices": {"cpu"}, "denoiser": "cuda"}

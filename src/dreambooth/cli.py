@@ -23,8 +23,10 @@ COMPAT_IGNORED = {
     "enable_xformers_memory_efficient_attention": "PyTorch SDPA attention is used (as fast, no extra package)",
     "set_grads_to_none": "gradients are always set to None",
     "pre_compute_text_embeddings": "a frozen text encoder's prompt embeddings are always computed once",
+    "upcast_before_saving": "trained weights are kept, and saved, in fp32",
 }
 COMPAT_REFUSED = {
+    "dataset_name": "pass the subject's photos as a local folder with --instance_data_dir",
     "push_to_hub": "upload the output folder with `huggingface-cli upload` instead",
     "hub_token": "upload the output folder with `huggingface-cli upload` instead",
     "hub_model_id": "upload the output folder with `huggingface-cli upload` instead",
@@ -53,7 +55,7 @@ def _add_train_parser(sub) -> None:
         compat.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
     for name in ("push_to_hub",):
         compat.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
-    for name in ("hub_token", "hub_model_id", "class_labels_conditioning"):
+    for name in ("hub_token", "hub_model_id", "class_labels_conditioning", "dataset_name", "lora_layers"):
         compat.add_argument(f"--{name}", help=argparse.SUPPRESS)
     compat.add_argument("--validation_images", nargs="+", help=argparse.SUPPRESS)
     compat.add_argument("--validation_scheduler", dest="validation_sampler", help=argparse.SUPPRESS)
@@ -146,6 +148,11 @@ def _run_train(args: argparse.Namespace) -> int:
     for name, fix in COMPAT_REFUSED.items():
         if values.pop(name, None):
             raise DreamBoothError(f"--{name} is not supported: {fix}")
+    for name, ours in (("lora_layers", "lora_target_modules"), ("lora_blocks", "lora_blocks")):
+        given = values.pop(name, None)
+        if given is not None:  # the SD3/Flux scripts' comma lists ("12,13"); ours are space-separated
+            items = given if isinstance(given, list) else [given]
+            values[ours] = [v.strip() for item in items for v in str(item).split(",") if v.strip()]
     from .sampling import LEGACY_NAMES
     if values.get("validation_sampler") in LEGACY_NAMES:
         values["validation_sampler"] = LEGACY_NAMES[values["validation_sampler"]]

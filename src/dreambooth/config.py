@@ -110,6 +110,16 @@ class TrainConfig:
     adam_epsilon: float = option(1e-8, "AdamW epsilon", check=positive, group="training")
     max_grad_norm: float = option(1.0, "Gradient clipping norm", check=positive, group="training")
     use_8bit_adam: bool = option(False, "8-bit AdamW from bitsandbytes (GPU)", group="training")
+    optimizer: str = option("adamw", "adamw, or prodigy (sets its own step size: use --learning_rate 1.0; needs "
+                            "`pip install prodigyopt`)", choices=("adamw", "prodigy"), group="training")
+    prodigy_beta3: float | None = option(None, "Prodigy's beta3 (default: sqrt(beta2))", check=in_unit_interval,
+                                         group="training")
+    prodigy_decouple: bool = option(True, "Prodigy: AdamW-style decoupled weight decay", group="training")
+    prodigy_use_bias_correction: bool = option(True, "Prodigy: Adam's bias correction", group="training")
+    prodigy_safeguard_warmup: bool = option(True, "Prodigy: no step-size growth during warm-up", group="training")
+    adam_weight_decay_text_encoder: float | None = option(None, "Weight decay of the text encoders (default: "
+                                                          "--adam_weight_decay)", check=at_least(0),
+                                                          group="training")
     mixed_precision: str | None = option(None, "Mixed precision (default: accelerate's config)", choices=PRECISIONS,
                                          group="training")
     allow_tf32: bool = option(False, "Allow TF32 matmuls on Ampere+ GPUs", group="training")
@@ -142,6 +152,9 @@ class TrainConfig:
 
     # LoRA
     use_lora: bool = option(False, "Train LoRA adapters (peft) instead of the full UNet / text encoder", group="lora")
+    quantize_base: str = option("none", "Keep the frozen denoiser quantized by bitsandbytes (CUDA only, with "
+                                "--use_lora): int8, or nf4 (4-bit, QLoRA)", choices=("none", "int8", "nf4"),
+                                group="lora")
     rank: int = option(4, "LoRA rank", check=at_least(1), group="lora")
     lora_alpha: float | None = option(None, "LoRA alpha (default: the rank, so the scale alpha/rank is 1)",
                                       check=positive, group="lora")
@@ -149,6 +162,8 @@ class TrainConfig:
     use_dora: bool = option(False, "Weight-decomposed LoRA (DoRA)", group="lora")
     lora_target_modules: list[str] | None = option(None, "Denoiser modules that get adapters (default: the "
                                                    "family's; SD: to_k to_q to_v to_out.0)", group="lora")
+    lora_blocks: list[int] | None = option(None, "Only these transformer blocks get adapters (SD3, Flux: "
+                                           "transformer_blocks.N; default: all)", group="lora")
     text_encoder_lora_target_modules: list[str] = option(("q_proj", "k_proj", "v_proj", "out_proj"),
                                                          "Text-encoder modules that get adapters "
                                                          "(with --train_text_encoder)", group="lora")
@@ -168,6 +183,9 @@ class TrainConfig:
     validation_prompt: str | None = option(None, "Prompt rendered every --validation_steps", group="validation")
     num_validation_images: int = option(4, "Images per validation", check=at_least(1), group="validation")
     validation_steps: int = option(100, "Validate every N steps", check=at_least(1), group="validation")
+    validation_epochs: int | None = option(None, "Validate every N epochs instead (the reference scripts' flag; an "
+                                           "epoch is one pass over the images)", check=at_least(1),
+                                           group="validation")
     validation_sampler: str | None = option(None, "Sampler for validation images (default: the family's)",
                                             choices=sampler_names, group="validation")
     validation_inference_steps: int = option(25, "Sampler steps for validation images", check=at_least(1),
@@ -197,6 +215,13 @@ class TrainConfig:
                 raise ConfigError(
                     "class_data_dir", str(self.class_data_dir), "only used with --with_prior_preservation; add it"
                 )
+        if self.use_8bit_adam and self.optimizer != "adamw":
+            raise ConfigError("use_8bit_adam", True, f"only with --optimizer adamw, not {self.optimizer}")
+        if self.quantize_base != "none" and not self.use_lora:
+            raise ConfigError("quantize_base", self.quantize_base, "only with --use_lora (a quantized base stays "
+                              "frozen; the adapters train)")
+        if self.lora_blocks is not None and not self.use_lora:
+            raise ConfigError("lora_blocks", self.lora_blocks, "only used with --use_lora; add that flag")
         if self.use_dora and not self.use_lora:
             raise ConfigError("use_dora", True, "only used with --use_lora; add that flag")
         if self.eval_config is not None and not self.eval:

@@ -143,6 +143,9 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
         raise DreamBoothError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
     if cfg.use_8bit_adam and not cuda:
         raise DreamBoothError("--use_8bit_adam needs a CUDA GPU (bitsandbytes); drop the flag on CPU")
+    if cfg.quantize_base != "none" and not cuda:
+        raise DreamBoothError(f"--quantize_base {cfg.quantize_base} needs a CUDA GPU (bitsandbytes); use "
+                              "--quantize_base none on CPU")
     trackers = None if cfg.report_to == "none" else cfg.report_to
     project = ProjectConfiguration(project_dir=str(cfg.output_dir),
                                    logging_dir=str(Path(cfg.output_dir) / cfg.logging_dir))

@@ -58,6 +58,7 @@ class Parts:
     input_ids: dict[str, torch.Tensor]  # [instance prompt, class prompt] token ids per text encoder
     weight_dtype: torch.dtype
     max_train_steps: int
+    validation_every: int  # steps (--validation_steps, or --validation_epochs in steps)
     latents: LatentCache  # the frozen VAE's output per training view
     # wall_time_s: seconds of the invocations that led here (up to the checkpoint a run resumed from)
     state: dict[str, Any] = field(default_factory=lambda: {"step": 0, "loss_sum": 0.0, "instance_sum": 0.0,
@@ -110,7 +111,7 @@ def build(run: Run) -> Parts:
     cfg, acc = run.cfg, run.accelerator
     # class images first: generation loads its own pipeline, freed before the training copies load
     class_images = ensure_class_images(cfg, run.family, run.source, acc) if cfg.with_prior_preservation else None
-    c = run.family.load(run.source, cfg.prediction_type)
+    c = run.family.load(run.source, cfg.prediction_type, quantization(cfg, acc))
     run.claim()  # the inputs loaded: from here on the output folder is this run's
 
     # model
@@ -122,10 +123,14 @@ def build(run: Run) -> Parts:
     frozen = [e for n, e in c.text_encoders.items() if n not in trained_names]
     for encoder in frozen:
         encoder.requires_grad_(False).to(acc.device, weight_dtype).eval()
-    if cfg.use_lora:  # base weights frozen in the compute dtype, adapters trained in fp32
-        for module in [denoiser, *encoders]:
+    if cfg.use_lora:  # base weights frozen in the compute dtype (or quantized), adapters trained in fp32
+        if cfg.quantize_base != "none":
+            from peft import prepare_model_for_kbit_training
+
+            denoiser = prepare_model_for_kbit_training(denoiser, use_gradient_checkpointing=False)
+        for module in [denoiser, *encoders] if cfg.quantize_base == "none" else encoders:
             module.to(acc.device, weight_dtype)
-        add_adapters(cfg, denoiser, cfg.lora_target_modules or family.default_lora_targets, encoders)
+        add_adapters(cfg, denoiser, lora_targets(cfg, family), encoders)
     else:
         for encoder in encoders:
             encoder.requires_grad_(True).to(acc.device, torch.float32)
@@ -152,7 +157,10 @@ def build(run: Run) -> Parts:
                     "--gradient_accumulation_steps %d makes each step that much longer and repeats the same images; "
                     "lower it", per_step, per_step / dataset.epoch_length, dataset.epoch_length,
                     cfg.gradient_accumulation_steps)
-    max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * math.ceil(dataset.epoch_length / per_step)
+    steps_per_epoch = math.ceil(dataset.epoch_length / per_step)
+    max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
+    validation_every = (cfg.validation_steps if cfg.validation_epochs is None
+                        else cfg.validation_epochs * steps_per_epoch)
     prompts = [cfg.instance_prompt, cfg.class_prompt or cfg.instance_prompt]
     input_ids = family.tokenize(c, prompts, cfg)
     cond = None
@@ -166,14 +174,18 @@ def build(run: Run) -> Parts:
     # optimizer and schedule
     scale = per_step if cfg.scale_lr else 1
     groups = [{"params": trainable(denoiser), "lr": cfg.learning_rate * scale}]
+    text_decay = {} if cfg.adam_weight_decay_text_encoder is None else {
+        "weight_decay": cfg.adam_weight_decay_text_encoder}
     for encoder in encoders:
-        groups.append({"params": trainable(encoder), "lr": (cfg.text_encoder_lr or cfg.learning_rate) * scale})
+        groups.append({"params": trainable(encoder), "lr": (cfg.text_encoder_lr or cfg.learning_rate) * scale,
+                       **text_decay})
     optimizer = make_optimizer(cfg, groups)
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=max_train_steps, num_cycles=cfg.lr_num_cycles,
                                  power=cfg.lr_power)
     parts = Parts(c, denoiser, dict(c.text_encoders), objective, optimizer, lr_scheduler, dataset, class_images,
-                  cond, input_ids, weight_dtype, max_train_steps, LatentCache(c.vae, cfg.cache_latents))
+                  cond, input_ids, weight_dtype, max_train_steps, validation_every,
+                  LatentCache(c.vae, cfg.cache_latents))
     if run.resume_from is not None:
         state = load_checkpoint(run.resume_from, trained_modules(run, denoiser, c.text_encoders), optimizer,
                                 acc.process_index)
@@ -187,15 +199,43 @@ def build(run: Run) -> Parts:
     return parts
 
 
+def quantization(cfg: TrainConfig, acc) -> dict[str, Any] | None:
+    """--quantize_base as from_pretrained keywords: a diffusers BitsAndBytesConfig (int8, or nf4 computing in the
+    mixed-precision dtype) and the dtype of the rest of the model."""
+    if cfg.quantize_base == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from diffusers import BitsAndBytesConfig
+    except ImportError:
+        raise DreamBoothError(f"--quantize_base {cfg.quantize_base} needs bitsandbytes; pip install bitsandbytes"
+                              ) from None
+    compute = WEIGHT_DTYPES.get(acc.mixed_precision, torch.bfloat16)
+    config = (BitsAndBytesConfig(load_in_8bit=True) if cfg.quantize_base == "int8" else
+              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute))
+    return {"quantization_config": config, "dtype": compute}
+
+
 def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """AdamW over parameter groups that each carry their own lr (UNet, text encoder); the fused kernel when every
-    parameter is on a GPU in fp32 (one launch per step instead of one per tensor)."""
+    """AdamW over parameter groups that each carry their own lr (denoiser, text encoders); the fused kernel when
+    every parameter is on a GPU in fp32 (one launch per step instead of one per tensor). Or Prodigy."""
     kw = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.adam_weight_decay,
           "eps": cfg.adam_epsilon}
+    if cfg.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError:
+            raise DreamBoothError("--optimizer prodigy needs prodigyopt; pip install prodigyopt") from None
+        if cfg.learning_rate < 0.1:
+            log.warning("Prodigy sets its own step size and is meant to run at --learning_rate 1.0 (given %g)",
+                        cfg.learning_rate)
+        return Prodigy(groups, **kw, beta3=cfg.prodigy_beta3, decouple=cfg.prodigy_decouple,
+                       use_bias_correction=cfg.prodigy_use_bias_correction,
+                       safeguard_warmup=cfg.prodigy_safeguard_warmup)
     if cfg.use_8bit_adam:
         try:
             import bitsandbytes as bnb
@@ -205,6 +245,15 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.opti
     params = [p for g in groups for p in g["params"]]
     fused = bool(params) and all(p.is_cuda and p.dtype == torch.float32 for p in params)
     return torch.optim.AdamW(groups, **kw, fused=fused or None)
+
+
+def lora_targets(cfg: TrainConfig, family: ModelFamily) -> list[str]:
+    """The denoiser modules that get adapters: --lora_target_modules (or the family's), in every block or in the
+    --lora_blocks given (transformer families)."""
+    modules = list(cfg.lora_target_modules or family.default_lora_targets)
+    if cfg.lora_blocks is None:
+        return modules
+    return [f"transformer_blocks.{b}.{m}" for b in cfg.lora_blocks for m in modules]
 
 
 def trained_text_encoders(cfg: TrainConfig, family: ModelFamily, c: Components) -> list[str]:
@@ -302,7 +351,7 @@ def fit(run: Run, parts: Parts) -> None:
 
         if step % cfg.checkpointing_steps == 0:
             save(run, parts, step)
-        if cfg.validation_prompt and step % cfg.validation_steps == 0 and acc.is_main_process:
+        if cfg.validation_prompt and step % parts.validation_every == 0 and acc.is_main_process:
             render_validation(run.family, c, parts.denoiser, parts.text_encoders, cfg, step, acc)
     bar.close()
 
@@ -362,7 +411,7 @@ def finish(run: Run, parts: Parts) -> dict[str, Any]:
             run.family.save_lora(denoiser, modules or None, out)
         else:
             run.family.save(parts.components, denoiser, unwrapped(acc, parts.text_encoders), out)
-        if cfg.validation_prompt and steps % cfg.validation_steps != 0:
+        if cfg.validation_prompt and steps % parts.validation_every != 0:
             render_validation(run.family, parts.components, parts.denoiser, parts.text_encoders, cfg, steps, acc)
         write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))  # last: marks the run finished
         log.info("saved the fine-tuned pipeline to %s (%d steps, mean loss %s)", out, steps,

@@ -90,8 +90,10 @@ class ModelFamily(ABC):
         """Raise ModelError if the model cannot be this family's pipeline; cheap, no weights are read."""
 
     @abstractmethod
-    def load(self, source: ModelSource, prediction_type: str | None = None) -> Components:
-        """Every part training needs, from a folder or hub id."""
+    def load(self, source: ModelSource, prediction_type: str | None = None,
+             quantization: dict[str, Any] | None = None) -> Components:
+        """Every part training needs, from a folder or hub id; `quantization` (from_pretrained keywords: a
+        diffusers quantization config and its dtype) loads the denoiser quantized, on the GPU."""
 
     @abstractmethod
     def load_text(self, source: ModelSource) -> tuple[Any, torch.nn.Module]:

@@ -103,7 +103,8 @@ class DiffusersFamily(ModelFamily):
         with loading(vae_source, "the VAE (--pretrained_vae_model_name_or_path)"):
             return AutoencoderKL.from_pretrained(source.vae, subfolder=sub, use_safetensors=True)
 
-    def load(self, source: ModelSource, prediction_type: str | None = None) -> Components:
+    def load(self, source: ModelSource, prediction_type: str | None = None,
+             quantization: dict[str, Any] | None = None) -> Components:
         tokenizers, encoders = self.load_texts(source)
         with loading(source, "scheduler"):
             scheduler = self.scheduler_class.from_pretrained(source.name_or_path, subfolder="scheduler",
@@ -113,7 +114,7 @@ class DiffusersFamily(ModelFamily):
         vae = self.load_vae(source)
         with loading(source, self.denoiser_name):
             denoiser = self.denoiser_class.from_pretrained(source.name_or_path, subfolder=self.denoiser_name,
-                                                           **source.hub_kwargs())
+                                                           **source.hub_kwargs(), **(quantization or {}))
         return Components(self.name, source, tokenizers, encoders, vae, denoiser, scheduler)
 
     def _modules(self, c: Components, text_encoders: dict[str, torch.nn.Module]) -> dict[str, Any]:

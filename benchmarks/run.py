@@ -51,6 +51,18 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def steps_per_second(step, steps: int) -> float:
+    """One warm-up step (allocations, kernels), then `steps` timed ones; the peak memory counts from here."""
+    step()
+    reset_peak()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return steps / (time.perf_counter() - start)
+
+
 # --- measurements (each runs in a subprocess) --------------------------------------------------------------------
 
 def peak(args) -> dict:
@@ -192,14 +204,7 @@ def sd15(args) -> dict:
     opt.zero_grad(set_to_none=True)
     flops = counter.get_total_flops()
     with determinism("deterministic" in variant):  # what `train --deterministic` switches on
-        step()  # warm-up (allocations, kernels)
-        reset_peak()
-        sync()
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        sync()
-        per_s = args.steps / (time.perf_counter() - start)
+        per_s = steps_per_second(step, args.steps)
     return {"variant": variant, "steps": args.steps, "steps_per_s": per_s, "flops_per_step": flops,
             "trainable_params": sum(p.numel() for p in params), "peak_memory_gb": peak_memory_gb()}
 
@@ -278,15 +283,9 @@ def flux(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()
-    reset_peak()
-    sync()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync()
+    per_s = steps_per_second(step, args.steps)
     return {"variant": args.variant, "steps": args.steps, "layers": [config["num_layers"], config["num_single_layers"]],
-            "steps_per_s": args.steps / (time.perf_counter() - start),
+            "steps_per_s": per_s,
             "base_params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
             "trainable_params": sum(p.numel() for p in params), "peak_memory_gb": peak_memory_gb()}
 

@@ -113,6 +113,55 @@ def test_encodes_as_the_pipeline_does(tiny, tmp_path, without_t5):
         assert torch.allclose(ours[key], theirs[key], atol=1e-6), key
 
 
+def captured_call(family: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noisy latents (N, C, H, W), time) in our conventions, from a pipeline's own call of its denoiser."""
+    if family in ("sd", "sdxl"):
+        return args[0], args[1]
+    if family == "sd3":
+        return kwargs["hidden_states"], kwargs["timestep"]
+    from diffusers import FluxPipeline
+
+    return FluxPipeline._unpack_latents(kwargs["hidden_states"], 64, 64, 8), kwargs["timestep"] * 1000
+
+
+def test_the_denoiser_is_called_as_the_pipeline_calls_it(tiny, monkeypatch):
+    """Timestep scale, packing, ids, guidance, size conditioning: our call of the denoiser on the pipeline's own
+    inputs gives the pipeline's own output."""
+    from types import SimpleNamespace
+
+    family_name, model = tiny
+    family = FAMILIES[family_name]()
+    source = ModelSource(str(model))
+    c = family.load(source)
+    pipe = family.load_pipeline(source, torch.float32)
+    denoiser = getattr(pipe, family.denoiser_name)
+    seen = []
+    forward = type(denoiser).forward
+
+    def spy(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        seen.append((args, kwargs, out[0] if isinstance(out, tuple) else out.sample))
+        return out
+
+    monkeypatch.setattr(type(denoiser), "forward", spy)
+    cfg = SimpleNamespace(max_sequence_length=T5_TOKENS, guidance_scale=2.0, resolution=64)
+    extra = {"max_sequence_length": T5_TOKENS} if family.t5_part else {}
+    with torch.no_grad():  # guidance 2 is Flux's guidance input; the others run without CFG at 1
+        pipe("a photo of zwx dog", num_inference_steps=1, height=64, width=64, output_type="latent",
+             guidance_scale=2.0 if family_name == "flux" else 1.0, generator=torch.Generator().manual_seed(0), **extra)
+        args, kwargs, theirs = seen[0]
+        noisy, t = captured_call(family_name, args, kwargs)
+        cond = family.encode(c, family.tokenize(c, ["a photo of zwx dog"], cfg), cfg)
+        batch = {"original_sizes": torch.tensor([[64, 64]]), "crop_top_lefts": torch.tensor([[0, 0]])}
+        ours = family.denoiser_call(c, c.denoiser, cond, batch, cfg)(noisy, t)
+    if family_name == "flux":
+        from diffusers import FluxPipeline
+
+        theirs = FluxPipeline._unpack_latents(theirs, 64, 64, 8)
+    assert ours.shape == theirs.shape
+    assert torch.allclose(ours, theirs, atol=1e-5)  # the same modules and inputs: float rounding apart
+
+
 # -- training ------------------------------------------------------------------------------------------------------
 
 

@@ -121,3 +121,53 @@ def test_single_file_needs_a_safetensors_name(tiny_model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert ".safetensors" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "model.ckpt").exists()
+
+
+def test_sd3_and_flux_at_real_size_read_back_through_diffusers_converters():
+    """At SD3-medium and Flux.1-dev sizes (meta device: shapes, no weights) diffusers' detector classifies our
+    files as sd3 and flux-dev, and its own converters give back every key of the model with its shape; the Flux
+    LoRA in kohya layout converts back to the run's peft keys (the fused linear1 at the real width)."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+    from diffusers.loaders.single_file_utils import (
+        convert_flux_transformer_checkpoint_to_diffusers,
+        convert_sd3_transformer_checkpoint_to_diffusers,
+        infer_diffusers_model_type,
+    )
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from dreambooth.families import FAMILIES
+    from dreambooth.lora_formats import kohya_flux
+    from dreambooth.single_file import UNET_PREFIX
+    from dreambooth.single_file_mmdit import flux_transformer_to_original, sd3_transformer_to_original
+
+    with torch.device("meta"):
+        sd3 = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
+                                    attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                                    caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+                                    pos_embed_max_size=192)
+        flux = FluxTransformer2DModel(guidance_embeds=True)  # the defaults are Flux.1-dev's
+    for model, to_original, to_diffusers, kind in (
+            (sd3, sd3_transformer_to_original, convert_sd3_transformer_checkpoint_to_diffusers, "sd3"),
+            (flux, flux_transformer_to_original, convert_flux_transformer_checkpoint_to_diffusers, "flux-dev")):
+        state = model.state_dict()
+        original = to_original(state, model.config)
+        assert infer_diffusers_model_type({UNET_PREFIX + k: v for k, v in original.items()}) == kind
+        back = to_diffusers(dict(original))
+        assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in state.items()}, kind
+
+    with torch.device("meta"):
+        flux.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=list(FAMILIES["flux"].default_lora_targets)))
+    # the converter reads values (a sparsity check): real tensors of the real shapes, for the first block of each kind
+    peft_state = {f"transformer.{k}": torch.randn(v.shape) for k, v in get_peft_model_state_dict(flux).items()
+                  if k.startswith(("transformer_blocks.0.", "single_transformer_blocks.0."))}
+    kohya = kohya_flux(peft_state, 16.0, 16, {"proj_mlp": 12288})
+    assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in kohya
+    converted = _convert_kohya_flux_lora_to_diffusers(dict(kohya))
+    # every adapter comes back under its own name; the fused linear1 also gives proj_mlp a (zero) adapter
+    expected = {k: v.shape for k, v in peft_state.items()}
+    got = {k: v.shape for k, v in converted.items() if ".proj_mlp." not in k}
+    assert got == expected
+    # alpha / rank is 1 here, so each adapter comes back as it was (the scale moves no bits)
+    assert all(torch.equal(converted[k], peft_state[k]) for k in expected)

@@ -288,10 +288,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _reference_flags(argv: list[str]) -> list[str]:
+    """The SD3 script's `--precondition_outputs=0|1` (an int there, an on/off flag here)."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        value = arg.split("=", 1)[1] if arg.startswith("--precondition_outputs=") else (
+            argv[i + 1] if arg == "--precondition_outputs" and i + 1 < len(argv) and argv[i + 1] in ("0", "1")
+            else None)
+        if i > 0 and argv[i - 1] == "--precondition_outputs" and arg in ("0", "1"):
+            continue
+        out.append(arg if value is None else "--precondition_outputs" if value == "1" else
+                   "--no-precondition_outputs")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if _is_main() else logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
-    args = parser().parse_args(argv)
+    args = parser().parse_args(_reference_flags(sys.argv[1:] if argv is None else argv))
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -90,8 +90,9 @@ class TrainConfig:
                                          group="training")
     gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step", check=at_least(1),
                                               group="training")
-    gradient_checkpointing: bool = option(False, "Trade compute for memory in the UNet", group="training")
-    channels_last: bool = option(False, "Keep the UNet's activations channels-last (often faster convolutions on "
+    gradient_checkpointing: bool = option(False, "Trade compute for memory in the denoiser (and trained text "
+                                          "encoders)", group="training")
+    channels_last: bool = option(False, "Keep the denoiser's activations channels-last (often faster convolutions on "
                                  "GPUs)", group="training")
     torch_compile: bool = option(False, "torch.compile the trained models (slow first steps, faster afterwards)",
                                  group="training")
@@ -151,7 +152,8 @@ class TrainConfig:
                                           "training (default 3.5)", check=at_least(0), group="flow")
 
     # LoRA
-    use_lora: bool = option(False, "Train LoRA adapters (peft) instead of the full UNet / text encoder", group="lora")
+    use_lora: bool = option(False, "Train LoRA adapters (peft) instead of the full denoiser / text encoders",
+                            group="lora")
     quantize_base: str = option("none", "Keep the frozen denoiser quantized by bitsandbytes (CUDA only, with "
                                 "--use_lora): int8, or nf4 (4-bit, QLoRA)", choices=("none", "int8", "nf4"),
                                 group="lora")
@@ -238,6 +240,10 @@ class TrainConfig:
         from .objectives import OBJECTIVES
         from .sampling import resolve_sampler
 
+        for name in family.unsupported_options:
+            if getattr(self, name) is not None:
+                raise ConfigError(name, getattr(self, name), f"{family.name} models' pipeline does not use it; "
+                                  "remove it")
         reads = {*family.options, *OBJECTIVES[family.objective].options}
         scoped = {opt for kind in (*FAMILIES.values(), *OBJECTIVES.values()) for opt in kind.options}
         defaults = {f.name: f.default for f in dataclasses.fields(self)}

@@ -93,6 +93,9 @@ def export_kohya(cfg: ExportConfig) -> Path:
     if out.suffix != ".safetensors":
         raise DreamBoothError(f"--output {out} must be a .safetensors file for --format kohya")
     train = json.loads((folder / "train_config.json").read_text())
+    if train.get("use_dora"):
+        raise DreamBoothError("--format kohya writes plain LoRA, and this run trained DoRA (its magnitudes would be "
+                              "lost); use the run's pytorch_lora_weights.safetensors, or --format merged")
     alpha = train.get("lora_alpha") or train.get("rank")
     source = ModelSource(train["pretrained_model_name_or_path"], train.get("revision"), train.get("variant"))
     family = FAMILIES[run_family(folder)]() if run_family(folder) else get_family(source)

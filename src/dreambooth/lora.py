@@ -11,6 +11,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from .errors import DreamBoothError
+
 ADAPTER_FILE = "adapter.safetensors"  # a checkpoint's exact peft state of one module
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name: what load_lora_weights looks for
 
@@ -36,6 +38,23 @@ def add_adapters(cfg: Any, denoiser: torch.nn.Module, targets: list[str] | tuple
         for p in module.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+
+
+def quantization(cfg: Any, compute_dtype: torch.dtype | None) -> dict[str, Any] | None:
+    """--quantize_base as from_pretrained keywords: a diffusers BitsAndBytesConfig (int8, or nf4 computing in the
+    mixed-precision dtype) and the dtype of the rest of the model."""
+    if cfg.quantize_base == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+        from diffusers import BitsAndBytesConfig
+    except ImportError:
+        raise DreamBoothError(f"--quantize_base {cfg.quantize_base} needs bitsandbytes; pip install bitsandbytes"
+                              ) from None
+    compute = compute_dtype or torch.bfloat16
+    config = (BitsAndBytesConfig(load_in_8bit=True) if cfg.quantize_base == "int8" else
+              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute))
+    return {"quantization_config": config, "dtype": compute}
 
 
 def is_adapted(module: torch.nn.Module) -> bool:

@@ -96,8 +96,9 @@ def kohya_flux(state: dict[str, torch.Tensor], alpha: float, rank: int, widths: 
             for p in parts:
                 got = modules.get(prefix + p)
                 done.add(prefix + p)
-                a = got["A"] if got else torch.zeros(rank, ab["A"].shape[1], dtype=ab["A"].dtype)
-                b = got["B"] if got else torch.zeros(widths[p.rpartition(".")[2]], rank, dtype=ab["B"].dtype)
+                like = {"dtype": ab["A"].dtype, "device": ab["A"].device}
+                a = got["A"] if got else torch.zeros(rank, ab["A"].shape[1], **like)
+                b = got["B"] if got else torch.zeros(widths[p.rpartition(".")[2]], rank, **like)
                 downs.append(a)
                 ups.append(b)
             target = f"lora_unet_{'double' if kind == 'double' else 'single'}_blocks_{index}_{name}"

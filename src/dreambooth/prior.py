@@ -55,7 +55,8 @@ def class_settings(cfg: TrainConfig, family: ModelFamily, source: ModelSource, d
                    ) -> dict[str, Any]:
     """What a class image is a function of (sampler and guidance resolved to the family's defaults)."""
     guidance = cfg.class_guidance_scale if cfg.class_guidance_scale is not None else family.default_guidance
-    size = {"size": cfg.resolution} if family.class_images_at_training_size else {}
+    call = family.pipeline_kwargs(cfg)  # T5 length, size: what this family's pipeline is called with
+    extra = {"pipeline": call} if call else {}  # (none for SD/SDXL, whose class images keep their names)
     return {
         "prompt": cfg.class_prompt,
         "negative_prompt": cfg.class_negative_prompt,
@@ -63,7 +64,7 @@ def class_settings(cfg: TrainConfig, family: ModelFamily, source: ModelSource, d
         "sampler": resolve_sampler(cfg.class_sampler, family, "class_sampler"),
         "steps": cfg.class_inference_steps,
         "guidance_scale": guidance,
-        **size,
+        **extra,
         "dtype": str(dtype).removeprefix("torch."),
     }
 
@@ -131,7 +132,7 @@ def _generate(cfg: TrainConfig, family: ModelFamily, source: ModelSource, folder
                 [cfg.class_prompt] * len(batch),
                 negative_prompt=[cfg.class_negative_prompt] * len(batch) if cfg.class_negative_prompt else None,
                 num_inference_steps=cfg.class_inference_steps, guidance_scale=settings["guidance_scale"],
-                height=settings.get("size"), width=settings.get("size"),
+                **settings.get("pipeline", {}),
                 generator=generators,
             ).images
         for i, img in zip(batch, images):

@@ -17,23 +17,23 @@ from diffusers import (
 )
 
 from .errors import ConfigError
+from .registry import Registry
 
-# kind -> name -> (scheduler class, overrides applied on top of the model's scheduler config)
-SAMPLERS: dict[str, dict[str, tuple[type, dict[str, Any]]]] = {
-    "ddpm": {
-        "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-        "dpm++_karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
-        "unipc": (UniPCMultistepScheduler, {}),
-        "ddim": (DDIMScheduler, {}),
-        "euler": (EulerDiscreteScheduler, {}),
-        "euler_a": (EulerAncestralDiscreteScheduler, {}),
-        "pndm": (PNDMScheduler, {}),
-        "ddpm": (DDPMScheduler, {}),
-    },
-    "flow": {
-        "euler": (FlowMatchEulerDiscreteScheduler, {}),  # the pipelines' own (with their shift settings)
-    },
-}
+SAMPLERS: dict[str, Registry[tuple[type, dict[str, Any]]]] = {
+    "ddpm": Registry("sampler for DDPM models"), "flow": Registry("sampler for flow-matching models")}
+# name -> (scheduler class, overrides applied on top of the model's scheduler config)
+for _name, _entry in {
+    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpm++_karras": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "pndm": (PNDMScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+}.items():
+    SAMPLERS["ddpm"].register(_name)(_entry)
+SAMPLERS["flow"].register("euler")((FlowMatchEulerDiscreteScheduler, {}))  # the pipelines' own, with their shift
 
 # The reference script's --validation_scheduler class names, for command-line compatibility.
 LEGACY_NAMES: dict[str, str] = {"DPMSolverMultistepScheduler": "dpm++", "DDPMScheduler": "ddpm"}
@@ -52,7 +52,7 @@ def resolve_sampler(name: str | None, family: Any, field: str = "sampler") -> st
     name = LEGACY_NAMES.get(name, name)
     if name not in SAMPLERS[family.sampler_kind]:
         raise ConfigError(field, name, f"not a sampler for {family.name} models; choose one of "
-                          + ", ".join(SAMPLERS[family.sampler_kind]))
+                          + ", ".join(SAMPLERS[family.sampler_kind].names()))
     return name
 
 

@@ -21,7 +21,7 @@ from . import schema
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import DreamBoothDataset, StepBatchSampler, collate
-from .errors import DreamBoothError, first_line, is_out_of_memory
+from .errors import ConfigError, DreamBoothError, first_line, is_out_of_memory
 from .evaluation import evaluate
 from .evaluation.evaluate import for_training
 from .families import Components, ModelFamily
@@ -29,7 +29,7 @@ from .files import write_text_atomic
 from .identifier import check as check_identifier
 from .identifier import class_noun_after, infer_identifier, tokens_of
 from .latent_cache import LatentCache
-from .lora import add_adapters
+from .lora import add_adapters, quantization
 from .loss import dreambooth_loss
 from .noising import sample_latents
 from .objectives import OBJECTIVES, Keys, Objective
@@ -111,29 +111,41 @@ def build(run: Run) -> Parts:
     cfg, acc = run.cfg, run.accelerator
     # class images first: generation loads its own pipeline, freed before the training copies load
     class_images = ensure_class_images(cfg, run.family, run.source, acc) if cfg.with_prior_preservation else None
-    c = run.family.load(run.source, cfg.prediction_type, quantization(cfg, acc))
+    c = run.family.load(run.source, cfg.prediction_type, quantization(cfg, WEIGHT_DTYPES.get(acc.mixed_precision)))
     run.claim()  # the inputs loaded: from here on the output folder is this run's
 
-    # model
+    # text: prompts encoded once; the frozen encoders (T5-XXL alone ~9.5 GB) leave the GPU before the denoiser
+    # arrives, their part of the conditioning cached
     family, denoiser = run.family, c.denoiser
     weight_dtype = WEIGHT_DTYPES.get(acc.mixed_precision, torch.float32)
-    c.vae.requires_grad_(False).to(acc.device, family.vae_dtype(c, weight_dtype)).eval()
-    trained_names = trained_text_encoders(cfg, family, c)
+    trained_names = trained_text_encoders(cfg, family, c.text_encoders)
     encoders = [c.text_encoders[n] for n in trained_names]
-    frozen = [e for n, e in c.text_encoders.items() if n not in trained_names]
-    for encoder in frozen:
-        encoder.requires_grad_(False).to(acc.device, weight_dtype).eval()
+    for name, encoder in c.text_encoders.items():
+        full = name in trained_names and not cfg.use_lora  # fully trained weights stay fp32
+        encoder.requires_grad_(False).to(acc.device, torch.float32 if full else weight_dtype).eval()
+    prompts = [cfg.instance_prompt, cfg.class_prompt or cfg.instance_prompt]
+    input_ids = family.tokenize(c, prompts, cfg)
+    with torch.no_grad():
+        both = family.encode(c, input_ids, cfg)
+    cond = None if encoders else {"instance": {k: v[:1] for k, v in both.items()},
+                                  "class": {k: v[1:] for k, v in both.items()}}
+    for name, encoder in c.text_encoders.items():
+        if name not in trained_names:
+            encoder.to("cpu")
+
+    # model
+    c.vae.requires_grad_(False).to(acc.device, family.vae_dtype(c, weight_dtype)).eval()
     if cfg.use_lora:  # base weights frozen in the compute dtype (or quantized), adapters trained in fp32
         if cfg.quantize_base != "none":
             from peft import prepare_model_for_kbit_training
 
             denoiser = prepare_model_for_kbit_training(denoiser, use_gradient_checkpointing=False)
-        for module in [denoiser, *encoders] if cfg.quantize_base == "none" else encoders:
-            module.to(acc.device, weight_dtype)
-        add_adapters(cfg, denoiser, lora_targets(cfg, family), encoders)
+        else:
+            denoiser.to(acc.device, weight_dtype)
+        add_adapters(cfg, denoiser, lora_targets(cfg, family, denoiser.config), encoders)
     else:
         for encoder in encoders:
-            encoder.requires_grad_(True).to(acc.device, torch.float32)
+            encoder.requires_grad_(True)
         denoiser.requires_grad_(True).to(acc.device)
     if cfg.channels_last:
         denoiser.to(memory_format=torch.channels_last)
@@ -146,7 +158,7 @@ def build(run: Run) -> Parts:
             encoder.gradient_checkpointing_enable()
     with torch.no_grad():
         warn_about_identifier(cfg, c)
-    objective = OBJECTIVES[family.objective].from_config(c.noise_scheduler, cfg, family.objective_defaults)
+    objective = OBJECTIVES[family.objective].from_config(c.noise_scheduler, cfg, family.option_defaults)
 
     # data
     dataset = DreamBoothDataset(run.instance.images, class_images.paths if class_images else None, cfg.resolution,
@@ -161,15 +173,6 @@ def build(run: Run) -> Parts:
     max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     validation_every = (cfg.validation_steps if cfg.validation_epochs is None
                         else cfg.validation_epochs * steps_per_epoch)
-    prompts = [cfg.instance_prompt, cfg.class_prompt or cfg.instance_prompt]
-    input_ids = family.tokenize(c, prompts, cfg)
-    cond = None
-    if not encoders:  # frozen encoders: encode the two prompts once, then free the GPU of them (T5-XXL: ~9.5 GB)
-        with torch.no_grad():
-            both = family.encode(c, input_ids, cfg)
-        cond = {"instance": {k: v[:1] for k, v in both.items()}, "class": {k: v[1:] for k, v in both.items()}}
-        for encoder in c.text_encoders.values():
-            encoder.to("cpu")
 
     # optimizer and schedule
     scale = per_step if cfg.scale_lr else 1
@@ -197,23 +200,6 @@ def build(run: Run) -> Parts:
     parts.denoiser, *prepared, parts.optimizer = acc.prepare(denoiser, *encoders, optimizer)
     parts.text_encoders.update(zip(trained_names, prepared))
     return parts
-
-
-def quantization(cfg: TrainConfig, acc) -> dict[str, Any] | None:
-    """--quantize_base as from_pretrained keywords: a diffusers BitsAndBytesConfig (int8, or nf4 computing in the
-    mixed-precision dtype) and the dtype of the rest of the model."""
-    if cfg.quantize_base == "none":
-        return None
-    try:
-        import bitsandbytes  # noqa: F401
-        from diffusers import BitsAndBytesConfig
-    except ImportError:
-        raise DreamBoothError(f"--quantize_base {cfg.quantize_base} needs bitsandbytes; pip install bitsandbytes"
-                              ) from None
-    compute = WEIGHT_DTYPES.get(acc.mixed_precision, torch.bfloat16)
-    config = (BitsAndBytesConfig(load_in_8bit=True) if cfg.quantize_base == "int8" else
-              BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute))
-    return {"quantization_config": config, "dtype": compute}
 
 
 def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -247,24 +233,29 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.opti
     return torch.optim.AdamW(groups, **kw, fused=fused or None)
 
 
-def lora_targets(cfg: TrainConfig, family: ModelFamily) -> list[str]:
+def lora_targets(cfg: TrainConfig, family: ModelFamily, config: Any) -> list[str]:
     """The denoiser modules that get adapters: --lora_target_modules (or the family's), in every block or in the
-    --lora_blocks given (transformer families)."""
+    --lora_blocks given (`transformer_blocks.N`: SD3's joint blocks, Flux's double blocks)."""
     modules = list(cfg.lora_target_modules or family.default_lora_targets)
     if cfg.lora_blocks is None:
         return modules
+    blocks = config.get("num_layers", 0)
+    wrong = [b for b in cfg.lora_blocks if not 0 <= b < blocks]
+    if wrong:
+        raise ConfigError("lora_blocks", cfg.lora_blocks, f"block numbers 0..{blocks - 1} of this model's "
+                          "transformer_blocks")
     return [f"transformer_blocks.{b}.{m}" for b in cfg.lora_blocks for m in modules]
 
 
-def trained_text_encoders(cfg: TrainConfig, family: ModelFamily, c: Components) -> list[str]:
-    """The text encoders --train_text_encoder trains for this family (never T5), that the model has."""
-    return [n for n in family.trained_text_encoders if n in c.text_encoders] if cfg.train_text_encoder else []
+def trained_text_encoders(cfg: TrainConfig, family: ModelFamily, present) -> list[str]:
+    """The text encoders --train_text_encoder trains for this family (never T5), of those `present`."""
+    return [n for n in family.trained_text_encoders if n in present] if cfg.train_text_encoder else []
 
 
 def trained_modules(run: Run, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module]
                     ) -> dict[str, torch.nn.Module]:
     """What is trained, by its pipeline name (the checkpoint's folder names)."""
-    names = [n for n in run.family.trained_text_encoders if n in text_encoders] if run.cfg.train_text_encoder else []
+    names = trained_text_encoders(run.cfg, run.family, text_encoders)
     return {run.family.denoiser_name: denoiser, **{n: text_encoders[n] for n in names}}
 
 
@@ -302,8 +293,6 @@ def fit(run: Run, parts: Parts) -> None:
                         num_workers=cfg.dataloader_num_workers)
     trained = list(trained_modules(run, parts.denoiser, parts.text_encoders).values())
     params = [p for m in trained for p in trainable(m)]
-    scaling = c.vae.config.scaling_factor
-    shift = getattr(c.vae.config, "shift_factor", None) or 0.0
     acc.init_trackers("dreambooth", config={k: v for k, v in schema.to_dict(cfg).items()
                                             if isinstance(v, int | float | str | bool)})
     bar = tqdm(total=parts.max_train_steps, initial=start, desc="train", unit="step",
@@ -317,7 +306,7 @@ def fit(run: Run, parts: Parts) -> None:
             with torch.no_grad():
                 mean, std = parts.latents.moments(batch["pixel_values"], batch["views"])
                 latents = sample_latents(mean, std, keys.seed, keys.positions, keys.is_prior)
-                latents = ((latents - shift) * scaling).float()
+                latents = run.family.normalize_latents(c, latents).float()
 
             # the family's objective: noise, denoise and score each example
             n_class = int(keys.is_prior.sum())

@@ -47,8 +47,8 @@ def render_validation(family: ModelFamily, components: Components, denoiser, tex
     with accelerator.autocast(), on_device(encoders.values(), device):
         images = pipe(
             [cfg.validation_prompt] * cfg.num_validation_images, generator=generators,
-            num_inference_steps=cfg.validation_inference_steps, guidance_scale=guidance, height=cfg.resolution,
-            width=cfg.resolution,
+            num_inference_steps=cfg.validation_inference_steps, guidance_scale=guidance,
+            **family.pipeline_kwargs(cfg),
         ).images
     denoiser.train(was_training)
     folder = Path(cfg.output_dir) / "validation"

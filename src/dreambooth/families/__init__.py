@@ -4,8 +4,9 @@ registers itself (the registry refuses a duplicate name or a family that leaves 
 from __future__ import annotations
 
 from ..errors import ModelError
+from ..objectives import Denoise
 from ..registry import Registry
-from .base import Components, Denoise, ModelFamily, ModelSource, model_identity, read_model_index
+from .base import Components, ModelFamily, ModelSource, model_identity, read_model_index
 
 FAMILIES: Registry[type[ModelFamily]] = Registry("model family")
 register = FAMILIES.register()

@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from ..errors import ModelError, first_line
+from ..objectives import Denoise
 
 
 @dataclass
@@ -51,6 +51,7 @@ class Components:
     vae: torch.nn.Module
     denoiser: torch.nn.Module
     noise_scheduler: Any  # the training schedule
+    frozen: dict[Any, torch.Tensor] = field(default_factory=dict)  # what frozen text encoders gave, by input
 
     @property
     def tokenizer(self) -> Any:
@@ -59,9 +60,6 @@ class Components:
     @property
     def text_encoder(self) -> torch.nn.Module:
         return next(iter(self.text_encoders.values()))
-
-
-Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noisy latents, time values) -> prediction
 
 
 class ModelFamily(ABC):
@@ -75,15 +73,28 @@ class ModelFamily(ABC):
     resolution_multiple: ClassVar[int] = 8  # the VAE downsamples by 8 (Flux packs 2x2 latents: 16)
     denoiser_name: ClassVar[str]  # the pipeline attribute of the trained denoiser: unet or transformer
     objective: ClassVar[str]  # the OBJECTIVES entry that trains it
-    objective_defaults: ClassVar[dict[str, Any]] = {}  # the objective's options where the user sets none
     options: ClassVar[tuple[str, ...]] = ()  # TrainConfig fields only this family reads (e.g. Flux's guidance_scale)
+    option_defaults: ClassVar[dict[str, Any]] = {}  # its values of those (and of its objective's) left unset
+    unsupported_options: ClassVar[tuple[str, ...]] = ()  # TrainConfig fields its pipeline would ignore
     sampler_kind: ClassVar[str]  # which samplers fit (sampling.SAMPLERS): "ddpm" or "flow"
     default_sampler: ClassVar[str]
     default_guidance: ClassVar[float]  # for class images, validation, generate and evaluate
     default_lora_targets: ClassVar[tuple[str, ...]]  # denoiser modules that get adapters by default
     trained_text_encoders: ClassVar[tuple[str, ...]]  # what --train_text_encoder trains (T5 never is)
-    # class images at --resolution, where the pipeline's own default size is not the model's (Flux: always 1024)
-    class_images_at_training_size: ClassVar[bool] = False
+    # class images and validation grids at --resolution, where the pipeline's default size is not the model's
+    # (Flux: always 1024); else at the pipeline's default, the model's own
+    render_at_training_size: ClassVar[bool] = False
+
+    def option(self, cfg: Any, name: str) -> Any:
+        """A TrainConfig option this family reads: the user's value, else the family's default."""
+        value = getattr(cfg, name, None)
+        return self.option_defaults.get(name) if value is None else value
+
+    def pipeline_kwargs(self, cfg: Any) -> dict[str, Any]:
+        """What its pipeline call needs from the run's options (T5 length, image size) for class images and
+        validation grids."""
+        size = {"height": cfg.resolution, "width": cfg.resolution} if self.render_at_training_size else {}
+        return size
 
     @abstractmethod
     def check_source(self, source: ModelSource) -> None:
@@ -108,6 +119,10 @@ class ModelFamily(ABC):
                text_encoders: dict[str, torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
         """Token ids -> per-prompt conditioning tensors (leading dimension: prompts) as the pipeline encodes them,
         with `text_encoders` (the trained ones) in place of the loaded ones when given."""
+
+    @abstractmethod
+    def normalize_latents(self, c: Components, latents: torch.Tensor) -> torch.Tensor:
+        """A VAE sample -> what the denoiser trains on (shift and scale, as the pipeline undoes them)."""
 
     @abstractmethod
     def denoiser_call(self, c: Components, denoiser: torch.nn.Module, cond: dict[str, torch.Tensor],

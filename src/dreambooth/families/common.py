@@ -49,8 +49,10 @@ class TextPart:
 class DiffusersFamily(ModelFamily):
     pipeline_class: ClassVar[type]
     denoiser_class: ClassVar[type]
+    vae_class: ClassVar[type] = AutoencoderKL
     scheduler_class: ClassVar[type]  # the training noise schedule, read from the model's scheduler config
     text_parts: ClassVar[tuple[TextPart, ...]]  # primary first
+    t5_part: ClassVar[str | None] = None  # the text encoder whose prompts are --max_sequence_length tokens
     # what the pipeline needs besides its modules, loaded or built here; building also leaves optional_parts empty
     load_options: ClassVar[dict[str, Any]] = {}
     optional_parts: ClassVar[tuple[str, ...]] = ()
@@ -97,11 +99,11 @@ class DiffusersFamily(ModelFamily):
         """The pipeline's VAE, or the one at source.vae (a VAE folder or hub id, with or without a vae/ folder)."""
         if source.vae is None:
             with loading(source, "vae"):
-                return AutoencoderKL.from_pretrained(source.name_or_path, subfolder="vae", **source.hub_kwargs())
+                return self.vae_class.from_pretrained(source.name_or_path, subfolder="vae", **source.hub_kwargs())
         vae_source = ModelSource(source.vae)
         sub = "vae" if vae_source.is_local and (vae_source.path / "vae").is_dir() else None
         with loading(vae_source, "the VAE (--pretrained_vae_model_name_or_path)"):
-            return AutoencoderKL.from_pretrained(source.vae, subfolder=sub, use_safetensors=True)
+            return self.vae_class.from_pretrained(source.vae, subfolder=sub, use_safetensors=True)
 
     def load(self, source: ModelSource, prediction_type: str | None = None,
              quantization: dict[str, Any] | None = None) -> Components:
@@ -116,6 +118,35 @@ class DiffusersFamily(ModelFamily):
             denoiser = self.denoiser_class.from_pretrained(source.name_or_path, subfolder=self.denoiser_name,
                                                            **source.hub_kwargs(), **(quantization or {}))
         return Components(self.name, source, tokenizers, encoders, vae, denoiser, scheduler)
+
+    def tokenize(self, c: Components, prompts: list[str], cfg: Any) -> dict[str, torch.Tensor]:
+        """Ids padded to each tokenizer's own length (CLIP: 77), T5's to --max_sequence_length."""
+        ids = {}
+        for name, tok in c.tokenizers.items():
+            length = self.option(cfg, "max_sequence_length") if name == self.t5_part else tok.model_max_length
+            ids[name] = tok(prompts, padding="max_length", max_length=length, truncation=True,
+                            return_tensors="pt").input_ids
+        clip = {i.shape[-1] for name, i in ids.items() if name != self.t5_part}
+        if len(clip) > 1:
+            raise ModelError(f"the CLIP tokenizers of {c.source.name_or_path} have different max lengths "
+                             f"({', '.join(map(str, sorted(clip)))}); they must match")
+        return ids
+
+    def frozen_states(self, c: Components, encoder: str, ids: torch.Tensor, compute) -> torch.Tensor:
+        """What a never-trained encoder (T5) gives for these ids, computed once: it may leave the GPU after."""
+        key = (encoder, tuple(ids.shape), ids.numpy().tobytes())
+        if key not in c.frozen:
+            with torch.no_grad():
+                c.frozen[key] = compute()
+        return c.frozen[key]
+
+    def normalize_latents(self, c: Components, latents: torch.Tensor) -> torch.Tensor:
+        shift = getattr(c.vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * c.vae.config.scaling_factor
+
+    def pipeline_kwargs(self, cfg: Any) -> dict[str, Any]:
+        t5 = {"max_sequence_length": self.option(cfg, "max_sequence_length")} if self.t5_part else {}
+        return {**super().pipeline_kwargs(cfg), **t5}
 
     def _modules(self, c: Components, text_encoders: dict[str, torch.nn.Module]) -> dict[str, Any]:
         """Tokenizers and text encoders by their pipeline names (None for optional parts the model lacks)."""

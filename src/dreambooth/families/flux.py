@@ -31,10 +31,12 @@ class Flux(DiffusersFamily):
     default_resolution = 512  # the reference scripts' default
     resolution_multiple = 16  # latents are packed 2x2
     objective = "rectified_flow"
-    objective_defaults = {"weighting_scheme": "none", "precondition_outputs": False}
-    options = ("max_sequence_length", "guidance_scale")
-    max_sequence_length = 512
-    guidance_scale = 3.5  # the guidance value the dev transformer is told during training
+    options = ("max_sequence_length", "guidance_scale", "lora_blocks")
+    # guidance_scale: the value the dev transformer is told while training (the reference's default)
+    option_defaults = {"weighting_scheme": "none", "precondition_outputs": False, "max_sequence_length": 512,
+                       "guidance_scale": 3.5}
+    unsupported_options = ("class_negative_prompt",)  # FluxPipeline ignores it without true CFG
+    t5_part = T5_PART
     sampler_kind = "flow"
     default_sampler = "euler"
     default_guidance = 3.5
@@ -42,17 +44,7 @@ class Flux(DiffusersFamily):
                             "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2",
                             "ff_context.net.0.proj", "ff_context.net.2")
     trained_text_encoders = ("text_encoder",)
-    class_images_at_training_size = True
-
-    def tokenize(self, c: Components, prompts: list[str], cfg: Any) -> dict[str, torch.Tensor]:
-        """CLIP ids padded to 77, T5 ids padded to --max_sequence_length (512 by default)."""
-        ids = {}
-        for name, tok in c.tokenizers.items():
-            length = (getattr(cfg, "max_sequence_length", None) or self.max_sequence_length if name == T5_PART
-                      else tok.model_max_length)
-            ids[name] = tok(prompts, padding="max_length", max_length=length, truncation=True,
-                            return_tensors="pt").input_ids
-        return ids
+    render_at_training_size = True
 
     def encode(self, c: Components, input_ids: dict[str, torch.Tensor], cfg: Any,
                text_encoders: dict[str, torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
@@ -60,7 +52,8 @@ class Flux(DiffusersFamily):
         encoders = {**c.text_encoders, **(text_encoders or {})}
         clip, t5 = encoders["text_encoder"], encoders[T5_PART]
         pooled = clip(input_ids["text_encoder"].to(clip.device), output_hidden_states=False).pooler_output
-        states = t5(input_ids[T5_PART].to(t5.device), output_hidden_states=False)[0]
+        ids = input_ids[T5_PART]
+        states = self.frozen_states(c, T5_PART, ids, lambda: t5(ids.to(t5.device), output_hidden_states=False)[0])
         return {"encoder_hidden_states": states, "pooled_projections": pooled}
 
     def denoiser_call(self, c: Components, denoiser: torch.nn.Module, cond: dict[str, torch.Tensor],
@@ -77,8 +70,8 @@ class Flux(DiffusersFamily):
             image_ids = FluxPipeline._prepare_latent_image_ids(n, height // 2, width // 2, noisy.device, noisy.dtype)
             guidance = None
             if config.guidance_embeds:
-                value = getattr(cfg, "guidance_scale", None) or self.guidance_scale
-                guidance = torch.full((n,), float(value), device=noisy.device, dtype=torch.float32)
+                value = float(self.option(cfg, "guidance_scale"))
+                guidance = torch.full((n,), value, device=noisy.device, dtype=torch.float32)
             pred = denoiser(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
                             pooled_projections=pooled, encoder_hidden_states=states, txt_ids=text_ids,
                             img_ids=image_ids, return_dict=False)[0]

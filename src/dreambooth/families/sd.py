@@ -9,7 +9,6 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from ..errors import ModelError
 from . import register
 from .base import Components, Denoise, ModelSource
 from .common import DiffusersFamily, TextPart
@@ -34,15 +33,6 @@ class StableDiffusion(DiffusersFamily):
     default_guidance = 7.5
     default_lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
     trained_text_encoders = ("text_encoder",)
-
-    def tokenize(self, c: Components, prompts: list[str], cfg: Any) -> dict[str, torch.Tensor]:
-        """CLIP ids padded to each tokenizer's own length (77 for real models)."""
-        ids = {name: tok(prompts, padding="max_length", truncation=True, max_length=tok.model_max_length,
-                         return_tensors="pt").input_ids for name, tok in c.tokenizers.items()}
-        if len({i.shape[-1] for i in ids.values()}) > 1:
-            raise ModelError(f"the tokenizers of {c.source.name_or_path} have different max lengths "
-                             f"({', '.join(str(i.shape[-1]) for i in ids.values())}); they must match")
-        return ids
 
     def encode(self, c: Components, input_ids: dict[str, torch.Tensor], cfg: Any,
                text_encoders: dict[str, torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:

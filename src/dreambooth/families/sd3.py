@@ -29,29 +29,18 @@ class StableDiffusion3(DiffusersFamily):
                   TextPart("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection),
                   TextPart("tokenizer_3", T5_PART, T5EncoderModel, optional=True))
     optional_parts = ("image_encoder", "feature_extractor")
-    default_resolution = 1024
+    default_resolution = 512  # the reference scripts' default (the models' own is 1024)
     objective = "rectified_flow"
-    objective_defaults = {"weighting_scheme": "logit_normal", "precondition_outputs": True}  # the reference's
-    options = ("max_sequence_length",)
-    max_sequence_length = 77  # the reference script's T5 length (the pipeline's own default is 256)
+    options = ("max_sequence_length", "lora_blocks")
+    # the reference script's: its T5 length is 77 (the pipeline's own default is 256)
+    option_defaults = {"weighting_scheme": "logit_normal", "precondition_outputs": True, "max_sequence_length": 77}
+    t5_part = T5_PART
     sampler_kind = "flow"
     default_sampler = "euler"
     default_guidance = 7.0
     default_lora_targets = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                             "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
     trained_text_encoders = ("text_encoder", "text_encoder_2")
-
-    def sequence_length(self, cfg: Any) -> int:
-        return getattr(cfg, "max_sequence_length", None) or self.max_sequence_length
-
-    def tokenize(self, c: Components, prompts: list[str], cfg: Any) -> dict[str, torch.Tensor]:
-        """CLIP ids padded to 77, T5 ids (special tokens added) padded to --max_sequence_length."""
-        ids = {}
-        for name, tok in c.tokenizers.items():
-            length = self.sequence_length(cfg) if name == T5_PART else tok.model_max_length
-            ids[name] = tok(prompts, padding="max_length", max_length=length, truncation=True,
-                            return_tensors="pt").input_ids
-        return ids
 
     def encode(self, c: Components, input_ids: dict[str, torch.Tensor], cfg: Any,
                text_encoders: dict[str, torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
@@ -66,11 +55,11 @@ class StableDiffusion3(DiffusersFamily):
             pooled.append(out[0])
         clip = torch.cat(hidden, dim=-1)
         if T5_PART in encoders:
-            t5 = encoders[T5_PART]
-            t5_states = t5(input_ids[T5_PART].to(t5.device))[0].to(clip.dtype)
+            t5, ids = encoders[T5_PART], input_ids[T5_PART]
+            t5_states = self.frozen_states(c, T5_PART, ids, lambda: t5(ids.to(t5.device))[0]).to(clip.dtype)
         else:  # as the pipeline does without T5
             width = c.denoiser.config.joint_attention_dim
-            t5_states = clip.new_zeros(clip.shape[0], self.sequence_length(cfg), width)
+            t5_states = clip.new_zeros(clip.shape[0], self.option(cfg, "max_sequence_length"), width)
         clip = torch.nn.functional.pad(clip, (0, t5_states.shape[-1] - clip.shape[-1]))
         return {"encoder_hidden_states": torch.cat([clip, t5_states], dim=-2),
                 "pooled_projections": torch.cat(pooled, dim=-1)}

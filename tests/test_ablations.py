@@ -12,8 +12,8 @@ from PIL import Image
 from dreambooth import cli, schema
 from dreambooth.evaluation.backends import BACKENDS, Subject
 from dreambooth.evaluation.metrics import t_interval
-from dreambooth.toy.ablation_report import command_line, verdict
-from dreambooth.toy.ablations import QUICK, ReproduceConfig, Variant, noun_for, plan, variant_name
+from dreambooth.toy.ablation_report import command_line, docs_targets, verdict
+from dreambooth.toy.ablations import QUICK, ReproduceConfig, Variant, noun_for, plan, studies_of, variant_name
 from dreambooth.toy.subjects import SUBJECTS
 
 
@@ -61,6 +61,21 @@ def test_plan_runs_a_shared_variant_once_and_shares_class_images(tmp_path):
     assert {j.train["max_train_steps"] for j in jobs} == {cfg.max_train_steps}
 
 
+def test_sd3_plan_adds_the_sigma_weighting_study_and_samples_with_euler(tmp_path):
+    cfg = schema.build(ReproduceConfig, {"family": "sd3", "subjects": ["circle"], "seeds": [0]})
+    assert studies_of(cfg) == ["prior", "class_noun", "num_images", "flow_weighting"]
+    cfg = schema.build(ReproduceConfig, {"family": "sd3", "studies": ["prior", "flow_weighting"],
+                                         "subjects": ["circle"], "seeds": [0]})
+    jobs = plan(cfg, "model-dir", {"circle": "jox"}, tmp_path)
+    # logit-normal (the SD3 family's default) with and without the prior loss are the prior study's own two runs
+    assert sorted(variant_name(j.variant) for j in jobs) == ["no_ppl-correct-5img", "no_ppl-correct-5img-none",
+                                                             "ppl-correct-5img", "ppl-correct-5img-none"]
+    for j in jobs:
+        assert j.train["class_sampler"] == "euler"
+        assert j.train.get("weighting_scheme") == j.variant.weighting  # unset: the family's default
+    assert docs_targets(tmp_path, "sd3") == (tmp_path / "ablations-sd3.md", tmp_path / "ablations-sd3.png")
+
+
 def test_steps_per_image_scales_each_runs_steps(tmp_path):
     cfg = schema.build(ReproduceConfig, {"studies": ["num_images"], "subjects": ["circle"], "seeds": [0],
                                          "steps_per_image": 80})
@@ -98,7 +113,9 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     assert "not written by `dreambooth reproduce`" in err and "Traceback" not in err
     assert (tmp_path / "mine.txt").read_text() == "keep me"
     assert cli.main(["reproduce", "--studies", "prior", "bogus", "--output_dir", str(tmp_path / "a")]) == 2
-    assert "choose one of prior, class_noun, num_images" in capsys.readouterr().err
+    assert "choose one of prior, class_noun, num_images, flow_weighting" in capsys.readouterr().err
+    assert cli.main(["reproduce", "--studies", "flow_weighting", "--output_dir", str(tmp_path / "c")]) == 2
+    assert "a study of sd3 models; pass --family accordingly" in capsys.readouterr().err
     assert cli.main(["reproduce", "--model", str(tmp_path / "none"), "--output_dir", str(tmp_path / "b")]) == 2
     assert "holds no toy pipeline" in capsys.readouterr().err
 

@@ -16,7 +16,8 @@ from dreambooth.errors import DreamBoothError
 from dreambooth.evaluation import evaluate, metrics, protocol
 from dreambooth.evaluation.backbones import Clip, Dino
 from dreambooth.evaluation.lpips import load_lpips, pairwise_distances
-from dreambooth.toy.demo import BUNDLED
+from dreambooth.toy.demo import BUNDLED, BUNDLED_MODELS
+from dreambooth.toy.measure import toy_sampling
 from tiny import make_tiny_clip, make_tiny_dino, make_tiny_lpips
 
 METRICS = {"dino", "clip_i", "clip_t", "pres", "div"}
@@ -200,8 +201,10 @@ def test_evaluate_an_object_subject_without_lpips_skips_div_and_says_so(tiny_mod
     assert any("DIV was not computed" in n for n in report["notes"])
 
 
-def test_evaluate_toy_backend_offline_on_the_bundled_model(tmp_path, capsys):
-    code = main(["evaluate", "--backend", "toy", "--subject", "circle", "--model", str(BUNDLED), "--identifier",
+@pytest.mark.parametrize("family", list(BUNDLED_MODELS))
+def test_evaluate_toy_backend_offline_on_the_bundled_model(tmp_path, capsys, family):
+    code = main(["evaluate", "--backend", "toy", "--subject", "circle", "--model", str(BUNDLED_MODELS[family]),
+                 "--identifier",
                  "zq", "--images_per_prompt", "3", "--class_images", "4", "--num_inference_steps", "8",
                  "--output_dir", str(tmp_path / "toy")])
     assert code == 0
@@ -211,7 +214,7 @@ def test_evaluate_toy_backend_offline_on_the_bundled_model(tmp_path, capsys):
     assert report["metrics"]["subject"]["value"] < 0.2  # the base model has never seen the two-tone subject
     assert report["metrics"]["prompt"]["value"] > 0.5  # but draws the class and the named attributes
     assert len(report["per_prompt"]) == 7 and report["per_prompt"][0]["prompt"] == "a zq circle on a white background"
-    assert report["sampling"]["sampler"] == "dpm++" and report["sampling"]["guidance_scale"] == 2.0
+    assert (report["sampling"]["sampler"], report["sampling"]["guidance_scale"]) == toy_sampling(family)[::2]
     assert len(list((tmp_path / "toy" / "grids").glob("*.png"))) == 7
     assert "subject" in capsys.readouterr().out
 

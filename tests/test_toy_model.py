@@ -6,27 +6,38 @@ import json
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from dreambooth.cli import main
-from dreambooth.toy.demo import BUNDLED, demo
+from dreambooth.toy.demo import BUNDLED_MODELS, demo
 from dreambooth.toy.measure import load_toy, quality
 from dreambooth.toy.pretrain import pretrain
 
+SD3_RISE = 0.25  # subject fidelity the short SD3-toy run adds at least (see README: the toy world, SD3)
 
-def test_bundled_model_is_a_small_safetensors_sd_pipeline():
-    weights = sorted(BUNDLED.glob("*/*.safetensors"))
-    assert {w.parent.name for w in weights} == {"unet", "vae", "text_encoder"}
+
+PIPELINES = {"sd": StableDiffusionPipeline, "sd3": StableDiffusion3Pipeline}
+NO_T5 = {"sd": {}, "sd3": {"text_encoder_3": None, "tokenizer_3": None}}  # how diffusers loads SD3 without T5
+DENOISERS = {"sd": "unet", "sd3": "transformer"}
+
+
+@pytest.mark.parametrize("family", list(BUNDLED_MODELS))
+def test_bundled_model_is_a_small_safetensors_pipeline(family):
+    model = BUNDLED_MODELS[family]
+    weights = sorted(model.glob("*/*.safetensors"))
+    texts = {"sd": {"text_encoder"}, "sd3": {"text_encoder", "text_encoder_2"}}[family]  # no T5 in the SD3 toy
+    assert {w.parent.name for w in weights} == {DENOISERS[family], "vae", *texts}
     assert sum(w.stat().st_size for w in weights) <= 25 * 2**20
-    assert not list(BUNDLED.glob("**/*.bin")) and not list(BUNDLED.glob("**/*.pt"))
-    pipe = StableDiffusionPipeline.from_pretrained(BUNDLED)
-    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 32
+    assert not list(model.glob("**/*.bin")) and not list(model.glob("**/*.pt"))
+    pipe = PIPELINES[family].from_pretrained(model, **NO_T5[family])
+    assert getattr(pipe, DENOISERS[family]).config.sample_size * pipe.vae_scale_factor == 32
     assert pipe.tokenizer.model_max_length == 16
 
 
-def test_bundled_model_meets_a_reduced_quality_bar():
-    q = quality(load_toy(str(BUNDLED)), per_prompt=4, triples=10, seed=1)
+@pytest.mark.parametrize("family", list(BUNDLED_MODELS))
+def test_bundled_model_meets_a_reduced_quality_bar(family):
+    q = quality(load_toy(str(BUNDLED_MODELS[family])), per_prompt=4, triples=10, seed=1)
     assert q.samples == 40
     assert min(q.named.values()) >= 0.7, q.lines()
     assert q.open_variety["position"] >= 0.5, q.lines()
@@ -45,11 +56,25 @@ def test_pretrain_is_reproducible_and_loads(tmp_path):
     assert json.loads((a / "pretrain.json").read_text())["config"]["unet_steps"] == 2
 
 
-def test_short_dreambooth_run_raises_subject_fidelity(tmp_path):
-    report = demo(output_dir=tmp_path / "demo", max_train_steps=200, num_class_images=24, samples=8,
+def test_sd3_pretrain_is_reproducible_and_loads(tmp_path):
+    kwargs = dict(family="sd3", images=64, unet_steps=2, batch_size=4, warmup_steps=1, layers=1)
+    a = pretrain(output_dir=tmp_path / "a", **kwargs)
+    b = pretrain(output_dir=tmp_path / "b", **kwargs)
+    pipe = StableDiffusion3Pipeline.from_pretrained(a, **NO_T5["sd3"])
+    assert pipe.text_encoder_3 is None and pipe.vae.config.shift_factor == 0.0
+    for part in ("transformer", "text_encoder", "text_encoder_2"):
+        wa = load_file(next((a / part).glob("*.safetensors")))
+        wb = load_file(next((b / part).glob("*.safetensors")))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), part
+    assert json.loads((a / "pretrain.json").read_text())["config"]["family"] == "sd3"
+
+
+@pytest.mark.parametrize("family, rise", [("sd", 0.25), ("sd3", SD3_RISE)])
+def test_short_dreambooth_run_raises_subject_fidelity(tmp_path, family, rise):
+    report = demo(family=family, output_dir=tmp_path / "demo", max_train_steps=200, num_class_images=24, samples=8,
                   device="cpu")  # the thresholds below were set on the CPU
     before, after = report["before"], report["after"]
-    assert after["subject_fidelity"] > before["subject_fidelity"] + 0.25, (before, after)
+    assert after["subject_fidelity"] > before["subject_fidelity"] + rise, (before, after)
     out = tmp_path / "demo"
     for name in ("before_after.png", "report.json", "report.txt", "model/model_index.json"):
         assert (out / name).is_file(), name

@@ -127,7 +127,8 @@ def _add_toy_parser(sub) -> None:
     _config_command(toy_sub, "pretrain", PretrainConfig, _run_pretrain,
                     help="Train the toy base model from scratch (about 30 min on 2 CPU cores)")
     q = toy_sub.add_parser("quality", help="Measure a toy model on held-out prompts with the judges")
-    q.add_argument("--model", default=None, help="Pipeline folder (default: the bundled toy model)")
+    q.add_argument("--model", default=None, help="Pipeline folder (default: the bundled toy model of --family)")
+    q.add_argument("--family", default="sd", choices=["sd", "sd3"], help="Which bundled toy model (default: sd)")
     q.add_argument("--per_prompt", type=int, default=12, help="Samples per held-out prompt")
     q.add_argument("--seed", type=int, default=0)
     q.set_defaults(handler=_run_quality)
@@ -265,10 +266,10 @@ def _run_pretrain(args: argparse.Namespace) -> int:
 
 
 def _run_quality(args: argparse.Namespace) -> int:
-    from .toy.demo import BUNDLED
+    from .toy.demo import toy_model
     from .toy.measure import load_toy, quality
 
-    q = quality(load_toy(args.model or str(BUNDLED)), per_prompt=args.per_prompt, seed=args.seed)
+    q = quality(load_toy(toy_model(args.family, args.model)), per_prompt=args.per_prompt, seed=args.seed)
     print("\n".join(q.lines()))
     print("quality bar (>= 90% per named attribute, open attributes vary):", "met" if q.passes() else "NOT met")
     return 0 if q.passes() else 1

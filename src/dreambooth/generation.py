@@ -145,12 +145,13 @@ def generate(config: GenerateConfig | dict | str | Path | None = None, **overrid
         guidance = cfg.guidance_scale if cfg.guidance_scale is not None else family.default_guidance
         settings = {"negative_prompt": cfg.negative_prompt, "steps": cfg.num_inference_steps, "model": cfg.model,
                     "sampler": resolve_sampler(cfg.sampler, family), "guidance_scale": guidance}
+        extra = family.pipeline_kwargs()  # e.g. SD3's T5 length, as it was trained
         all_images = []
         for p_index, prompt in enumerate(cfg.prompt):
             seeds = [derive_seed(cfg.seed, i) for i in range(cfg.num_images)]
             images = render(pipe, prompt, seeds, cfg.batch_size, device, negative_prompt=cfg.negative_prompt,
                             num_inference_steps=cfg.num_inference_steps, guidance_scale=guidance,
-                            height=cfg.height, width=cfg.width)
+                            height=cfg.height, width=cfg.width, **extra)
             for i, (seed, img) in enumerate(zip(seeds, images)):
                 path = out.entry(f"{p_index:02d}-{slug(prompt)}-{i:03d}.png")
                 save_image_atomic(img, path, pnginfo=_pnginfo({"prompt": prompt, "seed": seed, **settings}))

@@ -54,6 +54,10 @@ class Backend:
     sampling: ClassVar[dict[str, Any]]  # default sampler, num_inference_steps, guidance_scale
     references: ClassVar[dict[str, dict[str, float]]] = {}
 
+    def sampling_for(self, family: str | None) -> dict[str, Any]:
+        """The default sampling settings for a model of this family (None: images read, not sampled)."""
+        return dict(self.sampling)
+
     def cases(self, subject: Subject) -> list[Case]:
         raise NotImplementedError
 
@@ -164,14 +168,19 @@ class Toy(Backend):
     }
     images_per_prompt = 16
     class_images = 32
-    sampling: ClassVar[dict[str, Any]] = {}  # filled from the toy world's own settings in __init__
+    sampling: ClassVar[dict[str, Any]] = {}  # per family: sampling_for
 
     def __init__(self, subject_name: str):
-        from ..toy.measure import GUIDANCE, SAMPLER, STEPS
         from ..toy.subjects import SUBJECTS
 
         self.subject = SUBJECTS[subject_name]
-        self.sampling = {"sampler": SAMPLER, "num_inference_steps": STEPS, "guidance_scale": GUIDANCE}
+
+    def sampling_for(self, family: str | None) -> dict[str, Any]:
+        """The toy world's own settings for the toy model of that family."""
+        from ..toy.measure import toy_sampling
+
+        sampler, steps, guidance = toy_sampling(family or "sd")
+        return {"sampler": sampler, "num_inference_steps": steps, "guidance_scale": guidance}
 
     def cases(self, subject: Subject) -> list[Case]:
         """Prompts name the subject by the noun it was trained with (which may be wrong or empty, as in the class-noun

@@ -123,16 +123,20 @@ def _evaluate(cfg: EvaluateConfig, out: OutputFolder, started: float) -> dict[st
     backend = make_backend(cfg, real)
     cases = backend.cases(subject)
     n = cfg.images_per_prompt or backend.images_per_prompt
-    sampling = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v for k, v in backend.sampling.items()}
-    sampler = None
+    sampler, family = None, None
     if cfg.model is not None:
         from ..families import family_of
         from ..generation import open_pipeline
-        from ..sampling import resolve_sampler
 
-        sampler = open_pipeline(str(cfg.model), sampling["sampler"], cfg.precision, cfg.device)
+        sampler = open_pipeline(str(cfg.model), cfg.sampler, cfg.precision, cfg.device)
         family = family_of(sampler[0])
+    defaults = backend.sampling_for(family.name if family else None)
+    sampling = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v for k, v in defaults.items()}
+    if family is not None:  # the backend's (or the family's) sampler and guidance, now that the family is known
+        from ..sampling import make_scheduler, resolve_sampler
+
         sampling["sampler"] = resolve_sampler(sampling["sampler"], family)
+        sampler[0].scheduler = make_scheduler(sampling["sampler"], sampler[0].scheduler.config, family.sampler_kind)
         if sampling["guidance_scale"] is None:
             sampling["guidance_scale"] = family.default_guidance
     out.claim()  # every input loaded
@@ -240,8 +244,11 @@ def sample_all(cfg: EvaluateConfig, sampler: tuple[Any, Any], cases: list[Case],
     from ..generation import render
 
     pipe, device = sampler
+    from ..families import family_of
+
     kwargs = {"num_inference_steps": sampling["num_inference_steps"], "guidance_scale": sampling["guidance_scale"],
-              "negative_prompt": cfg.negative_prompt, "height": cfg.resolution, "width": cfg.resolution}
+              "negative_prompt": cfg.negative_prompt, "height": cfg.resolution, "width": cfg.resolution,
+              **family_of(pipe).pipeline_kwargs()}  # e.g. SD3's T5 length, as training used it
     jobs = [(f"{i:02d}", c.prompt, n) for i, c in enumerate(cases)]
     jobs.append((CLASS_FOLDER, *class_job))
     results = {}

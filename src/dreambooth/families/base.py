@@ -90,11 +90,11 @@ class ModelFamily(ABC):
         value = getattr(cfg, name, None)
         return self.option_defaults.get(name) if value is None else value
 
-    def pipeline_kwargs(self, cfg: Any) -> dict[str, Any]:
+    def pipeline_kwargs(self, cfg: Any = None) -> dict[str, Any]:
         """What its pipeline call needs from the run's options (T5 length, image size) for class images and
-        validation grids."""
-        size = {"height": cfg.resolution, "width": cfg.resolution} if self.render_at_training_size else {}
-        return size
+        validation grids; without a run (generate, evaluate), the family's defaults, as training uses them."""
+        resolution = getattr(cfg, "resolution", None)
+        return {"height": resolution, "width": resolution} if self.render_at_training_size and resolution else {}
 
     @abstractmethod
     def check_source(self, source: ModelSource) -> None:

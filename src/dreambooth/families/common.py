@@ -144,7 +144,7 @@ class DiffusersFamily(ModelFamily):
         shift = getattr(c.vae.config, "shift_factor", None) or 0.0
         return (latents - shift) * c.vae.config.scaling_factor
 
-    def pipeline_kwargs(self, cfg: Any) -> dict[str, Any]:
+    def pipeline_kwargs(self, cfg: Any = None) -> dict[str, Any]:
         t5 = {"max_sequence_length": self.option(cfg, "max_sequence_length")} if self.t5_part else {}
         return {**super().pipeline_kwargs(cfg), **t5}
 

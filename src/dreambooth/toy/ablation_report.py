@@ -16,7 +16,7 @@ from ..evaluation.backends import BACKENDS
 from ..evaluation.metrics import t_interval
 from ..files import write_text_atomic
 from ..outputs import OutputFolder, check_output_file
-from .ablations import QUICK, STUDIES, Job, ReproduceConfig, variant_name
+from .ablations import QUICK, STUDIES, Job, ReproduceConfig, studies_of, variant_name
 
 TITLE = "# DreamBooth's ablations, reproduced on the toy world"  # the first line: how a table of ours is recognised
 SOFTWARE = "dreambooth reproduce"  # the plot's PNG metadata, likewise
@@ -48,7 +48,7 @@ def summarize(cfg: ReproduceConfig, jobs: list[Job], results: dict[Path, dict[st
     units = [(s, seed) for s in cfg.subjects for seed in cfg.seeds]
     by_variant = {(variant_name(j.variant), j.subject, j.seed): results[j.folder]["metrics"] for j in jobs}
     studies = {}
-    for key in cfg.studies:
+    for key in studies_of(cfg):
         study = STUDIES[key]
         per_unit = {vk: {m: [by_variant[(variant_name(v), s, seed)].get(m, float("nan")) for s, seed in units]
                          for m in study.metrics}
@@ -107,8 +107,10 @@ def markdown(summary: dict[str, Any], plot: str | None) -> str:
     s = summary["settings"]
     units = summary["units"]
     toy = BACKENDS["toy"].metrics
+    base = {"sd": [], "sd3": ["On the bundled SD3-architecture toy model (`SD3Transformer2DModel`, rectified flow; "
+                              "[ablations.md](ablations.md) holds the DDPM toy model's tables).", ""]}
     lines = [
-        TITLE, "",
+        TITLE, "", *base.get(s.get("family", "sd"), []),
         "Made by:", "", "```", summary["command"], "```", "",
         f"{summary['runs']} training runs of "
         + (f"{s['steps_per_image']} steps per instance image" if s.get("steps_per_image")
@@ -135,14 +137,17 @@ def markdown(summary: dict[str, Any], plot: str | None) -> str:
     for st in summary["studies"].values():
         metrics = st["metrics"]
         paper_cols = [m for m in metrics if any(m in v["paper"] for v in st["variants"].values())]
-        lines += [f"## {st['title']}", "", f"Paper: {st['paper_source']}.", "",
+        has_paper = any(v["paper"] for v in st["variants"].values())
+        lines += [f"## {st['title']}", "", f"Paper: {st['paper_source']}." if has_paper else f"{st['paper_source']}.",
+                  "",
                   "| variant | " + " | ".join(metrics) + "".join(f" | paper {NAMES[m]}" for m in paper_cols) + " |",
                   "|---|" + "---|" * (len(metrics) + len(paper_cols))]
         for v in st["variants"].values():
             lines.append(f"| {v['label']} | " + " | ".join(_cell(v["metrics"][m]) for m in metrics)
                          + "".join(f" | {v['paper'][m]:.3f}" if m in v["paper"] else " | –" for m in paper_cols)
                          + " |")
-        lines += ["", "| the paper's claim | toy difference, 95% CI | verdict |", "|---|---|---|"]
+        claim = "the paper's claim" if has_paper else "the claim"
+        lines += ["", f"| {claim} | toy difference, 95% CI | verdict |", "|---|---|---|"]
         for c in st["claims"]:
             hi, lo = st["variants"][c["high"]]["label"], st["variants"][c["low"]]["label"]
             lines.append(f"| {c['text']} ({c['metric']}: {hi} − {lo}) | {_signed(c['difference'])} | "
@@ -195,11 +200,12 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def docs_targets(docs_dir: Path) -> tuple[Path, Path]:
-    """ablations.md and ablations.png in --docs_dir, refused (before any run) if either exists and was not written
-    by `reproduce`: the table by its title, the plot by its PNG metadata (or, from before that, by the table beside
-    it)."""
-    md, png = Path(docs_dir) / "ablations.md", Path(docs_dir) / "ablations.png"
+def docs_targets(docs_dir: Path, family: str = "sd") -> tuple[Path, Path]:
+    """ablations.md and ablations.png (ablations-sd3.* for the SD3 toy) in --docs_dir, refused (before any run) if
+    either exists and was not written by `reproduce`: the table by its title, the plot by its PNG metadata (or, from
+    before that, by the table beside it)."""
+    stem = "ablations" if family == "sd" else f"ablations-{family}"
+    md, png = Path(docs_dir) / f"{stem}.md", Path(docs_dir) / f"{stem}.png"
 
     def md_ours(path: Path) -> bool:
         try:
@@ -223,7 +229,7 @@ def write_report(summary: dict[str, Any], out: OutputFolder, docs_dir: Path | No
     targets = [(out.entry("ablations.md"), out.entry("ablations.png"))]
     if docs_dir:
         Path(docs_dir).mkdir(parents=True, exist_ok=True)
-        targets.append(docs_targets(docs_dir))
+        targets.append(docs_targets(docs_dir, summary["settings"]["family"]))
     for md, png in targets:
         drawn = plot(summary, png)
         write_text_atomic(md, markdown(summary, png.name if drawn else None))

@@ -26,11 +26,11 @@ from typing import Any
 from PIL import Image
 
 from .. import schema
-from ..errors import DreamBoothError
+from ..errors import ConfigError, DreamBoothError
 from ..files import write_text_atomic
 from ..outputs import OutputFolder
 from ..schema import at_least, option, positive
-from .measure import GUIDANCE, SAMPLER, STEPS
+from .measure import toy_sampling
 from .subjects import SUBJECTS, Subject
 from .world import CLASSES, prompt
 
@@ -42,11 +42,13 @@ RESULT = "result.json"
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One way of training: the demo's recipe with prior preservation on or off, a class noun (the subject's own,
-    none, or a wrong one) and the first `images` of the unit's five instance images."""
+    none, or a wrong one), the first `images` of the unit's five instance images and, for flow-matching models, a
+    sigma weighting scheme (None: the family's default)."""
 
     prior: bool = True
     noun: str = "correct"  # "correct", "none" or "wrong"
     images: int = 5
+    weighting: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,7 @@ class Study:
     paper: dict[str, dict[str, float]]  # variant key -> the paper's figures, by toy-metric name
     paper_source: str
     claims: tuple[Claim, ...]
+    families: tuple[str, ...] = ("sd", "sd3")  # the toy model families it applies to
 
 
 WITH_PPL, WITHOUT_PPL = Variant(), Variant(prior=False)
@@ -107,14 +110,33 @@ STUDIES = {
         (Claim("subject", "images_2", "images_1", "two images beat one"),
          Claim("subject", "images_4", "images_1", "four images beat one"),
          Claim("subject", "images_4", "images_2", "four images beat two"))),
+    "flow_weighting": Study(
+        "Sigma density of rectified flow, with and without prior preservation (flow-matching models only)",
+        # logit-normal is SD3's default: those runs are the prior study's own
+        {"logit_ppl": ("logit-normal sigma, prior preservation", WITH_PPL),
+         "uniform_ppl": ("uniform sigma, prior preservation", Variant(weighting="none")),
+         "logit_no_ppl": ("logit-normal sigma, no prior preservation", WITHOUT_PPL),
+         "uniform_no_ppl": ("uniform sigma, no prior preservation", Variant(prior=False, weighting="none"))},
+        ("subject", "prompt", "pres", "div"),
+        {},
+        "No paper figure: SD3's reference scripts default to logit-normal sigma (Esser et al. 2024), Flux's to "
+        "uniform; the question is whether Table 3's prior-preservation effect holds under both",
+        (Claim("pres", "logit_no_ppl", "logit_ppl", "the prior loss lowers PRES, logit-normal sigma"),
+         Claim("pres", "uniform_no_ppl", "uniform_ppl", "the prior loss lowers PRES, uniform sigma"),
+         Claim("subject", "logit_ppl", "uniform_ppl", "logit-normal sigma learns the subject better than uniform"),
+         Claim("div", "logit_ppl", "logit_no_ppl", "the prior loss raises DIV, logit-normal sigma")),
+        families=("sd3",)),
 }
 
 
 @dataclasses.dataclass
 class ReproduceConfig:
-    output_dir: Path = option(Path("reproduce"), "Where the runs, tables and plot go")
-    docs_dir: Path | None = option(None, "Also write the tables (ablations.md) and plot (ablations.png) here")
-    studies: list[str] = option(tuple(STUDIES), "Studies to run", choices=lambda: list(STUDIES))
+    output_dir: Path | None = option(None, "Where the runs, tables and plot go (default: reproduce, or "
+                                     "reproduce-sd3 for --family sd3)")
+    docs_dir: Path | None = option(None, "Also write the tables (ablations.md, or ablations-sd3.md) and plot here")
+    family: str = option("sd", "Which bundled toy model: sd (DDPM) or sd3 (rectified flow)", choices=("sd", "sd3"))
+    studies: list[str] | None = option(None, "Studies to run (default: every study of the family)",
+                                       choices=lambda: list(STUDIES))
     subjects: list[str] = option(tuple(SUBJECTS), "Toy subjects (units: subjects x seeds)",
                                  choices=lambda: list(SUBJECTS))
     seeds: list[int] = option((0, 1), "Seeds: each draws other instance images, training noise and sampling noise")
@@ -138,6 +160,10 @@ class ReproduceConfig:
                          "fewer class and evaluation images")
 
     def check(self) -> None:
+        for name in self.studies or []:
+            if self.family not in STUDIES[name].families:
+                raise ConfigError("studies", name, f"a study of {', '.join(STUDIES[name].families)} models; pass "
+                                  "--family accordingly")
         if self.quick:
             return
         if len(self.subjects) * len(self.seeds) < 2:
@@ -172,12 +198,17 @@ def noun_for(subject: Subject, variant: Variant) -> str:
 
 
 def variant_name(v: Variant) -> str:
-    return f"{'ppl' if v.prior else 'no_ppl'}-{v.noun}-{v.images}img"
+    return f"{'ppl' if v.prior else 'no_ppl'}-{v.noun}-{v.images}img" + (f"-{v.weighting}" if v.weighting else "")
+
+
+def studies_of(cfg: ReproduceConfig) -> list[str]:
+    return cfg.studies or [name for name, study in STUDIES.items() if cfg.family in study.families]
 
 
 def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Path) -> list[Job]:
     """One job per distinct (variant, subject, seed) over the chosen studies; a variant two studies share runs once."""
-    variants = dict.fromkeys(v for study in cfg.studies for _, v in STUDIES[study].variants.values())
+    variants = dict.fromkeys(v for study in studies_of(cfg) for _, v in STUDIES[study].variants.values())
+    sampler, sampler_steps, guidance = toy_sampling(cfg.family)
     jobs = []
     for variant in variants:
         for name in cfg.subjects:
@@ -193,7 +224,8 @@ def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Pat
                     "class_prompt": prompt(noun) if variant.prior else None,
                     "class_data_dir": str(out / "class-images" / noun) if variant.prior else None,
                     "num_class_images": cfg.num_class_images, "prior_loss_weight": cfg.prior_loss_weight,
-                    "class_sampler": SAMPLER, "class_inference_steps": STEPS, "class_guidance_scale": GUIDANCE,
+                    "class_sampler": sampler, "class_inference_steps": sampler_steps,
+                    "class_guidance_scale": guidance,
                     "sample_batch_size": 50, "resolution": 32, "center_crop": True,
                     "random_flip": False,  # a flip changes a two-tone subject
                     "train_text_encoder": cfg.train_text_encoder, "train_batch_size": cfg.train_batch_size,
@@ -201,6 +233,7 @@ def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Pat
                     "lr_scheduler": "constant", "lr_warmup_steps": 0,
                     "checkpointing_steps": steps + 1, "mixed_precision": "no", "seed": seed, "device": cfg.device,
                     "output_dir": str(folder / "model"),
+                    **({"weighting_scheme": variant.weighting} if variant.weighting else {}),
                 }
                 evaluate = {"backend": "toy", "model": str(folder / "model"), "subject": name, "class_noun": noun,
                             "identifier": v, "images_per_prompt": cfg.images_per_prompt,
@@ -311,7 +344,7 @@ def reproduce(config: ReproduceConfig | dict | str | Path | None = None, **overr
     """Run the ablation studies on the toy world; returns the results (also written as ablations.json)."""
     from ..quiet import quiet_libraries
     from .ablation_report import docs_targets, summarize, write_report
-    from .demo import BUNDLED, pick_identifier
+    from .demo import pick_identifier, toy_model
 
     values = {**schema.values_of(config, ReproduceConfig), **overrides}
     if values.get("quick"):
@@ -319,13 +352,14 @@ def reproduce(config: ReproduceConfig | dict | str | Path | None = None, **overr
     cfg = schema.build(ReproduceConfig, values)
     quiet_libraries()
     started = time.time()
-    model = cfg.model or str(BUNDLED)
+    model = toy_model(cfg.family, cfg.model)
     if not (Path(model) / "model_index.json").is_file():
         raise DreamBoothError(f"{model} holds no toy pipeline (model_index.json); pass --model with a folder that "
                               "`dreambooth toy pretrain` wrote")
     if cfg.docs_dir is not None:
-        docs_targets(cfg.docs_dir)  # refused now, not after the runs
-    with OutputFolder(cfg.output_dir, "reproduce", models={"--model": model}) as folder:
+        docs_targets(cfg.docs_dir, cfg.family)  # refused now, not after the runs
+    out = cfg.output_dir or Path("reproduce" if cfg.family == "sd" else f"reproduce-{cfg.family}")
+    with OutputFolder(out, "reproduce", models={"--model": model}) as folder:
         identifiers = {name: pick_identifier(model, SUBJECTS[name].cls) for name in cfg.subjects}  # the model loads
         folder.claim()
         write_text_atomic(folder.entry(MARKER), json.dumps(schema.to_dict(cfg), default=str, indent=2) + "\n")

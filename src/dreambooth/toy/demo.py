@@ -24,12 +24,16 @@ from ..files import write_text_atomic
 from ..outputs import OutputFolder
 from ..schema import at_least, option, positive
 from .judges import read
-from .measure import GUIDANCE, SAMPLER, STEPS, diversity, is_subject_rate, load_toy, sample, subject_scores
+from .measure import diversity, is_subject_rate, load_toy, sample, subject_scores, toy_sampling
 from .subjects import SUBJECTS, Subject
 from .world import prompt
 
 log = logging.getLogger("dreambooth")
 BUNDLED = Path(__file__).parent / "model"
+# the bundled toy models by family: the DDPM one (SD architecture) and the flow-matching one (SD3 architecture)
+BUNDLED_MODELS = {"sd": BUNDLED, "sd3": Path(__file__).parent / "model-sd3"}
+# the fine-tuning learning rate each toy model's DreamBooth recipe uses
+TOY_LEARNING_RATES = {"sd": 2e-4, "sd3": 2e-4}
 MARKER = "demo.json"  # a folder holding this was written by the demo, which may replace it
 
 
@@ -37,10 +41,13 @@ MARKER = "demo.json"  # a folder holding this was written by the demo, which may
 class DemoConfig:
     subject: str = option("circle", "Toy subject to DreamBooth", choices=lambda: list(SUBJECTS))
     output_dir: Path = option(Path("dreambooth-demo"), "Where the grids, report, images and model go")
-    model: str = option(str(BUNDLED), "Base model (default: the bundled toy model)")
+    family: str = option("sd", "Which bundled toy model: sd (DDPM, UNet) or sd3 (rectified flow, transformer)",
+                         choices=lambda: list(BUNDLED_MODELS))
+    model: str | None = option(None, "Base model (default: the bundled toy model of --family)")
     identifier: str | None = option(None, "Identifier [V] (default: the rarest-prior token the model offers)")
     max_train_steps: int = option(400, "Fine-tuning steps", check=at_least(1))
-    learning_rate: float = option(2e-4, "Fine-tuning learning rate", check=positive)
+    learning_rate: float | None = option(None, "Fine-tuning learning rate (default: the toy recipe's, 2e-4)",
+                                         check=positive)
     train_batch_size: int = option(4, "Instance images per step (as many class images join them)", check=at_least(1))
     num_class_images: int = option(100, "Class images for prior preservation", check=at_least(1))
     prior_loss_weight: float = option(1.0, "Lambda of the prior-preservation loss", check=at_least(0))
@@ -143,18 +150,31 @@ def demo(config: DemoConfig | dict | str | Path | None = None, **overrides: Any)
     cfg = schema.build(DemoConfig, {**schema.values_of(config, DemoConfig), **overrides})
     quiet_libraries()
     started = time.time()
-    if not (Path(cfg.model) / "model_index.json").is_file() and cfg.model == str(BUNDLED):
-        raise DreamBoothError(f"the bundled toy model is missing from {BUNDLED}; reinstall the package or run "
-                              "`dreambooth toy pretrain --output_dir DIR` and pass --model DIR")
-    with OutputFolder(cfg.output_dir, "demo", models={"--model": cfg.model}) as folder:
-        return _demo(cfg, folder, started)
+    model = toy_model(cfg.family, cfg.model)
+    with OutputFolder(cfg.output_dir, "demo", models={"--model": model}) as folder:
+        return _demo(cfg, model, folder, started)
 
 
-def _demo(cfg: DemoConfig, folder: OutputFolder, started: float) -> dict[str, Any]:
+def toy_model(family: str, model: str | None) -> str:
+    """The model a toy command uses: the one given, else the bundled toy model of the family (refused in one line
+    if the package lacks it)."""
+    if model is not None:
+        return model
+    bundled = BUNDLED_MODELS[family]
+    if not (bundled / "model_index.json").is_file():
+        raise DreamBoothError(f"the bundled {family} toy model is missing from {bundled}; reinstall the package or "
+                              f"run `dreambooth toy pretrain --family {family} --output_dir DIR` and pass --model DIR")
+    return str(bundled)
+
+
+def _demo(cfg: DemoConfig, model: str, folder: OutputFolder, started: float) -> dict[str, Any]:
+    from ..families import ModelSource, get_family
     from ..training import train
 
     subject = SUBJECTS[cfg.subject]
-    identifier = cfg.identifier or pick_identifier(cfg.model, subject.cls)  # the base model loads
+    identifier = cfg.identifier or pick_identifier(model, subject.cls)  # the base model loads
+    family = get_family(ModelSource(model)).name
+    sampler, steps, guidance = toy_sampling(family)
     clear_previous(folder)
     folder.claim()
     out = folder.path
@@ -173,22 +193,22 @@ def _demo(cfg: DemoConfig, folder: OutputFolder, started: float) -> dict[str, An
     # before
     n_prompts = sum(len(g) for g in prompts.values())
     log.info("before: sampling the base model (%d prompts x %d seeds)", n_prompts, cfg.samples)
-    base = load_toy(cfg.model)
+    base = load_toy(model)
     before, before_images = measure(base, subject, prompts, cfg.samples, cfg.seed)
     del base
 
     # dreambooth
     model_dir = folder.entry("model")
     summary = train(
-        pretrained_model_name_or_path=cfg.model, instance_data_dir=instance_dir,
+        pretrained_model_name_or_path=model, instance_data_dir=instance_dir,
         instance_prompt=prompts["subject"][0], identifier=identifier,
         with_prior_preservation=cfg.with_prior_preservation, class_prompt=prompts["class"][0],
         class_data_dir=folder.entry("class-images"), num_class_images=cfg.num_class_images,
-        prior_loss_weight=cfg.prior_loss_weight, class_sampler=SAMPLER, class_inference_steps=STEPS,
-        class_guidance_scale=GUIDANCE, sample_batch_size=50, resolution=32, center_crop=True,
+        prior_loss_weight=cfg.prior_loss_weight, class_sampler=sampler, class_inference_steps=steps,
+        class_guidance_scale=guidance, sample_batch_size=50, resolution=32, center_crop=True,
         random_flip=False,  # a flip changes a two-tone subject
         train_text_encoder=cfg.train_text_encoder, train_batch_size=cfg.train_batch_size,
-        max_train_steps=cfg.max_train_steps, learning_rate=cfg.learning_rate,
+        max_train_steps=cfg.max_train_steps, learning_rate=cfg.learning_rate or TOY_LEARNING_RATES[family],
         lr_scheduler="constant", lr_warmup_steps=0, checkpointing_steps=cfg.max_train_steps + 1,
         mixed_precision="no", seed=cfg.seed, output_dir=model_dir, device=cfg.device,
     )
@@ -205,7 +225,8 @@ def _demo(cfg: DemoConfig, folder: OutputFolder, started: float) -> dict[str, An
             rows += [(f"base: {p}", b), (f"dreambooth: {p}", a)]
     comparison_grid(rows, folder.entry("before_after.png"))
     lines = report_lines(before, after, subject, identifier)
-    report = {"subject": subject.name, "identifier": identifier, "prompts": prompts, "samples_per_prompt": cfg.samples,
+    report = {"family": family, "model": model, "subject": subject.name, "identifier": identifier, "prompts": prompts,
+              "samples_per_prompt": cfg.samples,
               "before": dataclasses.asdict(before), "after": dataclasses.asdict(after), "training": summary,
               "wall_time_s": round(time.time() - started, 1)}
     write_text_atomic(folder.entry("report.json"), json.dumps(report, indent=2, default=str) + "\n")

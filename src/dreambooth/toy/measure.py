@@ -16,22 +16,36 @@ from .judges import IS_SUBJECT, Reading, read, subject_score
 from .subjects import Subject
 from .world import SIZES, Scene, held_out_triples, prompt, random_scene
 
-SAMPLER, STEPS, GUIDANCE = "dpm++", 20, 2.0  # the toy world's default sampling settings
+SAMPLER, STEPS, GUIDANCE = "dpm++", 20, 2.0  # the toy world's default sampling settings (the DDPM toy model)
+# per model family: (sampler, steps, guidance) the toy models sample with; the SD3 toy is a flow-matching model
+TOY_SAMPLING = {"sd": (SAMPLER, STEPS, GUIDANCE), "sd3": ("euler", 20, 2.0)}
+
+
+def toy_sampling(family: str) -> tuple[str, int, float]:
+    """How a toy model of this family samples (class images, the demo, the judges' measurements)."""
+    return TOY_SAMPLING.get(family, TOY_SAMPLING["sd"])
 
 
 @torch.no_grad()
-def sample(pipe, prompts: Sequence[str], n: int, seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE,
-           batch_size: int = 128) -> list[list[np.ndarray]]:
-    """n uint8 images per prompt; image i of every prompt uses seed derive_seed(seed, i), so runs compare."""
-    pipe.scheduler = make_scheduler(SAMPLER, pipe.scheduler.config)
+def sample(pipe, prompts: Sequence[str], n: int, seed: int = 0, steps: int | None = None,
+           guidance: float | None = None, batch_size: int = 128) -> list[list[np.ndarray]]:
+    """n uint8 images per prompt; image i of every prompt uses seed derive_seed(seed, i), so runs compare. Steps
+    and guidance default to the toy world's for the pipeline's family."""
+    from ..families import family_of
+
+    family = family_of(pipe)
+    sampler, default_steps, default_guidance = toy_sampling(family.name)
+    steps, guidance = steps or default_steps, default_guidance if guidance is None else guidance
+    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config, family.sampler_kind)
     pipe.set_progress_bar_config(disable=True)
+    extra = family.pipeline_kwargs()
     jobs = [(p, i) for p in range(len(prompts)) for i in range(n)]
     out: list[list[np.ndarray]] = [[] for _ in prompts]
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         images = pipe([prompts[p] for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
                       generator=[torch.Generator().manual_seed(derive_seed(seed, i)) for _, i in chunk],
-                      output_type="np").images
+                      output_type="np", **extra).images
         for (p, _), img in zip(chunk, images):
             out[p].append(np.clip(np.rint(img * 255), 0, 255).astype(np.uint8))
     return out

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-repeat bench reproduce lint clean
+.PHONY: install demo test test-repeat bench bench-e2e reproduce lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test-repeat: $(STAMP)
 # benchmarks/results/{cpu,gpu}.{md,json}. BENCH_ARGS=--skip_sd15 or --quick for a shorter run.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
+# A whole job end to end, phase by phase (class images, training loops, bare step, 150 and 1000 steps): meant for a
+# GPU (benchmarks/results/e2e-gpu.{md,json}); E2E_ARGS="--size tiny" tries it on a CPU in a few minutes.
+bench-e2e: $(STAMP)
+	$(BIN)/python benchmarks/e2e.py $(E2E_ARGS)
 
 # The paper's ablations on the toy world (about 30 min on 2 CPU cores): docs/ablations.{md,png}; runs in reproduce/.
 reproduce: $(STAMP)

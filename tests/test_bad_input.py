@@ -69,6 +69,10 @@ def test_prior_flags_without_each_other(base_args, capsys):
     assert "class_prompt" in run_cli(capsys, base_args(class_prompt=None))
 
 
+def test_compile_mode_without_compile(base_args, capsys):
+    assert "only used with --torch_compile" in run_cli(capsys, base_args(torch_compile_mode="reduce-overhead"))
+
+
 def test_fp16_on_cpu(base_args, capsys):
     assert "needs a CUDA GPU" in run_cli(capsys, base_args(mixed_precision="fp16"))
 

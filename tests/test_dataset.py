@@ -73,3 +73,33 @@ def test_crop_coordinates_locate_the_crop_in_the_resized_image(tmp_path):
         flipped += int(not torch.equal(ex["pixels"], plain))
         assert np.isfinite(ex["pixels"].numpy()).all()
     assert 0 < flipped < 12  # both branches were exercised
+
+
+def test_a_cached_view_comes_without_pixels_and_the_same_crop(tmp_path):
+    """The loop hands the dataset its latent cache: an example whose view is cached is neither decoded nor
+    resized, and its view, size and crop are the ones the decoded example had (crop_plan reads only the size)."""
+    inst = make_images(tmp_path / "i", n=2, size=80)
+    cls = make_images(tmp_path / "c", n=3, size=72, seed=1)
+    paths = sorted(inst.iterdir()), sorted(cls.iterdir())
+    plain = DreamBoothDataset(*paths, resolution=32, seed=5, random_flip=True)
+    cached = DreamBoothDataset(*paths, resolution=32, seed=5, random_flip=True)
+    cached.cached = seen = set()
+    skipped = 0
+    for position in range(60):
+        want, got = plain[position], cached[position]
+        for kind in ("instance", "class"):
+            w, g = want[kind], got[kind]
+            assert (g["view"], g["original_size"], g["crop_top_left"]) == (
+                w["view"], w["original_size"], w["crop_top_left"])
+            if g["pixels"] is None:
+                assert g["view"] in seen
+                skipped += 1
+            else:
+                assert g["view"] not in seen and torch.equal(g["pixels"], w["pixels"])
+            seen.add(g["view"])
+    assert skipped > 20  # random crops of slightly larger images repeat often
+    centred = DreamBoothDataset(*paths, resolution=32, seed=5, center_crop=True)
+    centred.cached = {centred[p][kind]["view"] for p in range(3) for kind in ("instance", "class")}
+    assert all(centred[p]["class"]["pixels"] is None for p in range(3, 9))  # one view per image: none decoded
+    batch = collate([centred[3], plain[4]])
+    assert isinstance(batch["pixel_values"], list) and batch["pixel_values"][0] is None

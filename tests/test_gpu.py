@@ -92,3 +92,32 @@ def test_frozen_text_encoders_leave_the_gpu_once_their_embeddings_are_cached(bas
                                  validation_steps=1, num_validation_images=1, validation_inference_steps=1,
                                  **NO_PRIOR))
     assert seen == {"devices": {"cpu"}, "denoiser": "cuda"}
+
+
+def test_host_tensors_reach_the_gpu_through_pinned_memory_unchanged():
+    from dreambooth.noising import to_device
+
+    x = torch.randn(64, 4, 8, 8)
+    y = to_device(x, "cuda", torch.float16)
+    assert y.device.type == "cuda" and torch.equal(y.cpu(), x.half())
+    assert to_device(x, "cpu") is x or torch.equal(to_device(x, "cpu"), x)
+
+
+def test_class_image_batch_is_sized_from_free_memory(base_args, tmp_path, caplog):
+    """On a GPU without --sample_batch_size the first batch measures what an image costs; the next batches are as
+    large as free memory holds (the tiny model needs little: the cap, 64)."""
+    summary = dreambooth.train(**base_args(device="cuda", sample_batch_size=None, num_class_images=40,
+                                           max_train_steps=1))
+    assert summary["class_images"]["generated"] == 40
+    assert "class images: 64 per batch" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_torch_compile_trains_what_eager_trains_on_cuda(base_args, tmp_path, mode):
+    """Compiled (inductor, block by block; reduce-overhead replays CUDA graphs) against eager on the same run:
+    fused kernels round differently, so the losses agree to 1e-3 relative, not bit for bit."""
+    common = dict(device="cuda", max_train_steps=4, **NO_PRIOR)
+    eager = dreambooth.train(**base_args(output_dir=str(tmp_path / "eager"), **common))
+    compiled = dreambooth.train(**base_args(output_dir=str(tmp_path / "compiled"), torch_compile=True,
+                                            torch_compile_mode=mode, **common))
+    assert compiled["mean_loss"] == pytest.approx(eager["mean_loss"], rel=1e-3)

@@ -71,3 +71,41 @@ def test_model_identity_follows_content_not_location(tiny_model, tmp_path):
     weights = next((moved / "unet").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
     assert model_identity(ModelSource(str(moved))) != model_identity(ModelSource(str(tiny_model)))
+
+
+def test_out_of_memory_halves_the_class_image_batch(base_args, tmp_path, monkeypatch, caplog):
+    """Without --sample_batch_size the batch is chosen (4 on CPU; from free memory on a GPU) and halved when a call
+    runs out of memory; the images are those a batch that fits makes. A given size is kept: its OOM stands."""
+    from dreambooth.families.common import DiffusersFamily
+    from dreambooth.prior import BatchSize
+
+    load = DiffusersFamily.load_pipeline
+    calls = []
+
+    def fits_two(self, *args, **kwargs):
+        pipe = load(self, *args, **kwargs)
+        real = type(pipe).__call__
+
+        class Small(type(pipe)):
+            def __call__(self, prompt, *a, **kw):
+                calls.append(len(prompt))
+                if len(prompt) > 2:
+                    raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                return real(self, prompt, *a, **kw)
+
+        pipe.__class__ = Small
+        return pipe
+
+    monkeypatch.setattr(DiffusersFamily, "load_pipeline", fits_two)
+    summary = dreambooth.train(**base_args(sample_batch_size=None, max_train_steps=1))
+    assert summary["class_images"]["generated"] == 4 and calls == [4, 2, 2]
+    assert "out of memory; 2 per batch now" in caplog.text
+    monkeypatch.undo()
+    again = tmp_path / "again"
+    dreambooth.train(**base_args(sample_batch_size=2, max_train_steps=1, class_data_dir=str(again),
+                                 output_dir=str(tmp_path / "b")))
+    for name, data in generated(tmp_path / "class").items():  # same seeds, same batch size: the same images
+        assert data == (again / name).read_bytes()
+    given = BatchSize(8, cuda=False)
+    assert given.now == 8 and not given.shrink(RuntimeError("CUDA out of memory"))
+    assert not BatchSize(None, cuda=False).shrink(RuntimeError("some other failure"))

@@ -150,6 +150,41 @@ def test_latent_cache_encodes_each_view_once_and_learns_the_same(base_args, tmp_
     assert abs(cached["final_loss"] - plain["final_loss"]) < 1e-5
 
 
+def test_reading_losses_every_n_steps_changes_nothing_but_when(base_args, tmp_path, monkeypatch):
+    """--logging_steps only decides when the losses are read back from the device: the sums, the last loss, the
+    logged values (every step still logged) and the weights are those of reading every step."""
+    from accelerate import Accelerator
+
+    logged = {}
+    log = Accelerator.log
+
+    def record(self, values, step=None, **kw):
+        logged.setdefault(self.project_dir, []).append((step, values["loss"]))
+        return log(self, values, step=step, **kw)
+
+    monkeypatch.setattr(Accelerator, "log", record)
+    common = dict(max_train_steps=7, checkpointing_steps=3)
+    every = dreambooth.train(**base_args(output_dir=str(tmp_path / "every"), logging_steps=1, **common))
+    fours = dreambooth.train(**base_args(output_dir=str(tmp_path / "fours"), logging_steps=4, **common))
+    for key in ("mean_loss", "final_loss", "mean_instance_loss", "mean_prior_loss"):
+        assert every[key] == fours[key], key
+    a, b = (logged[str(tmp_path / name)] for name in ("every", "fours"))
+    assert a == b and [step for step, _ in a] == list(range(1, 8))
+    wa, wb = weights(tmp_path / "every", "unet"), weights(tmp_path / "fours", "unet")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ckpt = json.loads((tmp_path / "fours" / "checkpoint-6" / "state.json").read_text())
+    assert ckpt["step"] == 6 and ckpt["loss_sum"] > 0  # a checkpoint holds every step before it
+
+
+def test_save_precision_halves_the_saved_pipeline(base_args, tmp_path):
+    dreambooth.train(**base_args(save_precision="fp16", max_train_steps=1, with_prior_preservation=False,
+                                 class_prompt=None, class_data_dir=None))
+    for part in ("unet", "text_encoder", "vae"):
+        saved = load_file(next((tmp_path / "out" / part).glob("*.safetensors")))
+        assert {t.dtype for t in saved.values()} == {torch.float16}, part
+    assert StableDiffusionPipeline.from_pretrained(tmp_path / "out", torch_dtype=torch.float32) is not None
+
+
 def test_latent_cache_keys_flips_and_crops_apart(base_args, tmp_path):
     """Random crops and flips: a view is reused only when crop and flip match, so the cache never serves the
     wrong pixels (same losses as uncached) and encodes at least as many views as there are images."""

@@ -61,7 +61,9 @@ class TrainConfig:
     prior_loss_weight: float = option(1.0, "Weight lambda of the prior-preservation loss", check=at_least(0),
                                       group="data")
     num_class_images: int = option(100, "Class images used for prior preservation", check=at_least(1), group="data")
-    sample_batch_size: int = option(4, "Batch size when generating class images", check=at_least(1), group="data")
+    sample_batch_size: int | None = option(None, "Batch size when generating class images (default: 4 on CPU; on "
+                                           "a GPU as many as its free memory holds)", check=at_least(1),
+                                           group="data")
     prior_generation_precision: str | None = option(
         None, "Precision of class-image generation (default: fp16 on GPU, fp32 on CPU)", choices=PRIOR_PRECISIONS,
         group="data",
@@ -96,6 +98,10 @@ class TrainConfig:
                                  "GPUs)", group="training")
     torch_compile: bool = option(False, "torch.compile the trained models (slow first steps, faster afterwards)",
                                  group="training")
+    torch_compile_mode: str = option("default", "torch.compile mode: reduce-overhead replays each step as a CUDA "
+                                     "graph, max-autotune also tunes kernels (longer compile)",
+                                     choices=("default", "reduce-overhead", "max-autotune",
+                                              "max-autotune-no-cudagraphs"), group="training")
     cache_latents: bool = option(True, "Encode each training view (image, crop, flip) with the frozen VAE once and "
                                  "reuse it; --no-cache_latents encodes every step", group="training")
     learning_rate: float = option(5e-6, "Peak learning rate", check=positive, group="training")
@@ -172,6 +178,10 @@ class TrainConfig:
     text_encoder_lr: float | None = option(None, "Learning rate of the text encoder (default: --learning_rate)",
                                            check=positive, group="lora")
 
+    save_precision: str = option("fp32", "Precision of the saved pipeline's weights (fp16/bf16: half the size; "
+                                 "LoRA adapters and checkpoints stay fp32)", choices=("fp32", "fp16", "bf16"),
+                                 group="checkpoints")
+
     # checkpoints
     checkpointing_steps: int = option(500, "Save a resumable checkpoint every N steps", check=at_least(1),
                                       group="checkpoints")
@@ -198,6 +208,9 @@ class TrainConfig:
                         "the real images; report in output_dir/evaluation", group="validation")
     eval_config: Path | None = option(None, "Options file for that evaluation (backend, backbones, subject, ...)",
                                       group="validation")
+    logging_steps: int = option(10, "Read the loss back from the device every N steps (each read makes the host "
+                                "wait for the GPU); every step is still logged", check=at_least(1),
+                                group="validation")
     report_to: str = option("none", "Experiment tracker", choices=REPORTERS, group="validation")
     logging_dir: Path = option(Path("logs"), "Tracker folder, relative to output_dir", group="validation")
 
@@ -226,6 +239,8 @@ class TrainConfig:
             raise ConfigError("lora_blocks", self.lora_blocks, "only used with --use_lora; add that flag")
         if self.use_dora and not self.use_lora:
             raise ConfigError("use_dora", True, "only used with --use_lora; add that flag")
+        if self.torch_compile_mode != "default" and not self.torch_compile:
+            raise ConfigError("torch_compile_mode", self.torch_compile_mode, "only used with --torch_compile; add it")
         if self.eval_config is not None and not self.eval:
             raise ConfigError("eval_config", str(self.eval_config), "only used with --eval; add that flag")
         if not self.instance_prompt.strip():

@@ -13,6 +13,8 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
+from .noising import to_device
+
 
 class LatentCache:
     def __init__(self, vae: torch.nn.Module, enabled: bool = True, max_views: int = 4096):
@@ -22,9 +24,11 @@ class LatentCache:
         self.hits = 0  # images served from the cache
 
     @torch.no_grad()
-    def moments(self, pixels: torch.Tensor, views: Sequence[Hashable]) -> tuple[torch.Tensor, torch.Tensor]:
+    def moments(self, pixels: torch.Tensor | Sequence[torch.Tensor | None], views: Sequence[Hashable]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of the posterior of each image in `pixels` (on any device), one per view key; only images
-        the cache lacks are moved to the VAE's device and encoded."""
+        the cache lacks are moved to the VAE's device and encoded (a cached view's pixels may be None: the dataset
+        skips decoding those)."""
         if not self.enabled:
             self.encoded += len(views)
             dist = self.vae.encode(self._to_vae(pixels)).latent_dist
@@ -33,7 +37,7 @@ class LatentCache:
         fresh: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
         for view in missing:  # one at a time: a view's moments must not depend on the batch it first came in
             i = views.index(view)
-            dist = self.vae.encode(self._to_vae(pixels[i : i + 1])).latent_dist
+            dist = self.vae.encode(self._to_vae(pixels[i].unsqueeze(0))).latent_dist
             fresh[view] = (dist.mean[0], dist.std[0])
         if missing:
             self.encoded += len(missing)
@@ -44,7 +48,7 @@ class LatentCache:
         return torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
 
     def _to_vae(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pixels.to(self.vae.device, self.vae.dtype)
+        return to_device(pixels, self.vae.device, self.vae.dtype)
 
     def stats(self) -> dict[str, int | bool]:
         return {"enabled": self.enabled, "views": len(self.store), "encoded": self.encoded, "hits": self.hits}

@@ -8,6 +8,8 @@ from typing import NamedTuple
 import torch
 from diffusers.training_utils import compute_snr
 
+from .noising import to_device
+
 
 class LossParts(NamedTuple):
     loss: torch.Tensor  # what is back-propagated: instance + lambda * prior
@@ -49,7 +51,7 @@ def dreambooth_loss(per_example: torch.Tensor, is_prior: torch.Tensor, prior_los
         is_prior: bool (N,), True for class (prior-preservation) examples.
         prior_loss_weight: lambda.
     """
-    is_prior = is_prior.to(per_example.device)
+    is_prior = to_device(is_prior, per_example.device)
     instance = per_example[~is_prior].mean()
     prior = per_example[is_prior].mean() if bool(is_prior.any()) else per_example.new_zeros(())
     return LossParts(instance + prior_loss_weight * prior, instance, prior)

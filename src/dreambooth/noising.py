@@ -11,6 +11,16 @@ import torch
 from .data import keyed_generator
 
 
+def to_device(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor on `device` (and in `dtype`). To a GPU it goes through pinned memory and is not waited for: a
+    copy from pageable memory would make the host wait until the GPU finished all the work queued before it,
+    every step, leaving the GPU idle while Python queues the next step."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory().to(device, non_blocking=True)
+    return t.to(device, dtype)
+
+
 def keyed_normal(seed: int, positions: torch.Tensor, is_prior: torch.Tensor, shape: tuple[int, ...], what: str
                  ) -> torch.Tensor:
     """One standard-normal tensor of `shape` per example, drawn from that example's own generator."""
@@ -33,7 +43,7 @@ def keyed_timesteps(seed: int, positions: torch.Tensor, is_prior: torch.Tensor, 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, seed: int, positions: torch.Tensor, is_prior: torch.Tensor
                    ) -> torch.Tensor:
     """A keyed sample of the VAE posterior: mean + std * eps."""
-    eps = keyed_normal(seed, positions, is_prior, tuple(mean.shape[1:]), "vae").to(mean.device, mean.dtype)
+    eps = to_device(keyed_normal(seed, positions, is_prior, tuple(mean.shape[1:]), "vae"), mean.device, mean.dtype)
     return mean + std * eps
 
 
@@ -51,4 +61,4 @@ def noise_batch(
         channels = (latents.shape[1], 1, 1)
         noise = noise + offset_noise * keyed_normal(seed, positions, is_prior, channels, "offset")
     timesteps = keyed_timesteps(seed, positions, is_prior, num_train_timesteps)
-    return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
+    return to_device(noise, latents.device, latents.dtype), to_device(timesteps, latents.device)

@@ -22,7 +22,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 
 from .data import keyed_generator
 from .loss import diffusion_target, min_snr_weights, per_example_mse
-from .noising import keyed_normal, noise_batch
+from .noising import keyed_normal, noise_batch, to_device
 from .registry import Registry
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noisy latents, time values) -> prediction
@@ -117,14 +117,14 @@ class RectifiedFlow(Objective):
 
     def losses(self, denoise: Denoise, latents: torch.Tensor, keys: Keys) -> torch.Tensor:
         noise = keyed_normal(keys.seed, keys.positions, keys.is_prior, tuple(latents.shape[1:]), "noise")
-        noise = noise.to(latents.device, latents.dtype)
+        noise = to_device(noise, latents.device, latents.dtype)
         timesteps, sigmas = self.sample_sigmas(keys)
-        sigma = sigmas.to(latents.device, latents.dtype).view(-1, *([1] * (latents.dim() - 1)))
+        sigma = to_device(sigmas, latents.device, latents.dtype).view(-1, *([1] * (latents.dim() - 1)))
         noisy = (1 - sigma) * latents + sigma * noise
-        pred = denoise(noisy, timesteps.to(latents.device))
+        pred = denoise(noisy, to_device(timesteps, latents.device))
         if self.precondition_outputs:  # SD3: the model's output read as a prediction of x_0
             pred, target = pred * (-sigma) + noisy, latents
         else:
             target = noise - latents
         weights = compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas)
-        return per_example_mse(pred, target, weights.to(latents.device))
+        return per_example_mse(pred, target, to_device(weights, latents.device))

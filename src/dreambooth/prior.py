@@ -13,6 +13,9 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .data import derive_seed, scan_folder
-from .errors import DreamBoothError
+from .errors import DreamBoothError, is_out_of_memory
 from .families import ModelFamily, ModelSource, model_identity
 from .files import save_image_atomic, write_text_atomic
 from .sampling import make_scheduler, resolve_sampler
@@ -123,25 +126,80 @@ def _generate(cfg: TrainConfig, family: ModelFamily, source: ModelSource, folder
               indices: list[int], dtype: torch.dtype, settings: dict[str, Any], accelerator) -> None:
     pipe = family.load_pipeline(source, dtype).to(accelerator.device)
     pipe.scheduler = make_scheduler(settings["sampler"], pipe.scheduler.config, family.sampler_kind)
+    cuda = accelerator.device.type == "cuda"
+    batch_size = BatchSize(cfg.sample_batch_size, cuda)
     bar = tqdm(total=len(indices), desc="class images", unit="img", disable=not accelerator.is_local_main_process)
-    for start in range(0, len(indices), cfg.sample_batch_size):
-        batch = indices[start : start + cfg.sample_batch_size]
-        generators = [torch.Generator(accelerator.device).manual_seed(image_seed(digest, i)) for i in batch]
-        with torch.no_grad():
-            images = pipe(
-                [cfg.class_prompt] * len(batch),
-                negative_prompt=[cfg.class_negative_prompt] * len(batch) if cfg.class_negative_prompt else None,
-                num_inference_steps=cfg.class_inference_steps, guidance_scale=settings["guidance_scale"],
-                **settings.get("pipeline", {}),
-                generator=generators,
-            ).images
-        for i, img in zip(batch, images):
-            save_image_atomic(img, folder / f"class-{digest}-{i:05d}.png")  # a kill leaves no half image
-        bar.update(len(batch))
+    # PNG encoding and writing happen on a thread while the next batch samples; a kill leaves no half image
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="class-images") as writer:
+        written = []
+        start = 0
+        while start < len(indices):
+            batch = indices[start : start + batch_size.now]
+            generators = [torch.Generator(accelerator.device).manual_seed(image_seed(digest, i)) for i in batch]
+            try:
+                with batch_size.measure(len(batch)), torch.no_grad():
+                    images = pipe(
+                        [cfg.class_prompt] * len(batch),
+                        negative_prompt=[cfg.class_negative_prompt] * len(batch) if cfg.class_negative_prompt
+                        else None,
+                        num_inference_steps=cfg.class_inference_steps, guidance_scale=settings["guidance_scale"],
+                        **settings.get("pipeline", {}),
+                        generator=generators,
+                    ).images
+            except (RuntimeError, MemoryError) as e:
+                if not batch_size.shrink(e):
+                    raise
+                continue
+            written += [writer.submit(save_image_atomic, img, folder / f"class-{digest}-{i:05d}.png")
+                        for i, img in zip(batch, images)]
+            start += len(batch)
+            bar.update(len(batch))
+        for done in written:
+            done.result()  # a write that failed raises here
     bar.close()
     del pipe
-    if torch.cuda.is_available():
+    if cuda:
         torch.cuda.empty_cache()
+
+
+class BatchSize:
+    """Class images per pipeline call: --sample_batch_size when given; else 4 on CPU and, on a GPU, as many as the
+    free memory holds, judged from what the first batch used (the default of 4 leaves a big card idle), halved
+    whenever a call runs out of memory."""
+
+    CPU_DEFAULT, FIRST_GPU, MOST = 4, 4, 64
+
+    def __init__(self, given: int | None, cuda: bool):
+        self.given, self.cuda = given, cuda
+        self.now = given or (self.FIRST_GPU if cuda else self.CPU_DEFAULT)
+        self.sized = given is not None or not cuda
+
+    @contextmanager
+    def measure(self, n: int) -> Iterator[None]:
+        if self.sized:
+            yield
+            return
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        yield
+        per_image = max(1, torch.cuda.max_memory_allocated() - before) / n
+        free, _ = torch.cuda.mem_get_info()
+        available = free + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()  # the cache's spare too
+        self.now = max(1, min(self.MOST, int(0.8 * available / per_image)))
+        self.sized = True
+        log.info("class images: %d per batch (%.2f GB each on the GPU)", self.now, per_image / 2**30)
+
+    def shrink(self, error: BaseException) -> bool:
+        """After running out of memory: a smaller batch to try, or False (the error stands)."""
+        if self.given is not None or self.now == 1 or not is_out_of_memory(error):
+            return False
+        self.now //= 2
+        self.sized = True
+        if self.cuda:
+            torch.cuda.empty_cache()
+        log.warning("class images: out of memory; %d per batch now", self.now)
+        return True
 
 
 def _entry(digest: str, index: int) -> dict[str, Any]:

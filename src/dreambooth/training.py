@@ -40,6 +40,7 @@ from .validation import render_validation
 
 log = logging.getLogger("dreambooth")
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+SAVE_DTYPES = {"fp32": None, **WEIGHT_DTYPES}  # fp32: each module as the base and the training left it
 
 
 @dataclass
@@ -289,8 +290,11 @@ def fit(run: Run, parts: Parts) -> None:
     accum, start = cfg.gradient_accumulation_steps, parts.state["step"]
     sampler = StepBatchSampler(cfg.train_batch_size, acc.process_index, acc.num_processes,
                                start * accum, parts.max_train_steps * accum)
+    if parts.latents.enabled and cfg.dataloader_num_workers == 0:
+        parts.dataset.cached = parts.latents.store  # a cached view needs no pixels: none are decoded or resized
     loader = DataLoader(parts.dataset, batch_sampler=sampler, collate_fn=collate,
-                        num_workers=cfg.dataloader_num_workers)
+                        num_workers=cfg.dataloader_num_workers, pin_memory=acc.device.type == "cuda",
+                        persistent_workers=cfg.dataloader_num_workers > 0)
     trained = list(trained_modules(run, parts.denoiser, parts.text_encoders).values())
     params = [p for m in trained for p in trainable(m)]
     acc.init_trackers("dreambooth", config={k: v for k, v in schema.to_dict(cfg).items()
@@ -298,6 +302,7 @@ def fit(run: Run, parts: Parts) -> None:
     bar = tqdm(total=parts.max_train_steps, initial=start, desc="train", unit="step",
                disable=not acc.is_local_main_process)
     window = torch.zeros(3, device=acc.device)  # loss, instance, prior summed over one optimizer step
+    pending: list[tuple[int, torch.Tensor, float]] = []  # (step, window, lr) not yet read back from the device
 
     for batch in loader:
         with acc.accumulate(*trained):
@@ -328,21 +333,36 @@ def fit(run: Run, parts: Parts) -> None:
         if not acc.optimizer_step_was_skipped:
             parts.lr_scheduler.step()
         step = parts.state["step"] = parts.state["step"] + 1
-        mean = acc.reduce(window, reduction="mean").tolist()
-        window.zero_()
-        for key, value in zip(("loss_sum", "instance_sum", "prior_sum"), mean):
-            parts.state[key] += value
-        parts.state["last_loss"] = mean[0]
-        lr = parts.lr_scheduler.get_last_lr()[0]
+        pending.append((step, window, parts.lr_scheduler.get_last_lr()[0]))
+        window = torch.zeros(3, device=acc.device)
         bar.update(1)
-        bar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{lr:.2e}")
-        acc.log({"loss": mean[0], "loss_instance": mean[1], "loss_prior": mean[2], "lr": lr}, step=step)
+        checkpoint = step % cfg.checkpointing_steps == 0
+        validation = bool(cfg.validation_prompt) and step % parts.validation_every == 0
+        if checkpoint or validation or step % cfg.logging_steps == 0 or step == parts.max_train_steps:
+            report_losses(run, parts, pending, bar)  # the loop's one wait on the device
 
-        if step % cfg.checkpointing_steps == 0:
+        if checkpoint:
             save(run, parts, step)
-        if cfg.validation_prompt and step % parts.validation_every == 0 and acc.is_main_process:
+        if validation and acc.is_main_process:
             render_validation(run.family, c, parts.denoiser, parts.text_encoders, cfg, step, acc)
+    report_losses(run, parts, pending, bar)
     bar.close()
+
+
+def report_losses(run: Run, parts: Parts, pending: list[tuple[int, torch.Tensor, float]], bar: tqdm) -> None:
+    """Read the pending steps' losses back from the device in one transfer (averaged over processes), add them to
+    the run's sums step by step and log each step. Reading a loss makes the host wait for the GPU, so the loop
+    does it every --logging_steps steps (and before a checkpoint or validation), not every step."""
+    if not pending:
+        return
+    rows = run.accelerator.reduce(torch.stack([w for _, w, _ in pending]), reduction="mean").tolist()
+    for (step, _, lr), (loss, instance, prior) in zip(pending, rows):
+        for key, value in zip(("loss_sum", "instance_sum", "prior_sum"), (loss, instance, prior)):
+            parts.state[key] += value
+        parts.state["last_loss"] = loss
+        run.accelerator.log({"loss": loss, "loss_instance": instance, "loss_prior": prior, "lr": lr}, step=step)
+    bar.set_postfix(loss=f"{rows[-1][0]:.4f}", lr=f"{pending[-1][2]:.2e}")
+    pending.clear()
 
 
 def unwrapped(acc, modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
@@ -399,7 +419,8 @@ def finish(run: Run, parts: Parts) -> dict[str, Any]:
         if cfg.use_lora:
             run.family.save_lora(denoiser, modules or None, out)
         else:
-            run.family.save(parts.components, denoiser, unwrapped(acc, parts.text_encoders), out)
+            run.family.save(parts.components, denoiser, unwrapped(acc, parts.text_encoders), out,
+                            SAVE_DTYPES[cfg.save_precision])
         if cfg.validation_prompt and steps % parts.validation_every != 0:
             render_validation(run.family, parts.components, parts.denoiser, parts.text_encoders, cfg, steps, acc)
         write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))  # last: marks the run finished

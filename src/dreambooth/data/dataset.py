@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -52,23 +52,30 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def resize_crop(img: Image.Image, size: int, center: bool, flip: bool, rng: random.Random
-                ) -> tuple[Image.Image, tuple[int, int], bool]:
-    """Resize the short side to `size`, then crop a square (centred or random) and maybe flip. Also returns the
-    crop's (top, left) in the resized image, mirrored when flipped (what SDXL's crop conditioning means), and
-    whether it flipped."""
-    scale = size / min(img.size)
-    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-    img = img.resize((w, h), Image.Resampling.BILINEAR)
+def crop_plan(width: int, height: int, size: int, center: bool, flip: bool, rng: random.Random
+              ) -> tuple[tuple[int, int], tuple[int, int], bool]:
+    """Where a view of a width x height image comes from: the resized size (short side `size`), the square crop's
+    (top, left), mirrored when flipped (what SDXL's crop conditioning means), and whether it flips. The image's
+    size is all it needs, so a view whose latents are cached is known without decoding a pixel."""
+    scale = size / min(width, height)
+    w, h = max(size, round(width * scale)), max(size, round(height * scale))
     if center:
         left, top = (w - size) // 2, (h - size) // 2
     else:
         left, top = rng.randint(0, w - size), rng.randint(0, h - size)
-    img = img.crop((left, top, left + size, top + size))
     flipped = flip and rng.random() < 0.5
+    return (w, h), (top, w - size - left if flipped else left), flipped
+
+
+def resize_crop(img: Image.Image, size: int, center: bool, flip: bool, rng: random.Random
+                ) -> tuple[Image.Image, tuple[int, int], bool]:
+    """Resize the short side to `size`, then crop a square (centred or random) and maybe flip; also returns the
+    crop's (top, left) and whether it flipped, as `crop_plan` decides them."""
+    (w, h), (top, left), flipped = crop_plan(img.width, img.height, size, center, flip, rng)
+    x = w - size - left if flipped else left  # the crop's own left edge
+    img = img.resize((w, h), Image.Resampling.BILINEAR).crop((x, top, x + size, top + size))
     if flipped:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        left = w - size - left
     return img, (top, left), flipped
 
 
@@ -92,6 +99,9 @@ class DreamBoothDataset(Dataset):
         self.class_order = Shuffled(len(self.class_images), seed, "class") if self.class_images else None
         # Few instance images: decode once. Class images can number hundreds: decode on demand.
         self._instance_cache = [open_rgb(p) for p in self.instance_images]
+        self._sizes: dict[tuple[str, int], tuple[int, int]] = {}
+        # the views whose latents the trainer holds (its latent cache), or None: those examples come without pixels
+        self.cached: Container | None = None
 
     @property
     def epoch_length(self) -> int:
@@ -101,21 +111,28 @@ class DreamBoothDataset(Dataset):
     def __len__(self) -> int:  # positions are unbounded; this is one epoch
         return self.epoch_length
 
-    def _example(self, img: Image.Image, index: int, position: int, kind: str) -> dict:
+    def _example(self, kind: str, index: int, position: int) -> dict:
         """Pixels, the original size and crop that SDXL conditions on, and the view: what makes these pixels (the
-        key of the latent cache)."""
-        rng = random.Random(derive_seed(self.seed, "augment", kind, position))
-        crop, top_left, flipped = resize_crop(img, self.resolution, self.center_crop, self.random_flip, rng)
+        key of the latent cache). A view already in `self.cached` gets no pixels: nothing is decoded or resized."""
+        def rng() -> random.Random:
+            return random.Random(derive_seed(self.seed, "augment", kind, position))
+
+        size = self._sizes.get((kind, index))  # (width, height), known once the image was decoded
+        if size is not None and self.cached is not None:
+            _, top_left, flipped = crop_plan(*size, self.resolution, self.center_crop, self.random_flip, rng())
+            view = (kind, index, *top_left, flipped)
+            if view in self.cached:
+                return {"pixels": None, "original_size": size[::-1], "crop_top_left": top_left, "view": view}
+        img = self._instance_cache[index] if kind == "instance" else open_rgb(self.class_images[index])
+        self._sizes[(kind, index)] = img.size
+        crop, top_left, flipped = resize_crop(img, self.resolution, self.center_crop, self.random_flip, rng())
         return {"pixels": to_tensor(crop), "original_size": (img.height, img.width), "crop_top_left": top_left,
                 "view": (kind, index, *top_left, flipped)}
 
     def __getitem__(self, position: int) -> dict:
-        index = self.instance_order[position]
-        item = {"position": position, "instance": self._example(self._instance_cache[index], index, position,
-                                                                 "instance")}
+        item = {"position": position, "instance": self._example("instance", self.instance_order[position], position)}
         if self.class_order is not None:
-            index = self.class_order[position]
-            item["class"] = self._example(open_rgb(self.class_images[index]), index, position, "class")
+            item["class"] = self._example("class", self.class_order[position], position)
         return item
 
 
@@ -124,8 +141,10 @@ def collate(items: list[dict]) -> dict:
     examples = [it["instance"] for it in items] + [it["class"] for it in items if "class" in it]
     positions = [it["position"] for it in items]
     with_prior = len(examples) > len(items)
+    pixels = [e["pixels"] for e in examples]
     return {
-        "pixel_values": torch.stack([e["pixels"] for e in examples]),
+        # a tensor; a list when some views are cached and came without pixels (None)
+        "pixel_values": torch.stack(pixels) if all(p is not None for p in pixels) else pixels,
         "original_sizes": torch.tensor([e["original_size"] for e in examples]),
         "crop_top_lefts": torch.tensor([e["crop_top_left"] for e in examples]),
         "views": [e["view"] for e in examples],

@@ -141,8 +141,8 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def save(self, c: Components, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
-             output_dir: Path) -> None:
-        """The fine-tuned pipeline as a diffusers folder."""
+             output_dir: Path, dtype: torch.dtype | None = None) -> None:
+        """The fine-tuned pipeline as a diffusers folder (every weight in `dtype` when given)."""
 
     @abstractmethod
     def save_lora(self, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None,

@@ -177,13 +177,20 @@ class DiffusersFamily(ModelFamily):
         return pipe
 
     def save(self, c: Components, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
-             output_dir: Path) -> None:
+             output_dir: Path, dtype: torch.dtype | None = None) -> None:
         """The base pipeline with the trained modules swapped in; the base's own inference scheduler is kept."""
         with loading(c.source, "pipeline"):
             pipe = self.pipeline_class.from_pretrained(c.source.name_or_path, **{self.denoiser_name: denoiser},
                                                        **self._modules(c, text_encoders), **self.load_options,
                                                        **c.source.hub_kwargs())
+        if dtype is not None:  # --save_precision: files half the size (the trained modules are cast back after)
+            trained = [denoiser, *text_encoders.values()]
+            before = [next(m.parameters()).dtype for m in trained]
+            pipe.to(dtype)
         pipe.save_pretrained(output_dir, safe_serialization=True)
+        if dtype is not None:
+            for module, was in zip(trained, before):
+                module.to(was)
 
     def save_lora(self, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None,
                   output_dir: Path) -> None:

@@ -10,6 +10,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, T5EncoderModel
 
+from ..noising import to_device
 from . import register
 from .base import Components, Denoise, ModelSource
 from .common import DiffusersFamily, TextPart
@@ -51,9 +52,10 @@ class Flux(DiffusersFamily):
         """As `FluxPipeline.encode_prompt`: CLIP-L's pooled output, T5's last hidden states."""
         encoders = {**c.text_encoders, **(text_encoders or {})}
         clip, t5 = encoders["text_encoder"], encoders[T5_PART]
-        pooled = clip(input_ids["text_encoder"].to(clip.device), output_hidden_states=False).pooler_output
+        pooled = clip(to_device(input_ids["text_encoder"], clip.device), output_hidden_states=False).pooler_output
         ids = input_ids[T5_PART]
-        states = self.frozen_states(c, T5_PART, ids, lambda: t5(ids.to(t5.device), output_hidden_states=False)[0])
+        states = self.frozen_states(c, T5_PART, ids,
+                                    lambda: t5(to_device(ids, t5.device), output_hidden_states=False)[0])
         return {"encoder_hidden_states": states, "pooled_projections": pooled}
 
     def denoiser_call(self, c: Components, denoiser: torch.nn.Module, cond: dict[str, torch.Tensor],

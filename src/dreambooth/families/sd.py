@@ -9,6 +9,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
+from ..noising import to_device
 from . import register
 from .base import Components, Denoise, ModelSource
 from .common import DiffusersFamily, TextPart
@@ -37,7 +38,7 @@ class StableDiffusion(DiffusersFamily):
     def encode(self, c: Components, input_ids: dict[str, torch.Tensor], cfg: Any,
                text_encoders: dict[str, torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
         encoder = {**c.text_encoders, **(text_encoders or {})}["text_encoder"]
-        return {"encoder_hidden_states": encoder(input_ids["text_encoder"].to(encoder.device))[0]}
+        return {"encoder_hidden_states": encoder(to_device(input_ids["text_encoder"], encoder.device))[0]}
 
     def unet_kwargs(self, cond: dict[str, torch.Tensor], batch: dict[str, Any], cfg: Any) -> dict[str, Any]:
         """The UNet's conditioning keywords for a batch (SDXL adds size conditioning)."""

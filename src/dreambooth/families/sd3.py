@@ -10,6 +10,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
+from ..noising import to_device
 from . import register
 from .base import Components, Denoise
 from .common import DiffusersFamily, TextPart
@@ -50,13 +51,13 @@ class StableDiffusion3(DiffusersFamily):
         hidden, pooled = [], []
         for part in self.text_parts[:2]:
             encoder = encoders[part.encoder]
-            out = encoder(input_ids[part.encoder].to(encoder.device), output_hidden_states=True)
+            out = encoder(to_device(input_ids[part.encoder], encoder.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled.append(out[0])
         clip = torch.cat(hidden, dim=-1)
         if T5_PART in encoders:
             t5, ids = encoders[T5_PART], input_ids[T5_PART]
-            t5_states = self.frozen_states(c, T5_PART, ids, lambda: t5(ids.to(t5.device))[0]).to(clip.dtype)
+            t5_states = self.frozen_states(c, T5_PART, ids, lambda: t5(to_device(ids, t5.device))[0]).to(clip.dtype)
         else:  # as the pipeline does without T5
             width = c.denoiser.config.joint_attention_dim
             t5_states = clip.new_zeros(clip.shape[0], self.option(cfg, "max_sequence_length"), width)

@@ -9,6 +9,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
+from ..noising import to_device
 from . import register
 from .base import Components
 from .common import TextPart
@@ -36,7 +37,7 @@ class StableDiffusionXL(StableDiffusion):
         hidden, pooled = [], None
         for part in self.text_parts:
             encoder = encoders[part.encoder]
-            out = encoder(input_ids[part.encoder].to(encoder.device), output_hidden_states=True)
+            out = encoder(to_device(input_ids[part.encoder], encoder.device), output_hidden_states=True)
             hidden.append(out.hidden_states[-2])
             pooled = out[0]  # CLIPTextModelWithProjection: text_embeds
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
@@ -48,7 +49,7 @@ class StableDiffusionXL(StableDiffusion):
         time_ids = torch.cat([batch["original_sizes"], batch["crop_top_lefts"], target], dim=1)
         return {"encoder_hidden_states": states,
                 "added_cond_kwargs": {"text_embeds": cond["text_embeds"],
-                                      "time_ids": time_ids.to(states.device, states.dtype)}}
+                                      "time_ids": to_device(time_ids, states.device, states.dtype)}}
 
     def single_file_state(self, pipe: Any) -> dict[str, torch.Tensor]:
         from ..single_file import pipeline_to_ldm

@@ -203,6 +203,8 @@ def test_evaluate_an_object_subject_without_lpips_skips_div_and_says_so(tiny_mod
 
 @pytest.mark.parametrize("family", list(BUNDLED_MODELS))
 def test_evaluate_toy_backend_offline_on_the_bundled_model(tmp_path, capsys, family):
+    if not (BUNDLED_MODELS[family] / "model_index.json").is_file():
+        pytest.skip(f"the {family} toy model is not bundled yet (see README: the toy world)")
     code = main(["evaluate", "--backend", "toy", "--subject", "circle", "--model", str(BUNDLED_MODELS[family]),
                  "--identifier",
                  "zq", "--images_per_prompt", "3", "--class_images", "4", "--num_inference_steps", "8",

@@ -188,15 +188,19 @@ def train_denoiser(unet, text_encoder, tokenizer, latents: tuple[torch.Tensor, t
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, schedule.config.num_train_timesteps, (len(idx),), generator=gen)
         pred = unet(schedule.add_noise(z0, noise, t), t, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        update(F.mse_loss(pred, noise), opt, sched, ema, params, bar)
     return ema
+
+
+def update(loss: torch.Tensor, opt, sched, ema: EMA, params: list, bar) -> None:
+    """One pretraining step after the loss: gradients clipped to norm 1, AdamW, schedule, EMA, progress."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    ema.update()
+    bar.set_postfix(loss=f"{loss.item():.4f}")
 
 
 def pretrain(config: PretrainConfig | dict | str | Path | None = None, **overrides) -> Path:

@@ -54,7 +54,7 @@ def build_sd3_models(vocab_size: int, layers: int) -> tuple[CLIPTextModelWithPro
 
 def pretrain_sd3(cfg: Any, out: Path, vae_from: Path) -> dict[str, Any]:
     """Train and save the SD3 toy pipeline into `out`; returns what pretrain.json records."""
-    from .pretrain import EMA, encode_all, lr_factor
+    from .pretrain import EMA, encode_all, lr_factor, update
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -96,14 +96,7 @@ def pretrain_sd3(cfg: Any, out: Path, vae_from: Path) -> dict[str, Any]:
         cond = family.encode(c, token_ids(texts), FLOW_OPTIONS)
         denoise = family.denoiser_call(c, transformer, cond, {}, FLOW_OPTIONS)
         keys = Keys(cfg.seed, torch.arange(step * len(idx), (step + 1) * len(idx)), torch.zeros(len(idx), dtype=bool))
-        loss = objective.losses(denoise, z0, keys).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        update(objective.losses(denoise, z0, keys).mean(), opt, sched, ema, params, bar)
     ema.copy_to_model()
 
     pipe = StableDiffusion3Pipeline(transformer=transformer.eval(), scheduler=scheduler, vae=vae,

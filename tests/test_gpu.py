@@ -95,7 +95,7 @@ def test_frozen_text_encoders_leave_the_gpu_once_their_embeddings_are_cached(bas
 
 
 def test_host_tensors_reach_the_gpu_through_pinned_memory_unchanged():
-    from dreambooth.noising import to_device
+    from dreambooth.devices import to_device
 
     x = torch.randn(64, 4, 8, 8)
     y = to_device(x, "cuda", torch.float16)

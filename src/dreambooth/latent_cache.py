@@ -13,7 +13,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from .noising import to_device
+from .devices import to_device
 
 
 class LatentCache:

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from diffusers.training_utils import compute_snr
 
-from .noising import to_device
+from .devices import to_device
 
 
 class LossParts(NamedTuple):

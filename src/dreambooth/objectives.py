@@ -21,8 +21,9 @@ import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 from .data import keyed_generator
+from .devices import to_device
 from .loss import diffusion_target, min_snr_weights, per_example_mse
-from .noising import keyed_normal, noise_batch, to_device
+from .noising import keyed_normal, noise_batch
 from .registry import Registry
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noisy latents, time values) -> prediction

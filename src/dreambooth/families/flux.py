@@ -10,7 +10,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, T5EncoderModel
 
-from ..noising import to_device
+from ..devices import to_device
 from . import register
 from .base import Components, Denoise, ModelSource
 from .common import DiffusersFamily, TextPart

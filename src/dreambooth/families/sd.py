@@ -9,7 +9,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from ..noising import to_device
+from ..devices import to_device
 from . import register
 from .base import Components, Denoise, ModelSource
 from .common import DiffusersFamily, TextPart

@@ -10,7 +10,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
-from ..noising import to_device
+from ..devices import to_device
 from . import register
 from .base import Components, Denoise
 from .common import DiffusersFamily, TextPart

@@ -9,7 +9,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from ..noising import to_device
+from ..devices import to_device
 from . import register
 from .base import Components
 from .common import TextPart

@@ -214,16 +214,24 @@ def pretrain(config: PretrainConfig | dict | str | Path | None = None, **overrid
 
 
 def _pretrain(cfg: PretrainConfig, out: Path) -> Path:
+    """Train the family's toy model into `out`, then record how (pretrain.json)."""
     if cfg.family == "sd3":
         from .demo import BUNDLED
         from .pretrain_flow import pretrain_sd3
 
         info = pretrain_sd3(cfg, out, BUNDLED)
-        info["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in schema.to_dict(cfg).items()}
-        info["torch_threads"] = torch.get_num_threads()
-        write_text_atomic(out / "pretrain.json", json.dumps(info, indent=2) + "\n")
-        log.info("toy model written to %s in %.1f min", out, info["minutes"])
-        return out
+    else:
+        info = pretrain_sd(cfg, out)
+    info = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in schema.to_dict(cfg).items()}, **info,
+            "torch_threads": torch.get_num_threads()}
+    write_text_atomic(out / "pretrain.json", json.dumps(info, indent=2) + "\n")
+    log.info("toy model written to %s in %.1f min", out, info["minutes"])
+    return out
+
+
+def pretrain_sd(cfg: PretrainConfig, out: Path) -> dict:
+    """The DDPM toy model: VAE, then UNet and text encoder on the cached latents; returns what pretrain.json
+    records."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     started = time.time()
@@ -251,10 +259,5 @@ def _pretrain(cfg: PretrainConfig, out: Path) -> Path:
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
-    minutes = (time.time() - started) / 60
-    info = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in schema.to_dict(cfg).items()},
-            "minutes": round(minutes, 1), "vae_minutes": round(vae_minutes, 1), "scaling_factor": scaling,
-            "torch_threads": torch.get_num_threads()}
-    write_text_atomic(out / "pretrain.json", json.dumps(info, indent=2) + "\n")
-    log.info("toy model written to %s in %.1f min", out, minutes)
-    return out
+    return {"minutes": round((time.time() - started) / 60, 1), "vae_minutes": round(vae_minutes, 1),
+            "scaling_factor": scaling}

@@ -17,7 +17,7 @@ from dreambooth.evaluation import evaluate, metrics, protocol
 from dreambooth.evaluation.backbones import Clip, Dino
 from dreambooth.evaluation.lpips import load_lpips, pairwise_distances
 from dreambooth.toy.demo import BUNDLED, BUNDLED_MODELS
-from dreambooth.toy.measure import toy_sampling
+from dreambooth.toy.measure import toy_options, toy_sampling
 from tiny import make_tiny_clip, make_tiny_dino, make_tiny_lpips
 
 METRICS = {"dino", "clip_i", "clip_t", "pres", "div"}
@@ -203,8 +203,6 @@ def test_evaluate_an_object_subject_without_lpips_skips_div_and_says_so(tiny_mod
 
 @pytest.mark.parametrize("family", list(BUNDLED_MODELS))
 def test_evaluate_toy_backend_offline_on_the_bundled_model(tmp_path, capsys, family):
-    if not (BUNDLED_MODELS[family] / "model_index.json").is_file():
-        pytest.skip(f"the {family} toy model is not bundled yet (see README: the toy world)")
     code = main(["evaluate", "--backend", "toy", "--subject", "circle", "--model", str(BUNDLED_MODELS[family]),
                  "--identifier",
                  "zq", "--images_per_prompt", "3", "--class_images", "4", "--num_inference_steps", "8",
@@ -217,6 +215,7 @@ def test_evaluate_toy_backend_offline_on_the_bundled_model(tmp_path, capsys, fam
     assert report["metrics"]["prompt"]["value"] > 0.5  # but draws the class and the named attributes
     assert len(report["per_prompt"]) == 7 and report["per_prompt"][0]["prompt"] == "a zq circle on a white background"
     assert (report["sampling"]["sampler"], report["sampling"]["guidance_scale"]) == toy_sampling(family)[::2]
+    assert report["sampling"].get("max_sequence_length") == toy_options(family).get("max_sequence_length")
     assert len(list((tmp_path / "toy" / "grids").glob("*.png"))) == 7
     assert "subject" in capsys.readouterr().out
 

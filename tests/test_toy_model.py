@@ -20,20 +20,13 @@ SD3_RISE = 0.25  # the DDPM toy's bar, to be checked on the SD3 toy model once i
 PIPELINES = {"sd": StableDiffusionPipeline, "sd3": StableDiffusion3Pipeline}
 
 
-def bundled(family: str):
-    """The bundled toy model of a family; the SD3 one ships once it meets the quality bar (README: the toy world)."""
-    model = BUNDLED_MODELS[family]
-    if family != "sd" and not (model / "model_index.json").is_file():
-        pytest.skip(f"the {family} toy model is not bundled yet (`dreambooth toy pretrain --family {family}` makes "
-                    "one; it has not yet met the quality bar)")
-    return model
 NO_T5 = {"sd": {}, "sd3": {"text_encoder_3": None, "tokenizer_3": None}}  # how diffusers loads SD3 without T5
 DENOISERS = {"sd": "unet", "sd3": "transformer"}
 
 
 @pytest.mark.parametrize("family", list(BUNDLED_MODELS))
 def test_bundled_model_is_a_small_safetensors_pipeline(family):
-    model = bundled(family)
+    model = BUNDLED_MODELS[family]
     weights = sorted(model.glob("*/*.safetensors"))
     texts = {"sd": {"text_encoder"}, "sd3": {"text_encoder", "text_encoder_2"}}[family]  # no T5 in the SD3 toy
     assert {w.parent.name for w in weights} == {DENOISERS[family], "vae", *texts}
@@ -46,7 +39,7 @@ def test_bundled_model_is_a_small_safetensors_pipeline(family):
 
 @pytest.mark.parametrize("family", list(BUNDLED_MODELS))
 def test_bundled_model_meets_a_reduced_quality_bar(family):
-    q = quality(load_toy(str(bundled(family))), per_prompt=4, triples=10, seed=1)
+    q = quality(load_toy(str(BUNDLED_MODELS[family])), per_prompt=4, triples=10, seed=1)
     assert q.samples == 40
     assert min(q.named.values()) >= 0.7, q.lines()
     assert q.open_variety["position"] >= 0.5, q.lines()
@@ -85,7 +78,6 @@ def test_sd3_pretrain_is_reproducible_and_loads(tmp_path):
 
 @pytest.mark.parametrize("family, rise", [("sd", 0.25), ("sd3", SD3_RISE)])
 def test_short_dreambooth_run_raises_subject_fidelity(tmp_path, family, rise):
-    bundled(family)
     report = demo(family=family, output_dir=tmp_path / "demo", max_train_steps=200, num_class_images=24, samples=8,
                   device="cpu")  # the thresholds below were set on the CPU
     before, after = report["before"], report["after"]

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 import dreambooth
 from conftest import to_argv
 from dreambooth.cli import main
+from dreambooth.events import read_events
 from tiny import make_images
 
 
@@ -53,6 +54,20 @@ def test_reference_command_line_end_to_end(base_args, tiny_model, tmp_path):
     assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000010.png", "step-000020.png"]
     assert not any(out.glob("*.bin")) and not any(out.rglob("*.pt"))
 
+    # the event stream (what `dreambooth ui` reads): class images, start, every step, the grids, the end
+    events, _ = read_events(out / "events.jsonl")
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "class_images" and kinds[-1] == "finish" and kinds.count("start") == 1
+    assert events[kinds.index("start") - 1] | {"time": 0} == {"event": "class_images", "done": 4, "total": 4,
+                                                              "folder": args["class_data_dir"], "time": 0}
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, 21)) and steps[-1]["eta_s"] == 0
+    assert sum(e["loss"] for e in steps) / 20 == summary["mean_loss"]  # the same floats, added in the same order
+    grids = [e for e in events if e["event"] == "validation"]
+    assert [e["step"] for e in grids] == [10, 20] and all(Path(e["path"]).is_file() for e in grids)
+    assert events[-1]["summary"] == summary
+    stream = (out / "events.jsonl").read_bytes()
+
     # diffusers loads and renders it
     pipe = StableDiffusionPipeline.from_pretrained(out, use_safetensors=True)
     image = pipe("a zwx dog", num_inference_steps=2, output_type="pil",
@@ -63,7 +78,7 @@ def test_reference_command_line_end_to_end(base_args, tiny_model, tmp_path):
     # class image and, with the same seed on the same device, learns the same weights bit for bit
     first = weights(out, "unet")
     assert main(["train", *to_argv(args)]) == 2
-    assert same(weights(out, "unet"), first)
+    assert same(weights(out, "unet"), first) and (out / "events.jsonl").read_bytes() == stream
     again_dir = tmp_path / "again"
     assert main(["train", *to_argv({**args, "output_dir": str(again_dir)})]) == 0
     again = json.loads((again_dir / "run_summary.json").read_text())

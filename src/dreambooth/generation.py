@@ -7,6 +7,7 @@ import json
 import logging
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -44,6 +45,9 @@ class GenerateConfig:
                                  choices=sampler_names)
     height: int | None = option(None, "Image height (default: the model's)", check=at_least(8))
     width: int | None = option(None, "Image width (default: the model's)", check=at_least(8))
+    max_sequence_length: int | None = option(None, "SD3/Flux: T5 tokens per prompt (default: as the model was "
+                                             "trained (its train_config.json), else 77 for SD3, 512 for Flux)",
+                                             check=at_least(1))
     batch_size: int = option(4, "Images per forward pass", check=at_least(1))
     precision: str = option("auto", "Weights precision: auto = fp16 on GPU, fp32 on CPU",
                             choices=("auto", "fp32", "fp16", "bf16"))
@@ -53,6 +57,19 @@ class GenerateConfig:
 
 def slug(text: str, limit: int = 48) -> str:
     return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-").lower()[:limit] or "prompt"
+
+
+def trained_config(model: str) -> dict[str, Any]:
+    """The train_config.json next to a trained output or inside a checkpoint; {} for any other model."""
+    path = Path(model).expanduser() / "train_config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def sampling_options(model: str, max_sequence_length: int | None, fallback: int | None = None) -> SimpleNamespace:
+    """The run options a pipeline call reads (`family.pipeline_kwargs`): the T5 length is the flag's, else the one
+    the model was trained with (its train_config.json), else `fallback`, else the family's default."""
+    length = max_sequence_length or trained_config(model).get("max_sequence_length") or fallback
+    return SimpleNamespace(max_sequence_length=length)
 
 
 def load_for_inference(model: str, dtype: torch.dtype, lora: list[str] | None = None,
@@ -145,7 +162,7 @@ def generate(config: GenerateConfig | dict | str | Path | None = None, **overrid
         guidance = cfg.guidance_scale if cfg.guidance_scale is not None else family.default_guidance
         settings = {"negative_prompt": cfg.negative_prompt, "steps": cfg.num_inference_steps, "model": cfg.model,
                     "sampler": resolve_sampler(cfg.sampler, family), "guidance_scale": guidance}
-        extra = family.pipeline_kwargs()  # e.g. SD3's T5 length, as it was trained
+        extra = family.pipeline_kwargs(sampling_options(cfg.model, cfg.max_sequence_length))  # SD3's T5 length
         all_images = []
         for p_index, prompt in enumerate(cfg.prompt):
             seeds = [derive_seed(cfg.seed, i) for i in range(cfg.num_images)]

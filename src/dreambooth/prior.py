@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .config import TrainConfig
 from .data import derive_seed, scan_folder
 from .errors import DreamBoothError, is_out_of_memory
+from .events import Events
 from .families import ModelFamily, ModelSource, model_identity
 from .files import save_image_atomic, write_text_atomic
 from .sampling import make_scheduler, resolve_sampler
@@ -91,8 +92,11 @@ def plan(folder: Path, digest: str, wanted: int) -> tuple[list[Path], dict[int, 
     return user[:wanted], ours, stale
 
 
-def ensure_class_images(cfg: TrainConfig, family: ModelFamily, source: ModelSource, accelerator) -> ClassImages:
-    """Make sure cfg.num_class_images class images exist; generate (split over processes) only what is missing."""
+def ensure_class_images(cfg: TrainConfig, family: ModelFamily, source: ModelSource, accelerator,
+                        events: Events | None = None) -> ClassImages:
+    """Make sure cfg.num_class_images class images exist; generate (split over processes) only what is missing.
+    Progress goes to `events` as "class_images" events (this process's share: done of total)."""
+    events = events or Events()
     folder = Path(cfg.class_data_dir)
     dtype = generation_dtype(cfg.prior_generation_precision, accelerator.device)
     settings = class_settings(cfg, family, source, dtype)
@@ -107,7 +111,7 @@ def ensure_class_images(cfg: TrainConfig, family: ModelFamily, source: ModelSour
     if missing:
         folder.mkdir(parents=True, exist_ok=True)
         mine = missing[accelerator.process_index :: accelerator.num_processes]
-        _generate(cfg, family, source, folder, digest, mine, dtype, settings, accelerator)
+        _generate(cfg, family, source, folder, digest, mine, dtype, settings, accelerator, events)
     accelerator.wait_for_everyone()
 
     ours = {i: folder / f"class-{digest}-{i:05d}.png" for i in needed}
@@ -123,12 +127,13 @@ def image_seed(digest: str, index: int) -> int:
 
 
 def _generate(cfg: TrainConfig, family: ModelFamily, source: ModelSource, folder: Path, digest: str,
-              indices: list[int], dtype: torch.dtype, settings: dict[str, Any], accelerator) -> None:
+              indices: list[int], dtype: torch.dtype, settings: dict[str, Any], accelerator, events: Events) -> None:
     pipe = family.load_pipeline(source, dtype).to(accelerator.device)
     pipe.scheduler = make_scheduler(settings["sampler"], pipe.scheduler.config, family.sampler_kind)
     cuda = accelerator.device.type == "cuda"
     batch_size = BatchSize(cfg.sample_batch_size, cuda)
     bar = tqdm(total=len(indices), desc="class images", unit="img", disable=not accelerator.is_local_main_process)
+    events.emit("class_images", done=0, total=len(indices), folder=str(folder))
     # PNG encoding and writing happen on a thread while the next batch samples; a kill leaves no half image
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="class-images") as writer:
         written = []
@@ -154,6 +159,7 @@ def _generate(cfg: TrainConfig, family: ModelFamily, source: ModelSource, folder
                         for i, img in zip(batch, images)]
             start += len(batch)
             bar.update(len(batch))
+            events.emit("class_images", done=start, total=len(indices), folder=str(folder))
         for done in written:
             done.result()  # a write that failed raises here
     bar.close()

@@ -22,6 +22,7 @@ from .checkpoint import checkpoint_config, checkpoint_identity, find_checkpoint,
 from .config import TrainConfig
 from .data import ImageFolder, scan_folder
 from .errors import CheckpointError, DataError, DreamBoothError, first_line
+from .events import EVENTS_FILE, EventFile, Events
 from .families import ModelFamily, ModelSource, get_family
 from .files import write_text_atomic
 from .outputs import OutputFolder
@@ -48,13 +49,15 @@ class Run:
     resume_from: Path | None
     output: OutputFolder  # locked by the main process; claimed once the models have loaded
     started: float = field(default_factory=time.time)
+    events: Events = field(default_factory=Events)  # progress; written to events.jsonl once the folder is claimed
 
     def claim(self) -> None:
-        """The models loaded: the output folder becomes this run's (record and train_config.json)."""
+        """The models loaded: the output folder becomes this run's (record, train_config.json, events.jsonl)."""
         if self.accelerator.is_main_process:
             self.output.claim(identity=identity(schema.to_dict(self.cfg)))
             write_text_atomic(Path(self.cfg.output_dir) / CONFIG_FILE,
                               json.dumps(schema.to_dict(self.cfg), indent=2))
+            self.events.add(EventFile(self.output.entry(EVENTS_FILE)))
 
     def kept(self) -> str:
         """What survives a failure now (for one-line errors)."""

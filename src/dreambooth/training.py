@@ -24,6 +24,7 @@ from .data import DreamBoothDataset, StepBatchSampler, collate
 from .errors import ConfigError, DreamBoothError, first_line, is_out_of_memory
 from .evaluation import evaluate
 from .evaluation.evaluate import for_training
+from .events import Sink, eta_seconds
 from .families import Components, ModelFamily
 from .files import write_text_atomic
 from .identifier import check as check_identifier
@@ -82,7 +83,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
     evaluation = for_training(cfg) if cfg.eval else None  # a bad evaluation setting fails before training
     with determinism(cfg.deterministic):
         run = setup(cfg)
-        with run.output, memory_errors(cfg, run.kept):  # locked until the end; errors say what was kept
+        with run.output, reported(run), memory_errors(cfg, run.kept):  # locked till the end; errors say what's kept
             parts = build(run)
             fit(run, parts)
             summary = finish(run, parts)
@@ -91,6 +92,19 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
                 summary["evaluation"] = evaluate(for_training(cfg))["metrics"]
                 write_text_atomic(Path(cfg.output_dir) / SUMMARY_FILE, json.dumps(summary, indent=2))
     return summary
+
+
+@contextmanager
+def reported(run: Run) -> Iterator[None]:
+    """A run that stops on an error (or Ctrl-C) says so in its event stream, in the line the user sees."""
+    try:
+        yield
+    except BaseException as e:
+        message = str(e) if isinstance(e, DreamBoothError) else first_line(e, 300) or type(e).__name__
+        run.events.emit("error", message=message, error=type(e).__name__, kept=run.kept())
+        raise
+    finally:
+        run.events.close()
 
 
 @contextmanager
@@ -111,7 +125,8 @@ def build(run: Run) -> Parts:
     """Class images, models, data, optimizer and schedule; restores a checkpoint when resuming."""
     cfg, acc = run.cfg, run.accelerator
     # class images first: generation loads its own pipeline, freed before the training copies load
-    class_images = ensure_class_images(cfg, run.family, run.source, acc) if cfg.with_prior_preservation else None
+    class_images = (ensure_class_images(cfg, run.family, run.source, acc, run.events)
+                    if cfg.with_prior_preservation else None)
     c = run.family.load(run.source, cfg.prediction_type, quantization(cfg, WEIGHT_DTYPES.get(acc.mixed_precision)))
     run.claim()  # the inputs loaded: from here on the output folder is this run's
 
@@ -301,6 +316,11 @@ def fit(run: Run, parts: Parts) -> None:
                                             if isinstance(v, int | float | str | bool)})
     bar = tqdm(total=parts.max_train_steps, initial=start, desc="train", unit="step",
                disable=not acc.is_local_main_process)
+    run.events.add(progress_bar(bar), replay=False)
+    run.events.add(trackers(acc), replay=False)
+    run.events.emit("start", step=start, max_train_steps=parts.max_train_steps, family=run.family.name,
+                    use_lora=cfg.use_lora, processes=acc.num_processes, output_dir=str(cfg.output_dir),
+                    resumed_from=str(run.resume_from) if run.resume_from else None)
     window = torch.zeros(3, device=acc.device)  # loss, instance, prior summed over one optimizer step
     pending: list[tuple[int, torch.Tensor, float]] = []  # (step, window, lr) not yet read back from the device
 
@@ -335,34 +355,58 @@ def fit(run: Run, parts: Parts) -> None:
         step = parts.state["step"] = parts.state["step"] + 1
         pending.append((step, window, parts.lr_scheduler.get_last_lr()[0]))
         window = torch.zeros(3, device=acc.device)
-        bar.update(1)
         checkpoint = step % cfg.checkpointing_steps == 0
         validation = bool(cfg.validation_prompt) and step % parts.validation_every == 0
         if checkpoint or validation or step % cfg.logging_steps == 0 or step == parts.max_train_steps:
-            report_losses(run, parts, pending, bar)  # the loop's one wait on the device
+            report_losses(run, parts, pending)  # the loop's one wait on the device
 
         if checkpoint:
-            save(run, parts, step)
+            run.events.emit("checkpoint", step=step, path=str(save(run, parts, step)))
         if validation and acc.is_main_process:
-            render_validation(run.family, c, parts.denoiser, parts.text_encoders, cfg, step, acc)
-    report_losses(run, parts, pending, bar)
+            path = render_validation(run.family, c, parts.denoiser, parts.text_encoders, cfg, step, acc)
+            run.events.emit("validation", step=step, path=str(path))
+    report_losses(run, parts, pending)
     bar.close()
 
 
-def report_losses(run: Run, parts: Parts, pending: list[tuple[int, torch.Tensor, float]], bar: tqdm) -> None:
+def report_losses(run: Run, parts: Parts, pending: list[tuple[int, torch.Tensor, float]]) -> None:
     """Read the pending steps' losses back from the device in one transfer (averaged over processes), add them to
-    the run's sums step by step and log each step. Reading a loss makes the host wait for the GPU, so the loop
-    does it every --logging_steps steps (and before a checkpoint or validation), not every step."""
+    the run's sums step by step and emit a "step" event for each. Reading a loss makes the host wait for the GPU,
+    so the loop does it every --logging_steps steps (and before a checkpoint or validation), not every step."""
     if not pending:
         return
     rows = run.accelerator.reduce(torch.stack([w for _, w, _ in pending]), reduction="mean").tolist()
+    start, now = run.events.last("start"), time.time()
     for (step, _, lr), (loss, instance, prior) in zip(pending, rows):
         for key, value in zip(("loss_sum", "instance_sum", "prior_sum"), (loss, instance, prior)):
             parts.state[key] += value
         parts.state["last_loss"] = loss
-        run.accelerator.log({"loss": loss, "loss_instance": instance, "loss_prior": prior, "lr": lr}, step=step)
-    bar.set_postfix(loss=f"{rows[-1][0]:.4f}", lr=f"{pending[-1][2]:.2e}")
+        eta = eta_seconds(step, parts.max_train_steps, start["step"], start["time"], now)
+        run.events.emit("step", step=step, max_train_steps=parts.max_train_steps, loss=loss, loss_instance=instance,
+                        loss_prior=prior, lr=lr, eta_s=None if eta is None else round(eta, 1))
     pending.clear()
+
+
+def progress_bar(bar: tqdm) -> Sink:
+    """The terminal's view of the stream: the bar moves to each step, its postfix shows loss and learning rate."""
+
+    def sink(event: dict[str, Any]) -> None:
+        if event["event"] == "step":  # steps arrive a logging window at a time: each one is drawn
+            bar.update(event["step"] - bar.n)
+            bar.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{event['lr']:.2e}")
+
+    return sink
+
+
+def trackers(acc) -> Sink:
+    """The experiment trackers' view (TensorBoard, W&B, ...): each step's losses and learning rate."""
+
+    def sink(event: dict[str, Any]) -> None:
+        if event["event"] == "step":
+            acc.log({"loss": event["loss"], "loss_instance": event["loss_instance"],
+                     "loss_prior": event["loss_prior"], "lr": event["lr"]}, step=event["step"])
+
+    return sink
 
 
 def unwrapped(acc, modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
@@ -422,8 +466,11 @@ def finish(run: Run, parts: Parts) -> dict[str, Any]:
             run.family.save(parts.components, denoiser, unwrapped(acc, parts.text_encoders), out,
                             SAVE_DTYPES[cfg.save_precision])
         if cfg.validation_prompt and steps % parts.validation_every != 0:
-            render_validation(run.family, parts.components, parts.denoiser, parts.text_encoders, cfg, steps, acc)
+            path = render_validation(run.family, parts.components, parts.denoiser, parts.text_encoders, cfg, steps,
+                                     acc)
+            run.events.emit("validation", step=steps, path=str(path))
         write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))  # last: marks the run finished
+        run.events.emit("finish", step=steps, summary=summary)
         log.info("saved the fine-tuned pipeline to %s (%d steps, mean loss %s)", out, steps,
                  f"{summary['mean_loss']:.4f}" if summary["mean_loss"] is not None else "n/a")
     acc.wait_for_everyone()

@@ -177,10 +177,11 @@ class Toy(Backend):
 
     def sampling_for(self, family: str | None) -> dict[str, Any]:
         """The toy world's own settings for the toy model of that family."""
-        from ..toy.measure import toy_sampling
+        from ..toy.measure import toy_options, toy_sampling
 
         sampler, steps, guidance = toy_sampling(family or "sd")
-        return {"sampler": sampler, "num_inference_steps": steps, "guidance_scale": guidance}
+        return {"sampler": sampler, "num_inference_steps": steps, "guidance_scale": guidance,
+                **toy_options(family or "sd")}
 
     def cases(self, subject: Subject) -> list[Case]:
         """Prompts name the subject by the noun it was trained with (which may be wrong or empty, as in the class-noun

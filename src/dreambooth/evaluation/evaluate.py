@@ -64,6 +64,9 @@ class EvaluateConfig:
     negative_prompt: str | None = option(None, "Negative prompt", group="sampling")
     resolution: int | None = option(None, "Image size to sample (default: the pipeline's; `train --eval`: the "
                                     "training resolution)", check=at_least(8), group="sampling")
+    max_sequence_length: int | None = option(None, "SD3/Flux: T5 tokens per prompt (default: as the model was "
+                                             "trained, else the backend's, else 77 for SD3, 512 for Flux)",
+                                             check=at_least(1), group="sampling")
     batch_size: int = option(8, "Images per forward pass", check=at_least(1), group="sampling")
     precision: str = option("auto", "Sampling precision: auto = fp16 on GPU, fp32 on CPU",
                             choices=("auto", "fp32", "fp16", "bf16"), group="sampling")
@@ -186,7 +189,9 @@ def for_training(train_cfg: Any) -> EvaluateConfig:
 
 def resolve_subject(cfg: EvaluateConfig) -> Subject:
     """Class noun, identifier and prompt list from the flags, the protocol and the model's training config."""
-    trained = training_config(cfg.model) if cfg.model else {}
+    from ..generation import trained_config
+
+    trained = trained_config(cfg.model) if cfg.model else {}
     identifier = cfg.identifier or trained.get("identifier")
     prompt = trained.get("instance_prompt")
     if identifier is None and prompt:
@@ -206,12 +211,6 @@ def resolve_subject(cfg: EvaluateConfig) -> Subject:
         raise ConfigError("class_noun", None, "required: pass --class_noun (or --subject with a DreamBench name)")
     live = cfg.live if cfg.live is not None else bool(bench and bench.live)
     return Subject(cfg.subject, noun, identifier, live)
-
-
-def training_config(model: str) -> dict[str, Any]:
-    """The train_config.json next to a trained output or inside a checkpoint; {} for any other model."""
-    path = Path(model).expanduser() / "train_config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def load_real(cfg: EvaluateConfig) -> list[Image.Image]:
@@ -241,14 +240,15 @@ def sample_all(cfg: EvaluateConfig, sampler: tuple[Any, Any], cases: list[Case],
     device); written as they come."""
     from tqdm.auto import tqdm
 
-    from ..generation import render
+    from ..generation import render, sampling_options
 
     pipe, device = sampler
     from ..families import family_of
 
+    options = sampling_options(str(cfg.model), cfg.max_sequence_length, sampling.get("max_sequence_length"))
     kwargs = {"num_inference_steps": sampling["num_inference_steps"], "guidance_scale": sampling["guidance_scale"],
               "negative_prompt": cfg.negative_prompt, "height": cfg.resolution, "width": cfg.resolution,
-              **family_of(pipe).pipeline_kwargs()}  # e.g. SD3's T5 length, as training used it
+              **family_of(pipe).pipeline_kwargs(options)}  # e.g. SD3's T5 length, as training used it
     jobs = [(f"{i:02d}", c.prompt, n) for i, c in enumerate(cases)]
     jobs.append((CLASS_FOLDER, *class_job))
     results = {}

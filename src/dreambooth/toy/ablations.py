@@ -30,7 +30,7 @@ from ..errors import ConfigError, DreamBoothError
 from ..files import write_text_atomic
 from ..outputs import OutputFolder
 from ..schema import at_least, option, positive
-from .measure import toy_sampling
+from .measure import toy_options, toy_sampling
 from .subjects import SUBJECTS, Subject
 from .world import CLASSES, prompt
 
@@ -234,6 +234,7 @@ def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Pat
                     "checkpointing_steps": steps + 1, "mixed_precision": "no", "seed": seed, "device": cfg.device,
                     "output_dir": str(folder / "model"),
                     **({"weighting_scheme": variant.weighting} if variant.weighting else {}),
+                    **toy_options(cfg.family),
                 }
                 evaluate = {"backend": "toy", "model": str(folder / "model"), "subject": name, "class_noun": noun,
                             "identifier": v, "images_per_prompt": cfg.images_per_prompt,

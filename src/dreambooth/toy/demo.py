@@ -24,7 +24,7 @@ from ..files import write_text_atomic
 from ..outputs import OutputFolder
 from ..schema import at_least, option, positive
 from .judges import read
-from .measure import diversity, is_subject_rate, load_toy, sample, subject_scores, toy_sampling
+from .measure import diversity, is_subject_rate, load_toy, sample, subject_scores, toy_options, toy_sampling
 from .subjects import SUBJECTS, Subject
 from .world import prompt
 
@@ -210,7 +210,7 @@ def _demo(cfg: DemoConfig, model: str, folder: OutputFolder, started: float) -> 
         train_text_encoder=cfg.train_text_encoder, train_batch_size=cfg.train_batch_size,
         max_train_steps=cfg.max_train_steps, learning_rate=cfg.learning_rate or TOY_LEARNING_RATES[family],
         lr_scheduler="constant", lr_warmup_steps=0, checkpointing_steps=cfg.max_train_steps + 1,
-        mixed_precision="no", seed=cfg.seed, output_dir=model_dir, device=cfg.device,
+        mixed_precision="no", seed=cfg.seed, output_dir=model_dir, device=cfg.device, **toy_options(family),
     )
 
     # after

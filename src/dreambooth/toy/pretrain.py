@@ -38,7 +38,7 @@ from .world import COLOURS, SIZE, Scene, caption, held_out_triples, random_scene
 log = logging.getLogger("dreambooth")
 
 
-DENOISER_STEPS = {"sd": 4500, "sd3": 2400}  # the shipped models' step counts
+DENOISER_STEPS = {"sd": 4500, "sd3": 4000}  # the shipped models' step counts
 
 
 @dataclasses.dataclass
@@ -47,7 +47,8 @@ class PretrainConfig:
     family: str = option("sd", "sd: the DDPM toy model (UNet; trains its own VAE); sd3: the flow-matching one (an "
                          "SD3 transformer on the bundled toy VAE)", choices=("sd", "sd3"))
     seed: int = option(0, "Seed of everything: weights, renders, captions, noise")
-    layers: int = option(4, "sd3: joint transformer blocks", check=at_least(1))
+    layers: int = option(6, "sd3: joint transformer blocks", check=at_least(1))
+    patch_size: int = option(2, "sd3: latent pixels per token side (2, as SD3's)", check=at_least(1))
     shift: float = option(1.0, "sd3: the flow-matching schedule's shift (SD3 uses 3 at 1024 px; 32 px wants 1)",
                           check=positive)
     vae_steps: int = option(2500, "VAE training steps", check=at_least(1))
@@ -55,7 +56,7 @@ class PretrainConfig:
     vae_learning_rate: float = option(2e-3, "VAE learning rate", check=positive)
     images: int = option(40000, "Rendered training images (encoded once)", check=at_least(64))
     unet_steps: int | None = option(None, "Denoiser (UNet or transformer) + text encoder training steps (default: "
-                                    "4500 for sd, 2400 for sd3)", check=at_least(1))
+                                    "4500 for sd, 4000 for sd3)", check=at_least(1))
     batch_size: int = option(64, "UNet batch size", check=at_least(1))
     learning_rate: float = option(8e-4, "UNet and text encoder learning rate", check=positive)
     warmup_steps: int = option(200, "Linear warm-up steps, then cosine decay to a tenth", check=at_least(0))

@@ -1,0 +1,91 @@
+"""A training run's progress as structured events, one stream for every consumer.
+
+The loop states each fact once — a step's losses and learning rate, a checkpoint, a validation grid, the end —
+as an event (a flat JSON-able dict with "event" and "time"); sinks consume the stream: the progress bar, the
+experiment trackers (TensorBoard, W&B, ...) and `events.jsonl` in the output folder, which `dreambooth ui` (or any
+script) tails while the run goes on in its own process. Events from before the output folder is the run's own
+(class images are made before the models load) are kept and written first once the file opens.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+EVENTS_FILE = "events.jsonl"
+Sink = Callable[[dict[str, Any]], None]
+
+
+class Events:
+    """Fan-out of events to sinks; sinks added later first receive what was emitted before them."""
+
+    def __init__(self, *sinks: Sink):
+        self.sinks = list(sinks)
+        self.history: list[dict[str, Any]] = []
+
+    def emit(self, kind: str, **data: Any) -> dict[str, Any]:
+        event = {"event": kind, "time": round(time.time(), 3), **data}
+        self.history.append(event)
+        for sink in self.sinks:
+            sink(event)
+        return event
+
+    def last(self, kind: str) -> dict[str, Any]:
+        """The latest event of a kind (KeyError when none was emitted)."""
+        for event in reversed(self.history):
+            if event["event"] == kind:
+                return event
+        raise KeyError(kind)
+
+    def add(self, sink: Sink, replay: bool = True) -> None:
+        if replay:
+            for event in self.history:
+                sink(event)
+        self.sinks.append(sink)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
+
+
+class EventFile:
+    """Appends each event as one JSON line, flushed at once, so a reader in another process sees it; a resumed
+    run appends to the same file (its "start" event says where it resumed)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (held open for the run, closed by close())
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.file.write(json.dumps(event, default=str) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_events(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """The events appended to `path` since byte `offset`, and the offset to read from next. A last line still being
+    written (no newline yet) is left for the next read; a missing file has no events yet."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    events = [json.loads(line) for line in data[:end].decode("utf-8").splitlines() if line.strip()]
+    return events, offset + end
+
+
+def eta_seconds(step: int, total: int, first_step: int, first_time: float, now: float) -> float | None:
+    """Seconds left at this invocation's pace (steps done since it started); None before a step is done."""
+    done = step - first_step
+    if done <= 0:
+        return None
+    return (total - step) * (now - first_time) / done

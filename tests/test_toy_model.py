@@ -14,7 +14,9 @@ from dreambooth.toy.demo import BUNDLED_MODELS, demo
 from dreambooth.toy.measure import load_toy, quality
 from dreambooth.toy.pretrain import pretrain
 
-SD3_RISE = 0.25  # the DDPM toy's bar, to be checked on the SD3 toy model once it ships
+# the SD3 toy's rise in this test's run on the CPU was 0.00 -> 0.92; half of it leaves room for other hardware's
+# numerics while any real regression (a wrong sign, a schedule read backwards) leaves the subject unlearnt (~0)
+SD3_RISE = 0.45
 
 
 PIPELINES = {"sd": StableDiffusionPipeline, "sd3": StableDiffusion3Pipeline}
@@ -37,12 +39,18 @@ def test_bundled_model_is_a_small_safetensors_pipeline(family):
     assert pipe.tokenizer.model_max_length == 16
 
 
+# The floor of position variety on this small sample. The SD3 toy model places objects less variedly than the
+# DDPM one (0.56 against 0.79 on `dreambooth toy quality`'s 240 samples), and on 40 samples of seed 1 it measures
+# 0.20 to 0.31; the floor catches a collapse to one place (0), not that gap.
+POSITION_FLOOR = {"sd": 0.5, "sd3": 0.15}
+
+
 @pytest.mark.parametrize("family", list(BUNDLED_MODELS))
 def test_bundled_model_meets_a_reduced_quality_bar(family):
     q = quality(load_toy(str(BUNDLED_MODELS[family])), per_prompt=4, triples=10, seed=1)
     assert q.samples == 40
     assert min(q.named.values()) >= 0.7, q.lines()
-    assert q.open_variety["position"] >= 0.5, q.lines()
+    assert q.open_variety["position"] >= POSITION_FLOOR[family], q.lines()
 
 
 def test_pretrain_is_reproducible_and_loads(tmp_path):

@@ -67,7 +67,7 @@ def choices_of(f: dataclasses.Field) -> list[str] | None:
     return list(choices() if callable(choices) else choices)
 
 
-def _base_type(tp: Any) -> tuple[type, bool]:
+def base_type(tp: Any) -> tuple[type, bool]:
     """(the non-None type, whether None is allowed) of an annotation such as `int | None`."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -76,7 +76,7 @@ def _base_type(tp: Any) -> tuple[type, bool]:
 
 
 def _coerce(name: str, tp: Any, value: Any) -> Any:
-    base, optional = _base_type(tp)
+    base, optional = base_type(tp)
     if value is None:
         if optional:
             return None
@@ -137,19 +137,49 @@ def build(cls: type[T], values: Mapping[str, Any]) -> T:
     return config
 
 
+def problems(cls: type, values: Mapping[str, Any]) -> dict[str, str]:
+    """Every field's problem, by field name: the one-line message `build` would raise for it (a form shows each
+    beside its field); {} when `values` build. Cross-field checks run once every field is fine on its own."""
+    known, hints = fields(cls), typing.get_type_hints(cls)
+    found: dict[str, str] = {}
+    for key, value in values.items():
+        if key not in known:
+            found[key] = str(_unknown(cls, key))
+            continue
+        try:
+            coerced = _coerce(key, hints[key], value)
+            _check_field(key, known[key], coerced)
+        except ConfigError as e:
+            found[key] = str(e)
+    for name, f in known.items():
+        if f.metadata.get("required") and values.get(name) in (None, "") and name not in found:
+            found[name] = str(ConfigError(name, None, f"required; pass --{name} or set `{name}` in the config file"))
+    if not found:
+        try:
+            build(cls, values)
+        except ConfigError as e:
+            found[e.field] = str(e)
+        except DreamBoothError as e:  # a cross-field rule that names no one field
+            found[""] = str(e)
+    return found
+
+
+def _check_field(name: str, f: dataclasses.Field, value: Any) -> None:
+    allowed = choices_of(f)
+    if allowed is not None:
+        for item in value if isinstance(value, list | tuple) else [value]:  # each item of a list is checked
+            if item is not None and item not in allowed:
+                raise ConfigError(name, item, "choose one of " + ", ".join(allowed))
+    rule = f.metadata.get("check")
+    problem = rule(value) if rule else None
+    if problem:
+        raise ConfigError(name, value, problem)
+
+
 def check(config: Any) -> None:
     """Run the per-field checks on already-coerced values, then the config's own cross-field `check()`."""
     for name, f in fields(type(config)).items():
-        value = getattr(config, name)
-        allowed = choices_of(f)
-        if allowed is not None:
-            for item in value if isinstance(value, list | tuple) else [value]:  # each item of a list is checked
-                if item is not None and item not in allowed:
-                    raise ConfigError(name, item, "choose one of " + ", ".join(allowed))
-        rule = f.metadata.get("check")
-        problem = rule(value) if rule else None
-        if problem:
-            raise ConfigError(name, value, problem)
+        _check_field(name, f, getattr(config, name))
     if callable(getattr(config, "check", None)):  # a field may be called `check` (identifier --check)
         config.check()
 
@@ -211,7 +241,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     for name, f in fields(cls).items():
         group_name = f.metadata.get("group", "options")
         group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
-        base, _ = _base_type(hints[name])
+        base, _ = base_type(hints[name])
         flags = [f"--{name}", *f.metadata.get("aliases", ())]
         help_text = f.metadata.get("help", "")
         if f.metadata.get("required"):

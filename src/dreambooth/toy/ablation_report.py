@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +190,7 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
                     labelled = True
         ax.set_xticks(np.arange(len(metrics)), [NAMES[m] for m in metrics])
         ax.set_ylim(0, 1.05)
-        ax.set_title(st["title"], fontsize=10)
+        ax.set_title(textwrap.fill(st["title"], 60), fontsize=10)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2, frameon=False)
     crosses = any(v["paper"] for st in studies.values() for v in st["variants"].values())
     fig.suptitle("Toy world: mean, 95% interval over (subject, seed) units;\ndots = units"

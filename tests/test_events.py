@@ -57,3 +57,30 @@ def test_a_run_that_fails_after_starting_says_so_in_its_stream(base_args, tmp_pa
     assert last["event"] == "error" and last["message"] == "the validation pipeline broke"
     assert "checkpoint-2" in last["kept"]  # the newest complete checkpoint survives, and the line says so
     assert [json.loads(line)["step"] for line in lines if '"checkpoint"' in line] == [1, 2]
+
+
+def test_a_new_run_starts_the_file_afresh_and_a_broken_file_never_stops_training(tmp_path, caplog):
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"event": "error", "message": "an earlier run"}\n')
+    sink = EventFile(path)  # a new run in a folder its command wrote before
+    sink({"event": "start", "loss": float("nan")})
+    sink.close()
+    assert read_events(path)[0] == [{"event": "start", "loss": None}]  # NaN as null: browsers parse it
+    resumed = EventFile(path, append=True)
+    resumed({"event": "start", "step": 3})
+    assert [e.get("step") for e in read_events(path)[0]] == [None, 3]
+
+    class Full:
+        closed = False
+
+        def write(self, _):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            self.closed = True
+
+    resumed.file.close()
+    resumed.file = Full()
+    resumed({"event": "step", "step": 4})  # warns and gives the file up
+    resumed({"event": "step", "step": 5})
+    assert resumed.file.closed and "no longer written" in caplog.text

@@ -9,36 +9,41 @@ script) tails while the run goes on in its own process. Events from before the o
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("dreambooth")
 EVENTS_FILE = "events.jsonl"
 Sink = Callable[[dict[str, Any]], None]
 
 
 class Events:
-    """Fan-out of events to sinks; sinks added later first receive what was emitted before them."""
+    """Fan-out of events to sinks; sinks added later first receive what was emitted before them (every event but
+    the steps, whose number has no bound: a sink that needs them is added before training starts)."""
 
     def __init__(self, *sinks: Sink):
         self.sinks = list(sinks)
         self.history: list[dict[str, Any]] = []
+        self.latest: dict[str, dict[str, Any]] = {}
 
     def emit(self, kind: str, **data: Any) -> dict[str, Any]:
         event = {"event": kind, "time": round(time.time(), 3), **data}
-        self.history.append(event)
+        self.latest[kind] = event
+        if kind != "step":
+            self.history.append(event)
         for sink in self.sinks:
             sink(event)
         return event
 
     def last(self, kind: str) -> dict[str, Any]:
         """The latest event of a kind (KeyError when none was emitted)."""
-        for event in reversed(self.history):
-            if event["event"] == kind:
-                return event
-        raise KeyError(kind)
+        return self.latest[kind]
 
     def add(self, sink: Sink, replay: bool = True) -> None:
         if replay:
@@ -54,19 +59,38 @@ class Events:
 
 
 class EventFile:
-    """Appends each event as one JSON line, flushed at once, so a reader in another process sees it; a resumed
-    run appends to the same file (its "start" event says where it resumed)."""
+    """Writes each event as one JSON line, flushed at once, so a reader in another process sees it. A resumed run
+    appends to its file (its "start" event says where it resumed); a new run starts the file afresh. A file that
+    cannot be written (a full disk) is given up with a warning: the log never stops the training."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, append: bool = False):
         self.path = path
-        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (held open for the run, closed by close())
+        self.file = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 (closed by close())
 
     def __call__(self, event: dict[str, Any]) -> None:
-        self.file.write(json.dumps(event, default=str) + "\n")
-        self.file.flush()
+        if self.file.closed:
+            return
+        try:
+            self.file.write(json.dumps(finite(event), default=str, allow_nan=False) + "\n")
+            self.file.flush()
+        except OSError as e:
+            log.warning("%s is no longer written (%s); training goes on", self.path, e)
+            self.close()
 
     def close(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):  # what could not be flushed is already lost; the run goes on
+            self.file.close()
+
+
+def finite(value: Any) -> Any:
+    """NaN and infinities as null: a browser's JSON.parse refuses them (a diverged loss is NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def read_events(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:

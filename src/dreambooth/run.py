@@ -57,7 +57,7 @@ class Run:
             self.output.claim(identity=identity(schema.to_dict(self.cfg)))
             write_text_atomic(Path(self.cfg.output_dir) / CONFIG_FILE,
                               json.dumps(schema.to_dict(self.cfg), indent=2))
-            self.events.add(EventFile(self.output.entry(EVENTS_FILE)))
+            self.events.add(EventFile(self.output.entry(EVENTS_FILE), append=self.resume_from is not None))
 
     def kept(self) -> str:
         """What survives a failure now (for one-line errors)."""

@@ -91,6 +91,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
             if evaluation is not None and run.accelerator.is_main_process:  # the resolution is known now
                 summary["evaluation"] = evaluate(for_training(cfg))["metrics"]
                 write_text_atomic(Path(cfg.output_dir) / SUMMARY_FILE, json.dumps(summary, indent=2))
+            run.events.emit("finish", step=summary["steps"], summary=summary)  # after the evaluation, if any
     return summary
 
 
@@ -101,7 +102,10 @@ def reported(run: Run) -> Iterator[None]:
         yield
     except BaseException as e:
         message = str(e) if isinstance(e, DreamBoothError) else first_line(e, 300) or type(e).__name__
-        run.events.emit("error", message=message, error=type(e).__name__, kept=run.kept())
+        try:
+            run.events.emit("error", message=message, error=type(e).__name__, kept=run.kept())
+        except Exception as secondary:  # the run's own error is the one to raise
+            log.warning("the error could not be recorded in the event stream: %s", first_line(secondary, 160))
         raise
     finally:
         run.events.close()
@@ -470,7 +474,6 @@ def finish(run: Run, parts: Parts) -> dict[str, Any]:
                                      acc)
             run.events.emit("validation", step=steps, path=str(path))
         write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))  # last: marks the run finished
-        run.events.emit("finish", step=steps, summary=summary)
         log.info("saved the fine-tuned pipeline to %s (%d steps, mean loss %s)", out, steps,
                  f"{summary['mean_loss']:.4f}" if summary["mean_loss"] is not None else "n/a")
     acc.wait_for_everyone()

@@ -142,6 +142,11 @@ def _evaluate(cfg: EvaluateConfig, out: OutputFolder, started: float) -> dict[st
         sampler[0].scheduler = make_scheduler(sampling["sampler"], sampler[0].scheduler.config, family.sampler_kind)
         if sampling["guidance_scale"] is None:
             sampling["guidance_scale"] = family.default_guidance
+        from ..generation import sampling_options
+
+        options = sampling_options(str(cfg.model), cfg.max_sequence_length, sampling.get("max_sequence_length"))
+        sampling.pop("max_sequence_length", None)  # recorded below only where the family reads it
+        sampling.update(family.pipeline_kwargs(options))  # e.g. SD3's T5 length: as the model was trained
     out.claim()  # every input loaded
     log.info("evaluating %r (%s, identifier %r) on %d %s prompts", subject.name or subject.class_noun,
              subject.class_noun, subject.identifier, len(cases), backend.name)
@@ -240,15 +245,13 @@ def sample_all(cfg: EvaluateConfig, sampler: tuple[Any, Any], cases: list[Case],
     device); written as they come."""
     from tqdm.auto import tqdm
 
-    from ..generation import render, sampling_options
+    from ..generation import render
 
     pipe, device = sampler
-    from ..families import family_of
-
-    options = sampling_options(str(cfg.model), cfg.max_sequence_length, sampling.get("max_sequence_length"))
+    extra = {k: v for k, v in sampling.items() if k not in ("sampler", "num_inference_steps", "guidance_scale")}
     kwargs = {"num_inference_steps": sampling["num_inference_steps"], "guidance_scale": sampling["guidance_scale"],
               "negative_prompt": cfg.negative_prompt, "height": cfg.resolution, "width": cfg.resolution,
-              **family_of(pipe).pipeline_kwargs(options)}  # e.g. SD3's T5 length, as training used it
+              **extra}  # the family's pipeline arguments, resolved in _evaluate (e.g. SD3's T5 length)
     jobs = [(f"{i:02d}", c.prompt, n) for i, c in enumerate(cases)]
     jobs.append((CLASS_FOLDER, *class_job))
     results = {}

@@ -15,7 +15,8 @@ from ..config import TrainConfig
 
 # on the page for every run; the rest of TrainConfig is under "advanced"
 BASIC = ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt", "class_prompt", "identifier",
-         "with_prior_preservation", "use_lora", "max_train_steps", "learning_rate", "resolution", "output_dir")
+         "with_prior_preservation", "class_data_dir", "use_lora", "max_train_steps", "learning_rate", "resolution",
+         "output_dir")
 KINDS = {bool: "bool", int: "int", float: "float", str: "text", Path: "path"}
 
 

@@ -120,6 +120,10 @@ def _unknown(cls: type, key: str) -> ConfigError:
     return ConfigError(key, "...", f"unknown option; {hint}")
 
 
+def _missing(name: str) -> ConfigError:
+    return ConfigError(name, None, f"required; pass --{name} or set `{name}` in the config file")
+
+
 def build(cls: type[T], values: Mapping[str, Any]) -> T:
     """Build and check a config from plain values (config file, CLI or Python keywords)."""
     known = fields(cls)
@@ -131,7 +135,7 @@ def build(cls: type[T], values: Mapping[str, Any]) -> T:
         kwargs[key] = _coerce(key, hints[key], value)
     for name, f in known.items():
         if f.metadata.get("required") and kwargs.get(name) is None:
-            raise ConfigError(name, None, f"required; pass --{name} or set `{name}` in the config file")
+            raise _missing(name)
     config = cls(**kwargs)
     check(config)
     return config
@@ -153,7 +157,7 @@ def problems(cls: type, values: Mapping[str, Any]) -> dict[str, str]:
             found[key] = str(e)
     for name, f in known.items():
         if f.metadata.get("required") and values.get(name) in (None, "") and name not in found:
-            found[name] = str(ConfigError(name, None, f"required; pass --{name} or set `{name}` in the config file"))
+            found[name] = str(_missing(name))
     if not found:
         try:
             build(cls, values)

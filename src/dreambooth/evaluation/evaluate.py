@@ -129,7 +129,7 @@ def _evaluate(cfg: EvaluateConfig, out: OutputFolder, started: float) -> dict[st
     sampler, family = None, None
     if cfg.model is not None:
         from ..families import family_of
-        from ..generation import open_pipeline
+        from ..generation import open_pipeline, sampling_options
 
         sampler = open_pipeline(str(cfg.model), cfg.sampler, cfg.precision, cfg.device)
         family = family_of(sampler[0])
@@ -142,8 +142,6 @@ def _evaluate(cfg: EvaluateConfig, out: OutputFolder, started: float) -> dict[st
         sampler[0].scheduler = make_scheduler(sampling["sampler"], sampler[0].scheduler.config, family.sampler_kind)
         if sampling["guidance_scale"] is None:
             sampling["guidance_scale"] = family.default_guidance
-        from ..generation import sampling_options
-
         options = sampling_options(str(cfg.model), cfg.max_sequence_length, sampling.get("max_sequence_length"))
         sampling.pop("max_sequence_length", None)  # recorded below only where the family reads it
         sampling.update(family.pipeline_kwargs(options))  # e.g. SD3's T5 length: as the model was trained

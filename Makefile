@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-repeat bench bench-e2e reproduce lint clean
+.PHONY: install browser demo ui ui-screenshot test test-repeat bench bench-e2e reproduce lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,30 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# Headless Chromium for the UI's browser test: Debian's packages, installed where this runs as root with apt-get (as
+# on CI). Elsewhere install `chromium` and `chromium-driver` yourself, or the browser test skips (on CI it fails).
+browser:
+	@if ! { command -v chromium && command -v chromedriver; } >/dev/null; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing chromium and chromium-driver (apt-get) for the browser test"; \
+			{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+				chromium chromium-driver; } >/dev/null || echo "warning: apt-get could not install chromium"; \
+		else echo "note: no chromium/chromedriver here: the UI's browser test skips"; fi; \
+	fi
+
 # DreamBooth a toy subject into the bundled toy model on the CPU; grids and report in dreambooth-demo/.
 demo: $(STAMP)
 	$(BIN)/dreambooth demo
 
-test: $(STAMP)
+# The page on http://127.0.0.1:7860/ (workspace: dreambooth-workspace/); UI_ARGS="--port 8000 --open_browser".
+ui: $(STAMP)
+	$(BIN)/dreambooth ui $(UI_ARGS)
+
+# The README's screenshot of the page after a run (docs/ui.png), taken by the browser test.
+ui-screenshot: $(STAMP) browser
+	DREAMBOOTH_UI_SCREENSHOT=$(CURDIR)/docs/ui.png $(BIN)/python -m pytest -q tests/test_ui_browser.py
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -n 2 -q tests
 
 # The suite REPEAT times in a row, stopping at the first failure: a flaky test shows here before it blocks anyone.
@@ -51,4 +70,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info dreambooth-demo reproduce
+	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info dreambooth-demo reproduce dreambooth-workspace

@@ -124,3 +124,38 @@ def test_checkpoint_folder_renders_on_its_own(base_args, tmp_path):
     paths = dreambooth.generate(model=str(tmp_path / "out" / "checkpoint-2"), prompt=["a zwx dog"], num_images=2,
                                 num_inference_steps=2, output_dir=str(tmp_path / "samples"))
     assert [p.name for p in paths] == ["00-a-zwx-dog-000.png", "00-a-zwx-dog-001.png", "grid.png"]
+
+
+def test_sigterm_stops_at_a_checkpoint_that_resumes_exactly(base_args, tmp_path, monkeypatch, capsys):
+    """The UI's stop button sends SIGTERM: the run saves a checkpoint at the end of that step, says so in one line
+    (exit 143) and in its event stream, and --resume_from_checkpoint latest continues it exactly."""
+    import signal
+
+    from dreambooth.events import read_events
+
+    common = dict(max_train_steps=5, checkpointing_steps=100, logging_steps=1)
+    dreambooth.train(**base_args(output_dir=str(tmp_path / "straight"), **common))
+    args = base_args(output_dir=str(tmp_path / "stopped"), **common)
+    real_report = training.report_losses
+
+    def report_then_signal(run, parts, pending):
+        if any(step == 2 for step, _, _ in pending):
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal, handled by the run's own handler
+        real_report(run, parts, pending)
+
+    monkeypatch.setattr(training, "report_losses", report_then_signal)
+    capsys.readouterr()
+    assert main(["train", *to_argv(args)]) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("dreambooth train: stopped at step 2 on request; checkpoint-2 is saved; continue with "
+                       "--resume_from_checkpoint latest"), err
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler lives only while the run trains
+    events, _ = read_events(tmp_path / "stopped" / "events.jsonl")
+    assert [e["event"] for e in events][-2:] == ["step", "stopped"] and events[-1]["step"] == 2
+    assert [p.name for p in list_checkpoints(tmp_path / "stopped")] == ["checkpoint-2"]
+    assert not (tmp_path / "stopped" / "run_summary.json").exists()
+
+    summary = dreambooth.train(**args, resume_from_checkpoint="latest")
+    assert summary["steps"] == 5
+    assert same(weights(tmp_path / "straight", "unet"), weights(tmp_path / "stopped", "unet"))

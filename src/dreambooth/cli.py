@@ -13,12 +13,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers 
 
 from . import schema  # noqa: E402
 from .config import TrainConfig  # noqa: E402
-from .errors import DreamBoothError  # noqa: E402
+from .errors import DreamBoothError, Stopped  # noqa: E402
 from .generation import GenerateConfig  # noqa: E402
 
 log = logging.getLogger("dreambooth")
 
 # Reference-script flags that we accept so that existing command lines run; value = what we tell the user.
+STOPPED_EXIT = 143  # 128 + SIGTERM: a run stopped on request, its checkpoint saved
 COMPAT_IGNORED = {
     "enable_xformers_memory_efficient_attention": "PyTorch SDPA attention is used (as fast, no extra package)",
     "set_grads_to_none": "gradients are always set to None",
@@ -117,6 +118,14 @@ def _add_reproduce_parser(sub) -> None:
                     description="Offline, CPU-sized: train every variant of each study for every toy subject and "
                                 "seed, score them with the toy judges, and write tables beside the paper's numbers "
                                 "and a plot (about 35 min on 2 CPU cores; --quick: about a minute).")
+
+
+def _add_ui_parser(sub) -> None:
+    from .ui.server import UIConfig
+
+    _config_command(sub, "ui", UIConfig, _run_ui, help="The DreamBooth flow in a browser (a local web page)",
+                    description="Serve a page on 127.0.0.1: upload photos, pick an identifier, train (each run in "
+                                "its own process), watch progress, render a gallery, evaluate, export.")
 
 
 def _add_toy_parser(sub) -> None:
@@ -243,6 +252,20 @@ def _run_identifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_ui(args: argparse.Namespace) -> int:
+    from .ui.server import serve
+
+    values = _values(args)
+    try:
+        serve(values)
+    except OSError as e:
+        raise DreamBoothError(f"cannot serve on {values.get('host')}:{values.get('port')} ({e.strerror or e}); pick "
+                              "another --port or --host") from None
+    except KeyboardInterrupt:
+        print("dreambooth ui: stopped (runs started from the page go on in their own processes)", file=sys.stderr)
+    return 0
+
+
 def _run_demo(args: argparse.Namespace) -> int:
     from .toy.demo import demo
 
@@ -284,7 +307,7 @@ def parser() -> argparse.ArgumentParser:
                                 "text-to-image diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_train_parser, _add_generate_parser, _add_evaluate_parser, _add_export_parser,
-                _add_identifier_parser, _add_demo_parser, _add_reproduce_parser, _add_toy_parser):
+                _add_identifier_parser, _add_demo_parser, _add_reproduce_parser, _add_toy_parser, _add_ui_parser):
         add(sub)
     return p
 
@@ -310,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
+    except Stopped as e:
+        _close_progress_bars()
+        print(f"dreambooth {args.command}: {e}", file=sys.stderr)
+        return STOPPED_EXIT
     except DreamBoothError as e:
         _close_progress_bars()
         print(f"dreambooth {args.command}: error: {e}", file=sys.stderr)

@@ -23,6 +23,10 @@ class ModelError(DreamBoothError):
     """A model folder or hub id cannot be loaded as a supported pipeline."""
 
 
+class Stopped(DreamBoothError):
+    """A run stopped on request (SIGTERM, the UI's stop button) after saving a checkpoint to resume from."""
+
+
 class CheckpointError(DreamBoothError):
     """A checkpoint or output folder conflicts with the run being started."""
 

@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +41,35 @@ IDENTITY = (
 LOCAL_PATHS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "instance_data_dir")
 
 
+class StopRequests:
+    """While a run trains, SIGTERM (what the UI's stop button sends) asks it to save a checkpoint and stop at the
+    end of the current step; Ctrl-C still interrupts at once. Several processes agree to stop at a step where they
+    all report (a logging step), so that each saves its part of the same checkpoint."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self.previous: object = None
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self.previous = signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)  # type: ignore[arg-type]
+            self.previous = None
+
+    def agreed(self, acc: Accelerator, reported: bool) -> bool:
+        """Whether every process stops now."""
+        if acc.num_processes == 1:
+            return self.requested.is_set()
+        if not reported:
+            return False
+        flag = torch.tensor([float(self.requested.is_set())], device=acc.device)
+        return bool(acc.reduce(flag, reduction="sum").item() > 0)
+
+
 @dataclass
 class Run:
     cfg: TrainConfig
@@ -50,6 +81,7 @@ class Run:
     output: OutputFolder  # locked by the main process; claimed once the models have loaded
     started: float = field(default_factory=time.time)
     events: Events = field(default_factory=Events)  # progress; written to events.jsonl once the folder is claimed
+    stop: StopRequests = field(default_factory=StopRequests)  # listening while the run trains
 
     def claim(self) -> None:
         """The models loaded: the output folder becomes this run's (record, train_config.json, events.jsonl)."""

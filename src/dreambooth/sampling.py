@@ -3,8 +3,10 @@ kind of model has its own: DDPM-trained families (SD, SDXL) and rectified-flow o
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
+import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -15,9 +17,45 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 
 from .errors import ConfigError
 from .registry import Registry
+
+
+class FlowMatchAncestralScheduler(FlowMatchEulerDiscreteScheduler):
+    """The flow-matching Euler sampler with ancestral steps at the low-noise end: while sigma >= ANCESTRAL_BELOW it
+    takes plain Euler steps (the composition, where the object sits and how big it is, keeps the variety of the
+    ODE); below, each step predicts the clean latent and noises it afresh to the next sigma (x_next =
+    (1 - s') x0 + s' eps), which washes out the velocity field's small errors in shape and edges. Stochasticity
+    kept to a sigma window, as EDM's S_tmin/S_tmax churn window does; a full-range ancestral sampler pulls every
+    sample towards the mean composition.
+
+    The fresh noise of sample b is seeded from sample b's starting latents, so an image still depends only on its
+    own generator, not on the batch it shares (the SD3 and Flux pipelines pass no generator to the step)."""
+
+    ANCESTRAL_BELOW = 0.5
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any,
+             return_dict: bool = True, **kwargs: Any) -> Any:
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        if self.step_index == 0:
+            self._noise = [torch.Generator(sample.device).manual_seed(_digest(x)) for x in sample]
+        sigma, sigma_next = float(self.sigmas[self.step_index]), float(self.sigmas[self.step_index + 1])
+        if sigma >= self.ANCESTRAL_BELOW:
+            return super().step(model_output, timestep, sample, *args, return_dict=return_dict, **kwargs)
+        x0 = sample.float() - sigma * model_output.float()
+        noise = torch.stack([torch.randn(x.shape, generator=g, device=x.device) for x, g in zip(sample, self._noise)])
+        prev = ((1.0 - sigma_next) * x0 + sigma_next * noise).to(model_output.dtype)
+        self._step_index += 1
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+def _digest(x: torch.Tensor) -> int:
+    """A 63-bit seed from a tensor's values (the same values give the same seed on every device)."""
+    return int.from_bytes(hashlib.blake2b(x.detach().float().cpu().numpy().tobytes(), digest_size=8).digest(),
+                          "little") >> 1
 
 SAMPLERS: dict[str, Registry[tuple[type, dict[str, Any]]]] = {
     "ddpm": Registry("sampler for DDPM models"), "flow": Registry("sampler for flow-matching models")}
@@ -34,6 +72,7 @@ for _name, _entry in {
 }.items():
     SAMPLERS["ddpm"].register(_name)(_entry)
 SAMPLERS["flow"].register("euler")((FlowMatchEulerDiscreteScheduler, {}))  # the pipelines' own, with their shift
+SAMPLERS["flow"].register("euler_a")((FlowMatchAncestralScheduler, {}))
 
 # The reference script's --validation_scheduler class names, for command-line compatibility.
 LEGACY_NAMES: dict[str, str] = {"DPMSolverMultistepScheduler": "dpm++", "DDPMScheduler": "ddpm"}

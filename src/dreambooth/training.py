@@ -21,7 +21,7 @@ from . import schema
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import DreamBoothDataset, StepBatchSampler, collate
-from .errors import ConfigError, DreamBoothError, first_line, is_out_of_memory
+from .errors import ConfigError, DreamBoothError, Stopped, first_line, is_out_of_memory
 from .evaluation import evaluate
 from .evaluation.evaluate import for_training
 from .events import Sink, eta_seconds
@@ -83,7 +83,8 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
     evaluation = for_training(cfg) if cfg.eval else None  # a bad evaluation setting fails before training
     with determinism(cfg.deterministic):
         run = setup(cfg)
-        with run.output, reported(run), memory_errors(cfg, run.kept):  # locked till the end; errors say what's kept
+        # the folder locked till the end; errors say what's kept; SIGTERM stops at a checkpoint
+        with run.output, run.stop, reported(run), memory_errors(cfg, run.kept):
             parts = build(run)
             fit(run, parts)
             summary = finish(run, parts)
@@ -100,6 +101,8 @@ def reported(run: Run) -> Iterator[None]:
     """A run that stops on an error (or Ctrl-C) says so in its event stream, in the line the user sees."""
     try:
         yield
+    except Stopped:
+        raise  # not an error: the stream already says "stopped"
     except BaseException as e:
         message = str(e) if isinstance(e, DreamBoothError) else first_line(e, 300) or type(e).__name__
         try:
@@ -361,16 +364,29 @@ def fit(run: Run, parts: Parts) -> None:
         window = torch.zeros(3, device=acc.device)
         checkpoint = step % cfg.checkpointing_steps == 0
         validation = bool(cfg.validation_prompt) and step % parts.validation_every == 0
-        if checkpoint or validation or step % cfg.logging_steps == 0 or step == parts.max_train_steps:
+        reporting = checkpoint or validation or step % cfg.logging_steps == 0 or step == parts.max_train_steps
+        if reporting:
             report_losses(run, parts, pending)  # the loop's one wait on the device
 
-        if checkpoint:
-            run.events.emit("checkpoint", step=step, path=str(save(run, parts, step)))
+        saved = save(run, parts, step) if checkpoint else None
+        if saved is not None:
+            run.events.emit("checkpoint", step=step, path=str(saved))
         if validation and acc.is_main_process:
             path = render_validation(run.family, c, parts.denoiser, parts.text_encoders, cfg, step, acc)
             run.events.emit("validation", step=step, path=str(path))
+        if step < parts.max_train_steps and run.stop.agreed(acc, reporting):
+            report_losses(run, parts, pending)
+            stop(run, step, saved or save(run, parts, step), bar)
     report_losses(run, parts, pending)
     bar.close()
+
+
+def stop(run: Run, step: int, checkpoint: Path, bar: tqdm) -> None:
+    """End a run that was asked to stop, its checkpoint saved."""
+    run.events.emit("stopped", step=step, path=str(checkpoint))
+    bar.close()
+    raise Stopped(f"stopped at step {step} on request; {checkpoint.name} is saved; continue with "
+                  "--resume_from_checkpoint latest")
 
 
 def report_losses(run: Run, parts: Parts, pending: list[tuple[int, torch.Tensor, float]]) -> None:

@@ -30,7 +30,7 @@ from ..errors import ConfigError, DreamBoothError
 from ..files import write_text_atomic
 from ..outputs import OutputFolder
 from ..schema import at_least, option, positive
-from .measure import toy_options, toy_sampling
+from .measure import toy_train_settings
 from .subjects import SUBJECTS, Subject
 from .world import CLASSES, prompt
 
@@ -208,7 +208,6 @@ def studies_of(cfg: ReproduceConfig) -> list[str]:
 def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Path) -> list[Job]:
     """One job per distinct (variant, subject, seed) over the chosen studies; a variant two studies share runs once."""
     variants = dict.fromkeys(v for study in studies_of(cfg) for _, v in STUDIES[study].variants.values())
-    sampler, sampler_steps, guidance = toy_sampling(cfg.family)
     jobs = []
     for variant in variants:
         for name in cfg.subjects:
@@ -224,17 +223,12 @@ def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Pat
                     "class_prompt": prompt(noun) if variant.prior else None,
                     "class_data_dir": str(out / "class-images" / noun) if variant.prior else None,
                     "num_class_images": cfg.num_class_images, "prior_loss_weight": cfg.prior_loss_weight,
-                    "class_sampler": sampler, "class_inference_steps": sampler_steps,
-                    "class_guidance_scale": guidance,
-                    "sample_batch_size": 50, "resolution": 32, "center_crop": True,
-                    "random_flip": False,  # a flip changes a two-tone subject
+                    **toy_train_settings(cfg.family),
                     "train_text_encoder": cfg.train_text_encoder, "train_batch_size": cfg.train_batch_size,
                     "max_train_steps": steps, "learning_rate": cfg.learning_rate,
-                    "lr_scheduler": "constant", "lr_warmup_steps": 0,
-                    "checkpointing_steps": steps + 1, "mixed_precision": "no", "seed": seed, "device": cfg.device,
+                    "checkpointing_steps": steps + 1, "seed": seed, "device": cfg.device,
                     "output_dir": str(folder / "model"),
                     **({"weighting_scheme": variant.weighting} if variant.weighting else {}),
-                    **toy_options(cfg.family),
                 }
                 evaluate = {"backend": "toy", "model": str(folder / "model"), "subject": name, "class_noun": noun,
                             "identifier": v, "images_per_prompt": cfg.images_per_prompt,

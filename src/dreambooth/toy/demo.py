@@ -24,7 +24,14 @@ from ..files import write_text_atomic
 from ..outputs import OutputFolder
 from ..schema import at_least, option, positive
 from .judges import read
-from .measure import diversity, is_subject_rate, load_toy, sample, subject_scores, toy_options, toy_sampling
+from .measure import (
+    diversity,
+    is_subject_rate,
+    load_toy,
+    sample,
+    subject_scores,
+    toy_train_settings,
+)
 from .subjects import SUBJECTS, Subject
 from .world import prompt
 
@@ -33,7 +40,6 @@ BUNDLED = Path(__file__).parent / "model"
 # the bundled toy models by family: the DDPM one (SD architecture) and the flow-matching one (SD3 architecture)
 BUNDLED_MODELS = {"sd": BUNDLED, "sd3": Path(__file__).parent / "model-sd3"}
 # the fine-tuning learning rate each toy model's DreamBooth recipe uses
-TOY_LEARNING_RATES = {"sd": 2e-4, "sd3": 2e-4}
 MARKER = "demo.json"  # a folder holding this was written by the demo, which may replace it
 
 
@@ -174,7 +180,6 @@ def _demo(cfg: DemoConfig, model: str, folder: OutputFolder, started: float) -> 
     subject = SUBJECTS[cfg.subject]
     identifier = cfg.identifier or pick_identifier(model, subject.cls)  # the base model loads
     family = get_family(ModelSource(model)).name
-    sampler, steps, guidance = toy_sampling(family)
     clear_previous(folder)
     folder.claim()
     out = folder.path
@@ -204,13 +209,10 @@ def _demo(cfg: DemoConfig, model: str, folder: OutputFolder, started: float) -> 
         instance_prompt=prompts["subject"][0], identifier=identifier,
         with_prior_preservation=cfg.with_prior_preservation, class_prompt=prompts["class"][0],
         class_data_dir=folder.entry("class-images"), num_class_images=cfg.num_class_images,
-        prior_loss_weight=cfg.prior_loss_weight, class_sampler=sampler, class_inference_steps=steps,
-        class_guidance_scale=guidance, sample_batch_size=50, resolution=32, center_crop=True,
-        random_flip=False,  # a flip changes a two-tone subject
-        train_text_encoder=cfg.train_text_encoder, train_batch_size=cfg.train_batch_size,
-        max_train_steps=cfg.max_train_steps, learning_rate=cfg.learning_rate or TOY_LEARNING_RATES[family],
-        lr_scheduler="constant", lr_warmup_steps=0, checkpointing_steps=cfg.max_train_steps + 1,
-        mixed_precision="no", seed=cfg.seed, output_dir=model_dir, device=cfg.device, **toy_options(family),
+        prior_loss_weight=cfg.prior_loss_weight, train_text_encoder=cfg.train_text_encoder,
+        train_batch_size=cfg.train_batch_size, max_train_steps=cfg.max_train_steps,
+        **{**toy_train_settings(family), **({"learning_rate": cfg.learning_rate} if cfg.learning_rate else {})},
+        checkpointing_steps=cfg.max_train_steps + 1, seed=cfg.seed, output_dir=model_dir, device=cfg.device,
     )
 
     # after

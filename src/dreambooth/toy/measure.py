@@ -20,11 +20,15 @@ from .world import SIZES, Scene, held_out_triples, prompt, random_scene
 
 SAMPLER, STEPS, GUIDANCE = "dpm++", 20, 2.0  # the toy world's default sampling settings (the DDPM toy model)
 # per model family: (sampler, steps, guidance) the toy models sample with; the SD3 toy is a flow-matching model
-TOY_SAMPLING = {"sd": (SAMPLER, STEPS, GUIDANCE), "sd3": ("euler", 20, 3.0)}
+TOY_SAMPLING = {"sd": (SAMPLER, STEPS, GUIDANCE), "sd3": ("euler_a", 20, 2.5)}
 # per model family: the training options the toy model was pretrained with, which every DreamBooth run on it and
 # every pipeline call uses too. The SD3 toy has no T5: its prompt is the CLIP tokens and one zero token in place of
 # T5's (not SD3's 77, which would be 93 of its 157 tokens per joint block and 1.6x the step time, for no signal)
 TOY_OPTIONS: dict[str, dict[str, Any]] = {"sd": {}, "sd3": {"max_sequence_length": 1}}
+
+
+TOY_LEARNING_RATES = {"sd": 2e-4, "sd3": 2e-4}  # full fine-tuning of a toy model
+TOY_LORA_LEARNING_RATE = 1e-3  # LoRA's low-rank updates take a larger step, as in the reference scripts
 
 
 def toy_sampling(family: str) -> tuple[str, int, float]:
@@ -35,6 +39,18 @@ def toy_sampling(family: str) -> tuple[str, int, float]:
 def toy_options(family: str) -> dict[str, Any]:
     """The training options a toy model of this family was pretrained with (DreamBooth and sampling use them)."""
     return dict(TOY_OPTIONS.get(family, {}))
+
+
+def toy_train_settings(family: str, lora: bool = False) -> dict[str, Any]:
+    """The training options every DreamBooth run on a toy model of this family uses (the demo, the lab, the UI's
+    presets): its sampling for class images, its 32 px world, its T5 length, the toy recipe's learning rate."""
+    sampler, steps, guidance = toy_sampling(family)
+    return dict(class_sampler=sampler, class_inference_steps=steps, class_guidance_scale=guidance,
+                sample_batch_size=50, resolution=32, center_crop=True,
+                random_flip=False,  # a flip changes a two-tone subject
+                learning_rate=TOY_LORA_LEARNING_RATE if lora else TOY_LEARNING_RATES[family],
+                lr_scheduler="constant", lr_warmup_steps=0, mixed_precision="no", **toy_options(family))
+
 
 
 @torch.no_grad()

@@ -1,0 +1,367 @@
+"use strict";
+// The page: a form built from the training schema (GET /api/setup), photo upload and identifier suggestions, and a
+// run view that tails the run's events.jsonl (GET /api/runs/<name>?offset=N) once a second.
+
+const $ = (id) => document.getElementById(id);
+const state = { setup: null, run: null, offset: 0, losses: [], timer: null, viewing: 0 };
+
+async function api(method, path, body) {
+  const res = await fetch(path, { method, headers: { "Content-Type": "application/json" },
+                                  body: body === undefined ? undefined : JSON.stringify(body) });
+  const data = await res.json().catch(() => ({ error: `HTTP ${res.status}` }));
+  if (!res.ok) throw new Error(data.error || `HTTP ${res.status}`);
+  return data;
+}
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "text") node.textContent = v; else if (v !== null && v !== undefined) node.setAttribute(k, v);
+  }
+  node.append(...children);
+  return node;
+}
+
+// ---- the form ------------------------------------------------------------------------------------------------
+function fieldInput(f) {
+  const id = `f-${f.name}`;
+  if (f.kind === "bool") {
+    const box = el("input", { type: "checkbox", id, name: f.name });
+    box.checked = !!f.default;
+    return box;
+  }
+  if (f.kind === "choice") {
+    const sel = el("select", { id, name: f.name });
+    if (!f.required && f.default === null) sel.append(el("option", { value: "", text: "(default)" }));
+    for (const c of f.choices) sel.append(el("option", { value: c, text: c }));
+    if (f.default !== null) sel.value = String(f.default);
+    return sel;
+  }
+  const input = el("input", { type: f.kind === "int" || f.kind === "float" ? "number" : "text", id, name: f.name,
+                              step: f.kind === "float" ? "any" : null });
+  input.placeholder = f.default === null || f.default === undefined ? (f.required ? "required" : "")
+    : Array.isArray(f.default) ? f.default.join(", ") : String(f.default);
+  return input;
+}
+
+function buildForm(fields) {
+  const basic = $("basic"), advanced = $("advanced-fields");
+  let group = null;
+  for (const f of fields) {
+    const target = f.advanced ? advanced : basic;
+    if (f.advanced && f.group !== group) { group = f.group; advanced.append(el("h4", { text: group })); }
+    const label = el("label", { for: `f-${f.name}`, text: f.name });
+    const cell = el("div", {}, fieldInput(f), el("span", { class: "help", text: f.help }),
+                    el("span", { class: "error", id: `e-${f.name}` }));
+    target.append(label, cell);
+  }
+}
+
+function setField(name, value) {
+  const input = $(`f-${name}`);
+  if (!input) return;
+  if (input.type === "checkbox") input.checked = !!value; else input.value = value === null ? "" : String(value);
+}
+
+function formValues() {
+  const values = {};
+  for (const input of document.querySelectorAll("#basic [name], #advanced-fields [name]")) {
+    if (input.type === "checkbox") {
+      const f = state.setup.fields.find((x) => x.name === input.name);
+      if (input.checked !== !!f.default) values[input.name] = input.checked;
+    } else if (input.value.trim() !== "") values[input.name] = input.value;
+  }
+  return values;
+}
+
+function showProblems(problems) {
+  for (const node of document.querySelectorAll(".fields .error")) node.textContent = "";
+  for (const [name, message] of Object.entries(problems || {})) {
+    const node = $(`e-${name}`);
+    if (node) node.textContent = message;
+    if (node && node.closest("#advanced")) $("advanced").open = true;
+  }
+  const first = Object.keys(problems || {})[0];
+  if (first && $(`f-${first}`)) $(`f-${first}`).scrollIntoView({ block: "center" });
+}
+
+function currentModel() {
+  return $("model-path").value.trim() || $("model-choice").value;
+}
+
+function applyPresets() {
+  const model = currentModel();
+  setField("pretrained_model_name_or_path", model);
+  const lora = document.querySelector("input[name=mode]:checked").value === "lora";
+  setField("use_lora", lora);
+  const preset = (state.setup.presets[model] || {})[lora ? "lora" : "full"];
+  for (const [k, v] of Object.entries(preset || {})) setField(k, v);
+}
+
+// ---- photos --------------------------------------------------------------------------------------------------
+function readFile(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve({ name: file.name, data: String(reader.result).split(",", 2)[1] || "" });
+    reader.onerror = () => reject(new Error(`${file.name}: cannot be read`));
+    reader.readAsDataURL(file);
+  });
+}
+
+async function upload() {
+  $("photo-error").textContent = "";
+  $("photo-warnings").replaceChildren();
+  $("photo-previews").replaceChildren();
+  try {
+    const files = await Promise.all([...$("photos").files].map(readFile));
+    const resolution = $("f-resolution").value || $("f-resolution").placeholder;
+    const res = await api("POST", "/api/upload", { files, resolution: Number(resolution) || 512 });
+    setField("instance_data_dir", res.folder);
+    for (const w of res.warnings) $("photo-warnings").append(el("li", { text: w }));
+    for (const p of res.photos) {
+      $("photo-previews").append(el("figure", {}, el("img", { src: p.preview, class: p.small ? "small" : null,
+                                                             alt: p.name }),
+                                    el("figcaption", { text: `${p.name} ${p.size[0]}×${p.size[1]}` })));
+    }
+  } catch (e) { $("photo-error").textContent = e.message; }
+}
+
+// ---- identifiers ---------------------------------------------------------------------------------------------
+async function suggest() {
+  $("suggest-error").textContent = "";
+  $("suggestions").replaceChildren(el("span", { class: "muted", text: "ranking rare tokens…" }));
+  try {
+    const noun = $("class-noun").value.trim();
+    const res = await api("POST", "/api/identifiers", { model: currentModel(), class_noun: noun });
+    $("suggestions").replaceChildren();
+    if (res.warning) $("suggest-error").textContent = res.warning;
+    for (const s of res.suggestions) {
+      const b = el("button", { type: "button", class: "suggestion",
+                               title: s.shift === undefined ? "" : `prior shift ${Number(s.shift).toFixed(4)}`,
+                               text: s.token });
+      b.onclick = () => useIdentifier(s.token, noun);
+      $("suggestions").append(b);
+    }
+  } catch (e) { $("suggestions").replaceChildren(); $("suggest-error").textContent = e.message; }
+}
+
+function useIdentifier(token, noun) {
+  setField("identifier", token);
+  setField("instance_prompt", `a ${token} ${noun}`);
+  setField("class_prompt", `a ${noun}`);
+  setField("validation_prompt", `a ${token} ${noun}`);
+  for (const b of document.querySelectorAll(".suggestion")) b.classList.toggle("primary", b.textContent === token);
+}
+
+// ---- training ------------------------------------------------------------------------------------------------
+async function start() {
+  $("start-error").textContent = "";
+  try {
+    const res = await api("POST", "/api/train", { values: formValues() });
+    if (res.problems) { showProblems(res.problems); $("start-error").textContent = "fix the fields marked"; return; }
+    showProblems({});
+    openRun(res.run);
+    loadRuns();
+  } catch (e) { $("start-error").textContent = e.message; }
+}
+
+function openRun(name) {
+  state.run = name; state.offset = 0; state.losses = []; state.viewing += 1;
+  $("run").hidden = false; $("after").hidden = true;
+  $("run-name").textContent = name;
+  for (const id of ["validations", "gallery", "eval-report", "eval-grids", "exports"]) $(id).replaceChildren();
+  for (const id of ["step-text", "eta", "class-progress", "run-message", "gallery-status", "eval-status"])
+    $(id).textContent = "";
+  $("progress").value = 0;
+  drawLoss();
+  for (const li of document.querySelectorAll("#runs li")) li.classList.toggle("current", li.dataset.name === name);
+  clearTimeout(state.timer);
+  poll(state.viewing);
+  $("run").scrollIntoView();
+}
+
+async function poll(viewing) {
+  if (viewing !== state.viewing) return;
+  try {
+    const res = await api("GET", `/api/runs/${encodeURIComponent(state.run)}?offset=${state.offset}`);
+    if (viewing !== state.viewing) return;
+    state.offset = res.offset;
+    for (const e of res.events) onEvent(e);
+    const status = $("run-status");
+    status.textContent = res.status; status.className = `badge ${res.status}`;
+    if (res.message) $("run-message").textContent = res.message;
+    $("stop").disabled = res.status !== "running";
+    $("resume").disabled = !["stopped", "interrupted", "failed"].includes(res.status);
+    if (res.status === "finished") { $("after").hidden = false; fillGalleryDefaults(res.config); }
+    if (res.status === "running" || res.status === "starting") state.timer = setTimeout(() => poll(viewing), 1000);
+    else loadRuns();
+  } catch (e) {
+    $("run-message").textContent = e.message;
+    state.timer = setTimeout(() => poll(viewing), 3000);
+  }
+}
+
+function onEvent(e) {
+  if (e.event === "class_images") $("class-progress").textContent = `class images ${e.done}/${e.total}`;
+  if (e.event === "start" && e.resumed_from) state.losses = state.losses.filter((p) => p[0] <= e.step);
+  if (e.event === "step") {
+    $("progress").max = e.max_train_steps; $("progress").value = e.step;
+    $("step-text").textContent = `step ${e.step}/${e.max_train_steps}`;
+    $("eta").textContent = e.eta_s === null || e.eta_s === undefined ? "" : `ETA ${formatSeconds(e.eta_s)}`;
+    $("lr").textContent = Number(e.lr).toExponential(2);
+    $("loss").textContent = e.loss === null ? "NaN" : Number(e.loss).toFixed(4);
+    if (e.loss !== null) state.losses.push([e.step, e.loss]);
+    drawLoss();
+  }
+  if (e.event === "validation" && e.url) {
+    $("validations").prepend(el("figure", {}, el("img", { src: e.url, class: "validation", alt: `step ${e.step}` }),
+                                el("figcaption", { text: `step ${e.step}` })));
+  }
+  if (e.event === "stopped") $("run-message").textContent = `stopped at step ${e.step}; resume continues it`;
+  if (e.event === "error") $("run-message").textContent = `${e.message} (${e.kept || ""})`;
+  if (e.event === "finish") { $("eta").textContent = ""; $("step-text").textContent = `done: ${e.step} steps`; }
+}
+
+function formatSeconds(s) {
+  s = Math.round(s);
+  return s >= 3600 ? `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`
+    : s >= 60 ? `${Math.floor(s / 60)} min ${s % 60} s` : `${s} s`;
+}
+
+function drawLoss() {
+  const pts = state.losses;
+  const line = $("loss-curve").querySelector("polyline");
+  if (pts.length < 2) { line.setAttribute("points", ""); return; }
+  const xs = pts.map((p) => p[0]), ys = pts.map((p) => p[1]);
+  const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  line.setAttribute("points", pts.map(([x, y]) =>
+    `${((x - x0) / (x1 - x0 || 1)) * 400},${115 - ((y - y0) / (y1 - y0 || 1)) * 110}`).join(" "));
+}
+
+async function control(action) {
+  try {
+    await api("POST", `/api/runs/${encodeURIComponent(state.run)}/${action}`, {});
+    if (action === "resume") { $("run-message").textContent = ""; clearTimeout(state.timer); poll(state.viewing); }
+  } catch (e) { $("run-message").textContent = e.message; }
+}
+
+// ---- after training ------------------------------------------------------------------------------------------
+function subjectOf(config) {
+  const identifier = config.identifier || "";
+  const prompt = config.instance_prompt || "";
+  const noun = identifier && prompt.includes(identifier) ? prompt.split(identifier)[1].trim() : "";
+  return { identifier, noun };
+}
+
+function fillGalleryDefaults(config) {
+  if ($("gallery-prompts").value.trim() || !config) return;
+  $("gallery-prompts").value = [config.instance_prompt, config.validation_prompt].filter(Boolean)
+    .filter((p, i, all) => all.indexOf(p) === i).join("\n");
+}
+
+async function templates() {
+  const config = (await api("GET", `/api/runs/${encodeURIComponent(state.run)}?offset=0`)).config || {};
+  const { identifier, noun } = subjectOf(config);
+  const q = new URLSearchParams({ class_noun: noun, identifier, live: $("live").checked ? "1" : "" });
+  const res = await api("GET", `/api/templates?${q}`);
+  $("gallery-prompts").value = res.prompts.map((p) => p.text).join("\n");
+}
+
+async function waitJob(job, status) {
+  while (job.status === "running") {
+    status.textContent = `${job.command} running…`;
+    await new Promise((r) => setTimeout(r, 1000));
+    job = await api("GET", `/api/jobs/${encodeURIComponent(job.id)}`);
+  }
+  status.textContent = job.status === "done" ? `${job.command} done` : `${job.command} ${job.status}: ${job.message}`;
+  return job;
+}
+
+async function render() {
+  const prompts = $("gallery-prompts").value.split("\n").map((p) => p.trim()).filter(Boolean);
+  $("gallery").replaceChildren();
+  try {
+    let job = await api("POST", `/api/runs/${encodeURIComponent(state.run)}/gallery`,
+                        { prompts, num_images: Number($("gallery-n").value) || 2 });
+    job = await waitJob(job, $("gallery-status"));
+    for (const url of job.files || []) {
+      if (!url.endsWith(".png") || url.endsWith("grid.png")) continue;
+      $("gallery").append(el("figure", {}, el("img", { src: url, class: "gallery-image" })));
+    }
+  } catch (e) { $("gallery-status").textContent = e.message; }
+}
+
+async function evaluate() {
+  $("eval-report").replaceChildren(); $("eval-grids").replaceChildren();
+  try {
+    let job = await api("POST", `/api/runs/${encodeURIComponent(state.run)}/evaluate`,
+                        { backend: $("eval-backend").value, subject: $("eval-subject").value });
+    job = await waitJob(job, $("eval-status"));
+    if (!job.report) return;
+    $("eval-report").append(el("tr", {}, el("th", { text: "metric" }), el("th", { text: "value" }),
+                                el("th", { text: "95% interval" }), el("th", { text: "what it measures" })));
+    for (const [name, m] of Object.entries(job.report.metrics)) {
+      $("eval-report").append(el("tr", {}, el("td", { text: name }), el("td", { text: m.value.toFixed(3) }),
+                                  el("td", { text: `${m.ci95[0].toFixed(3)} – ${m.ci95[1].toFixed(3)}` }),
+                                  el("td", { text: m.description || "" })));
+    }
+    for (const url of job.files || []) {
+      if (url.includes("/grids/")) $("eval-grids").append(el("figure", {}, el("img", { src: url }),
+                                                           el("figcaption", { text: url.split("/").pop() })));
+    }
+  } catch (e) { $("eval-status").textContent = e.message; }
+}
+
+async function exportAs(format) {
+  const item = el("li", { text: `${format}: writing…` });
+  $("exports").append(item);
+  try {
+    let job = await api("POST", `/api/runs/${encodeURIComponent(state.run)}/export`, { format });
+    job = await waitJob(job, item);
+    if (job.status === "done") item.replaceChildren(`${format}: `, el("code", { class: "export-path",
+                                                                               text: job.output }));
+  } catch (e) { item.textContent = `${format}: ${e.message}`; }
+}
+
+// ---- runs ----------------------------------------------------------------------------------------------------
+async function loadRuns() {
+  const res = await api("GET", "/api/runs");
+  $("runs").replaceChildren(...res.runs.map((r) => {
+    const li = el("li", { "data-name": r.name, title: r.instance_prompt || "" },
+                  el("div", { text: r.name }),
+                  el("small", { class: "muted", text: `${r.status}${r.use_lora ? " · LoRA" : ""}`
+                    + (r.steps ? ` · ${r.steps} steps` : "") + (r.mean_loss ? ` · loss ${r.mean_loss.toFixed(3)}` : "") }));
+    li.onclick = () => openRun(r.name);
+    li.classList.toggle("current", r.name === state.run);
+    return li;
+  }));
+}
+
+async function init() {
+  state.setup = await api("GET", "/api/setup");
+  $("workspace").textContent = `workspace: ${state.setup.workspace}`;
+  for (const m of state.setup.models) $("model-choice").append(el("option", { value: m.path, text: m.label }));
+  for (const s of state.setup.toy_subjects) {
+    $("eval-subject").append(el("option", { value: s.name, text: `toy subject: ${s.name} (${s.cls})` }));
+  }
+  buildForm(state.setup.fields);
+  applyPresets();
+  $("model-choice").onchange = () => { $("model-path").value = ""; applyPresets(); };
+  $("model-path").onchange = applyPresets;
+  for (const r of document.querySelectorAll("input[name=mode]")) r.onchange = applyPresets;
+  $("photos").onchange = upload;
+  $("suggest").onclick = suggest;
+  $("class-noun").onkeydown = (e) => { if (e.key === "Enter") suggest(); };
+  $("start").onclick = start;
+  $("stop").onclick = () => control("stop");
+  $("resume").onclick = () => control("resume");
+  $("templates").onclick = templates;
+  $("render").onclick = render;
+  $("evaluate").onclick = evaluate;
+  for (const b of document.querySelectorAll("button.export")) b.onclick = () => exportAs(b.dataset.format);
+  $("new-run").onclick = () => { state.viewing += 1; $("run").hidden = true; $("setup").scrollIntoView(); };
+  await loadRuns();
+  document.body.dataset.ready = "1";
+}
+
+init().catch((e) => { document.body.prepend(el("p", { class: "error", text: `the page could not load: ${e.message}` })); });

@@ -1,0 +1,264 @@
+"""The UI's workspace folder: uploaded photos, runs, and the jobs (train, generate, evaluate, export) that write them.
+
+Every job is the command-line tool in its own process, given a config file: the page drives exactly what a user
+could type, the schema checks every value the same way, and a crash of a run leaves the page (and every other run)
+standing. Layout, all under the workspace root:
+
+    uploads/<id>/           photos as uploaded (a run's instance_data_dir; nothing else writes there)
+    uploads/<id>.preview/   each photo as the trainer crops it at the chosen resolution
+    class-images/<slug>/    class images, shared by the runs that use the same class prompt (a cache)
+    runs/<name>/            a training run's output folder (events.jsonl is its progress)
+    jobs/<id>.json|.log     each job's config and its console output
+    galleries/, evaluations/, exports/   what the jobs after training write, one new entry each
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ..data import scan_folder
+from ..data.dataset import resize_crop
+from ..data.images import IMAGE_SUFFIXES, open_rgb
+from ..errors import DataError
+from ..events import EVENTS_FILE, read_events
+from ..files import write_text_atomic
+from ..run import CONFIG_FILE, SUMMARY_FILE
+
+STOPPED_EXIT = 143  # the CLI's exit status for a run stopped on request (cli.STOPPED_EXIT)
+MAX_UPLOAD = 64 * 1024 * 1024  # bytes per photo
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "x"
+
+
+@dataclass
+class Job:
+    id: str
+    command: str  # train, generate, evaluate, export
+    config: dict[str, Any]
+    output: Path  # the folder or file the job writes
+    run: str | None  # the run it belongs to
+    proc: subprocess.Popen | None = None
+    started: float = field(default_factory=time.time)
+
+    def status(self) -> str:
+        if self.proc is None:
+            return "unknown"
+        rc = self.proc.poll()
+        return ("running" if rc is None else "done" if rc == 0 else "stopped" if rc == STOPPED_EXIT
+                else "failed")
+
+
+class Workspace:
+    def __init__(self, root: Path):
+        self.root = root.resolve()
+        for sub in ("uploads", "runs", "jobs", "class-images", "galleries", "evaluations", "exports"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.jobs: dict[str, Job] = {}
+        self.lock = threading.Lock()
+
+    # -- photos -------------------------------------------------------------------------------------------------
+    def upload(self, files: list[dict[str, str]], resolution: int) -> dict[str, Any]:
+        """Save uploaded photos (name, base64 data) into a new folder; check them as training will and render each
+        as the trainer sees it at `resolution` (short side resized, the centre square; --center_crop off takes
+        random squares around it). Returns the folder, per-photo previews and warnings; an unusable photo fails
+        the upload in one line, as it would fail the run."""
+        if not files:
+            raise DataError("no photos were uploaded; choose 3-5 photos of the subject")
+        folder = self._new(self.root / "uploads", time.strftime("%Y%m%d-%H%M%S"))
+        preview = folder.with_name(folder.name + ".preview")
+        preview.mkdir()
+        names: set[str] = set()
+        for item in files:
+            name = Path(item.get("name", "")).name or "photo"
+            stem, suffix = Path(name).stem, Path(name).suffix.lower()
+            name = f"{slug(stem, 60)}{suffix}"
+            while name in names:
+                name = f"{slug(stem, 60)}-{len(names)}{suffix}"
+            names.add(name)
+            try:
+                data = base64.b64decode(item.get("data", ""), validate=True)
+            except (binascii.Error, ValueError):
+                raise DataError(f"{name}: the upload is not base64 data; upload the file again") from None
+            if len(data) > MAX_UPLOAD:
+                raise DataError(f"{name}: larger than {MAX_UPLOAD >> 20} MB; upload a smaller photo")
+            (folder / name).write_bytes(data)
+        found = scan_folder(folder, "instance", resolution)  # the CLI's checks: unreadable files fail together
+        photos = []
+        for path in found.images:
+            view, _, _ = resize_crop(open_rgb(path), resolution, True, False, None)  # (random crops: around it)
+            view.save(preview / f"{path.stem}.png")
+            with Image.open(path) as img:
+                size = img.size
+            photos.append({"name": path.name, "size": list(size), "small": path in found.small,
+                           "preview": self.url(preview / f"{path.stem}.png")})
+        warnings = []
+        if found.skipped:
+            warnings.append(f"not images, skipped: {', '.join(p.name for p in found.skipped)}")
+        if found.small:
+            warnings.append(f"{len(found.small)} photo(s) smaller than {resolution} px are upscaled (softer "
+                            f"results): {', '.join(p.name for p in found.small)}")
+        if not 3 <= len(found.images) <= 5:
+            warnings.append(f"{len(found.images)} photo(s); DreamBooth works best with 3-5 of the subject")
+        return {"folder": str(folder), "photos": photos, "warnings": warnings,
+                "accepted": sorted(IMAGE_SUFFIXES)}
+
+    # -- jobs ---------------------------------------------------------------------------------------------------
+    def start(self, command: str, config: dict[str, Any], output: Path, run: str | None = None) -> Job:
+        """Run `dreambooth <command> --config <file>` in its own process (its own session: a signal meant for the
+        page does not reach it)."""
+        with self.lock:
+            job_id = self._new(self.root / "jobs", f"{command}-{time.strftime('%Y%m%d-%H%M%S')}", make=False).name
+            cfg_file = self.root / "jobs" / f"{job_id}.json"
+            write_text_atomic(cfg_file, json.dumps(config, indent=2, default=str))
+            log = open(self.root / "jobs" / f"{job_id}.log", "wb")  # noqa: SIM115 (the child holds it)
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            proc = subprocess.Popen([sys.executable, "-m", "dreambooth", command, "--config", str(cfg_file)],
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True, cwd=self.root)
+            log.close()
+            job = self.jobs[job_id] = Job(job_id, command, config, output, run, proc)
+            return job
+
+    def job(self, job_id: str) -> Job:
+        if job_id not in self.jobs:
+            raise KeyError(job_id)
+        return self.jobs[job_id]
+
+    def job_view(self, job: Job) -> dict[str, Any]:
+        status = job.status()
+        view: dict[str, Any] = {"id": job.id, "command": job.command, "status": status, "run": job.run,
+                                "output": str(job.output)}
+        if status in ("failed", "stopped"):
+            view["message"] = self.last_line(job)
+        if status == "done":
+            view["files"] = [self.url(p) for p in self.outputs(job.output)]
+        return view
+
+    def last_line(self, job: Job) -> str:
+        """The job's one-line error (the CLI prints it last)."""
+        log = self.root / "jobs" / f"{job.id}.log"
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.exists() \
+            else []
+        return lines[-1][-500:] if lines else "the process ended without output"
+
+    def outputs(self, path: Path) -> list[Path]:
+        if path.is_file():
+            return [path]
+        if not path.is_dir():
+            return []
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".png", ".safetensors",
+                                                                                          ".md", ".json"))
+
+    def running_job_of(self, run: str) -> Job | None:
+        return next((j for j in self.jobs.values() if j.run == run and j.command == "train"
+                     and j.status() == "running"), None)
+
+    # -- runs ---------------------------------------------------------------------------------------------------
+    def new_run_folder(self, hint: str) -> Path:
+        return self._new(self.root / "runs", f"{slug(hint, 30)}-{time.strftime('%Y%m%d-%H%M%S')}", make=False)
+
+    def run_folder(self, name: str) -> Path:
+        """A run's folder; a run started here whose process has not created it yet counts too."""
+        folder = (self.root / "runs" / name).resolve()
+        if folder.parent != self.root / "runs" or not (folder.is_dir() or self._last_job(name)):
+            raise KeyError(name)
+        return folder
+
+    def run_view(self, name: str, offset: int = 0) -> dict[str, Any]:
+        """A run's state from its own files (so a page reloaded, or a UI restarted, sees it the same way): the
+        events since `offset`, its status, its config and summary."""
+        folder = self.run_folder(name)
+        events, next_offset = read_events(folder / EVENTS_FILE, offset)
+        for e in events:
+            if e.get("event") == "validation" and e.get("path"):
+                e["url"] = self.url(Path(e["path"]))
+        job = self.running_job_of(name)
+        summary = _json(folder / SUMMARY_FILE)
+        status = "running" if job else "finished" if summary else self._ended(folder)
+        return {"name": name, "status": status, "events": events, "offset": next_offset,
+                "config": _json(folder / CONFIG_FILE), "summary": summary,
+                "message": self.last_line(self._last_job(name)) if status == "failed" else None}
+
+    def _ended(self, folder: Path) -> str:
+        """How a run without a summary ended: stopped (resumable), failed, or interrupted (no process left)."""
+        last = None
+        for e in read_events(folder / EVENTS_FILE)[0]:
+            if e.get("event") in ("stopped", "error", "start"):
+                last = e["event"]
+        job = self._last_job(folder.name)
+        if job is not None and job.status() == "failed" and last != "stopped":
+            return "failed"
+        return {"stopped": "stopped", "error": "failed"}.get(last or "", "interrupted" if last else "starting")
+
+    def _last_job(self, run: str) -> Job | None:
+        mine = [j for j in self.jobs.values() if j.run == run and j.command == "train"]
+        return mine[-1] if mine else None
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run in the workspace, newest first, with what its summary says."""
+        out = []
+        for folder in sorted((self.root / "runs").iterdir(), key=lambda p: p.stat().st_mtime, reverse=True):
+            if not folder.is_dir():
+                continue
+            cfg, summary = _json(folder / CONFIG_FILE) or {}, _json(folder / SUMMARY_FILE)
+            view = self.run_view(folder.name, offset=0) if not summary else None
+            out.append({"name": folder.name, "status": view["status"] if view else "finished",
+                        "instance_prompt": cfg.get("instance_prompt"), "use_lora": cfg.get("use_lora"),
+                        "model": cfg.get("pretrained_model_name_or_path"),
+                        "steps": (summary or {}).get("steps"), "mean_loss": (summary or {}).get("mean_loss"),
+                        "evaluation": (summary or {}).get("evaluation")})
+        return out
+
+    # -- files --------------------------------------------------------------------------------------------------
+    def url(self, path: Path) -> str:
+        return "/files/" + path.resolve().relative_to(self.root).as_posix()
+
+    def file(self, relative: str) -> Path:
+        """A file under the workspace (nothing outside it is served)."""
+        path = (self.root / relative).resolve()
+        if not path.is_relative_to(self.root) or not path.is_file():
+            raise KeyError(relative)
+        return path
+
+    def new_output(self, kind: str, hint: str, suffix: str = "") -> Path:
+        """A fresh path under galleries/, evaluations/ or exports/ (never one that exists)."""
+        return self._new(self.root / kind, f"{slug(hint, 50)}", suffix=suffix, make=False)
+
+    @staticmethod
+    def _new(parent: Path, stem: str, suffix: str = "", make: bool = True) -> Path:
+        for n in range(1000):
+            path = parent / f"{stem}{'' if n == 0 else f'-{n}'}{suffix}"
+            if not path.exists() and not path.with_name(path.name + ".json").exists():
+                if make:
+                    path.mkdir()
+                return path
+        raise DataError(f"{parent} holds too many entries named {stem}; clear some out")
+
+
+def stop(job: Job) -> None:
+    """Ask a training process to save a checkpoint and stop (SIGTERM; see run.StopRequests)."""
+    if job.proc is not None and job.proc.poll() is None:
+        job.proc.send_signal(signal.SIGTERM)
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,121 @@
+"""The UI's API without a browser: uploads go through the CLI's image checks, bad requests get one line, nothing
+outside the workspace is served, and a run started from the page stops at a checkpoint and resumes to the end."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreambooth.toy.demo import BUNDLED
+from dreambooth.ui.server import UIConfig, make_server
+
+
+@pytest.fixture
+def api(tmp_path):
+    server = make_server(UIConfig(port=0, workspace=tmp_path / "ws"))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def call(path: str, body: dict | None = None, raw: bytes | None = None) -> tuple[int, dict]:
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req) as res:
+                return res.status, json.loads(res.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    call.base = base  # type: ignore[attr-defined]
+    yield call, tmp_path / "ws"
+    server.shutdown()
+    server.server_close()
+
+
+def png(colour: tuple[int, int, int], size: int = 40) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), colour, np.uint8)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_upload_checks_photos_like_the_cli_and_shows_the_crop(api):
+    call, ws = api
+    files = [{"name": f"../p{i}.png", "data": png((40 * i, 0, 0), 40 + 8 * i)} for i in range(3)]
+    status, res = call("/api/upload", {"files": files + [{"name": "notes.txt", "data": "aGk="}], "resolution": 48})
+    assert status == 200
+    folder = ws / "uploads" / res["folder"].rsplit("/", 1)[1]
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "p0.png", "p1.png", "p2.png"]  # no "../"
+    assert [p["small"] for p in res["photos"]] == [True, False, False]  # 40 px < 48 px
+    assert any("notes.txt" in w for w in res["warnings"]) and any("upscaled" in w for w in res["warnings"])
+    preview = Image.open(io.BytesIO(urllib.request.urlopen(call.base + res["photos"][2]["preview"]).read()))
+    assert preview.size == (48, 48)  # the square the trainer takes at --resolution 48
+
+    status, res = call("/api/upload", {"files": [{"name": "x.png", "data": base64.b64encode(b"nope").decode()}],
+                                       "resolution": 48})
+    assert status == 400 and "x.png (not a readable image)" in res["error"] and "\n" not in res["error"]
+    status, res = call("/api/upload", {"files": [], "resolution": 48})
+    assert status == 400 and "no photos" in res["error"]
+
+
+def test_bad_requests_are_one_line_and_nothing_outside_the_workspace_is_served(api, tmp_path):
+    call, ws = api
+    (tmp_path / "secret.txt").write_text("x")
+    assert call("/files/../secret.txt")[0] == 404
+    assert call("/files/%2e%2e/secret.txt")[0] == 404
+    assert call("/api/nothing")[0] == 404
+    assert call("/api/runs/no-such-run")[0] == 404
+    status, res = call("/api/train", raw=b"{not json")
+    assert status == 400 and res["error"].startswith("bad request")
+    status, res = call("/api/train", {"values": {"learning_rate": "fast", "max_train_steps": "0"}})
+    assert status == 200 and set(res["problems"]) >= {"learning_rate", "max_train_steps", "instance_data_dir"}
+    assert not list((ws / "runs").iterdir())  # nothing started, nothing written
+
+
+def test_a_run_from_the_page_stops_at_a_checkpoint_and_resumes_to_the_end(api):
+    call, ws = api
+    status, res = call("/api/upload", {"files": [{"name": f"p{i}.png", "data": png((200, 30 * i, 0), 32)}
+                                                 for i in range(3)], "resolution": 32})
+    values = {"pretrained_model_name_or_path": str(BUNDLED), "instance_data_dir": res["folder"],
+              "instance_prompt": "a qek circle", "use_lora": True, "resolution": "32", "max_train_steps": "400",
+              "learning_rate": "1e-3", "checkpointing_steps": "1000", "logging_steps": "1", "train_batch_size": "1"}
+    status, res = call("/api/train", {"values": values})
+    assert status == 200, res
+    run = res["run"]
+
+    def view() -> dict:
+        return call(f"/api/runs/{run}")[1]
+
+    def wait(until, timeout: float = 240) -> dict:
+        end = time.time() + timeout
+        while time.time() < end:
+            state = view()
+            if until(state):
+                return state
+            time.sleep(0.5)
+        raise AssertionError(f"run {run} did not get there: {state['status']} {state.get('message')}")
+
+    wait(lambda s: any(e["event"] == "step" for e in s["events"]))
+    assert call(f"/api/runs/{run}/stop", {})[0] == 200
+    state = wait(lambda s: s["status"] != "running")
+    assert state["status"] == "stopped", state
+    stopped = [e for e in state["events"] if e["event"] == "stopped"]
+    assert len(stopped) == 1 and 0 < stopped[0]["step"] < 400
+    assert (ws / "runs" / run / f"checkpoint-{stopped[0]['step']}").is_dir()
+    assert call(f"/api/runs/{run}/stop", {})[0] == 400  # not training any more: one line, nothing happens
+
+    assert call(f"/api/runs/{run}/resume", {})[0] == 200
+    state = wait(lambda s: s["status"] not in ("running", "stopped"))
+    assert state["status"] == "finished", state
+    starts = [e for e in state["events"] if e["event"] == "start"]
+    assert starts[-1]["resumed_from"].endswith(f"checkpoint-{stopped[0]['step']}")
+    assert state["summary"]["steps"] == 400
+    listed = call("/api/runs")[1]["runs"]
+    assert [r["name"] for r in listed] == [run] and listed[0]["status"] == "finished"

@@ -54,13 +54,29 @@ def test_euler_a_noise_follows_each_sample_not_its_batch():
     assert not torch.allclose(together[0], together[1], atol=1e-2)
     again = run(scheduler(), x0, start)[-2]
     assert torch.equal(again, together)
+    reused = scheduler()  # one scheduler for a batch of 1, then (set_timesteps again) for the batch of 3
+    run(reused, x0[1:2], start[1:2])
+    reused.set_timesteps(8)
+    assert torch.equal(run(reused, x0, start)[-2], together)
+
+
+def test_euler_a_starting_part_way_seeds_from_that_step():
+    """img2img pipelines start at set_begin_index(k): the first step taken seeds the noise."""
+    torch.manual_seed(0)
+    x0, start = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    s = scheduler()
+    s.set_begin_index(5)  # sigmas[5] < 0.5: the first step is ancestral
+    assert float(s.sigmas[5]) < s.ANCESTRAL_BELOW
+    x = s.step((start - x0) / float(s.sigmas[5]), s.timesteps[5], start, return_dict=False)[0]
+    assert x.shape == start.shape and not torch.allclose(x[0] - x0[0], x[1] - x0[1], atol=1e-2)
 
 
 def test_euler_a_on_a_tiny_sd3_pipeline_is_reproducible_per_seed(tmp_path):
     from tiny import make_tiny_sd3
 
     model = make_tiny_sd3(tmp_path / "sd3", with_t5=False)
-    kw = dict(model=str(model), prompt=["a dog"], num_inference_steps=4, sampler="euler_a", max_sequence_length=2)
+    # 8 steps (shift 3): several ancestral steps with sigma' > 0, where each image's own noise enters
+    kw = dict(model=str(model), prompt=["a dog"], num_inference_steps=8, sampler="euler_a", max_sequence_length=2)
     one = dreambooth.generate(**kw, num_images=1, seed=3, output_dir=str(tmp_path / "one"))
     two = dreambooth.generate(**kw, num_images=2, seed=3, batch_size=2, output_dir=str(tmp_path / "two"))
     a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (one[0], two[0]))

@@ -25,9 +25,10 @@ def api(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
 
-    def call(path: str, body: dict | None = None, raw: bytes | None = None) -> tuple[int, dict]:
+    def call(path: str, body: dict | None = None, raw: bytes | None = None, **headers: str) -> tuple[int, dict]:
         data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(base + path, data=data,
+                                     headers={"Content-Type": "application/json", **headers})
         try:
             with urllib.request.urlopen(req) as res:
                 return res.status, json.loads(res.read())
@@ -58,6 +59,10 @@ def test_upload_checks_photos_like_the_cli_and_shows_the_crop(api):
     preview = Image.open(io.BytesIO(urllib.request.urlopen(call.base + res["photos"][2]["preview"]).read()))
     assert preview.size == (48, 48)  # the square the trainer takes at --resolution 48
 
+    same = [{"name": n, "data": png((0, 0, 200))} for n in ("a.png", "a-2.png", "a.png", "A.png")]
+    status, res = call("/api/upload", {"files": same, "resolution": 32})
+    assert status == 200 and sorted(p["name"] for p in res["photos"]) == ["a-2.png", "a-3.png", "a-4.png", "a.png"]
+
     status, res = call("/api/upload", {"files": [{"name": "x.png", "data": base64.b64encode(b"nope").decode()}],
                                        "resolution": 48})
     assert status == 400 and "x.png (not a readable image)" in res["error"] and "\n" not in res["error"]
@@ -70,6 +75,11 @@ def test_bad_requests_are_one_line_and_nothing_outside_the_workspace_is_served(a
     (tmp_path / "secret.txt").write_text("x")
     assert call("/files/../secret.txt")[0] == 404
     assert call("/files/%2e%2e/secret.txt")[0] == 404
+    assert call("/files/uploads/%2e%2e/%2e%2e/secret.txt")[0] == 404
+    # only this page drives the server: another site's form or a DNS-rebinding page is refused, nothing starts
+    assert call("/api/runs", Host="evil.example:80")[0] == 403
+    assert call("/api/train", {"values": {}}, **{"Content-Type": "text/plain"})[0] == 403
+    assert call("/api/train", {"values": {}}, Origin="http://evil.example")[0] == 403
     assert call("/api/nothing")[0] == 404
     assert call("/api/runs/no-such-run")[0] == 404
     status, res = call("/api/train", raw=b"{not json")
@@ -84,7 +94,8 @@ def test_a_run_from_the_page_stops_at_a_checkpoint_and_resumes_to_the_end(api):
     status, res = call("/api/upload", {"files": [{"name": f"p{i}.png", "data": png((200, 30 * i, 0), 32)}
                                                  for i in range(3)], "resolution": 32})
     values = {"pretrained_model_name_or_path": str(BUNDLED), "instance_data_dir": res["folder"],
-              "instance_prompt": "a qek circle", "use_lora": True, "resolution": "32", "max_train_steps": "400",
+              "instance_prompt": "a qek circle", "identifier": "qek", "use_lora": True, "resolution": "32",
+              "max_train_steps": "200",
               "learning_rate": "1e-3", "checkpointing_steps": "1000", "logging_steps": "1", "train_batch_size": "1"}
     status, res = call("/api/train", {"values": values})
     assert status == 200, res
@@ -107,7 +118,7 @@ def test_a_run_from_the_page_stops_at_a_checkpoint_and_resumes_to_the_end(api):
     state = wait(lambda s: s["status"] != "running")
     assert state["status"] == "stopped", state
     stopped = [e for e in state["events"] if e["event"] == "stopped"]
-    assert len(stopped) == 1 and 0 < stopped[0]["step"] < 400
+    assert len(stopped) == 1 and 0 < stopped[0]["step"] < 200
     assert (ws / "runs" / run / f"checkpoint-{stopped[0]['step']}").is_dir()
     assert call(f"/api/runs/{run}/stop", {})[0] == 400  # not training any more: one line, nothing happens
 
@@ -116,6 +127,59 @@ def test_a_run_from_the_page_stops_at_a_checkpoint_and_resumes_to_the_end(api):
     assert state["status"] == "finished", state
     starts = [e for e in state["events"] if e["event"] == "start"]
     assert starts[-1]["resumed_from"].endswith(f"checkpoint-{stopped[0]['step']}")
-    assert state["summary"]["steps"] == 400
+    assert state["summary"]["steps"] == 200
     listed = call("/api/runs")[1]["runs"]
     assert [r["name"] for r in listed] == [run] and listed[0]["status"] == "finished"
+
+    # the evaluation report of the result: the toy judges, few images (the page's "images per prompt")
+    status, job = call(f"/api/runs/{run}/evaluate", {"backend": "toy", "subject": "circle", "images_per_prompt": 2,
+                                                      "class_images": 2})
+    assert status == 200, job
+    end = time.time() + 240
+    while job["status"] == "running" and time.time() < end:
+        time.sleep(0.5)
+        job = call(f"/api/jobs/{job['id']}")[1]
+    assert job["status"] == "done", job
+    assert {"subject", "pres", "div"} <= set(job["report"]["metrics"])
+    assert all(len(m["ci95"]) == 2 for m in job["report"]["metrics"].values())
+    assert any("/grids/" in f for f in job["files"]) and job["output"].startswith(str(ws / "evaluations"))
+
+
+def test_a_reopened_workspace_shows_its_runs_as_their_files_say(tmp_path):
+    """A page started again over an existing workspace (no jobs in memory) lists a failed run with its error, a
+    stopped one as resumable, one whose process is gone without a word as interrupted."""
+    runs = tmp_path / "ws" / "runs"
+    for name, events in {"failed": [{"event": "start", "step": 0},
+                                    {"event": "error", "message": "out of memory", "kept": "checkpoint-2 is kept"}],
+                         "stopped": [{"event": "start", "step": 0}, {"event": "stopped", "step": 3, "path": "x"}],
+                         "gone": [{"event": "start", "step": 0}, {"event": "step", "step": 1}],
+                         "empty": []}.items():
+        (runs / name).mkdir(parents=True)
+        (runs / name / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    server = make_server(UIConfig(port=0, workspace=tmp_path / "ws"))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        listed = {r["name"]: r["status"] for r in json.loads(urllib.request.urlopen(base + "/api/runs").read())["runs"]}
+        assert listed == {"failed": "failed", "stopped": "stopped", "gone": "interrupted", "empty": "interrupted"}
+        failed = json.loads(urllib.request.urlopen(base + "/api/runs/failed").read())
+        assert failed["message"] == "out of memory (checkpoint-2 is kept)"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_ui_command_refuses_a_bad_port_in_one_line(capsys, tmp_path):
+    import socket
+
+    from dreambooth.cli import main
+
+    assert main(["ui", "--port", "70000", "--workspace", str(tmp_path / "ws")]) == 2
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["ui", "--port", str(port), "--workspace", str(tmp_path / "ws")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "dreambooth ui: error: port=70000 is not allowed: must be from 0 to 65535"
+    assert err[1].startswith(f"dreambooth ui: error: cannot serve on 127.0.0.1:{port} (") and len(err) == 2

@@ -140,6 +140,10 @@ def _add_toy_parser(sub) -> None:
     q.add_argument("--family", default="sd", choices=["sd", "sd3"], help="Which bundled toy model (default: sd)")
     q.add_argument("--per_prompt", type=int, default=12, help="Samples per held-out prompt")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--sampler", default=None, help="Sampler (default: the toy model's: dpm++ for sd, euler_a for sd3)")
+    q.add_argument("--num_inference_steps", type=int, default=None, help="Sampler steps (default: the toy model's, 20)")
+    q.add_argument("--guidance_scale", type=float, default=None,
+                   help="Guidance scale (default: the toy model's: 2.0 for sd, 2.5 for sd3)")
     q.set_defaults(handler=_run_quality)
 
 
@@ -253,14 +257,14 @@ def _run_identifier(args: argparse.Namespace) -> int:
 
 
 def _run_ui(args: argparse.Namespace) -> int:
-    from .ui.server import serve
+    from .ui.server import UIConfig, serve
 
-    values = _values(args)
+    cfg = schema.build(UIConfig, _values(args))
     try:
-        serve(values)
+        serve(cfg)
     except OSError as e:
-        raise DreamBoothError(f"cannot serve on {values.get('host')}:{values.get('port')} ({e.strerror or e}); pick "
-                              "another --port or --host") from None
+        raise DreamBoothError(f"cannot serve on {cfg.host}:{cfg.port} ({e.strerror or e}); pick another --port or "
+                              "--host") from None
     except KeyboardInterrupt:
         print("dreambooth ui: stopped (runs started from the page go on in their own processes)", file=sys.stderr)
     return 0
@@ -292,7 +296,8 @@ def _run_quality(args: argparse.Namespace) -> int:
     from .toy.demo import toy_model
     from .toy.measure import load_toy, quality
 
-    q = quality(load_toy(toy_model(args.family, args.model)), per_prompt=args.per_prompt, seed=args.seed)
+    q = quality(load_toy(toy_model(args.family, args.model)), per_prompt=args.per_prompt, seed=args.seed,
+                sampler=args.sampler, steps=args.num_inference_steps, guidance=args.guidance_scale)
     print("\n".join(q.lines()))
     print("quality bar (>= 90% per named attribute, open attributes vary):", "met" if q.passes() else "NOT met")
     return 0 if q.passes() else 1

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -42,23 +43,36 @@ LOCAL_PATHS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_pa
 
 
 class StopRequests:
-    """While a run trains, SIGTERM (what the UI's stop button sends) asks it to save a checkpoint and stop at the
-    end of the current step; Ctrl-C still interrupts at once. Several processes agree to stop at a step where they
-    all report (a logging step), so that each saves its part of the same checkpoint."""
+    """While the training loop runs, SIGTERM (what the UI's stop button sends) asks it to save a checkpoint and stop
+    at the end of the current step; a second SIGTERM, or one outside the loop (loading models, making class images,
+    saving the result), acts as SIGTERM does by default. Ctrl-C still interrupts at once. Several processes agree
+    to stop at a step where they all report (a logging step), so that each saves its part of the same checkpoint."""
 
     def __init__(self) -> None:
         self.requested = threading.Event()
-        self.previous: object = None
+        self.previous: Any = None
+
+    def listen(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self.previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.requested.is_set():  # asked twice: stop now, as without this handler
+            self.close()
+            signal.raise_signal(signum)
+            return
+        self.requested.set()
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
 
     def __enter__(self) -> StopRequests:
-        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            self.previous = signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)  # type: ignore[arg-type]
-            self.previous = None
+        self.close()  # whatever ended the run, the process's own handler comes back
 
     def agreed(self, acc: Accelerator, reported: bool) -> bool:
         """Whether every process stops now."""

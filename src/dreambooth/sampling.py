@@ -35,12 +35,21 @@ class FlowMatchAncestralScheduler(FlowMatchEulerDiscreteScheduler):
     own generator, not on the batch it shares (the SD3 and Flux pipelines pass no generator to the step)."""
 
     ANCESTRAL_BELOW = 0.5
+    _noise: list[torch.Generator] | None = None
+
+    def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
+        super().set_timesteps(*args, **kwargs)
+        self._noise = None  # a new call: seeded afresh from its own starting latents
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        super().set_begin_index(begin_index)
+        self._noise = None  # img2img starts part-way: its first step's latents seed the noise
 
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any,
              return_dict: bool = True, **kwargs: Any) -> Any:
         if self.step_index is None:
             self._init_step_index(timestep)
-        if self.step_index == 0:
+        if self._noise is None or len(self._noise) != len(sample):
             self._noise = [torch.Generator(sample.device).manual_seed(_digest(x)) for x in sample]
         sigma, sigma_next = float(self.sigmas[self.step_index]), float(self.sigmas[self.step_index + 1])
         if sigma >= self.ANCESTRAL_BELOW:

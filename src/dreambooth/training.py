@@ -83,7 +83,7 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
     evaluation = for_training(cfg) if cfg.eval else None  # a bad evaluation setting fails before training
     with determinism(cfg.deterministic):
         run = setup(cfg)
-        # the folder locked till the end; errors say what's kept; SIGTERM stops at a checkpoint
+        # the folder locked till the end; errors say what's kept; SIGTERM in the loop stops at a checkpoint
         with run.output, run.stop, reported(run), memory_errors(cfg, run.kept):
             parts = build(run)
             fit(run, parts)
@@ -330,6 +330,7 @@ def fit(run: Run, parts: Parts) -> None:
                     resumed_from=str(run.resume_from) if run.resume_from else None)
     window = torch.zeros(3, device=acc.device)  # loss, instance, prior summed over one optimizer step
     pending: list[tuple[int, torch.Tensor, float]] = []  # (step, window, lr) not yet read back from the device
+    run.stop.listen()
 
     for batch in loader:
         with acc.accumulate(*trained):
@@ -377,6 +378,7 @@ def fit(run: Run, parts: Parts) -> None:
         if step < parts.max_train_steps and run.stop.agreed(acc, reporting):
             report_losses(run, parts, pending)
             stop(run, step, saved or save(run, parts, step), bar)
+    run.stop.close()
     report_losses(run, parts, pending)
     bar.close()
 

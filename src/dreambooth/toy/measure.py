@@ -48,20 +48,23 @@ def toy_train_settings(family: str, lora: bool = False) -> dict[str, Any]:
     return dict(class_sampler=sampler, class_inference_steps=steps, class_guidance_scale=guidance,
                 sample_batch_size=50, resolution=32, center_crop=True,
                 random_flip=False,  # a flip changes a two-tone subject
-                learning_rate=TOY_LORA_LEARNING_RATE if lora else TOY_LEARNING_RATES[family],
+                learning_rate=TOY_LORA_LEARNING_RATE if lora else TOY_LEARNING_RATES.get(family, 2e-4),
                 lr_scheduler="constant", lr_warmup_steps=0, mixed_precision="no", **toy_options(family))
 
 
 
 @torch.no_grad()
 def sample(pipe, prompts: Sequence[str], n: int, seed: int = 0, steps: int | None = None,
-           guidance: float | None = None, batch_size: int = 128) -> list[list[np.ndarray]]:
-    """n uint8 images per prompt; image i of every prompt uses seed derive_seed(seed, i), so runs compare. Steps
-    and guidance default to the toy world's for the pipeline's family."""
+           guidance: float | None = None, batch_size: int = 128, sampler: str | None = None
+           ) -> list[list[np.ndarray]]:
+    """n uint8 images per prompt; image i of every prompt uses seed derive_seed(seed, i), so runs compare. Sampler,
+    steps and guidance default to the toy world's for the pipeline's family."""
     from ..families import family_of
+    from ..sampling import resolve_sampler
 
     family = family_of(pipe)
-    sampler, default_steps, default_guidance = toy_sampling(family.name)
+    default_sampler, default_steps, default_guidance = toy_sampling(family.name)
+    sampler = resolve_sampler(sampler, family) if sampler else default_sampler
     steps, guidance = steps or default_steps, default_guidance if guidance is None else guidance
     pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config, family.sampler_kind)
     pipe.set_progress_bar_config(disable=True)
@@ -116,11 +119,12 @@ def held_out_prompts(k: int | None = None) -> list[tuple[str, dict[str, str]]]:
     return out
 
 
-def quality(pipe, per_prompt: int = 12, triples: int | None = None, seed: int = 0) -> Quality:
+def quality(pipe, per_prompt: int = 12, triples: int | None = None, seed: int = 0, **sampling: Any) -> Quality:
     """Attribute accuracy on held-out prompts; variety of the attributes each prompt leaves open (size where it
-    is not named, position always), relative to renders of the world for the same prompts."""
+    is not named, position always), relative to renders of the world for the same prompts. `sampling`: sampler,
+    steps, guidance (default: the toy model's)."""
     cases = held_out_prompts(triples)
-    images = sample(pipe, [p for p, _ in cases], per_prompt, seed)
+    images = sample(pipe, [p for p, _ in cases], per_prompt, seed, **sampling)
     rng = np.random.default_rng(seed)
     hits: dict[str, list[bool]] = {k: [] for k in ("cls", "colour", "background", "size")}
     seen: dict[str, list[str | None]] = {"size": [], "position": []}

@@ -9,6 +9,8 @@ import ipaddress
 import json
 import logging
 import mimetypes
+import os
+import shutil
 import threading
 import webbrowser
 from functools import partial
@@ -16,24 +18,33 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 from .. import schema
 from ..config import TrainConfig
 from ..errors import DreamBoothError
-from ..schema import at_least, option
+from ..schema import option
 from . import form
-from .workspace import Workspace, stop
+from .workspace import Workspace, slug, stop
 
 log = logging.getLogger("dreambooth")
 STATIC = Path(__file__).parent / "static"
+PATH_FIELDS = ("pretrained_model_name_or_path", "instance_data_dir", "class_data_dir", "output_dir",
+               "pretrained_vae_model_name_or_path", "tokenizer_name", "eval_config")
+
+
+def between(low: int, high: int):
+    def check(value: int) -> str | None:
+        return None if low <= value <= high else f"must be from {low} to {high}"
+
+    return check
 
 
 @dataclasses.dataclass
 class UIConfig:
     host: str = option("127.0.0.1", "Address to serve on; anything but a loopback address shares the page (and the "
                                     "machine's files it can reach) with the network")
-    port: int = option(7860, "Port (0: any free one)", check=at_least(0))
+    port: int = option(7860, "Port (0: any free one)", check=between(0, 65535))
     workspace: Path = option(Path("dreambooth-workspace"), "Folder for uploads, runs and their results")
     open_browser: bool = option(False, "Open the page in the default browser")
 
@@ -105,7 +116,11 @@ class App:
             values["output_dir"] = str(folder)
         if _truthy(values.get("with_prior_preservation")) and not str(values.get("class_data_dir") or "").strip():
             model = Path(str(values.get("pretrained_model_name_or_path") or "model")).name
-            values["class_data_dir"] = str(self.ws.root / "class-images" / f"{model}-{hint}".replace("/", "-"))
+            values["class_data_dir"] = str(self.ws.root / "class-images" / slug(f"{model}-{hint}", 80))
+        for name in PATH_FIELDS:  # a local path typed relative means the same in the run's process (hub ids stay)
+            text = str(values.get(name) or "").strip()
+            if text and (Path(text).expanduser().exists() or name in ("output_dir", "class_data_dir")):
+                values[name] = str(Path(text).expanduser().resolve())
         cfg, problems = form.validate(values)
         if problems:
             return {"problems": problems}
@@ -164,17 +179,24 @@ class App:
         return self.ws.job_view(self.ws.start("export", {"model": str(folder), "format": fmt, "output": str(out)},
                                               out, run=name))
 
-    # POST /api/runs/<name>/evaluate {backend, subject}
+    # POST /api/runs/<name>/evaluate {backend, subject, images_per_prompt, class_images}
     def evaluate(self, body: dict, name: str) -> dict[str, Any]:
         folder = self.ws.run_folder(name)
         cfg = self.ws.run_view(name)["config"] or {}
         out = self.ws.new_output("evaluations", name)
         config: dict[str, Any] = {"model": str(folder), "output_dir": str(out),
                                   "backend": str(body.get("backend") or "dreambench")}
+        if not cfg.get("identifier"):  # typed into the prompt only: the word the prompts share
+            from ..identifier import infer_identifier
+
+            config["identifier"] = infer_identifier(cfg.get("instance_prompt") or "", cfg.get("class_prompt"))
         if config["backend"] == "toy":
             config["subject"] = str(body.get("subject") or "")
         else:
             config["real_images"] = cfg.get("instance_data_dir")
+        for key in ("images_per_prompt", "class_images"):  # empty: the backend's own counts
+            if str(body.get(key) or "").strip():
+                config[key] = int(body[key])
         return self.ws.job_view(self.ws.start("evaluate", config, out, run=name))
 
     # GET /api/jobs/<id>
@@ -242,7 +264,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _handle(self, method: str) -> None:
         url = urlparse(self.path)
-        parts = [p for p in url.path.split("/") if p]
+        parts = [unquote(p) for p in url.path.split("/") if p]
+        refusal = self._refusal(method)
+        if refusal:
+            return self._json({"error": refusal}, HTTPStatus.FORBIDDEN)
         try:
             if method == "GET" and not parts:
                 return self._file(STATIC / "index.html")
@@ -253,7 +278,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self._file(path)
             if method == "GET" and parts[0] == "files":
                 return self._file(self.app.ws.file("/".join(parts[1:])))
-            if parts[0] != "api" or len(parts) < 2:
+            if not parts or parts[0] != "api" or len(parts) < 2:
                 raise KeyError(url.path)
             body = {k: v[-1] for k, v in parse_qs(url.query).items()}
             if method == "POST":
@@ -265,15 +290,33 @@ class Handler(BaseHTTPRequestHandler):
             if len(parts) in (3, 4) and key in NAMED:
                 return self._json(getattr(self.app, NAMED[key])(body, parts[2]))
             raise KeyError(url.path)
+        except ConnectionError:
+            return  # the browser went away (a closed tab, an image load cancelled)
         except DreamBoothError as e:
             self._json({"error": str(e)}, HTTPStatus.BAD_REQUEST)
         except KeyError as e:
             self._json({"error": f"not found: {e.args[0] if e.args else url.path}"}, HTTPStatus.NOT_FOUND)
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, AttributeError) as e:
             self._json({"error": f"bad request: {e}"}, HTTPStatus.BAD_REQUEST)
         except Exception as e:  # the page shows it; the server goes on
             log.exception("ui: %s %s failed", method, url.path)
             self._json({"error": f"{type(e).__name__}: {e}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    def _refusal(self, method: str) -> str | None:
+        """Only this page may drive the server: a request must name the address it was served on (a DNS-rebinding
+        page names its own), and a POST must be JSON (a cross-site form cannot send it without a preflight this
+        server never answers) from this page's origin, when the browser says."""
+        host, port = self.server.server_address[:2]
+        allowed = {f"{h}:{port}" for h in (host, "localhost", "127.0.0.1", "[::1]")}
+        if self.headers.get("Host") not in allowed:
+            return "this server answers requests to its own address only; open the address it printed"
+        if method == "POST":
+            if (self.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
+                return "requests must be JSON"
+            origin = self.headers.get("Origin")
+            if origin is not None and origin.removeprefix("http://") not in allowed:
+                return "requests from other pages are refused"
+        return None
 
     def _json(self, data: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
         from ..events import finite
@@ -287,13 +330,13 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
     def _file(self, path: Path) -> None:
-        data = path.read_bytes()
-        self.send_response(HTTPStatus.OK)
-        self.send_header("Content-Type", mimetypes.guess_type(path.name)[0] or "application/octet-stream")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(data)
+        with open(path, "rb") as f:
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+            self.send_header("Content-Length", str(os.fstat(f.fileno()).st_size))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            shutil.copyfileobj(f, self.wfile)  # streamed: a run's weights are not read into memory
 
 
 def make_server(cfg: UIConfig) -> ThreadingHTTPServer:
@@ -305,7 +348,8 @@ def make_server(cfg: UIConfig) -> ThreadingHTTPServer:
 
 
 def serve(config: UIConfig | dict | None = None, **overrides: Any) -> None:
-    cfg = schema.build(UIConfig, {**schema.values_of(config, UIConfig), **overrides})
+    cfg = config if isinstance(config, UIConfig) and not overrides else schema.build(
+        UIConfig, {**schema.values_of(config, UIConfig), **overrides})
     try:
         loopback = ipaddress.ip_address(cfg.host).is_loopback
     except ValueError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import os
 import re
@@ -36,6 +37,7 @@ from ..data.images import IMAGE_SUFFIXES, open_rgb
 from ..errors import DataError
 from ..events import EVENTS_FILE, read_events
 from ..files import write_text_atomic
+from ..outputs import LOCK
 from ..run import CONFIG_FILE, SUMMARY_FILE
 
 STOPPED_EXIT = 143  # the CLI's exit status for a run stopped on request (cli.STOPPED_EXIT)
@@ -70,7 +72,8 @@ class Workspace:
         for sub in ("uploads", "runs", "jobs", "class-images", "galleries", "evaluations", "exports"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.jobs: dict[str, Job] = {}
-        self.lock = threading.Lock()
+        self.reserved: set[Path] = set()
+        self.lock = threading.RLock()
 
     # -- photos -------------------------------------------------------------------------------------------------
     def upload(self, files: list[dict[str, str]], resolution: int) -> dict[str, Any]:
@@ -80,16 +83,20 @@ class Workspace:
         the upload in one line, as it would fail the run."""
         if not files:
             raise DataError("no photos were uploaded; choose 3-5 photos of the subject")
-        folder = self._new(self.root / "uploads", time.strftime("%Y%m%d-%H%M%S"))
+        with self.lock:
+            folder = self._new(self.root / "uploads", time.strftime("%Y%m%d-%H%M%S"))
         preview = folder.with_name(folder.name + ".preview")
         preview.mkdir()
         names: set[str] = set()
         for item in files:
-            name = Path(item.get("name", "")).name or "photo"
-            stem, suffix = Path(name).stem, Path(name).suffix.lower()
-            name = f"{slug(stem, 60)}{suffix}"
+            if not isinstance(item, dict):
+                raise DataError("an upload holds something that is not a file; choose the photos again")
+            name = Path(str(item.get("name", ""))).name or "photo"
+            stem, suffix = slug(Path(name).stem, 60), Path(name).suffix.lower()
+            name, n = f"{stem}{suffix}", 1
             while name in names:
-                name = f"{slug(stem, 60)}-{len(names)}{suffix}"
+                n += 1
+                name = f"{stem}-{n}{suffix}"
             names.add(name)
             try:
                 data = base64.b64decode(item.get("data", ""), validate=True)
@@ -102,11 +109,11 @@ class Workspace:
         photos = []
         for path in found.images:
             view, _, _ = resize_crop(open_rgb(path), resolution, True, False, None)  # (random crops: around it)
-            view.save(preview / f"{path.stem}.png")
+            view.save(preview / f"{path.name}.png")
             with Image.open(path) as img:
                 size = img.size
             photos.append({"name": path.name, "size": list(size), "small": path in found.small,
-                           "preview": self.url(preview / f"{path.stem}.png")})
+                           "preview": self.url(preview / f"{path.name}.png")})
         warnings = []
         if found.skipped:
             warnings.append(f"not images, skipped: {', '.join(p.name for p in found.skipped)}")
@@ -123,14 +130,14 @@ class Workspace:
         """Run `dreambooth <command> --config <file>` in its own process (its own session: a signal meant for the
         page does not reach it)."""
         with self.lock:
-            job_id = self._new(self.root / "jobs", f"{command}-{time.strftime('%Y%m%d-%H%M%S')}", make=False).name
+            job_id = self._new(self.root / "jobs", f"{command}-{time.strftime('%Y%m%d-%H%M%S')}").name
             cfg_file = self.root / "jobs" / f"{job_id}.json"
             write_text_atomic(cfg_file, json.dumps(config, indent=2, default=str))
             log = open(self.root / "jobs" / f"{job_id}.log", "wb")  # noqa: SIM115 (the child holds it)
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             proc = subprocess.Popen([sys.executable, "-m", "dreambooth", command, "--config", str(cfg_file)],
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True, cwd=self.root)
+                                    start_new_session=True)  # relative paths mean what they meant here
             log.close()
             job = self.jobs[job_id] = Job(job_id, command, config, output, run, proc)
             return job
@@ -166,12 +173,17 @@ class Workspace:
                                                                                           ".md", ".json"))
 
     def running_job_of(self, run: str) -> Job | None:
-        return next((j for j in self.jobs.values() if j.run == run and j.command == "train"
-                     and j.status() == "running"), None)
+        return next((j for j in self._jobs() if j.run == run and j.command == "train" and j.status() == "running"),
+                    None)
+
+    def _jobs(self) -> list[Job]:
+        with self.lock:
+            return list(self.jobs.values())
 
     # -- runs ---------------------------------------------------------------------------------------------------
     def new_run_folder(self, hint: str) -> Path:
-        return self._new(self.root / "runs", f"{slug(hint, 30)}-{time.strftime('%Y%m%d-%H%M%S')}", make=False)
+        with self.lock:
+            return self._new(self.root / "runs", f"{slug(hint, 30)}-{time.strftime('%Y%m%d-%H%M%S')}", make=False)
 
     def run_folder(self, name: str) -> Path:
         """A run's folder; a run started here whose process has not created it yet counts too."""
@@ -187,16 +199,23 @@ class Workspace:
         events, next_offset = read_events(folder / EVENTS_FILE, offset)
         for e in events:
             if e.get("event") == "validation" and e.get("path"):
-                e["url"] = self.url(Path(e["path"]))
+                with contextlib.suppress(ValueError):  # a grid outside the workspace (a moved run) has no URL
+                    e["url"] = self.url(Path(e["path"]))
         job = self.running_job_of(name)
         summary = _json(folder / SUMMARY_FILE)
-        status = "running" if job else "finished" if summary else self._ended(folder)
-        return {"name": name, "status": status, "events": events, "offset": next_offset,
-                "config": _json(folder / CONFIG_FILE), "summary": summary,
-                "message": self.last_line(self._last_job(name)) if status == "failed" else None}
+        status = ("running" if job or _locked(folder) else "finished" if summary else self._ended(folder))
+        view = {"name": name, "status": status, "events": events, "offset": next_offset,
+                "config": _json(folder / CONFIG_FILE) or (job.config if job else None), "summary": summary,
+                "message": self._failure(name, folder) if status == "failed" else None}
+        if job is not None and not (folder / EVENTS_FILE).exists() and job.config.get("class_data_dir"):
+            # class images are made before the run's folder (and its event file) is its own: count them meanwhile
+            made = Path(job.config["class_data_dir"])
+            view["class_images_on_disk"] = len(list(made.glob("*.png"))) if made.is_dir() else 0
+        return view
 
     def _ended(self, folder: Path) -> str:
-        """How a run without a summary ended: stopped (resumable), failed, or interrupted (no process left)."""
+        """How a run that is not training and has no summary ended: stopped (resumable), failed, or interrupted
+        (its process gone without a word: killed, or the machine went down)."""
         last = None
         for e in read_events(folder / EVENTS_FILE)[0]:
             if e.get("event") in ("stopped", "error", "start"):
@@ -204,10 +223,18 @@ class Workspace:
         job = self._last_job(folder.name)
         if job is not None and job.status() == "failed" and last != "stopped":
             return "failed"
-        return {"stopped": "stopped", "error": "failed"}.get(last or "", "interrupted" if last else "starting")
+        return {"stopped": "stopped", "error": "failed"}.get(last or "", "interrupted")
+
+    def _failure(self, name: str, folder: Path) -> str:
+        """The one line that says why a run failed: its process's last words, else its error event."""
+        job = self._last_job(name)
+        if job is not None:
+            return self.last_line(job)
+        errors = [e for e in read_events(folder / EVENTS_FILE)[0] if e.get("event") == "error"]
+        return f"{errors[-1].get('message')} ({errors[-1].get('kept')})" if errors else "the run ended early"
 
     def _last_job(self, run: str) -> Job | None:
-        mine = [j for j in self.jobs.values() if j.run == run and j.command == "train"]
+        mine = [j for j in self._jobs() if j.run == run and j.command == "train"]
         return mine[-1] if mine else None
 
     def runs(self) -> list[dict[str, Any]]:
@@ -237,14 +264,17 @@ class Workspace:
         return path
 
     def new_output(self, kind: str, hint: str, suffix: str = "") -> Path:
-        """A fresh path under galleries/, evaluations/ or exports/ (never one that exists)."""
-        return self._new(self.root / kind, f"{slug(hint, 50)}", suffix=suffix, make=False)
+        """A fresh path under galleries/, evaluations/ or exports/ (never one that exists or was handed out)."""
+        with self.lock:
+            return self._new(self.root / kind, f"{slug(hint, 50)}-{time.strftime('%H%M%S')}", suffix=suffix,
+                             make=False)
 
-    @staticmethod
-    def _new(parent: Path, stem: str, suffix: str = "", make: bool = True) -> Path:
+    def _new(self, parent: Path, stem: str, suffix: str = "", make: bool = True) -> Path:
+        """A path that does not exist and was not handed out before (its command creates it seconds later)."""
         for n in range(1000):
             path = parent / f"{stem}{'' if n == 0 else f'-{n}'}{suffix}"
-            if not path.exists() and not path.with_name(path.name + ".json").exists():
+            if not path.exists() and path not in self.reserved:
+                self.reserved.add(path)
                 if make:
                     path.mkdir()
                 return path
@@ -255,6 +285,25 @@ def stop(job: Job) -> None:
     """Ask a training process to save a checkpoint and stop (SIGTERM; see run.StopRequests)."""
     if job.proc is not None and job.proc.poll() is None:
         job.proc.send_signal(signal.SIGTERM)
+
+
+def _locked(folder: Path) -> bool:
+    """Whether a live process holds the run folder (a run still training after the page was restarted): its lock
+    file names the holder's pid and is removed before the lock is let go. Read, never locked: a probe that took
+    the lock could make a starting run find its folder in use."""
+    try:
+        pid = int((folder / LOCK).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return False
+    if pid <= 0 or os.name == "nt":  # Windows' os.kill(pid, 0) would end the process
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, someone else's
+        return True
+    return True
 
 
 def _json(path: Path) -> dict[str, Any] | None:

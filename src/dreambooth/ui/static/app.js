@@ -3,7 +3,7 @@
 // run view that tails the run's events.jsonl (GET /api/runs/<name>?offset=N) once a second.
 
 const $ = (id) => document.getElementById(id);
-const state = { setup: null, run: null, offset: 0, losses: [], timer: null, viewing: 0 };
+const state = { setup: null, run: null, offset: 0, losses: [], timer: null, viewing: 0, preset: null };
 
 async function api(method, path, body) {
   const res = await fetch(path, { method, headers: { "Content-Type": "application/json" },
@@ -91,11 +91,15 @@ function currentModel() {
 
 function applyPresets() {
   const model = currentModel();
+  for (const k of Object.keys(state.preset || {})) {  // the previous model's preset goes back to the defaults
+    const f = state.setup.fields.find((x) => x.name === k);
+    if (f) setField(k, f.kind === "bool" ? f.default : "");
+  }
   setField("pretrained_model_name_or_path", model);
   const lora = document.querySelector("input[name=mode]:checked").value === "lora";
   setField("use_lora", lora);
-  const preset = (state.setup.presets[model] || {})[lora ? "lora" : "full"];
-  for (const [k, v] of Object.entries(preset || {})) setField(k, v);
+  state.preset = (state.setup.presets[model] || {})[lora ? "lora" : "full"] || {};
+  for (const [k, v] of Object.entries(state.preset)) setField(k, v);
 }
 
 // ---- photos --------------------------------------------------------------------------------------------------
@@ -108,12 +112,12 @@ function readFile(file) {
   });
 }
 
-async function upload() {
+async function upload(chosen) {
   $("photo-error").textContent = "";
   $("photo-warnings").replaceChildren();
   $("photo-previews").replaceChildren();
   try {
-    const files = await Promise.all([...$("photos").files].map(readFile));
+    const files = await Promise.all([...(chosen || $("photos").files)].map(readFile));
     const resolution = $("f-resolution").value || $("f-resolution").placeholder;
     const res = await api("POST", "/api/upload", { files, resolution: Number(resolution) || 512 });
     setField("instance_data_dir", res.folder);
@@ -156,13 +160,14 @@ function useIdentifier(token, noun) {
 // ---- training ------------------------------------------------------------------------------------------------
 async function start() {
   $("start-error").textContent = "";
+  $("start").disabled = true;
   try {
     const res = await api("POST", "/api/train", { values: formValues() });
     if (res.problems) { showProblems(res.problems); $("start-error").textContent = "fix the fields marked"; return; }
     showProblems({});
     openRun(res.run);
-    loadRuns();
-  } catch (e) { $("start-error").textContent = e.message; }
+    loadRuns().catch(() => {});
+  } catch (e) { $("start-error").textContent = e.message; } finally { $("start").disabled = false; }
 }
 
 function openRun(name) {
@@ -170,6 +175,7 @@ function openRun(name) {
   $("run").hidden = false; $("after").hidden = true;
   $("run-name").textContent = name;
   for (const id of ["validations", "gallery", "eval-report", "eval-grids", "exports"]) $(id).replaceChildren();
+  $("gallery-prompts").value = "";
   for (const id of ["step-text", "eta", "class-progress", "run-message", "gallery-status", "eval-status"])
     $(id).textContent = "";
   $("progress").value = 0;
@@ -187,14 +193,18 @@ async function poll(viewing) {
     if (viewing !== state.viewing) return;
     state.offset = res.offset;
     for (const e of res.events) onEvent(e);
+    drawLoss();
     const status = $("run-status");
     status.textContent = res.status; status.className = `badge ${res.status}`;
     if (res.message) $("run-message").textContent = res.message;
+    if (res.class_images_on_disk !== undefined && res.config) {
+      $("class-progress").textContent = `class images ${res.class_images_on_disk}/${res.config.num_class_images}`;
+    }
     $("stop").disabled = res.status !== "running";
     $("resume").disabled = !["stopped", "interrupted", "failed"].includes(res.status);
     if (res.status === "finished") { $("after").hidden = false; fillGalleryDefaults(res.config); }
     if (res.status === "running" || res.status === "starting") state.timer = setTimeout(() => poll(viewing), 1000);
-    else loadRuns();
+    else loadRuns().catch(() => {});
   } catch (e) {
     $("run-message").textContent = e.message;
     state.timer = setTimeout(() => poll(viewing), 3000);
@@ -211,7 +221,6 @@ function onEvent(e) {
     $("lr").textContent = Number(e.lr).toExponential(2);
     $("loss").textContent = e.loss === null ? "NaN" : Number(e.loss).toFixed(4);
     if (e.loss !== null) state.losses.push([e.step, e.loss]);
-    drawLoss();
   }
   if (e.event === "validation" && e.url) {
     $("validations").prepend(el("figure", {}, el("img", { src: e.url, class: "validation", alt: `step ${e.step}` }),
@@ -232,8 +241,8 @@ function drawLoss() {
   const pts = state.losses;
   const line = $("loss-curve").querySelector("polyline");
   if (pts.length < 2) { line.setAttribute("points", ""); return; }
-  const xs = pts.map((p) => p[0]), ys = pts.map((p) => p[1]);
-  const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  let [x0, x1, y0, y1] = [Infinity, -Infinity, Infinity, -Infinity];
+  for (const [x, y] of pts) { x0 = Math.min(x0, x); x1 = Math.max(x1, x); y0 = Math.min(y0, y); y1 = Math.max(y1, y); }
   line.setAttribute("points", pts.map(([x, y]) =>
     `${((x - x0) / (x1 - x0 || 1)) * 400},${115 - ((y - y0) / (y1 - y0 || 1)) * 110}`).join(" "));
 }
@@ -241,7 +250,12 @@ function drawLoss() {
 async function control(action) {
   try {
     await api("POST", `/api/runs/${encodeURIComponent(state.run)}/${action}`, {});
-    if (action === "resume") { $("run-message").textContent = ""; clearTimeout(state.timer); poll(state.viewing); }
+    if (action === "resume") {
+      $("run-message").textContent = "";
+      clearTimeout(state.timer);
+      state.viewing += 1;  // any poll still in flight belongs to the old chain and stops
+      poll(state.viewing);
+    }
   } catch (e) { $("run-message").textContent = e.message; }
 }
 
@@ -268,7 +282,9 @@ async function templates() {
 }
 
 async function waitJob(job, status) {
+  const viewing = state.viewing;
   while (job.status === "running") {
+    if (viewing !== state.viewing) throw new Error("another run is open");
     status.textContent = `${job.command} running…`;
     await new Promise((r) => setTimeout(r, 1000));
     job = await api("GET", `/api/jobs/${encodeURIComponent(job.id)}`);
@@ -280,6 +296,7 @@ async function waitJob(job, status) {
 async function render() {
   const prompts = $("gallery-prompts").value.split("\n").map((p) => p.trim()).filter(Boolean);
   $("gallery").replaceChildren();
+  $("render").disabled = true;
   try {
     let job = await api("POST", `/api/runs/${encodeURIComponent(state.run)}/gallery`,
                         { prompts, num_images: Number($("gallery-n").value) || 2 });
@@ -288,14 +305,16 @@ async function render() {
       if (!url.endsWith(".png") || url.endsWith("grid.png")) continue;
       $("gallery").append(el("figure", {}, el("img", { src: url, class: "gallery-image" })));
     }
-  } catch (e) { $("gallery-status").textContent = e.message; }
+  } catch (e) { $("gallery-status").textContent = e.message; } finally { $("render").disabled = false; }
 }
 
 async function evaluate() {
   $("eval-report").replaceChildren(); $("eval-grids").replaceChildren();
+  $("evaluate").disabled = true;
   try {
     let job = await api("POST", `/api/runs/${encodeURIComponent(state.run)}/evaluate`,
-                        { backend: $("eval-backend").value, subject: $("eval-subject").value });
+                        { backend: $("eval-backend").value, subject: $("eval-subject").value,
+                          images_per_prompt: $("eval-n").value });
     job = await waitJob(job, $("eval-status"));
     if (!job.report) return;
     $("eval-report").append(el("tr", {}, el("th", { text: "metric" }), el("th", { text: "value" }),
@@ -309,7 +328,7 @@ async function evaluate() {
       if (url.includes("/grids/")) $("eval-grids").append(el("figure", {}, el("img", { src: url }),
                                                            el("figcaption", { text: url.split("/").pop() })));
     }
-  } catch (e) { $("eval-status").textContent = e.message; }
+  } catch (e) { $("eval-status").textContent = e.message; } finally { $("evaluate").disabled = false; }
 }
 
 async function exportAs(format) {
@@ -349,13 +368,17 @@ async function init() {
   $("model-choice").onchange = () => { $("model-path").value = ""; applyPresets(); };
   $("model-path").onchange = applyPresets;
   for (const r of document.querySelectorAll("input[name=mode]")) r.onchange = applyPresets;
-  $("photos").onchange = upload;
+  $("photos").onchange = () => upload();
+  const drop = $("photo-drop");  // photos dropped anywhere on the box
+  drop.ondragover = (e) => { e.preventDefault(); drop.classList.add("over"); };
+  drop.ondragleave = () => drop.classList.remove("over");
+  drop.ondrop = (e) => { e.preventDefault(); drop.classList.remove("over"); upload(e.dataTransfer.files); };
   $("suggest").onclick = suggest;
   $("class-noun").onkeydown = (e) => { if (e.key === "Enter") suggest(); };
   $("start").onclick = start;
   $("stop").onclick = () => control("stop");
   $("resume").onclick = () => control("resume");
-  $("templates").onclick = templates;
+  $("templates").onclick = () => templates().catch((e) => { $("gallery-status").textContent = e.message; });
   $("render").onclick = render;
   $("evaluate").onclick = evaluate;
   for (const b of document.querySelectorAll("button.export")) b.onclick = () => exportAs(b.dataset.format);

@@ -12,8 +12,10 @@ from PIL import Image
 from dreambooth import cli, schema
 from dreambooth.evaluation.backends import BACKENDS, Subject
 from dreambooth.evaluation.metrics import t_interval
+from dreambooth.sampling import SAMPLERS
 from dreambooth.toy.ablation_report import command_line, docs_targets, verdict
 from dreambooth.toy.ablations import QUICK, ReproduceConfig, Variant, noun_for, plan, studies_of, variant_name
+from dreambooth.toy.measure import toy_sampling
 from dreambooth.toy.subjects import SUBJECTS
 
 
@@ -61,7 +63,7 @@ def test_plan_runs_a_shared_variant_once_and_shares_class_images(tmp_path):
     assert {j.train["max_train_steps"] for j in jobs} == {cfg.max_train_steps}
 
 
-def test_sd3_plan_adds_the_sigma_weighting_study_and_samples_with_euler(tmp_path):
+def test_sd3_plan_adds_the_sigma_weighting_study_and_samples_like_the_toy_model(tmp_path):
     cfg = schema.build(ReproduceConfig, {"family": "sd3", "subjects": ["circle"], "seeds": [0]})
     assert studies_of(cfg) == ["prior", "class_noun", "num_images", "flow_weighting"]
     cfg = schema.build(ReproduceConfig, {"family": "sd3", "studies": ["prior", "flow_weighting"],
@@ -70,8 +72,10 @@ def test_sd3_plan_adds_the_sigma_weighting_study_and_samples_with_euler(tmp_path
     # logit-normal (the SD3 family's default) with and without the prior loss are the prior study's own two runs
     assert sorted(variant_name(j.variant) for j in jobs) == ["no_ppl-correct-5img", "no_ppl-correct-5img-none",
                                                              "ppl-correct-5img", "ppl-correct-5img-none"]
-    for j in jobs:
-        assert j.train["class_sampler"] == "euler"
+    for j in jobs:  # class images as the SD3 toy model samples: a flow sampler, its steps and guidance
+        assert (j.train["class_sampler"], j.train["class_inference_steps"], j.train["class_guidance_scale"]) == \
+            toy_sampling("sd3") and j.train["class_sampler"] in SAMPLERS["flow"].names()
+        assert j.train["max_sequence_length"] == 1
         assert j.train.get("weighting_scheme") == j.variant.weighting  # unset: the family's default
     assert docs_targets(tmp_path, "sd3") == (tmp_path / "ablations-sd3.md", tmp_path / "ablations-sd3.png")
 

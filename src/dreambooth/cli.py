@@ -13,13 +13,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers 
 
 from . import schema  # noqa: E402
 from .config import TrainConfig  # noqa: E402
-from .errors import DreamBoothError, Stopped  # noqa: E402
+from .errors import STOPPED_EXIT, DreamBoothError, Stopped  # noqa: E402
 from .generation import GenerateConfig  # noqa: E402
 
 log = logging.getLogger("dreambooth")
 
 # Reference-script flags that we accept so that existing command lines run; value = what we tell the user.
-STOPPED_EXIT = 143  # 128 + SIGTERM: a run stopped on request, its checkpoint saved
 COMPAT_IGNORED = {
     "enable_xformers_memory_efficient_attention": "PyTorch SDPA attention is used (as fast, no extra package)",
     "set_grads_to_none": "gradients are always set to None",

@@ -27,6 +27,9 @@ class Stopped(DreamBoothError):
     """A run stopped on request (SIGTERM, the UI's stop button) after saving a checkpoint to resume from."""
 
 
+STOPPED_EXIT = 143  # 128 + SIGTERM: the CLI's exit status for a run stopped on request, its checkpoint saved
+
+
 class CheckpointError(DreamBoothError):
     """A checkpoint or output folder conflicts with the run being started."""
 

@@ -48,6 +48,10 @@ def at_least(low: float) -> Callable[[Any], str | None]:
     return lambda v: None if v is None or v >= low else f"must be >= {low}"
 
 
+def between(low: float, high: float) -> Callable[[Any], str | None]:
+    return lambda v: None if v is None or low <= v <= high else f"must be from {low} to {high}"
+
+
 def positive(v: Any) -> str | None:
     return None if v is None or v > 0 else "must be > 0"
 

@@ -52,7 +52,6 @@ def toy_train_settings(family: str, lora: bool = False) -> dict[str, Any]:
                 lr_scheduler="constant", lr_warmup_steps=0, mixed_precision="no", **toy_options(family))
 
 
-
 @torch.no_grad()
 def sample(pipe, prompts: Sequence[str], n: int, seed: int = 0, steps: int | None = None,
            guidance: float | None = None, batch_size: int = 128, sampler: str | None = None

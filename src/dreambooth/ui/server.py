@@ -23,7 +23,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 from .. import schema
 from ..config import TrainConfig
 from ..errors import DreamBoothError
-from ..schema import option
+from ..schema import between, option
 from . import form
 from .workspace import Workspace, slug, stop
 
@@ -31,13 +31,6 @@ log = logging.getLogger("dreambooth")
 STATIC = Path(__file__).parent / "static"
 PATH_FIELDS = ("pretrained_model_name_or_path", "instance_data_dir", "class_data_dir", "output_dir",
                "pretrained_vae_model_name_or_path", "tokenizer_name", "eval_config")
-
-
-def between(low: int, high: int):
-    def check(value: int) -> str | None:
-        return None if low <= value <= high else f"must be from {low} to {high}"
-
-    return check
 
 
 @dataclasses.dataclass

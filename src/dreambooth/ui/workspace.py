@@ -34,13 +34,12 @@ from PIL import Image
 from ..data import scan_folder
 from ..data.dataset import resize_crop
 from ..data.images import IMAGE_SUFFIXES, open_rgb
-from ..errors import DataError
+from ..errors import STOPPED_EXIT, DataError
 from ..events import EVENTS_FILE, read_events
 from ..files import write_text_atomic
 from ..outputs import LOCK
 from ..run import CONFIG_FILE, SUMMARY_FILE
 
-STOPPED_EXIT = 143  # the CLI's exit status for a run stopped on request (cli.STOPPED_EXIT)
 MAX_UPLOAD = 64 * 1024 * 1024  # bytes per photo
 
 
@@ -203,35 +202,31 @@ class Workspace:
                     e["url"] = self.url(Path(e["path"]))
         job = self.running_job_of(name)
         summary = _json(folder / SUMMARY_FILE)
-        status = ("running" if job or _locked(folder) else "finished" if summary else self._ended(folder))
+        status, message = ("running", None) if job or _locked(folder) else ("finished", None) if summary else \
+            self._ended(name, events if offset == 0 else read_events(folder / EVENTS_FILE)[0])
         view = {"name": name, "status": status, "events": events, "offset": next_offset,
                 "config": _json(folder / CONFIG_FILE) or (job.config if job else None), "summary": summary,
-                "message": self._failure(name, folder) if status == "failed" else None}
+                "message": message}
         if job is not None and not (folder / EVENTS_FILE).exists() and job.config.get("class_data_dir"):
             # class images are made before the run's folder (and its event file) is its own: count them meanwhile
             made = Path(job.config["class_data_dir"])
             view["class_images_on_disk"] = len(list(made.glob("*.png"))) if made.is_dir() else 0
         return view
 
-    def _ended(self, folder: Path) -> str:
-        """How a run that is not training and has no summary ended: stopped (resumable), failed, or interrupted
-        (its process gone without a word: killed, or the machine went down)."""
-        last = None
-        for e in read_events(folder / EVENTS_FILE)[0]:
-            if e.get("event") in ("stopped", "error", "start"):
-                last = e["event"]
-        job = self._last_job(folder.name)
-        if job is not None and job.status() == "failed" and last != "stopped":
-            return "failed"
-        return {"stopped": "stopped", "error": "failed"}.get(last or "", "interrupted")
-
-    def _failure(self, name: str, folder: Path) -> str:
-        """The one line that says why a run failed: its process's last words, else its error event."""
+    def _ended(self, name: str, history: list[dict[str, Any]]) -> tuple[str, str | None]:
+        """How a run that is not training and has no summary ended, from its whole event stream: stopped
+        (resumable), failed (with the one line that says why: its process's last words, else its error event),
+        or interrupted (its process gone without a word: killed, or the machine went down)."""
+        ends = [e for e in history if e.get("event") in ("stopped", "error", "start")]
+        last = ends[-1] if ends else {}
         job = self._last_job(name)
-        if job is not None:
-            return self.last_line(job)
-        errors = [e for e in read_events(folder / EVENTS_FILE)[0] if e.get("event") == "error"]
-        return f"{errors[-1].get('message')} ({errors[-1].get('kept')})" if errors else "the run ended early"
+        if last.get("event") == "stopped":
+            return "stopped", None
+        if job is not None and job.status() == "failed":
+            return "failed", self.last_line(job)
+        if last.get("event") == "error":
+            return "failed", f"{last.get('message')} ({last.get('kept')})"
+        return "interrupted", None
 
     def _last_job(self, run: str) -> Job | None:
         mine = [j for j in self._jobs() if j.run == run and j.command == "train"]

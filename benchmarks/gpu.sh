@@ -10,5 +10,6 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt"
 timeout 240 python3 -m pytest -q -n 12 -x tests > "$OUT/pytest.txt" 2>&1; echo "pytest rc=$?" >> "$OUT/pytest.txt"
 timeout 420 python3 benchmarks/e2e.py --out "$OUT" ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1
 timeout 240 python3 benchmarks/run.py --out "$OUT" --skip_flux > "$OUT/bench.log" 2>&1
+timeout 300 python3 benchmarks/fsdp_memory.py --out "$OUT" > "$OUT/fsdp_memory.log" 2>&1  # --fsdp's GPU memory
 cp benchmarks/results/*.md "$OUT/" 2>/dev/null
 exit 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,6 +62,39 @@ def test_plan_runs_a_shared_variant_once_and_shares_class_images(tmp_path):
     assert one.train["class_data_dir"] == by[("ppl-correct-5img", "circle", 3)].train["class_data_dir"]
     assert one.settings() != by[("ppl-correct-5img", "circle", 0)].settings()
     assert {j.train["max_train_steps"] for j in jobs} == {cfg.max_train_steps}
+
+
+def test_studies_beyond_the_paper_run_when_named_and_share_the_paper_runs(tmp_path):
+    from dreambooth.toy.ablations import write_instance_images
+
+    default = schema.build(ReproduceConfig, {})
+    assert set(studies_of(default)) == {"prior", "class_noun", "num_images"}  # docs/ablations.md's command as before
+    cfg = schema.build(ReproduceConfig, {"subjects": ["circle"], "seeds": [1],
+                                         "studies": ["prior_target", "ema", "masked_loss"]})
+    jobs = plan(cfg, "model-dir", {"circle": "jox"}, tmp_path)
+    by = {variant_name(j.variant): j for j in jobs}
+    # class images, no prior, base model (two ways), EMA, masked: the paper's two variants are shared
+    assert sorted(by) == ["no_ppl-correct-5img", "no_ppl-correct-5img-masked", "ppl-correct-5img",
+                          "ppl-correct-5img-base_model", "ppl-correct-5img-base_model_no_images",
+                          "ppl-correct-5img-ema"]
+    no_images = by["ppl-correct-5img-base_model_no_images"].train
+    assert no_images["prior_target"] == "base_model" and no_images["class_data_dir"] is None
+    assert no_images["class_prompt"] == "a circle" and no_images["with_prior_preservation"] is True
+    assert by["ppl-correct-5img-base_model"].train["class_data_dir"] == by["ppl-correct-5img"].train["class_data_dir"]
+    ema = by["ppl-correct-5img-ema"]
+    assert ema.train["use_ema"] is True and ema.evaluate["model"].endswith("model/ema")  # the average is scored
+    assert "use_ema" not in by["ppl-correct-5img"].train  # the paper's runs keep their settings (and results)
+    masked = by["no_ppl-correct-5img-masked"]
+    assert masked.train["masked_loss"] is True
+    write_instance_images(masked)
+    folder = Path(masked.train["instance_data_dir"])
+    for i in range(5):
+        img = np.asarray(Image.open(folder / f"circle-{i}.png"), dtype=np.float64)
+        mask = np.asarray(Image.open(folder / f"circle-{i}-masklabel.png"))
+        background = np.median(np.concatenate([img[0], img[-1]]), axis=0)  # the border is background
+        differs = np.abs(img - background).sum(axis=2) > 60
+        # the mask covers exactly the pixels that differ from the background (edges anti-aliased in both)
+        assert (differs == (mask > 127)).mean() > 0.97 and mask.max() == 255 and mask.min() == 0
 
 
 def test_sd3_plan_adds_the_sigma_weighting_study_and_samples_like_the_toy_model(tmp_path):
@@ -141,7 +175,7 @@ def test_quick_run_reproduces_the_prior_preservation_direction(tmp_path):
     assert (out / "ablations.png").stat().st_size > 10_000
     for run in ("ppl-correct-5img", "no_ppl-correct-5img"):
         result = json.loads((out / "runs" / run / "circle-seed0" / "result.json").read_text())
-        assert set(result["metrics"]) == {"subject", "prompt", "pres", "div"}
+        assert set(result["metrics"]) == {"subject", "prompt", "pres", "div", "leak"}
         assert not (out / "runs" / run / "circle-seed0" / "model").exists()  # weights dropped unless --keep_models
 
     # a second call reuses the finished runs and gives the same figures

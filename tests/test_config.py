@@ -136,3 +136,28 @@ def test_every_command_prints_its_help(command, capsys):
         main([*command, "--help"])
     assert exit_.value.code == 0
     assert "--" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("changes, field, fragment", [
+    ({"prior_target": "base_model"}, "prior_target", "only used with --with_prior_preservation"),
+    ({"with_prior_preservation": True, "class_prompt": "a dog", "class_data_dir": "c", "use_lora": True,
+      "prior_target": "base_model", "offload_base_model": True}, "offload_base_model", "full fine-tune"),
+    ({"with_prior_preservation": True, "class_prompt": "a dog"}, "class_data_dir", "unless --prior_target"),
+    ({"validate_with_ema": True}, "validate_with_ema", "needs --use_ema"),
+    ({"use_ema": True, "ema_decay": 0.9, "ema_min_decay": 0.95}, "ema_min_decay", "at most --ema_decay"),
+    ({"mask_background_weight": 0.5}, "mask_background_weight", "only used with --masked_loss"),
+    ({"caption_extension": "txt"}, "caption_extension", "with its dot"),
+    ({"fsdp_cpu_offload": True}, "fsdp_cpu_offload", "only used with --fsdp"),
+    ({"fsdp": True, "use_ema": True}, "use_ema", "not with --fsdp"),
+    ({"fsdp": True, "mixed_precision": "fp16"}, "mixed_precision", "use bf16"),
+])
+def test_prior_target_ema_caption_and_mask_options_are_checked_together(changes, field, fragment):
+    with pytest.raises(ConfigError) as e:
+        schema.build(TrainConfig, {**REQUIRED, **changes})
+    assert e.value.field == field and fragment in str(e.value)
+
+
+def test_base_model_target_needs_no_class_folder():
+    cfg = schema.build(TrainConfig, {**REQUIRED, "with_prior_preservation": True, "class_prompt": "a dog",
+                                     "prior_target": "base_model"})
+    assert cfg.class_data_dir is None

@@ -103,3 +103,38 @@ def test_a_cached_view_comes_without_pixels_and_the_same_crop(tmp_path):
     assert all(centred[p]["class"]["pixels"] is None for p in range(3, 9))  # one view per image: none decoded
     batch = collate([centred[3], plain[4]])
     assert isinstance(batch["pixel_values"], list) and batch["pixel_values"][0] is None
+
+
+def test_a_mask_gets_the_same_crop_and_flip_as_its_image_and_captions_their_prompt_ids(tmp_path):
+    """The mask is cut exactly as its image: a mask file that copies its image's red channel yields a mask equal to
+    the red channel of the training view, for random crops and flips."""
+    import numpy as np
+    from PIL import Image
+
+    from dreambooth.data.annotations import open_mask
+    from dreambooth.data.dataset import CLASS_PROMPT
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (w, h) in enumerate([(96, 64), (64, 80)]):
+        rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rgb).save(paths[-1])
+        Image.fromarray(rgb[..., 0]).save(tmp_path / f"{i}-masklabel.png")
+    masks = [open_mask(p) for p in paths]
+    ds = DreamBoothDataset(paths, paths, 48, seed=3, random_flip=True, instance_prompt_ids=[0, 2],
+                           instance_masks=masks)
+    flips = set()
+    for position in range(12):
+        example = ds[position]["instance"]
+        red = (example["pixels"][0] + 1) * 127.5 / 255  # the red channel back in [0, 1]
+        assert example["mask"].shape == (1, 48, 48)
+        assert torch.allclose(example["mask"][0], red, atol=1e-5)  # to_tensor's float rounding
+        assert example["prompt"] == [0, 2][example["view"][1]]
+        assert ds[position]["class"]["prompt"] == CLASS_PROMPT and ds[position]["class"]["mask"] is None
+        flips.add(example["view"][-1])
+    assert flips == {True, False}
+    batch = collate([ds[0], ds[1]])
+    assert batch["masks"].shape == (4, 1, 48, 48) and bool((batch["masks"][2:] == 1).all())  # class rows: ones
+    assert batch["prompt_ids"][2:].tolist() == [CLASS_PROMPT] * 2
+    assert collate([DreamBoothDataset(paths, None, 48, seed=3)[0]])["masks"] is None

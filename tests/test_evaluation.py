@@ -209,7 +209,7 @@ def test_evaluate_toy_backend_offline_on_the_bundled_model(tmp_path, capsys, fam
                  "--output_dir", str(tmp_path / "toy")])
     assert code == 0
     report = json.loads((tmp_path / "toy" / "report.json").read_text())
-    assert set(report["metrics"]) == {"subject", "prompt", "pres", "div"}
+    assert set(report["metrics"]) == {"subject", "prompt", "pres", "div", "leak"}
     assert report["metrics"]["subject"]["analogue_of"] == "DINO / CLIP-I"
     assert report["metrics"]["subject"]["value"] < 0.2  # the base model has never seen the two-tone subject
     assert report["metrics"]["prompt"]["value"] > 0.5  # but draws the class and the named attributes

@@ -400,3 +400,100 @@ def test_quantized_base_is_refused_where_it_cannot_run(base_args, capsys):
     assert "only with --use_lora" in capsys.readouterr().err
     assert main(["train", *to_argv(base_args(quantize_base="nf4", use_lora=True))]) == 2  # device cpu
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+# -- the frozen base model as the prior's target (--prior_target base_model) ---------------------------------------
+
+
+def test_lora_base_prediction_is_the_adapter_free_models(tiny):
+    """LoRA's base model is the denoiser with its adapters switched off for the call: bit for bit the prediction of
+    the model before adapters were added (the base layers' own computation), and the adapters are on again after."""
+    import copy
+
+    from dreambooth import schema
+    from dreambooth.base_model import BaseModel
+    from dreambooth.config import TrainConfig
+    from dreambooth.lora import add_adapters
+    from dreambooth.training import lora_targets
+
+    family_name, model = tiny
+    family = FAMILIES[family_name]()
+    c = family.load(ModelSource(str(model)))
+    t5 = {"max_sequence_length": T5_TOKENS} if family.t5_part else {}
+    cfg = schema.build(TrainConfig, dict(pretrained_model_name_or_path=str(model), instance_data_dir=str(model),
+                                         instance_prompt="a photo of zwx dog", use_lora=True, resolution=64, **t5))
+    plain = copy.deepcopy(c.denoiser)
+    with torch.no_grad():
+        encoded = family.encode(c, family.tokenize(c, ["a photo of zwx dog", "a photo of dog"], cfg), cfg)
+    class_cond = {k: v[1:2] for k, v in encoded.items()}
+    add_adapters(cfg, c.denoiser, lora_targets(cfg, family, c.denoiser.config), [])
+    with torch.no_grad():
+        for name, p in c.denoiser.named_parameters():
+            if "lora_B" in name:  # trained adapters: their branch is not zero
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    batch = {"original_sizes": torch.tensor([[64, 64]] * 3), "crop_top_lefts": torch.zeros(3, 2, dtype=torch.long)}
+    rows = torch.tensor([False, True, True])  # one instance example, two class examples
+    noisy = torch.randn(2, c.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500, 20]) if family.objective == "ddpm" else torch.tensor([500.0, 20.0])
+    cond = {k: v.expand(2, *v.shape[1:]) for k, v in class_cond.items()}
+    sliced = {k: v[rows] for k, v in batch.items()}
+    with torch.no_grad():
+        ours = BaseModel.adapters_off(class_cond).denoise(family, c, c.denoiser, batch, rows, cfg)(noisy, t)
+        theirs = family.denoiser_call(c, plain, cond, sliced, cfg)(noisy, t)
+        adapted = family.denoiser_call(c, c.denoiser, cond, sliced, cfg)(noisy, t)
+    assert torch.equal(ours, theirs)
+    assert (adapted - theirs).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_base_model_target_starts_at_the_models_own_prediction(family_args, tiny, tmp_path, lora):
+    """Without class images (the instance images under the class prompt are the inputs): at step 1 the trained model
+    still is the base, so the class examples have nothing to learn; once it has moved, they do. No class image is
+    made. With a trained text encoder the target keeps the untouched encoder's conditioning."""
+    from dreambooth.events import read_events
+
+    args = family_args(prior_target="base_model", class_data_dir=None, max_train_steps=3, logging_steps=1,
+                       train_text_encoder=True, **(LORA if lora else {}))
+    summary = dreambooth.train(**args)
+    steps = [e for e in read_events(tmp_path / "out" / "events.jsonl")[0] if e["event"] == "step"]
+    # the same weights on the same inputs; only the batch's size differs (4 rows vs the 2 class rows): float
+    # rounding of kernels, squared
+    assert steps[0]["loss_prior"] < 1e-8
+    assert steps[-1]["loss_prior"] > 1e-6
+    assert summary["prior_target"] == "base_model" and "class_images" not in summary
+    assert not (tmp_path / "class").exists()
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_captions_masks_and_ema_train_every_family(family_args, tiny, tmp_path, instance_dir, lora):
+    """Per-image captions, the masked loss and EMA together: the run finishes and writes the average beside the
+    result in the result's own format, which loads for inference like the result."""
+    import shutil
+
+    from PIL import Image
+
+    folder = tmp_path / "annotated"
+    shutil.copytree(instance_dir, folder)
+    for i, image in enumerate(sorted(folder.glob("*.png"))):
+        image.with_suffix(".txt").write_text(f"a photo of [V] dog number {i}")
+        w, h = Image.open(image).size
+        mask = np.zeros((h, w), np.uint8)
+        mask[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 255
+        Image.fromarray(mask).save(folder / f"{image.stem}-masklabel.png")
+    args = family_args(instance_data_dir=str(folder), caption_extension=".txt", masked_loss=True, use_ema=True,
+                       train_text_encoder=True, max_train_steps=2, **(LORA if lora else {}))
+    summary = dreambooth.train(**args)
+    out = tmp_path / "out"
+    assert summary["num_instance_images"] == 4 and summary["ema"]["folder"] == "ema"
+    raw = sorted(p.name for p in out.iterdir() if p.name in {"pytorch_lora_weights.safetensors", "model_index.json"})
+    assert raw and sorted(p.name for p in (out / "ema").iterdir() if p.name in raw) == raw
+    pipe = load_for_inference(str(out / "ema"), torch.float32)  # a LoRA folder: its base model + the averaged file
+    assert type(pipe).__name__ == type(load_for_inference(str(out), torch.float32)).__name__
+
+
+def test_every_family_names_blocks_its_tiny_denoiser_has_for_sharding(tiny):
+    family_name, model = tiny
+    family = FAMILIES[family_name]
+    c = family().load(ModelSource(str(model)))
+    blocks = [getattr(c.denoiser, name) for name in family.shard_blocks if getattr(c.denoiser, name, None) is not None]
+    assert blocks and all(isinstance(b, torch.nn.Module) for b in blocks)

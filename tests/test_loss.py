@@ -53,3 +53,19 @@ def test_targets_epsilon_and_velocity():
     a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
     v = a.sqrt() * noise - (1 - a).sqrt() * latents
     assert torch.allclose(diffusion_target(sched, latents, noise, t, "v_prediction"), v, atol=1e-6)
+
+
+def test_masked_mse_is_the_mask_weighted_mean_and_ignores_what_it_masks_out():
+    torch.manual_seed(0)
+    pred, target = torch.randn(2, 4, 6, 6, requires_grad=True), torch.randn(2, 4, 6, 6)
+    mask = torch.zeros(2, 1, 6, 6)
+    mask[0, :, :3] = 1.0  # the top half of example 0
+    mask[1] = 0.25  # a uniform mask: the same as no mask at all
+    losses = per_example_mse(pred, target, mask=mask)
+    err = (pred - target).pow(2)
+    assert torch.allclose(losses[0], err[0, :, :3].mean())  # by hand: the mean over the masked region
+    assert torch.allclose(losses[1], err[1].mean())
+    losses.sum().backward()
+    assert pred.grad[0, :, 3:].abs().max() == 0 and pred.grad[0, :, :3].abs().min() > 0  # no gradient outside
+    ones = per_example_mse(pred, target, mask=torch.ones(2, 1, 6, 6))
+    assert torch.allclose(ones, per_example_mse(pred, target))  # sum/count vs mean: float rounding only

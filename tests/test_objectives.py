@@ -76,3 +76,59 @@ def test_ddpm_objective_is_the_usual_denoising_loss(prediction_type, gamma):
         snr = alphas / (1 - alphas)
         expected = expected * torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1)
     assert torch.allclose(losses, expected, rtol=1e-5)
+
+
+def frozen_denoiser(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """A stand-in for the frozen base model: another fixed function, so its target differs from the prediction."""
+    return 0.25 * noisy - t.view(-1, 1, 1, 1).float() / 2000
+
+
+@pytest.mark.parametrize("precondition", [False, True])
+def test_base_model_target_replaces_the_class_rows_only_rectified_flow(precondition):
+    """--prior_target base_model: the class row's target is the base model's output on that row's own noisy latents
+    and time value, read as the trained model's output is read (x_0 under SD3's preconditioning); instance rows keep
+    the flow target. Computed by hand from the same keyed draws."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    objective = RectifiedFlow(scheduler, "logit_normal", precondition_outputs=precondition)
+    torch.manual_seed(0)
+    latents = torch.randn(4, 4, 8, 8)
+    seen = []
+
+    def base(noisy, t):
+        seen.append(len(noisy))
+        return frozen_denoiser(noisy, t)
+
+    losses = objective.losses(linear_denoiser, latents, KEYS, base=base)
+    assert seen == [1]  # called on the class example alone
+    t, sigma = objective.sample_sigmas(KEYS)
+    s = sigma.view(-1, 1, 1, 1)
+    noise = keyed_normal(KEYS.seed, KEYS.positions, KEYS.is_prior, (4, 8, 8), "noise")
+    noisy = (1 - s) * latents + s * noise
+
+    def read(out):
+        return out * (-s) + noisy if precondition else out
+
+    pred, teacher = read(linear_denoiser(noisy, t)), read(frozen_denoiser(noisy, t))
+    target = latents if precondition else noise - latents
+    target = torch.cat([target[:3], teacher[3:]])
+    expected = ((pred - target) ** 2).flatten(1).mean(1) * compute_loss_weighting_for_sd3("logit_normal", sigma)
+    assert torch.allclose(losses, expected, rtol=1e-5, atol=1e-7)  # float rounding of the same formula
+    assert torch.equal(losses[:3], objective.losses(linear_denoiser, latents, KEYS)[:3])  # instance rows untouched
+
+
+def test_base_model_target_ddpm_and_the_model_as_its_own_base():
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    objective = DDPM(scheduler)
+    torch.manual_seed(0)
+    latents = torch.randn(4, 4, 8, 8)
+    losses = objective.losses(linear_denoiser, latents, KEYS, base=frozen_denoiser)
+    noise, t = noise_batch(latents, KEYS.seed, KEYS.positions, KEYS.is_prior, 1000)
+    noisy = scheduler.add_noise(latents, noise, t)
+    target = torch.cat([noise[:3], frozen_denoiser(noisy, t)[3:]])
+    expected = ((linear_denoiser(noisy, t) - target) ** 2).flatten(1).mean(1)
+    assert torch.allclose(losses, expected, rtol=1e-5, atol=1e-7)
+    # a model that is still its own base has nothing to learn on the class row (the start of every such run)
+    assert objective.losses(linear_denoiser, latents, KEYS, base=linear_denoiser)[3] == 0
+    # no class rows: the base is never called
+    instance_only = Keys(7, KEYS.positions[:3], KEYS.is_prior[:3])
+    objective.losses(linear_denoiser, latents[:3], instance_only, base=lambda *a: pytest.fail("called"))

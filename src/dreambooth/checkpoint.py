@@ -4,7 +4,8 @@ Layout of `output_dir/checkpoint-<step>/` (each one loads on its own, without th
     unet/, text_encoder/         trained modules in diffusers/transformers format (safetensors), or with LoRA
                                  their adapters' peft state (adapter.safetensors)
     pytorch_lora_weights.safetensors   with LoRA: the adapters as diffusers' LoRA file, for generate
-    optimizer.safetensors/.json  optimizer state tensors / param groups and scalar state
+    optimizer.safetensors/.json  optimizer state tensors / param groups and scalar state (with --fsdp:
+                                 optimizer-<rank>.*, each process's shard; the weights are gathered as above)
     rng-<rank>.safetensors/.json RNG states of each process
     train_config.json            the resolved config of the run
     state.json                   step, lr-scheduler state, loss totals, wall time
@@ -183,6 +184,7 @@ def save_checkpoint(
     accelerator,
     total_limit: int | None = None,
     extra: Callable[[Path], None] | None = None,
+    sharded: bool = False,
 ) -> Path:
     """Write checkpoint-<step> atomically from all processes (each saves its RNG), then point `latest` at it;
     `extra(folder)` adds files on the main process before the checkpoint counts as complete."""
@@ -194,7 +196,7 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     try:
-        _write_checkpoint(tmp, step, modules, optimizer, state, config, accelerator, extra)
+        _write_checkpoint(tmp, step, modules, optimizer, state, config, accelerator, extra, sharded)
     except BaseException:
         if accelerator.is_main_process:  # a failed save (disk full) leaves the previous checkpoints only
             shutil.rmtree(tmp, ignore_errors=True)
@@ -216,10 +218,17 @@ def save_checkpoint(
 
 def _write_checkpoint(tmp: Path, step: int, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
                       state: dict[str, Any], config: dict[str, Any], accelerator,
-                      extra: Callable[[Path], None] | None) -> None:
+                      extra: Callable[[Path], None] | None, sharded: bool) -> None:
+    rank = accelerator.process_index
     rng_tensors, rng_meta = _rng_state()
-    save_file(rng_tensors, tmp / f"rng-{accelerator.process_index}.safetensors")
-    _write_json(tmp / f"rng-{accelerator.process_index}.json", rng_meta)
+    save_file(rng_tensors, tmp / f"rng-{rank}.safetensors")
+    _write_json(tmp / f"rng-{rank}.json", rng_meta)
+    if sharded:  # every process its own shard of the optimizer state
+        from .sharding import local_optimizer_state
+
+        opt_tensors, opt_meta = _flatten_optimizer(local_optimizer_state(optimizer))
+        save_file(opt_tensors, tmp / f"optimizer-{rank}.safetensors")
+        _write_json(tmp / f"optimizer-{rank}.json", opt_meta)
     if accelerator.is_main_process:
         for name, module in modules.items():
             if is_adapted(module):
@@ -228,30 +237,38 @@ def _write_checkpoint(tmp: Path, step: int, modules: dict[str, torch.nn.Module],
                 module.save_pretrained(tmp / name, safe_serialization=True)
         if extra is not None:
             extra(tmp)
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-        save_file(opt_tensors, tmp / "optimizer.safetensors")
-        _write_json(tmp / "optimizer.json", opt_meta)
+        if not sharded:
+            opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+            save_file(opt_tensors, tmp / "optimizer.safetensors")
+            _write_json(tmp / "optimizer.json", opt_meta)
         _write_json(tmp / "train_config.json", config)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _write_json(tmp / "state.json", {**state, "step": step, "num_processes": accelerator.num_processes})
+        _write_json(tmp / "state.json", {**state, "step": step, "num_processes": accelerator.num_processes,
+                                         "sharded": sharded})
         write_manifest(tmp)
 
 
 def load_checkpoint(
-    checkpoint: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, process_index: int
+    checkpoint: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None,
+    process_index: int, sharded: bool = False,
 ) -> dict[str, Any]:
-    """Restore modules, optimizer and this process's RNG in place; return state.json."""
+    """Restore modules, optimizer (None: not yet; `sharded`: this process's shard of it) and this process's RNG
+    in place; return state.json."""
     try:
-        return _load_checkpoint(checkpoint, modules, optimizer, process_index)
+        return _load_checkpoint(checkpoint, modules, optimizer, process_index, sharded)
     except (SafetensorError, OSError, ValueError) as e:  # a checkpoint from before manifests, damaged
         first = first_line(e)
         raise CheckpointError(f"checkpoint {checkpoint} cannot be read ({first}); resume from an earlier "
                               "checkpoint with --resume_from_checkpoint checkpoint-N") from None
 
 
-def _load_checkpoint(checkpoint: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
-                     process_index: int) -> dict[str, Any]:
+def _load_checkpoint(checkpoint: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None,
+                     process_index: int, sharded: bool) -> dict[str, Any]:
+    state = json.loads((checkpoint / "state.json").read_text())
+    if bool(state.get("sharded")) != sharded and optimizer is not None:
+        raise CheckpointError(f"checkpoint {checkpoint} was saved {'with' if state.get('sharded') else 'without'} "
+                              "--fsdp; resume with the setting it was trained with")
     for name, module in modules.items():
         if is_adapted(module) != (checkpoint / name / ADAPTER_FILE).is_file():
             saved = "without" if is_adapted(module) else "with"
@@ -275,12 +292,19 @@ def _load_checkpoint(checkpoint: Path, modules: dict[str, torch.nn.Module], opti
             raise CheckpointError(f"checkpoint {checkpoint}/{name} does not match the model "
                                   f"({len(missing)} missing, {len(unexpected)} unexpected keys); resume with the "
                                   "base model it was trained from")
-    meta = json.loads((checkpoint / "optimizer.json").read_text())
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(checkpoint / "optimizer.safetensors"), meta))
+    if optimizer is None:
+        return state
+    name = f"optimizer-{process_index}" if sharded else "optimizer"
+    meta = json.loads((checkpoint / f"{name}.json").read_text())
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(checkpoint / f"{name}.safetensors"), meta))
+    if sharded:
+        from .sharding import restore_sharding
+
+        restore_sharding(optimizer)
     rng_file = checkpoint / f"rng-{process_index}.safetensors"
     if rng_file.is_file():
         _set_rng_state(load_file(rng_file), json.loads((checkpoint / f"rng-{process_index}.json").read_text()))
-    return json.loads((checkpoint / "state.json").read_text())
+    return state
 
 
 def checkpoint_config(checkpoint: Path) -> dict[str, Any]:

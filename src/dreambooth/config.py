@@ -12,13 +12,14 @@ from pathlib import Path
 from .errors import ConfigError
 from .objectives import WEIGHTING_SCHEMES
 from .sampling import sampler_names
-from .schema import at_least, in_unit_interval, option, positive
+from .schema import at_least, between, in_unit_interval, option, positive
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 PRECISIONS = ("no", "fp16", "bf16")
 PRIOR_PRECISIONS = ("no", "fp32", "fp16", "bf16")
 REPORTERS = ("none", "tensorboard", "wandb", "comet_ml", "all")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+PRIOR_TARGETS = ("class_images", "base_model")
 
 
 def _multiple_of_8(v: int | None) -> str | None:
@@ -60,6 +61,14 @@ class TrainConfig:
     with_prior_preservation: bool = option(False, "Add the class-specific prior-preservation loss", group="data")
     prior_loss_weight: float = option(1.0, "Weight lambda of the prior-preservation loss", check=at_least(0),
                                       group="data")
+    prior_target: str = option("class_images", "What the class examples are trained towards: class_images (the "
+                               "paper: the denoising loss on generated class images) or base_model (the frozen base "
+                               "model's own prediction on the same noisy latents and the class prompt, as sd-scripts' "
+                               "Differential Output Preservation; without --class_data_dir the instance images are "
+                               "the inputs and no class image is made)", choices=PRIOR_TARGETS, group="data")
+    offload_base_model: bool = option(False, "With --prior_target base_model and a full fine-tune: keep the frozen "
+                                      "copy of the denoiser in CPU memory, each layer moved to the GPU as it runs",
+                                      group="data")
     num_class_images: int = option(100, "Class images used for prior preservation", check=at_least(1), group="data")
     sample_batch_size: int | None = option(None, "Batch size when generating class images (default: 4 on CPU; on "
                                            "a GPU as many as its free memory holds)", check=at_least(1),
@@ -74,6 +83,15 @@ class TrainConfig:
     class_guidance_scale: float | None = option(None, "Guidance scale for class images (default: the family's, "
                                                 "7.5 SD/SDXL, 7.0 SD3, 3.5 Flux)", check=at_least(0), group="data")
     class_negative_prompt: str | None = option(None, "Negative prompt for class images", group="data")
+    caption_extension: str | None = option(None, "Per-image captions: a file with this extension beside each "
+                                           "instance image (e.g. .txt) holds its prompt, with [V] (or the "
+                                           "identifier itself) where the subject is named; images without one use "
+                                           "--instance_prompt", group="data")
+    masked_loss: bool = option(False, "Weight the instance loss by a mask of the subject: <image>-masklabel.png "
+                               "beside each instance image (white: subject) or else the image's alpha channel",
+                               group="data")
+    mask_background_weight: float = option(0.0, "With --masked_loss: the loss weight outside the mask (0: the "
+                                           "background is not learnt at all)", check=between(0, 1), group="data")
     resolution: int | None = option(None, "Training resolution in pixels (default: the family's: 512 for SD and "
                                     "Flux, 1024 for SDXL and SD3)", check=_multiple_of_8, group="data")
     center_crop: bool = option(False, "Centre-crop instead of random-crop after resizing", group="data")
@@ -133,6 +151,14 @@ class TrainConfig:
     device: str = option("auto", "Where to train: auto (the GPU when there is one, as accelerate decides), cpu (even "
                          "when a GPU exists), or cuda (refused without one)", choices=("auto", "cpu", "cuda"),
                          group="training")
+    fsdp: bool = option(False, "Shard the denoiser's weights, gradients and optimizer state over the processes "
+                        "(PyTorch FSDP2): for full fine-tunes that one GPU cannot hold; launch with `accelerate "
+                        "launch --num_processes N` (or torchrun)", group="training")
+    fsdp_cpu_offload: bool = option(False, "With --fsdp: keep the sharded parameters, gradients and optimizer state "
+                                    "in CPU memory (slower; the least GPU memory)", group="training")
+    fsdp_reshard_after_forward: bool = option(True, "With --fsdp: free each block's gathered weights after its "
+                                              "forward pass and gather them again for the backward pass (less "
+                                              "memory, more communication)", group="training")
     deterministic: bool = option(False, "Deterministic GPU kernels (no cuDNN autotuning, deterministic attention and "
                                  "cuBLAS), so that a resumed run matches an uninterrupted one bit for bit on a GPU "
                                  "too; slower", group="training")
@@ -140,6 +166,23 @@ class TrainConfig:
     offset_noise_strength: float = option(0.1, "Scale of the offset noise", check=at_least(0), group="training")
     snr_gamma: float | None = option(None, "Min-SNR loss weighting gamma (5.0 is the usual choice)", check=positive,
                                      group="training")
+
+    # exponential moving average of the trained weights
+    use_ema: bool = option(False, "Keep an exponential moving average (EMA) of the trained weights (full or LoRA), "
+                           "saved beside the raw ones in output_dir/ema and in every checkpoint", group="ema")
+    ema_decay: float = option(0.9999, "EMA decay (the ceiling, with --ema_warmup)", check=in_unit_interval,
+                              group="ema")
+    ema_min_decay: float = option(0.0, "Lowest EMA decay", check=in_unit_interval, group="ema")
+    ema_update_after_step: int = option(0, "Steps before the EMA starts following the weights", check=at_least(0),
+                                        group="ema")
+    ema_warmup: bool = option(True, "Decay grows with the step, 1 - (1 + step / inv_gamma) ** -power, up to "
+                              "--ema_decay (so a short DreamBooth run averages over a few dozen steps, not 10,000)",
+                              group="ema")
+    ema_inv_gamma: float = option(1.0, "EMA warm-up inverse multiplicative factor", check=positive, group="ema")
+    ema_power: float = option(2 / 3, "EMA warm-up exponent (2/3 suits short runs, 3/4 long ones)", check=positive,
+                              group="ema")
+    validate_with_ema: bool = option(False, "Render validation images with the EMA weights (needs --use_ema)",
+                                     group="ema")
 
     # rectified flow (SD3, Flux); refused for the other families
     weighting_scheme: str | None = option(None, "How sigma is drawn and losses weighted (default: the family's: "
@@ -219,8 +262,9 @@ class TrainConfig:
         if self.with_prior_preservation:
             if self.class_prompt is None:
                 raise ConfigError("class_prompt", None, "required with --with_prior_preservation, e.g. 'a dog'")
-            if self.class_data_dir is None:
-                raise ConfigError("class_data_dir", None, "required with --with_prior_preservation (a folder)")
+            if self.class_data_dir is None and self.prior_target == "class_images":
+                raise ConfigError("class_data_dir", None, "required with --with_prior_preservation (a folder), "
+                                  "unless --prior_target base_model")
         else:
             if self.class_prompt is not None:
                 raise ConfigError(
@@ -230,6 +274,33 @@ class TrainConfig:
                 raise ConfigError(
                     "class_data_dir", str(self.class_data_dir), "only used with --with_prior_preservation; add it"
                 )
+        if self.prior_target != "class_images" and not self.with_prior_preservation:
+            raise ConfigError("prior_target", self.prior_target, "only used with --with_prior_preservation; add it")
+        if self.offload_base_model and (self.prior_target != "base_model" or self.use_lora):
+            raise ConfigError("offload_base_model", True, "only used with --prior_target base_model and a full "
+                              "fine-tune (LoRA's base model is the denoiser with its adapters off)")
+        if self.validate_with_ema and not self.use_ema:
+            raise ConfigError("validate_with_ema", True, "needs --use_ema; add it")
+        if self.ema_min_decay > self.ema_decay:
+            raise ConfigError("ema_min_decay", self.ema_min_decay, f"at most --ema_decay ({self.ema_decay})")
+        if self.mask_background_weight != 0.0 and not self.masked_loss:
+            raise ConfigError("mask_background_weight", self.mask_background_weight, "only used with --masked_loss")
+        if self.caption_extension is not None and not self.caption_extension.startswith("."):
+            raise ConfigError("caption_extension", self.caption_extension, "an extension with its dot, e.g. .txt")
+        if self.fsdp_cpu_offload and not self.fsdp:
+            raise ConfigError("fsdp_cpu_offload", True, "only used with --fsdp; add it")
+        if not self.fsdp_reshard_after_forward and not self.fsdp:
+            raise ConfigError("fsdp_reshard_after_forward", False, "only used with --fsdp; add it")
+        if self.fsdp:
+            for name, clash, why in (("use_ema", self.use_ema, "the average of sharded weights is not built yet"),
+                                     ("quantize_base", self.quantize_base != "none", "a quantized base is not "
+                                      "sharded"),
+                                     ("use_8bit_adam", self.use_8bit_adam, "bitsandbytes' optimizer does not take "
+                                      "sharded parameters"),
+                                     ("mixed_precision", self.mixed_precision == "fp16", "fp16 needs a sharded "
+                                      "gradient scaler; use bf16")):
+                if clash:
+                    raise ConfigError(name, getattr(self, name), f"not with --fsdp ({why}); drop one of them")
         if self.use_8bit_adam and self.optimizer != "adamw":
             raise ConfigError("use_8bit_adam", True, f"only with --optimizer adamw, not {self.optimizer}")
         if self.quantize_base != "none" and not self.use_lora:

@@ -35,9 +35,19 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, pred
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
-def per_example_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared error of each example (N,), times its weight when given (min-SNR, SD3's sigma weighting)."""
-    per_example = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+def per_example_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error of each example (N,), times its weight when given (min-SNR, SD3's sigma weighting).
+
+    A `mask` (N, 1, H, W) of non-negative weights at latent size (--masked_loss) makes it the mask-weighted mean,
+    sum(m * err^2) / sum(m) over each example's elements, so a masked example's loss keeps the scale of an unmasked
+    one however small its subject is; a mask of ones gives the plain mean."""
+    err = (pred.float() - target.float()).pow(2)
+    if mask is None:
+        per_example = err.flatten(1).mean(dim=1)
+    else:
+        m = mask.float().expand_as(err)
+        per_example = (m * err).flatten(1).sum(dim=1) / m.flatten(1).sum(dim=1)
     if weights is not None:
         per_example = per_example * weights.float().flatten()
     return per_example

@@ -3,7 +3,9 @@
 The loop hands an objective the clean latents, the example keys and `denoise(noisy, t) -> prediction` (the family's
 call of its denoiser, conditioning bound); the objective draws the noise and time values (keyed by example, so a
 resumed or multi-process run draws the same), noises, predicts, and returns one loss per example. Targets, time
-sampling and loss weights live here, never in the loop:
+sampling and loss weights live here, never in the loop. With `base` (--prior_target base_model) the class examples'
+target is the frozen base model's prediction for the same noisy latents and time values, read as the trained
+model's output is read; with `mask` (--masked_loss) each example's error is mask-weighted (`loss.per_example_mse`).
 
 - `ddpm`: epsilon or v-prediction on a DDPM noise schedule, min-SNR weighting and offset noise (SD 1.x/2.x, SDXL).
 - `rectified_flow`: x_t = (1 - sigma) x_0 + sigma eps, target eps - x_0 (or x_0 with SD3's preconditioned
@@ -54,8 +56,24 @@ class Objective(ABC):
         options the user left unset)."""
 
     @abstractmethod
-    def losses(self, denoise: Denoise, latents: torch.Tensor, keys: Keys) -> torch.Tensor:
-        """One loss per example, shape (N,), for clean `latents` (N, C, H, W)."""
+    def losses(self, denoise: Denoise, latents: torch.Tensor, keys: Keys, base: Denoise | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One loss per example, shape (N,), for clean `latents` (N, C, H, W); `base` is called on the class
+        examples only (their rows of the noisy latents and time values), `mask` is (N, 1, H, W) or None."""
+
+
+def base_targets(target: torch.Tensor, base: Denoise | None, noisy: torch.Tensor, timesteps: torch.Tensor,
+                 is_prior: torch.Tensor, read: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`target` with the class rows replaced by the frozen base model's prediction on those rows' noisy latents,
+    passed through `read(output, rows)` as the trained model's output is (SD3's preconditioning)."""
+    if base is None or not bool(is_prior.any()):
+        return target
+    rows = to_device(is_prior, target.device)
+    with torch.no_grad():
+        teacher = read(base(noisy[rows], timesteps[rows]), rows)
+    target = target.clone()
+    target[rows] = teacher.to(target.dtype)
+    return target
 
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")
@@ -73,15 +91,18 @@ class DDPM(Objective):
     def from_config(cls, scheduler: Any, cfg: Any, defaults: dict[str, Any]) -> DDPM:
         return cls(scheduler, cfg.snr_gamma, cfg.offset_noise_strength if cfg.offset_noise else 0.0)
 
-    def losses(self, denoise: Denoise, latents: torch.Tensor, keys: Keys) -> torch.Tensor:
+    def losses(self, denoise: Denoise, latents: torch.Tensor, keys: Keys, base: Denoise | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
         sched = self.scheduler
         noise, timesteps = noise_batch(latents, keys.seed, keys.positions, keys.is_prior,
                                        sched.config.num_train_timesteps, self.offset_noise)
-        pred = denoise(sched.add_noise(latents, noise, timesteps), timesteps)
+        noisy = sched.add_noise(latents, noise, timesteps)
+        pred = denoise(noisy, timesteps)
         prediction_type = sched.config.prediction_type
         target = diffusion_target(sched, latents, noise, timesteps, prediction_type)
+        target = base_targets(target, base, noisy, timesteps, keys.is_prior, lambda out, rows: out)
         weights = min_snr_weights(sched, timesteps, self.snr_gamma, prediction_type) if self.snr_gamma else None
-        return per_example_mse(pred, target, weights)
+        return per_example_mse(pred, target, weights, mask)
 
 
 @OBJECTIVES.register()
@@ -116,16 +137,21 @@ class RectifiedFlow(Objective):
         indices = (u * n).long().clamp(0, n - 1)  # `mode` can give u = 1 exactly
         return self.timesteps[indices], self.sigmas[indices]
 
-    def losses(self, denoise: Denoise, latents: torch.Tensor, keys: Keys) -> torch.Tensor:
+    def losses(self, denoise: Denoise, latents: torch.Tensor, keys: Keys, base: Denoise | None = None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
         noise = keyed_normal(keys.seed, keys.positions, keys.is_prior, tuple(latents.shape[1:]), "noise")
         noise = to_device(noise, latents.device, latents.dtype)
         timesteps, sigmas = self.sample_sigmas(keys)
+        timesteps = to_device(timesteps, latents.device)
         sigma = to_device(sigmas, latents.device, latents.dtype).view(-1, *([1] * (latents.dim() - 1)))
         noisy = (1 - sigma) * latents + sigma * noise
-        pred = denoise(noisy, to_device(timesteps, latents.device))
-        if self.precondition_outputs:  # SD3: the model's output read as a prediction of x_0
-            pred, target = pred * (-sigma) + noisy, latents
-        else:
-            target = noise - latents
+
+        def read(out: torch.Tensor, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+            # SD3: the model's output read as a prediction of x_0
+            return out * (-sigma[rows]) + noisy[rows] if self.precondition_outputs else out
+
+        pred = read(denoise(noisy, timesteps))
+        target = latents if self.precondition_outputs else noise - latents
+        target = base_targets(target, base, noisy, timesteps, keys.is_prior, read)
         weights = compute_loss_weighting_for_sd3(self.weighting_scheme, sigmas)
-        return per_example_mse(pred, target, to_device(weights, latents.device))
+        return per_example_mse(pred, target, to_device(weights, latents.device), mask)

@@ -24,10 +24,12 @@ from . import schema
 from .checkpoint import checkpoint_config, checkpoint_identity, find_checkpoint, list_checkpoints
 from .config import TrainConfig
 from .data import ImageFolder, scan_folder
+from .data.annotations import open_mask, read_captions
 from .errors import CheckpointError, DataError, DreamBoothError, first_line
 from .events import EVENTS_FILE, EventFile, Events
 from .families import ModelFamily, ModelSource, get_family
 from .files import write_text_atomic
+from .identifier import infer_identifier
 from .outputs import OutputFolder
 
 log = logging.getLogger("dreambooth")
@@ -254,10 +256,18 @@ def setup(cfg: TrainConfig) -> Run:
     cfg.check_family(family)
     if cfg.resolution is None:
         cfg.resolution = family.default_resolution
-    instance = scan_folder(Path(cfg.instance_data_dir), "instance", cfg.resolution)
+    companions = (cfg.caption_extension.lower(),) if cfg.caption_extension else ()
+    instance = scan_folder(Path(cfg.instance_data_dir), "instance", cfg.resolution, companions=companions)
     if not instance.images:
         raise DataError(f"instance folder {cfg.instance_data_dir} holds no images; add 3-5 photos of the subject "
                         "(.jpg, .png, .webp, ...)")
+    if cfg.caption_extension:
+        identifier = cfg.identifier or infer_identifier(cfg.instance_prompt, cfg.class_prompt)
+        instance.captions = read_captions(instance.images, cfg.caption_extension, identifier)
+        log.info("%d of %d instance images have a caption (%s files); the others use --instance_prompt",
+                 sum(c is not None for c in instance.captions), len(instance.images), cfg.caption_extension)
+    if cfg.masked_loss:
+        instance.masks = [open_mask(p) for p in instance.images]
     if cfg.class_data_dir is not None and Path(cfg.class_data_dir).is_file():
         raise DataError(f"class folder {cfg.class_data_dir} is a file; pass a folder (it is created if missing)")
     output = OutputFolder(

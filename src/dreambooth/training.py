@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import schema
+from .base_model import BaseModel
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import DreamBoothDataset, StepBatchSampler, collate
+from .data.dataset import CLASS_PROMPT, INSTANCE_PROMPT
+from .devices import to_device
+from .ema import EMA_FOLDER, Ema
 from .errors import ConfigError, DreamBoothError, Stopped, first_line, is_out_of_memory
 from .evaluation import evaluate
 from .evaluation.evaluate import for_training
@@ -36,7 +40,8 @@ from .noising import sample_latents
 from .objectives import OBJECTIVES, Keys, Objective
 from .prior import ClassImages, ensure_class_images
 from .quiet import quiet_libraries
-from .run import SUMMARY_FILE, Run, determinism, identity, setup
+from .run import CONFIG_FILE, SUMMARY_FILE, Run, determinism, identity, setup
+from .sharding import Sharding, check_processes
 from .validation import render_validation
 
 log = logging.getLogger("dreambooth")
@@ -56,12 +61,15 @@ class Parts:
     lr_scheduler: Any
     dataset: DreamBoothDataset
     class_images: ClassImages | None
-    cond: dict[str, dict[str, torch.Tensor]] | None  # cached prompt conditioning when the text encoder is frozen
-    input_ids: dict[str, torch.Tensor]  # [instance prompt, class prompt] token ids per text encoder
+    cond: dict[str, torch.Tensor] | None  # cached conditioning of every prompt when the text encoders are frozen
+    input_ids: dict[str, torch.Tensor]  # token ids per text encoder of [instance prompt, class prompt, *captions]
     weight_dtype: torch.dtype
     max_train_steps: int
     validation_every: int  # steps (--validation_steps, or --validation_epochs in steps)
     latents: LatentCache  # the frozen VAE's output per training view
+    base: BaseModel | None  # --prior_target base_model: the frozen model whose prediction the class examples learn
+    ema: Ema | None  # --use_ema
+    sharding: Sharding | None  # --fsdp
     # wall_time_s: seconds of the invocations that led here (up to the checkpoint a run resumed from)
     state: dict[str, Any] = field(default_factory=lambda: {"step": 0, "loss_sum": 0.0, "instance_sum": 0.0,
                                                            "prior_sum": 0.0, "wall_time_s": 0.0})
@@ -133,9 +141,10 @@ def build(run: Run) -> Parts:
     cfg, acc = run.cfg, run.accelerator
     # class images first: generation loads its own pipeline, freed before the training copies load
     class_images = (ensure_class_images(cfg, run.family, run.source, acc, run.events)
-                    if cfg.with_prior_preservation else None)
+                    if cfg.with_prior_preservation and cfg.class_data_dir is not None else None)
     c = run.family.load(run.source, cfg.prediction_type, quantization(cfg, WEIGHT_DTYPES.get(acc.mixed_precision)))
     run.claim()  # the inputs loaded: from here on the output folder is this run's
+    base_model = cfg.with_prior_preservation and cfg.prior_target == "base_model"
 
     # text: prompts encoded once; the frozen encoders (T5-XXL alone ~9.5 GB) leave the GPU before the denoiser
     # arrives, their part of the conditioning cached
@@ -146,25 +155,32 @@ def build(run: Run) -> Parts:
     for name, encoder in c.text_encoders.items():
         full = name in trained_names and not cfg.use_lora  # fully trained weights stay fp32
         encoder.requires_grad_(False).to(acc.device, torch.float32 if full else weight_dtype).eval()
-    prompts = [cfg.instance_prompt, cfg.class_prompt or cfg.instance_prompt]
+    captions = list(dict.fromkeys(t for t in run.instance.captions or [] if t is not None))
+    prompts = [cfg.instance_prompt, cfg.class_prompt or cfg.instance_prompt, *captions]
+    prompt_ids = [INSTANCE_PROMPT if t is None else 2 + captions.index(t)
+                  for t in run.instance.captions or [None] * len(run.instance.images)]
     input_ids = family.tokenize(c, prompts, cfg)
     with torch.no_grad():
-        both = family.encode(c, input_ids, cfg)
-    cond = None if encoders else {"instance": {k: v[:1] for k, v in both.items()},
-                                  "class": {k: v[1:] for k, v in both.items()}}
+        encoded = family.encode(c, input_ids, cfg)  # the untouched encoders: also the base model's conditioning
+    cond = None if encoders else encoded
     for name, encoder in c.text_encoders.items():
         if name not in trained_names:
             encoder.to("cpu")
 
     # model
     c.vae.requires_grad_(False).to(acc.device, family.vae_dtype(c, weight_dtype)).eval()
+    base = None
+    if base_model:
+        class_cond = {k: v[CLASS_PROMPT:CLASS_PROMPT + 1].detach() for k, v in encoded.items()}
+        base = (BaseModel.adapters_off(class_cond) if cfg.use_lora else  # before any weight trains or resumes
+                BaseModel.frozen_copy(denoiser, acc.device, weight_dtype, cfg.offload_base_model, class_cond))
     if cfg.use_lora:  # base weights frozen in the compute dtype (or quantized), adapters trained in fp32
         if cfg.quantize_base != "none":
             from peft import prepare_model_for_kbit_training
 
             denoiser = prepare_model_for_kbit_training(denoiser, use_gradient_checkpointing=False)
-        else:
-            denoiser.to(acc.device, weight_dtype)
+        else:  # under --fsdp the base stays fp32 like the adapters (a shard unit holds one dtype); FSDP casts it
+            denoiser.to(acc.device, torch.float32 if cfg.fsdp else weight_dtype)
         add_adapters(cfg, denoiser, lora_targets(cfg, family, denoiser.config), encoders)
     else:
         for encoder in encoders:
@@ -183,9 +199,17 @@ def build(run: Run) -> Parts:
         warn_about_identifier(cfg, c)
     objective = OBJECTIVES[family.objective].from_config(c.noise_scheduler, cfg, family.option_defaults)
 
-    # data
-    dataset = DreamBoothDataset(run.instance.images, class_images.paths if class_images else None, cfg.resolution,
-                                cfg.seed, cfg.center_crop, cfg.random_flip)
+    # resuming: the weights now, into the unsharded modules; the optimizer's state once it exists
+    trained = trained_modules(run, denoiser, c.text_encoders)
+    if run.resume_from is not None:
+        check_processes(load_checkpoint(run.resume_from, trained, None, acc.process_index), acc.num_processes)
+    sharding = (Sharding.apply(denoiser, family, cfg, acc, WEIGHT_DTYPES.get(acc.mixed_precision))
+                if cfg.fsdp else None)
+
+    # data; the base model's target needs no class images: without them the instance images are its inputs
+    class_paths = class_images.paths if class_images else run.instance.images if base_model else None
+    dataset = DreamBoothDataset(run.instance.images, class_paths, cfg.resolution, cfg.seed, cfg.center_crop,
+                                cfg.random_flip, prompt_ids, run.instance.masks)
     per_step = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
     if per_step > 2 * dataset.epoch_length:
         log.warning("one optimizer step takes %d examples, %.0f passes over the %d training images: "
@@ -211,16 +235,20 @@ def build(run: Run) -> Parts:
                                  power=cfg.lr_power)
     parts = Parts(c, denoiser, dict(c.text_encoders), objective, optimizer, lr_scheduler, dataset, class_images,
                   cond, input_ids, weight_dtype, max_train_steps, validation_every,
-                  LatentCache(c.vae, cfg.cache_latents))
+                  LatentCache(c.vae, cfg.cache_latents), base, Ema(trained, cfg) if cfg.use_ema else None, sharding)
     if run.resume_from is not None:
-        state = load_checkpoint(run.resume_from, trained_modules(run, denoiser, c.text_encoders), optimizer,
-                                acc.process_index)
+        state = load_checkpoint(run.resume_from, {}, optimizer, acc.process_index, sharded=sharding is not None)
+        if parts.ema is not None:
+            parts.ema.load(run.resume_from)
         lr_scheduler.load_state_dict(state.pop("lr_scheduler"))
         if acc.scaler is not None and state.get("grad_scaler"):
             acc.scaler.load_state_dict(state.pop("grad_scaler"))
         parts.state.update(state)
         log.info("resumed from %s at step %d", run.resume_from, state["step"])
-    parts.denoiser, *prepared, parts.optimizer = acc.prepare(denoiser, *encoders, optimizer)
+    if sharding is None:
+        parts.denoiser, *prepared, parts.optimizer = acc.prepare(denoiser, *encoders, optimizer)
+    else:  # sharded already: accelerate would wrap it in DDP
+        *prepared, parts.optimizer = acc.prepare(*encoders, optimizer) if encoders else (acc.prepare(optimizer),)
     parts.text_encoders.update(zip(trained_names, prepared))
     return parts
 
@@ -296,15 +324,24 @@ def warn_about_identifier(cfg: TrainConfig, c: Components) -> None:
             log.info("identifier %r is %d tokens for %s (%s)", word, len(pieces), name, " + ".join(pieces))
 
 
-def conditioning(run: Run, parts: Parts, n_instance: int, n_class: int) -> dict[str, torch.Tensor]:
-    """The prompt conditioning for a batch of n_instance instance then n_class class examples."""
+def conditioning(run: Run, parts: Parts, prompt_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The prompt conditioning of each example of a batch, from its prompt id (instance, class, caption)."""
     if parts.cond is not None:
-        inst, cls = parts.cond["instance"], parts.cond["class"]
-    else:  # trained text encoder: encode with gradients, once per prompt
-        both = run.family.encode(parts.components, parts.input_ids, run.cfg, parts.text_encoders)
-        inst, cls = ({k: v[:1] for k, v in both.items()}, {k: v[1:] for k, v in both.items()})
-    return {k: torch.cat([inst[k].expand(n_instance, *inst[k].shape[1:]),
-                          cls[k].expand(n_class, *cls[k].shape[1:])]) for k in inst}
+        table, index = parts.cond, prompt_ids
+    else:  # trained text encoder: encode with gradients, each prompt of the batch once
+        used, index = torch.unique(prompt_ids, return_inverse=True)
+        table = run.family.encode(parts.components, {k: v[used] for k, v in parts.input_ids.items()}, run.cfg,
+                                  parts.text_encoders)
+    return {k: v[to_device(index, v.device)] for k, v in table.items()}
+
+
+def loss_mask(batch: dict[str, Any], latents: torch.Tensor, background: float) -> torch.Tensor | None:
+    """--masked_loss: each example's mask at latent size (area-averaged), `background` where the mask is 0."""
+    if batch["masks"] is None:
+        return None
+    mask = torch.nn.functional.interpolate(to_device(batch["masks"], latents.device, torch.float32),
+                                           size=latents.shape[-2:], mode="area")
+    return background + (1 - background) * mask
 
 
 def fit(run: Run, parts: Parts) -> None:
@@ -341,11 +378,14 @@ def fit(run: Run, parts: Parts) -> None:
                 latents = sample_latents(mean, std, keys.seed, keys.positions, keys.is_prior)
                 latents = run.family.normalize_latents(c, latents).float()
 
-            # the family's objective: noise, denoise and score each example
-            n_class = int(keys.is_prior.sum())
-            cond = conditioning(run, parts, len(keys.is_prior) - n_class, n_class)
+            # the family's objective: noise, denoise and score each example (class examples against the frozen
+            # base model's prediction with --prior_target base_model)
+            cond = conditioning(run, parts, batch["prompt_ids"])
             denoise = run.family.denoiser_call(c, parts.denoiser, cond, batch, cfg)
-            per_example = parts.objective.losses(denoise, latents, keys)
+            base = None if parts.base is None else parts.base.denoise(
+                run.family, c, acc.unwrap_model(parts.denoiser), batch, keys.is_prior, cfg, acc.autocast)
+            mask = loss_mask(batch, latents, cfg.mask_background_weight)
+            per_example = parts.objective.losses(denoise, latents, keys, base, mask)
             loss = dreambooth_loss(per_example, keys.is_prior, cfg.prior_loss_weight)
 
             # update
@@ -360,6 +400,8 @@ def fit(run: Run, parts: Parts) -> None:
             continue
         if not acc.optimizer_step_was_skipped:
             parts.lr_scheduler.step()
+            if parts.ema is not None:
+                parts.ema.step()
         step = parts.state["step"] = parts.state["step"] + 1
         pending.append((step, window, parts.lr_scheduler.get_last_lr()[0]))
         window = torch.zeros(3, device=acc.device)
@@ -372,15 +414,38 @@ def fit(run: Run, parts: Parts) -> None:
         saved = save(run, parts, step) if checkpoint else None
         if saved is not None:
             run.events.emit("checkpoint", step=step, path=str(saved))
-        if validation and acc.is_main_process:
-            path = render_validation(run.family, c, parts.denoiser, parts.text_encoders, cfg, step, acc)
-            run.events.emit("validation", step=step, path=str(path))
+        if validation:
+            with full_denoiser(run, parts) as denoiser:
+                validate(run, parts, step, denoiser)
         if step < parts.max_train_steps and run.stop.agreed(acc, reporting):
             report_losses(run, parts, pending)
             stop(run, step, saved or save(run, parts, step), bar)
     run.stop.close()
     report_losses(run, parts, pending)
     bar.close()
+
+
+@contextmanager
+def full_denoiser(run: Run, parts: Parts) -> Iterator[torch.nn.Module | None]:
+    """The denoiser with all its weights, for saving and rendering: itself, or under --fsdp its weights gathered
+    onto the main process (None on the others). Every process enters: a gather is collective."""
+    if parts.sharding is None:
+        yield run.accelerator.unwrap_model(parts.denoiser)
+        return
+    with parts.sharding.gathered(run.accelerator.is_main_process) as denoiser:
+        yield denoiser
+
+
+def validate(run: Run, parts: Parts, step: int, denoiser: torch.nn.Module | None) -> None:
+    """A validation grid from the main process (with the EMA weights under --validate_with_ema)."""
+    if not run.accelerator.is_main_process:
+        return
+    if parts.sharding is not None:  # the gathered copy renders where the pipeline runs
+        denoiser = denoiser.to(run.accelerator.device)
+    with parts.ema.applied() if run.cfg.validate_with_ema else nullcontext():
+        path = render_validation(run.family, parts.components, denoiser, parts.text_encoders, run.cfg, step,
+                                 run.accelerator)
+    run.events.emit("validation", step=step, path=str(path))
 
 
 def stop(run: Run, step: int, checkpoint: Path, bar: tqdm) -> None:
@@ -436,6 +501,11 @@ def unwrapped(acc, modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Mo
 
 
 def save(run: Run, parts: Parts, step: int) -> Path:
+    with full_denoiser(run, parts) as denoiser:
+        return save_gathered(run, parts, step, denoiser)
+
+
+def save_gathered(run: Run, parts: Parts, step: int, denoiser: torch.nn.Module | None) -> Path:
     acc = run.accelerator
     state = {**parts.state, "lr_scheduler": parts.lr_scheduler.state_dict(),
              "identity": identity(schema.to_dict(run.cfg)),  # resolved paths: resumable from any directory
@@ -443,14 +513,32 @@ def save(run: Run, parts: Parts, step: int) -> Path:
              "wall_time_s": parts.state["wall_time_s"] + time.time() - run.started}
     if acc.scaler is not None:
         state["grad_scaler"] = acc.scaler.state_dict()
-    modules = trained_modules(run, acc.unwrap_model(parts.denoiser), unwrapped(acc, parts.text_encoders))
+    modules = trained_modules(run, denoiser, unwrapped(acc, parts.text_encoders))
     denoiser = modules.pop(run.family.denoiser_name)
-    extra = (lambda folder: run.family.save_lora(denoiser, modules or None, folder)
-             ) if run.cfg.use_lora else None  # so that a LoRA checkpoint also loads on its own
+
+    def extra(folder: Path) -> None:
+        if run.cfg.use_lora:  # so that a LoRA checkpoint also loads on its own
+            run.family.save_lora(denoiser, modules or None, folder)
+        if parts.ema is not None:
+            parts.ema.save(folder)
+
     modules = {run.family.denoiser_name: denoiser, **modules}
     return save_checkpoint(Path(run.cfg.output_dir), step, modules, parts.optimizer.optimizer
                            if hasattr(parts.optimizer, "optimizer") else parts.optimizer, state,
-                           schema.to_dict(run.cfg), acc, run.cfg.checkpoints_total_limit, extra)
+                           schema.to_dict(run.cfg), acc, run.cfg.checkpoints_total_limit, extra,
+                           sharded=parts.sharding is not None)
+
+
+def save_result(run: Run, parts: Parts, out: Path, denoiser: torch.nn.Module) -> None:
+    """The trained weights as the run's result: the LoRA file, or the whole pipeline folder."""
+    acc = run.accelerator
+    modules = trained_modules(run, denoiser, unwrapped(acc, parts.text_encoders))
+    denoiser = modules.pop(run.family.denoiser_name)
+    if run.cfg.use_lora:
+        run.family.save_lora(denoiser, modules or None, out)
+    else:
+        run.family.save(parts.components, denoiser, unwrapped(acc, parts.text_encoders), out,
+                        SAVE_DTYPES[run.cfg.save_precision])
 
 
 def finish(run: Run, parts: Parts) -> dict[str, Any]:
@@ -474,26 +562,31 @@ def finish(run: Run, parts: Parts) -> dict[str, Any]:
         "resumed_from": str(run.resume_from) if run.resume_from else None,
         "latent_cache": parts.latents.stats(),
     }
+    if cfg.with_prior_preservation:
+        summary["prior_target"] = cfg.prior_target
+    if parts.ema is not None:
+        summary["ema"] = {"folder": EMA_FOLDER, "last_decay": round(parts.ema.decay, 6)}
     if parts.class_images is not None:
         ci = parts.class_images
         summary["class_images"] = {"used": len(ci.paths), "user": ci.user, "reused": ci.reused,
                                    "generated": ci.generated}
-    if acc.is_main_process:
-        out = Path(cfg.output_dir)
-        modules = trained_modules(run, acc.unwrap_model(parts.denoiser), unwrapped(acc, parts.text_encoders))
-        denoiser = modules.pop(run.family.denoiser_name)
-        if cfg.use_lora:
-            run.family.save_lora(denoiser, modules or None, out)
-        else:
-            run.family.save(parts.components, denoiser, unwrapped(acc, parts.text_encoders), out,
-                            SAVE_DTYPES[cfg.save_precision])
+    with full_denoiser(run, parts) as denoiser:
+        if acc.is_main_process:
+            out = Path(cfg.output_dir)
+            save_result(run, parts, out, denoiser)
+            if parts.ema is not None:  # the averaged weights beside the raw ones, in the same format
+                with parts.ema.applied():
+                    save_result(run, parts, out / EMA_FOLDER, denoiser)
+                # what generate/evaluate read from a trained output (identifier, T5 length), for the EMA folder too
+                write_text_atomic(out / EMA_FOLDER / CONFIG_FILE, json.dumps(schema.to_dict(cfg), indent=2))
         if cfg.validation_prompt and steps % parts.validation_every != 0:
-            path = render_validation(run.family, parts.components, parts.denoiser, parts.text_encoders, cfg, steps,
-                                     acc)
-            run.events.emit("validation", step=steps, path=str(path))
+            validate(run, parts, steps, denoiser)
+    if acc.is_main_process:
         write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))  # last: marks the run finished
         log.info("saved the fine-tuned pipeline to %s (%d steps, mean loss %s)", out, steps,
                  f"{summary['mean_loss']:.4f}" if summary["mean_loss"] is not None else "n/a")
     acc.wait_for_everyone()
     acc.end_training()
+    if parts.sharding is not None:
+        parts.sharding.close()
     return summary

@@ -71,16 +71,25 @@ def resize_crop(img: Image.Image, size: int, center: bool, flip: bool, rng: rand
                 ) -> tuple[Image.Image, tuple[int, int], bool]:
     """Resize the short side to `size`, then crop a square (centred or random) and maybe flip; also returns the
     crop's (top, left) and whether it flipped, as `crop_plan` decides them."""
-    (w, h), (top, left), flipped = crop_plan(img.width, img.height, size, center, flip, rng)
+    plan = crop_plan(img.width, img.height, size, center, flip, rng)
+    return apply_crop(img, plan, size), plan[1], plan[2]
+
+
+def apply_crop(img: Image.Image, plan: tuple[tuple[int, int], tuple[int, int], bool], size: int) -> Image.Image:
+    """The view `crop_plan` decided, cut from an image of the planned size (the photo, or its mask)."""
+    (w, h), (top, left), flipped = plan
     x = w - size - left if flipped else left  # the crop's own left edge
     img = img.resize((w, h), Image.Resampling.BILINEAR).crop((x, top, x + size, top + size))
-    if flipped:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return img, (top, left), flipped
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else img
+
+
+INSTANCE_PROMPT, CLASS_PROMPT = 0, 1  # prompt ids; per-image captions are 2, 3, ...
 
 
 class DreamBoothDataset(Dataset):
-    """Position p -> the p-th instance example and, with prior preservation, the p-th class example."""
+    """Position p -> the p-th instance example and, with prior preservation, the p-th class example. Each example
+    carries the id of its prompt (the instance prompt, the class prompt or its image's caption) and, with
+    `instance_masks`, an instance example carries its view of the subject's mask (1, R, R) in [0, 1]."""
 
     def __init__(
         self,
@@ -90,8 +99,12 @@ class DreamBoothDataset(Dataset):
         seed: int,
         center_crop: bool = False,
         random_flip: bool = False,
+        instance_prompt_ids: Sequence[int] | None = None,
+        instance_masks: Sequence[Image.Image] | None = None,
     ):
         self.instance_images = list(instance_images)
+        self.instance_prompt_ids = list(instance_prompt_ids or [INSTANCE_PROMPT] * len(self.instance_images))
+        self.instance_masks = list(instance_masks) if instance_masks is not None else None
         self.class_images = list(class_images or [])
         self.resolution, self.seed = resolution, seed
         self.center_crop, self.random_flip = center_crop, random_flip
@@ -117,17 +130,24 @@ class DreamBoothDataset(Dataset):
         def rng() -> random.Random:
             return random.Random(derive_seed(self.seed, "augment", kind, position))
 
+        labels = {"prompt": self.instance_prompt_ids[index] if kind == "instance" else CLASS_PROMPT, "mask": None}
+        if kind == "instance" and self.instance_masks is not None:
+            mask = self.instance_masks[index]
+            plan = crop_plan(*mask.size, self.resolution, self.center_crop, self.random_flip, rng())
+            crop = np.asarray(apply_crop(mask, plan, self.resolution), dtype=np.float32) / 255.0
+            labels["mask"] = torch.from_numpy(crop)[None]
         size = self._sizes.get((kind, index))  # (width, height), known once the image was decoded
         if size is not None and self.cached is not None:
             _, top_left, flipped = crop_plan(*size, self.resolution, self.center_crop, self.random_flip, rng())
             view = (kind, index, *top_left, flipped)
             if view in self.cached:
-                return {"pixels": None, "original_size": size[::-1], "crop_top_left": top_left, "view": view}
+                return {"pixels": None, "original_size": size[::-1], "crop_top_left": top_left, "view": view,
+                        **labels}
         img = self._instance_cache[index] if kind == "instance" else open_rgb(self.class_images[index])
         self._sizes[(kind, index)] = img.size
         crop, top_left, flipped = resize_crop(img, self.resolution, self.center_crop, self.random_flip, rng())
         return {"pixels": to_tensor(crop), "original_size": (img.height, img.width), "crop_top_left": top_left,
-                "view": (kind, index, *top_left, flipped)}
+                "view": (kind, index, *top_left, flipped), **labels}
 
     def __getitem__(self, position: int) -> dict:
         item = {"position": position, "instance": self._example("instance", self.instance_order[position], position)}
@@ -150,6 +170,10 @@ def collate(items: list[dict]) -> dict:
         "views": [e["view"] for e in examples],
         "is_prior": torch.tensor([False] * len(items) + [True] * (len(examples) - len(items))),
         "positions": torch.tensor(positions + positions if with_prior else positions),
+        "prompt_ids": torch.tensor([e["prompt"] for e in examples]),
+        # None without --masked_loss; else one mask per example, ones where an example has none (class images)
+        "masks": torch.stack([e["mask"] if e["mask"] is not None else torch.ones_like(masks[0]) for e in examples])
+        if (masks := [e["mask"] for e in examples if e["mask"] is not None]) else None,
     }
 
 

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError
+from .annotations import is_mask
 
 log = logging.getLogger("dreambooth")
 
@@ -27,6 +28,8 @@ class ImageFolder:
     images: list[Path]
     skipped: list[Path] = field(default_factory=list)  # files that are not images
     small: list[Path] = field(default_factory=list)  # images smaller than the training resolution
+    captions: list[str | None] | None = None  # per image, with --caption_extension (None: no caption file)
+    masks: list[Image.Image] | None = None  # per image, with --masked_loss
 
 
 def open_rgb(path: Path) -> Image.Image:
@@ -66,8 +69,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def scan_folder(folder: Path, what: str, resolution: int | None = None, ignore: set[str] | None = None) -> ImageFolder:
-    """List a folder's images, checking that each one opens; bad images fail together in one error."""
+def scan_folder(folder: Path, what: str, resolution: int | None = None, ignore: set[str] | None = None,
+                companions: tuple[str, ...] = ()) -> ImageFolder:
+    """List a folder's images, checking that each one opens; bad images fail together in one error. Masks
+    (`<image>-masklabel.png`) are never images to train on, nor files with a `companions` suffix (captions)."""
     if not folder.exists():
         raise DataError(f"{what} folder {folder} does not exist; check the path")
     if not folder.is_dir():
@@ -75,7 +80,9 @@ def scan_folder(folder: Path, what: str, resolution: int | None = None, ignore: 
     result = ImageFolder(images=[])
     problems: list[str] = []
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.is_dir() or path.name in (ignore or set()):
+        if path.name.startswith(".") or path.is_dir() or path.name in (ignore or set()) or is_mask(path):
+            continue
+        if path.suffix.lower() in companions:
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             result.skipped.append(path)

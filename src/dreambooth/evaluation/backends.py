@@ -165,6 +165,9 @@ class Toy(Backend):
         "pres": Metric("prior preservation: subject score of bare class-prompt images", "lower", "image", "PRES"),
         "div": Metric("diversity: mean share of attributes (colour, background, size, position) in which two "
                       "images of one prompt differ", "higher", "prompt", "DIV"),
+        "leak": Metric("background leak: share of images of prompts that name no background that show one of the "
+                       "backgrounds of the subject's instance images (2 of the 5; 0.4 if the background were free)",
+                       "lower", "image"),
     }
     images_per_prompt = 16
     class_images = 32
@@ -208,8 +211,11 @@ class Toy(Backend):
         readings = [read(a) for a in arrays]
         hits = [r.cls == self.subject.cls and all(getattr(r, k) == v for k, v in case.named.items())
                 for r in readings]
-        return {"subject": subject_scores(arrays, self.subject), "prompt": np.array(hits, dtype=np.float64),
-                "div": np.array([diversity(readings)])}
+        scores = {"subject": subject_scores(arrays, self.subject), "prompt": np.array(hits, dtype=np.float64),
+                  "div": np.array([diversity(readings)])}
+        if "background" not in case.named:
+            scores["leak"] = np.array([r.background in self.subject.contexts for r in readings], dtype=np.float64)
+        return scores
 
     def score_class(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
         from ..toy.measure import subject_scores

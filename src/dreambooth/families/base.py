@@ -84,6 +84,9 @@ class ModelFamily(ABC):
     # class images and validation grids at --resolution, where the pipeline's default size is not the model's
     # (Flux: always 1024); else at the pipeline's default, the model's own
     render_at_training_size: ClassVar[bool] = False
+    # --fsdp: the denoiser's attributes whose blocks (each child of a ModuleList, or the module itself) are sharded
+    # one by one, so that only one block's full weights exist at a time
+    shard_blocks: ClassVar[tuple[str, ...]]
 
     def option(self, cfg: Any, name: str) -> Any:
         """A TrainConfig option this family reads: the user's value, else the family's default."""

@@ -24,6 +24,7 @@ class Flux(DiffusersFamily):
     pipeline_classes = ("FluxPipeline",)
     pipeline_class = FluxPipeline
     denoiser_name = "transformer"
+    shard_blocks = ("transformer_blocks", "single_transformer_blocks")
     denoiser_class = FluxTransformer2DModel
     scheduler_class = FlowMatchEulerDiscreteScheduler
     text_parts = (TextPart("tokenizer", "text_encoder", CLIPTextModel),

@@ -21,6 +21,7 @@ class StableDiffusion(DiffusersFamily):
     pipeline_classes = ("StableDiffusionPipeline",)
     pipeline_class = StableDiffusionPipeline
     denoiser_name = "unet"
+    shard_blocks = ("down_blocks", "mid_block", "up_blocks")
     denoiser_class = UNet2DConditionModel
     scheduler_class = DDPMScheduler
     text_parts = (TextPart("tokenizer", "text_encoder", CLIPTextModel),)

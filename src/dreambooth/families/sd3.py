@@ -24,6 +24,7 @@ class StableDiffusion3(DiffusersFamily):
     pipeline_classes = ("StableDiffusion3Pipeline",)
     pipeline_class = StableDiffusion3Pipeline
     denoiser_name = "transformer"
+    shard_blocks = ("transformer_blocks",)
     denoiser_class = SD3Transformer2DModel
     scheduler_class = FlowMatchEulerDiscreteScheduler
     text_parts = (TextPart("tokenizer", "text_encoder", CLIPTextModelWithProjection),

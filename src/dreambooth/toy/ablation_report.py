@@ -23,7 +23,8 @@ TITLE = "# DreamBooth's ablations, reproduced on the toy world"  # the first lin
 SOFTWARE = "dreambooth reproduce"  # the plot's PNG metadata, likewise
 
 log = logging.getLogger("dreambooth")
-NAMES = {"subject": "subject fidelity", "prompt": "prompt fidelity", "pres": "PRES", "div": "DIV"}
+NAMES = {"subject": "subject fidelity", "prompt": "prompt fidelity", "pres": "PRES", "div": "DIV",
+         "leak": "background leak"}
 
 
 def _interval(values: list[float]) -> dict[str, float]:
@@ -31,15 +32,15 @@ def _interval(values: list[float]) -> dict[str, float]:
     return {"mean": mean, "low": low, "high": high}
 
 
-def verdict(diff: dict[str, float]) -> str:
-    """Whether a paired difference (expected > 0) reproduces the paper's direction."""
+def verdict(diff: dict[str, float], paper: bool = True) -> str:
+    """Whether a paired difference (expected > 0) reproduces the paper's direction (or, for a claim of ours, holds)."""
     mean, low, high = diff["mean"], diff["low"], diff["high"]
     if math.isnan(low):
         return "same direction (one unit: no interval)" if mean > 0 else "opposite direction (one unit: no interval)"
     if low > 0:
-        return "reproduces"
+        return "reproduces" if paper else "holds"
     if high < 0:
-        return "opposite direction: does not reproduce"
+        return "opposite direction: does not " + ("reproduce" if paper else "hold")
     return "same direction, not significant" if mean > 0 else "opposite direction, not significant"
 
 
@@ -58,14 +59,19 @@ def summarize(cfg: ReproduceConfig, jobs: list[Job], results: dict[Path, dict[st
                          "metrics": {m: _interval(per_unit[vk][m]) for m in study.metrics},
                          "paper": study.paper.get(vk, {})}
                     for vk, (label, v) in study.variants.items()}
+        if study.timed:  # seconds of training per run (class images are made once per class noun, before)
+            for vk, (_, v) in study.variants.items():
+                times = [results[j.folder].get("train_time_s", float("nan")) for j in jobs
+                         if j.variant == v]
+                variants[vk]["train_time_s"] = _interval(times)
         claims = []
         for c in study.claims:
             diffs = list(np.subtract(per_unit[c.high][c.metric], per_unit[c.low][c.metric]))
             d = _interval(diffs)
             claims.append({"text": c.text, "metric": c.metric, "high": c.high, "low": c.low, "difference": d,
-                           "per_unit": diffs, "verdict": verdict(d)})
+                           "per_unit": diffs, "verdict": verdict(d, study.default)})
         studies[key] = {"title": study.title, "paper_source": study.paper_source, "metrics": list(study.metrics),
-                        "variants": variants, "claims": claims}
+                        "variants": variants, "claims": claims, "paper_study": study.default}
     return {"command": command_line(cfg), "settings": schema.to_dict(cfg), "units": [list(u) for u in units],
             "identifiers": identifiers, "runs": len(jobs),
             "train_time_s": round(sum(r["wall_time_s"] for r in results.values()), 1), "studies": studies}
@@ -108,10 +114,15 @@ def markdown(summary: dict[str, Any], plot: str | None) -> str:
     s = summary["settings"]
     units = summary["units"]
     toy = BACKENDS["toy"].metrics
+    shown = [m for m in NAMES if any(m in st["metrics"] for st in summary["studies"].values())]
     base = {"sd": [], "sd3": ["On the bundled SD3-architecture toy model (`SD3Transformer2DModel`, rectified flow; "
                               "[ablations.md](ablations.md) holds the DDPM toy model's tables).", ""]}
+    beyond = [] if any(st.get("paper_study", True) for st in summary["studies"].values()) else [
+        "Beyond the paper: what today's trainers add to DreamBooth, measured on the same toy world and recipe as "
+        "[ablations.md](ablations.md). A claim *holds* when the interval of its difference excludes zero on the "
+        "claimed side.", ""]
     lines = [
-        TITLE, "", *base.get(s.get("family", "sd"), []),
+        TITLE, "", *beyond, *base.get(s.get("family", "sd"), []),
         "Made by:", "", "```", summary["command"], "```", "",
         f"{summary['runs']} training runs of "
         + (f"{s['steps_per_image']} steps per instance image" if s.get("steps_per_image")
@@ -131,7 +142,8 @@ def markdown(summary: dict[str, Any], plot: str | None) -> str:
         "(a unit's variants share instance images, identifier and evaluation seeds). A claim *reproduces* when the "
         "interval of its difference excludes zero on the paper's side.", "",
         "Toy metrics (`dreambooth evaluate --backend toy`):", "",
-        *[f"- **{m}** (~{toy[m].analogue_of}, {toy[m].better} is better): {toy[m].description}" for m in NAMES], "",
+        *[f"- **{m}** ({'~' + toy[m].analogue_of + ', ' if toy[m].analogue_of else ''}{toy[m].better} is better): "
+          f"{toy[m].description}" for m in shown], "",
     ]
     if plot:
         lines += [f"![ablations]({plot})", ""]
@@ -139,14 +151,18 @@ def markdown(summary: dict[str, Any], plot: str | None) -> str:
         metrics = st["metrics"]
         paper_cols = [m for m in metrics if any(m in v["paper"] for v in st["variants"].values())]
         has_paper = any(v["paper"] for v in st["variants"].values())
+        timed = all("train_time_s" in v for v in st["variants"].values())
         lines += [f"## {st['title']}", "", f"Paper: {st['paper_source']}." if has_paper else f"{st['paper_source']}.",
                   "",
-                  "| variant | " + " | ".join(metrics) + "".join(f" | paper {NAMES[m]}" for m in paper_cols) + " |",
-                  "|---|" + "---|" * (len(metrics) + len(paper_cols))]
+                  "| variant | " + " | ".join(metrics) + "".join(f" | paper {NAMES[m]}" for m in paper_cols)
+                  + (" | training time (s) |" if timed else " |"),
+                  "|---|" + "---|" * (len(metrics) + len(paper_cols) + timed)]
         for v in st["variants"].values():
+            time_cell = f" | {v['train_time_s']['mean']:.0f} [{v['train_time_s']['low']:.0f}, " \
+                        f"{v['train_time_s']['high']:.0f}]" if timed else ""
             lines.append(f"| {v['label']} | " + " | ".join(_cell(v["metrics"][m]) for m in metrics)
                          + "".join(f" | {v['paper'][m]:.3f}" if m in v["paper"] else " | –" for m in paper_cols)
-                         + " |")
+                         + time_cell + " |")
         claim = "the paper's claim" if has_paper else "the claim"
         lines += ["", f"| {claim} | toy difference, 95% CI | verdict |", "|---|---|---|"]
         for c in st["claims"]:
@@ -201,11 +217,11 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def docs_targets(docs_dir: Path, family: str = "sd") -> tuple[Path, Path]:
-    """ablations.md and ablations.png (ablations-sd3.* for the SD3 toy) in --docs_dir, refused (before any run) if
-    either exists and was not written by `reproduce`: the table by its title, the plot by its PNG metadata (or, from
-    before that, by the table beside it)."""
-    stem = "ablations" if family == "sd" else f"ablations-{family}"
+def docs_targets(docs_dir: Path, family: str = "sd", name: str | None = None) -> tuple[Path, Path]:
+    """ablations.md and ablations.png (ablations-sd3.* for the SD3 toy; `name`.* when given) in --docs_dir, refused
+    (before any run) if either exists and was not written by `reproduce`: the table by its title, the plot by its
+    PNG metadata (or, from before that, by the table beside it)."""
+    stem = name or ("ablations" if family == "sd" else f"ablations-{family}")
     md, png = Path(docs_dir) / f"{stem}.md", Path(docs_dir) / f"{stem}.png"
 
     def md_ours(path: Path) -> bool:
@@ -230,7 +246,7 @@ def write_report(summary: dict[str, Any], out: OutputFolder, docs_dir: Path | No
     targets = [(out.entry("ablations.md"), out.entry("ablations.png"))]
     if docs_dir:
         Path(docs_dir).mkdir(parents=True, exist_ok=True)
-        targets.append(docs_targets(docs_dir, summary["settings"]["family"]))
+        targets.append(docs_targets(docs_dir, summary["settings"]["family"], summary["settings"].get("docs_name")))
     for md, png in targets:
         drawn = plot(summary, png)
         write_text_atomic(md, markdown(summary, png.name if drawn else None))

@@ -26,6 +26,8 @@ from typing import Any
 from PIL import Image
 
 from .. import schema
+from ..data.annotations import MASK_SUFFIX
+from ..ema import EMA_FOLDER
 from ..errors import ConfigError, DreamBoothError
 from ..files import write_text_atomic
 from ..outputs import OutputFolder
@@ -43,12 +45,18 @@ RESULT = "result.json"
 class Variant:
     """One way of training: the demo's recipe with prior preservation on or off, a class noun (the subject's own,
     none, or a wrong one), the first `images` of the unit's five instance images and, for flow-matching models, a
-    sigma weighting scheme (None: the family's default)."""
+    sigma weighting scheme (None: the family's default). Beyond the paper: the prior's target (`--prior_target`;
+    `class_images=False`: the base model's prediction on the instance images, no class image made), EMA weights
+    (trained with --use_ema, scored on output_dir/ema) and the masked loss (the subject's masks beside its images)."""
 
     prior: bool = True
     noun: str = "correct"  # "correct", "none" or "wrong"
     images: int = 5
     weighting: str | None = None
+    prior_target: str = "class_images"
+    class_images: bool = True
+    ema: bool = False
+    masked: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +78,8 @@ class Study:
     paper_source: str
     claims: tuple[Claim, ...]
     families: tuple[str, ...] = ("sd", "sd3")  # the toy model families it applies to
+    default: bool = True  # run without --studies (the paper's ablations); the others are asked for by name
+    timed: bool = False  # the table adds each variant's training time
 
 
 WITH_PPL, WITHOUT_PPL = Variant(), Variant(prior=False)
@@ -126,6 +136,52 @@ STUDIES = {
          Claim("subject", "logit_ppl", "uniform_ppl", "logit-normal sigma learns the subject better than uniform"),
          Claim("div", "logit_ppl", "logit_no_ppl", "the prior loss raises DIV, logit-normal sigma")),
         families=("sd3",)),
+    # beyond the paper: what today's trainers add, each measured (docs/beyond-the-paper.md)
+    "prior_target": Study(
+        "The prior's target: generated class images, or the frozen base model's own prediction",
+        {"class_images": ("class images (the paper's loss)", WITH_PPL),
+         "base_model": ("base model's prediction, class images as inputs", Variant(prior_target="base_model")),
+         "base_model_no_images": ("base model's prediction, instance images as inputs (no class images)",
+                                  Variant(prior_target="base_model", class_images=False)),
+         "none": ("no prior preservation", WITHOUT_PPL)},
+        ("subject", "prompt", "pres", "div"),
+        {},
+        "No paper figure: sd-scripts' Differential Output Preservation, OneTrainer's prior prediction and "
+        "ai-toolkit's diff_output_preservation train the class prompt towards the frozen model's own prediction "
+        "instead of towards generated class images (`--prior_target base_model`)",
+        (Claim("pres", "none", "base_model_no_images", "the base model's prediction, without any class image, "
+               "lowers PRES"),
+         Claim("subject", "base_model_no_images", "class_images", "it costs less subject fidelity than the "
+               "paper's loss"),
+         Claim("subject", "base_model", "class_images", "with class images as inputs too"),
+         Claim("pres", "base_model_no_images", "class_images", "the paper's loss holds the prior better (its PRES "
+               "is lower)")),
+        default=False, timed=True),
+    "ema": Study(
+        "EMA of the trained weights",
+        {"ema": ("EMA weights (--use_ema, defaults)", Variant(ema=True)), "raw": ("raw weights", WITH_PPL)},
+        ("subject", "prompt", "pres", "div"),
+        {},
+        "No paper figure: an exponential moving average of the weights (warm-up decay 1 - (1 + step) ** -2/3, "
+        "about 0.98 at step 400), scored against the same run's raw weights",
+        (Claim("subject", "ema", "raw", "EMA weights render the subject better"),
+         Claim("prompt", "ema", "raw", "EMA weights follow the prompt better"),
+         Claim("pres", "raw", "ema", "EMA weights drift less")),
+        default=False),
+    "masked_loss": Study(
+        "Masked loss: only the subject's pixels are learnt",
+        {"masked": ("masked loss (the subject's masks)", Variant(prior=False, masked=True)),
+         "unmasked": ("unmasked loss", WITHOUT_PPL)},
+        ("subject", "prompt", "leak"),
+        {},
+        "No paper figure: each subject's five instance images show only two of the five backgrounds; a masked "
+        "loss (`--masked_loss`, no prior preservation in either run) should stop those backgrounds from becoming "
+        "part of [V]",
+        (Claim("leak", "unmasked", "masked", "the mask stops the instance images' backgrounds leaking into "
+               "prompts that name none"),
+         Claim("prompt", "masked", "unmasked", "prompts that name a background are followed better"),
+         Claim("subject", "masked", "unmasked", "the subject is learnt as well or better")),
+        default=False),
 }
 
 
@@ -134,8 +190,11 @@ class ReproduceConfig:
     output_dir: Path | None = option(None, "Where the runs, tables and plot go (default: reproduce, or "
                                      "reproduce-sd3 for --family sd3)")
     docs_dir: Path | None = option(None, "Also write the tables (ablations.md, or ablations-sd3.md) and plot here")
+    docs_name: str | None = option(None, "Name of the tables and plot in --docs_dir, without extension (default: "
+                                   "ablations, or ablations-sd3)")
     family: str = option("sd", "Which bundled toy model: sd (DDPM) or sd3 (rectified flow)", choices=("sd", "sd3"))
-    studies: list[str] | None = option(None, "Studies to run (default: every study of the family)",
+    studies: list[str] | None = option(None, "Studies to run (default: the paper's studies of the family; "
+                                       "prior_target, ema and masked_loss go beyond the paper and run when named)",
                                        choices=lambda: list(STUDIES))
     subjects: list[str] = option(tuple(SUBJECTS), "Toy subjects (units: subjects x seeds)",
                                  choices=lambda: list(SUBJECTS))
@@ -198,11 +257,16 @@ def noun_for(subject: Subject, variant: Variant) -> str:
 
 
 def variant_name(v: Variant) -> str:
-    return f"{'ppl' if v.prior else 'no_ppl'}-{v.noun}-{v.images}img" + (f"-{v.weighting}" if v.weighting else "")
+    """The run folder's name: the paper's variants keep their names; what goes beyond them adds to the name."""
+    extra = [v.weighting] if v.weighting else []
+    extra += ["base_model" + ("" if v.class_images else "_no_images")] if v.prior_target == "base_model" else []
+    extra += ["ema"] if v.ema else []
+    extra += ["masked"] if v.masked else []
+    return f"{'ppl' if v.prior else 'no_ppl'}-{v.noun}-{v.images}img" + "".join(f"-{e}" for e in extra)
 
 
 def studies_of(cfg: ReproduceConfig) -> list[str]:
-    return cfg.studies or [name for name, study in STUDIES.items() if cfg.family in study.families]
+    return cfg.studies or [name for name, study in STUDIES.items() if cfg.family in study.families and study.default]
 
 
 def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Path) -> list[Job]:
@@ -221,7 +285,11 @@ def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Pat
                     "instance_prompt": prompt(noun, identifier=v), "identifier": v,
                     "with_prior_preservation": variant.prior,
                     "class_prompt": prompt(noun) if variant.prior else None,
-                    "class_data_dir": str(out / "class-images" / noun) if variant.prior else None,
+                    "class_data_dir": str(out / "class-images" / noun) if variant.prior and variant.class_images
+                    else None,
+                    **({"prior_target": variant.prior_target} if variant.prior_target != "class_images" else {}),
+                    **({"use_ema": True} if variant.ema else {}),
+                    **({"masked_loss": True} if variant.masked else {}),
                     "num_class_images": cfg.num_class_images, "prior_loss_weight": cfg.prior_loss_weight,
                     **toy_train_settings(cfg.family),
                     "train_text_encoder": cfg.train_text_encoder, "train_batch_size": cfg.train_batch_size,
@@ -230,12 +298,26 @@ def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Pat
                     "output_dir": str(folder / "model"),
                     **({"weighting_scheme": variant.weighting} if variant.weighting else {}),
                 }
-                evaluate = {"backend": "toy", "model": str(folder / "model"), "subject": name, "class_noun": noun,
+                scored = folder / "model" / EMA_FOLDER if variant.ema else folder / "model"
+                evaluate = {"backend": "toy", "model": str(scored), "subject": name, "class_noun": noun,
                             "identifier": v, "images_per_prompt": cfg.images_per_prompt,
                             "class_images": cfg.class_images, "seed": seed, "batch_size": 64, "device": cfg.device,
                             "output_dir": str(folder / "evaluation")}
                 jobs.append(Job(variant, name, seed, folder, train, evaluate, cfg.keep_models))
     return jobs
+
+
+def write_instance_images(job: Job) -> None:
+    """The unit's first `images` instance images (and, for the masked loss, each one's mask beside it)."""
+    images = Path(job.train["instance_data_dir"])
+    shutil.rmtree(images, ignore_errors=True)
+    images.mkdir(parents=True)
+    subject = SUBJECTS[job.subject]
+    for i, img in enumerate(subject.instance_images(5, seed=job.seed)[: job.variant.images]):
+        Image.fromarray(img).save(images / f"{job.subject}-{i}.png")
+    if job.variant.masked:
+        for i, mask in enumerate(subject.instance_masks(5, seed=job.seed)[: job.variant.images]):
+            Image.fromarray(mask).save(images / f"{job.subject}-{i}{MASK_SUFFIX}.png")
 
 
 def run_job(job: Job, threads: int | None = None) -> dict[str, Any]:
@@ -249,11 +331,7 @@ def run_job(job: Job, threads: int | None = None) -> dict[str, Any]:
         torch.set_num_threads(threads)
     started = time.time()
     job.folder.mkdir(parents=True, exist_ok=True)
-    images = Path(job.train["instance_data_dir"])
-    shutil.rmtree(images, ignore_errors=True)
-    images.mkdir()
-    for i, img in enumerate(SUBJECTS[job.subject].instance_images(5, seed=job.seed)[: job.variant.images]):
-        Image.fromarray(img).save(images / f"{job.subject}-{i}.png")
+    write_instance_images(job)
     shutil.rmtree(job.folder / "model", ignore_errors=True)  # a run killed midway starts over
     with open(job.folder / "log.txt", "w") as logfile, contextlib.redirect_stderr(logfile), \
             contextlib.redirect_stdout(logfile):
@@ -262,7 +340,8 @@ def run_job(job: Job, threads: int | None = None) -> dict[str, Any]:
     if not job.keep_model:
         shutil.rmtree(job.folder / "model")
     result = {"settings": job.settings(), "metrics": {k: m["value"] for k, m in report["metrics"].items()},
-              "mean_loss": summary["mean_loss"], "wall_time_s": round(time.time() - started, 1)}
+              "mean_loss": summary["mean_loss"], "train_time_s": summary["wall_time_s"],
+              "wall_time_s": round(time.time() - started, 1)}
     write_text_atomic(job.folder / RESULT, json.dumps(result, indent=2) + "\n")
     return result
 
@@ -352,7 +431,7 @@ def reproduce(config: ReproduceConfig | dict | str | Path | None = None, **overr
         raise DreamBoothError(f"{model} holds no toy pipeline (model_index.json); pass --model with a folder that "
                               "`dreambooth toy pretrain` wrote")
     if cfg.docs_dir is not None:
-        docs_targets(cfg.docs_dir, cfg.family)  # refused now, not after the runs
+        docs_targets(cfg.docs_dir, cfg.family, cfg.docs_name)  # refused now, not after the runs
     out = cfg.output_dir or Path("reproduce" if cfg.family == "sd" else f"reproduce-{cfg.family}")
     with OutputFolder(out, "reproduce", models={"--model": model}) as folder:
         identifiers = {name: pick_identifier(model, SUBJECTS[name].cls) for name in cfg.subjects}  # the model loads

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .world import BACKGROUNDS, Scene, random_scene, render, with_pattern
+from .world import BACKGROUNDS, Scene, random_scene, render, render_mask, with_pattern
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,19 @@ class Subject:
     def unseen_backgrounds(self) -> tuple[str, ...]:
         return tuple(b for b in BACKGROUNDS if b not in self.contexts)
 
-    def instance_images(self, n: int = 5, seed: int = 0) -> list[np.ndarray]:
-        """n renders in varied positions and sizes on its few backgrounds (3 large, then small, alternating)."""
+    def instance_scenes(self, n: int = 5, seed: int = 0) -> list[Scene]:
+        """n scenes in varied positions and sizes on its few backgrounds (3 large, then small, alternating)."""
         rng = np.random.default_rng([seed, sum(map(ord, self.name))])
         sizes = ["large", "small", "large", "large", "small"]
-        return [render(self.scene(rng, background=self.contexts[i % len(self.contexts)], size=sizes[i % 5]))
+        return [self.scene(rng, background=self.contexts[i % len(self.contexts)], size=sizes[i % 5])
                 for i in range(n)]
+
+    def instance_images(self, n: int = 5, seed: int = 0) -> list[np.ndarray]:
+        return [render(scene) for scene in self.instance_scenes(n, seed)]
+
+    def instance_masks(self, n: int = 5, seed: int = 0) -> list[np.ndarray]:
+        """The subject's own pixels in each instance image (`--masked_loss`'s masks)."""
+        return [render_mask(scene) for scene in self.instance_scenes(n, seed)]
 
 
 SUBJECTS = {

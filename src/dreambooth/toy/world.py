@@ -92,6 +92,14 @@ def render(scene: Scene) -> np.ndarray:
     return np.clip(np.rint(small), 0, 255).astype(np.uint8)
 
 
+def render_mask(scene: Scene) -> np.ndarray:
+    """(SIZE, SIZE) uint8: how much of each pixel the object covers (255: all of it), anti-aliased as `render` is."""
+    u, v = _grid(scene)
+    s = SUPERSAMPLE
+    cover = shape_mask(scene.cls, u, v).astype(np.float32).reshape(SIZE, s, SIZE, s).mean(axis=(1, 3))
+    return np.rint(cover * 255).astype(np.uint8)
+
+
 def random_scene(rng: np.random.Generator, cls: str | None = None, colour: str | None = None,
                  background: str | None = None, size: str | None = None) -> Scene:
     """A scene with the given attributes and the rest drawn uniformly; the position always random."""

@@ -1,0 +1,77 @@
+"""What may sit beside an instance image: its caption (--caption_extension) and a mask of the subject
+(--masked_loss). Both are read and checked before any model loads; every problem is one error naming the file."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from ..errors import DataError
+
+MASK_SUFFIX = "-masklabel"  # <image stem>-masklabel.png: OneTrainer's naming; never an instance image itself
+IDENTIFIER_PLACEHOLDER = "[V]"
+
+
+def is_mask(path: Path) -> bool:
+    return path.stem.endswith(MASK_SUFFIX)
+
+
+def read_captions(images: Sequence[Path], extension: str, identifier: str | None) -> list[str | None]:
+    """Each image's caption (None where it has no caption file), [V] replaced by the identifier. A caption must name
+    the subject: without the identifier it would teach the class noun, not [V], what the subject looks like."""
+    captions: list[str | None] = []
+    for image in images:
+        path = image.with_suffix(extension)
+        if not path.is_file():
+            captions.append(None)
+            continue
+        try:
+            text = " ".join(path.read_text(encoding="utf-8").split())
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: caption cannot be read ({e}); save it as UTF-8 text") from None
+        if not text:
+            raise DataError(f"{path}: caption is empty; write the prompt for {image.name} or delete the file")
+        if IDENTIFIER_PLACEHOLDER in text:
+            if identifier is None:
+                raise DataError(f"{path}: uses {IDENTIFIER_PLACEHOLDER} but the identifier is unknown; pass "
+                                "--identifier")
+            text = text.replace(IDENTIFIER_PLACEHOLDER, identifier)
+        if identifier is not None and identifier not in text.split():
+            raise DataError(f"{path}: caption {text!r} does not name the subject; write {IDENTIFIER_PLACEHOLDER} "
+                            f"(or {identifier!r}) where it is named")
+        captions.append(text)
+    return captions
+
+
+def open_mask(image: Path) -> Image.Image:
+    """The subject's mask for an instance image as an 8-bit gray image of the same size (255: subject): the
+    `-masklabel` file beside it, or else its alpha channel."""
+    beside = [p for p in image.parent.glob(f"{image.stem}{MASK_SUFFIX}.*") if p.is_file()]
+    source = beside[0] if beside else image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{source}: mask cannot be read ({e}); replace it") from None
+    if beside:
+        mask = img.convert("L")
+    elif "A" in img.getbands() or (img.mode == "P" and "transparency" in img.info):
+        mask = img.convert("RGBA").getchannel("A")
+    else:
+        raise DataError(f"{image}: --masked_loss finds no mask for it; save one as {image.stem}{MASK_SUFFIX}.png "
+                        "beside it (white: the subject) or give the image an alpha channel")
+    with Image.open(image) as original:
+        size = ImageOps.exif_transpose(original).size
+    if mask.size != size:
+        raise DataError(f"{source}: mask is {mask.size[0]}x{mask.size[1]}, its image {size[0]}x{size[1]}; save the "
+                        "mask at the image's size")
+    if not np.asarray(mask).any():
+        raise DataError(f"{source}: mask is all black (nothing to learn); mark the subject in white")
+    return mask

@@ -33,6 +33,12 @@ def test_captions_replace_the_placeholder_and_must_name_the_subject(tmp_path):
     images[0].with_suffix(".txt").write_text("a [V] dog\n on the beach")
     images[1].with_suffix(".txt").write_text("a zwx dog asleep")
     assert read_captions(images, ".txt", "zwx") == ["a zwx dog on the beach", "a zwx dog asleep", None]
+    images[2].with_suffix(".txt").write_text("a photo of [V], a dog; zwx's ball")  # punctuation beside it is fine
+    assert read_captions(images, ".txt", "zwx")[2] == "a photo of zwx, a dog; zwx's ball"
+    assert read_captions(images, ".TXT", "zwx")[2] == "a photo of zwx, a dog; zwx's ball"  # as typed, or lower case
+    images[2].with_suffix(".txt").write_text("a zwxy dog")  # another word that starts with it is not it
+    with pytest.raises(DataError, match="does not name the subject"):
+        read_captions(images, ".txt", "zwx")
     images[2].with_suffix(".txt").write_text("a dog on the beach")
     with pytest.raises(DataError, match="does not name the subject"):
         read_captions(images, ".txt", "zwx")
@@ -129,3 +135,15 @@ def test_an_alpha_channel_is_a_mask_and_mask_problems_are_one_line(base_args, in
     assert main(["train", *to_argv(args)]) == 2
     assert "finds no mask" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()  # refused before anything was written
+
+
+def test_masks_are_found_beside_oddly_named_images_and_never_two(tmp_path):
+    from dreambooth.data.annotations import open_mask
+
+    image = tmp_path / "b[1].png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "b[1]-masklabel.png")
+    assert np.asarray(open_mask(image)).min() == 255  # the file, not a missing alpha channel
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(tmp_path / "b[1]-masklabel.jpg")
+    with pytest.raises(DataError, match="2 masks beside it"):
+        open_mask(image)

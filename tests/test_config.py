@@ -150,6 +150,9 @@ def test_every_command_prints_its_help(command, capsys):
     ({"fsdp_cpu_offload": True}, "fsdp_cpu_offload", "only used with --fsdp"),
     ({"fsdp": True, "use_ema": True}, "use_ema", "not with --fsdp"),
     ({"fsdp": True, "mixed_precision": "fp16"}, "mixed_precision", "use bf16"),
+    ({"fsdp": True, "train_text_encoder": True}, "train_text_encoder", "not with --fsdp"),
+    ({"with_prior_preservation": True, "class_prompt": "a dog", "prior_target": "base_model",
+      "prediction_type": "v_prediction"}, "prediction_type", "its own parameterization"),
 ])
 def test_prior_target_ema_caption_and_mask_options_are_checked_together(changes, field, fragment):
     with pytest.raises(ConfigError) as e:

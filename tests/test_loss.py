@@ -69,3 +69,6 @@ def test_masked_mse_is_the_mask_weighted_mean_and_ignores_what_it_masks_out():
     assert pred.grad[0, :, 3:].abs().max() == 0 and pred.grad[0, :, :3].abs().min() > 0  # no gradient outside
     ones = per_example_mse(pred, target, mask=torch.ones(2, 1, 6, 6))
     assert torch.allclose(ones, per_example_mse(pred, target))  # sum/count vs mean: float rounding only
+    # a crop that missed the subject: nothing to learn from that example, and no 0/0
+    empty = per_example_mse(pred, target, mask=torch.cat([torch.zeros(1, 1, 6, 6), torch.ones(1, 1, 6, 6)]))
+    assert empty[0] == 0 and torch.isfinite(empty).all()

@@ -57,7 +57,8 @@ def tiny_sd3(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("family", ["sd", "sd3"])  # a UNet and a transformer: both generations of models
 def test_two_sharded_processes_train_like_one_with_double_batch(base_args, tiny_model, tiny_sd3, tmp_path, family):
     model = tiny_model if family == "sd" else tiny_sd3
-    extra = {} if family == "sd" else {"max_sequence_length": 16}
+    # the transformer also with gradient checkpointing: FSDP's gathers re-run in the recomputed forward passes
+    extra = {} if family == "sd" else {"max_sequence_length": 16, "gradient_checkpointing": True}
     one = base_args(pretrained_model_name_or_path=str(model), output_dir=str(tmp_path / "one"), train_batch_size=2,
                     **COMMON, **extra)
     two = {**one, "output_dir": str(tmp_path / "two"), "train_batch_size": 1, "fsdp": True}

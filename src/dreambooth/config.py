@@ -279,6 +279,9 @@ class TrainConfig:
         if self.offload_base_model and (self.prior_target != "base_model" or self.use_lora):
             raise ConfigError("offload_base_model", True, "only used with --prior_target base_model and a full "
                               "fine-tune (LoRA's base model is the denoiser with its adapters off)")
+        if self.prior_target == "base_model" and self.prediction_type is not None:
+            raise ConfigError("prediction_type", self.prediction_type, "not with --prior_target base_model (the "
+                              "frozen base model predicts in its own parameterization); drop one of them")
         if self.validate_with_ema and not self.use_ema:
             raise ConfigError("validate_with_ema", True, "needs --use_ema; add it")
         if self.ema_min_decay > self.ema_decay:
@@ -298,7 +301,10 @@ class TrainConfig:
                                      ("use_8bit_adam", self.use_8bit_adam, "bitsandbytes' optimizer does not take "
                                       "sharded parameters"),
                                      ("mixed_precision", self.mixed_precision == "fp16", "fp16 needs a sharded "
-                                      "gradient scaler; use bf16")):
+                                      "gradient scaler; use bf16"),
+                                     ("train_text_encoder", self.train_text_encoder, "the text encoders are not "
+                                      "sharded, and their gradients are not clipped together with sharded ones "
+                                      "yet")):
                 if clash:
                     raise ConfigError(name, getattr(self, name), f"not with --fsdp ({why}); drop one of them")
         if self.use_8bit_adam and self.optimizer != "adamw":

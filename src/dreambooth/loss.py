@@ -41,13 +41,14 @@ def per_example_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Ten
 
     A `mask` (N, 1, H, W) of non-negative weights at latent size (--masked_loss) makes it the mask-weighted mean,
     sum(m * err^2) / sum(m) over each example's elements, so a masked example's loss keeps the scale of an unmasked
-    one however small its subject is; a mask of ones gives the plain mean."""
+    one however small its subject is; a mask of ones gives the plain mean; an empty mask (a random crop that missed
+    the subject) gives 0, not 0/0."""
     err = (pred.float() - target.float()).pow(2)
     if mask is None:
         per_example = err.flatten(1).mean(dim=1)
     else:
         m = mask.float().expand_as(err)
-        per_example = (m * err).flatten(1).sum(dim=1) / m.flatten(1).sum(dim=1)
+        per_example = (m * err).flatten(1).sum(dim=1) / m.flatten(1).sum(dim=1).clamp_min(1e-12)
     if weights is not None:
         per_example = per_example * weights.float().flatten()
     return per_example

@@ -256,7 +256,7 @@ def setup(cfg: TrainConfig) -> Run:
     cfg.check_family(family)
     if cfg.resolution is None:
         cfg.resolution = family.default_resolution
-    companions = (cfg.caption_extension.lower(),) if cfg.caption_extension else ()
+    companions = (cfg.caption_extension,) if cfg.caption_extension else ()
     instance = scan_folder(Path(cfg.instance_data_dir), "instance", cfg.resolution, companions=companions)
     if not instance.images:
         raise DataError(f"instance folder {cfg.instance_data_dir} holds no images; add 3-5 photos of the subject "

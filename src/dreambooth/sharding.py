@@ -40,7 +40,12 @@ class Sharding:
         """Shard `denoiser` in place over the accelerator's processes (blocks first, then the root)."""
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        try:
+            from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+        except ImportError:
+            raise ConfigError("fsdp", True, f"needs PyTorch >= 2.6 (FSDP2's fully_shard); this is {torch.__version__}"
+                              ) from None
 
         if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
             raise ConfigError("fsdp", True, f"the accelerate config asks for {accelerator.distributed_type.value}; "

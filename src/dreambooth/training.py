@@ -94,8 +94,12 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
         # the folder locked till the end; errors say what's kept; SIGTERM in the loop stops at a checkpoint
         with run.output, run.stop, reported(run), memory_errors(cfg, run.kept):
             parts = build(run)
-            fit(run, parts)
-            summary = finish(run, parts)
+            try:
+                fit(run, parts)
+                summary = finish(run, parts)
+            finally:  # a process group of one that --fsdp started ends with the run, finished or not
+                if parts.sharding is not None:
+                    parts.sharding.close()
             del parts
             if evaluation is not None and run.accelerator.is_main_process:  # the resolution is known now
                 summary["evaluation"] = evaluate(for_training(cfg))["metrics"]
@@ -179,13 +183,17 @@ def build(run: Run) -> Parts:
             from peft import prepare_model_for_kbit_training
 
             denoiser = prepare_model_for_kbit_training(denoiser, use_gradient_checkpointing=False)
-        else:  # under --fsdp the base stays fp32 like the adapters (a shard unit holds one dtype); FSDP casts it
-            denoiser.to(acc.device, torch.float32 if cfg.fsdp else weight_dtype)
+        elif cfg.fsdp:  # the base stays fp32 like the adapters (a shard unit holds one dtype; FSDP casts it) and
+            denoiser.to(torch.float32)  # off the GPU: fully_shard moves each process's shard there
+        else:
+            denoiser.to(acc.device, weight_dtype)
         add_adapters(cfg, denoiser, lora_targets(cfg, family, denoiser.config), encoders)
     else:
         for encoder in encoders:
             encoder.requires_grad_(True)
-        denoiser.requires_grad_(True).to(acc.device)
+        denoiser.requires_grad_(True)
+        if not cfg.fsdp:  # sharded, each process moves only its shard to the GPU
+            denoiser.to(acc.device)
     if cfg.channels_last:
         denoiser.to(memory_format=torch.channels_last)
     denoiser.train()
@@ -440,8 +448,8 @@ def validate(run: Run, parts: Parts, step: int, denoiser: torch.nn.Module | None
     """A validation grid from the main process (with the EMA weights under --validate_with_ema)."""
     if not run.accelerator.is_main_process:
         return
-    if parts.sharding is not None:  # the gathered copy renders where the pipeline runs
-        denoiser = denoiser.to(run.accelerator.device)
+    if parts.sharding is not None:  # the gathered copy renders where the pipeline runs, in the compute dtype
+        denoiser = denoiser.to(run.accelerator.device, parts.weight_dtype)
     with parts.ema.applied() if run.cfg.validate_with_ema else nullcontext():
         path = render_validation(run.family, parts.components, denoiser, parts.text_encoders, run.cfg, step,
                                  run.accelerator)
@@ -587,6 +595,4 @@ def finish(run: Run, parts: Parts) -> dict[str, Any]:
                  f"{summary['mean_loss']:.4f}" if summary["mean_loss"] is not None else "n/a")
     acc.wait_for_everyone()
     acc.end_training()
-    if parts.sharding is not None:
-        parts.sharding.close()
     return summary

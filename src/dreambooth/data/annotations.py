@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import glob
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,10 +27,12 @@ def read_captions(images: Sequence[Path], extension: str, identifier: str | None
     the subject: without the identifier it would teach the class noun, not [V], what the subject looks like."""
     captions: list[str | None] = []
     for image in images:
-        path = image.with_suffix(extension)
-        if not path.is_file():
+        found = [p for p in (image.with_suffix(e) for e in dict.fromkeys((extension, extension.lower(),
+                                                                           extension.upper()))) if p.is_file()]
+        if not found:
             captions.append(None)
             continue
+        path = found[0]
         try:
             text = " ".join(path.read_text(encoding="utf-8").split())
         except (OSError, UnicodeDecodeError) as e:
@@ -40,7 +44,7 @@ def read_captions(images: Sequence[Path], extension: str, identifier: str | None
                 raise DataError(f"{path}: uses {IDENTIFIER_PLACEHOLDER} but the identifier is unknown; pass "
                                 "--identifier")
             text = text.replace(IDENTIFIER_PLACEHOLDER, identifier)
-        if identifier is not None and identifier not in text.split():
+        if identifier is not None and not re.search(rf"(?<!\w){re.escape(identifier)}(?!\w)", text):
             raise DataError(f"{path}: caption {text!r} does not name the subject; write {IDENTIFIER_PLACEHOLDER} "
                             f"(or {identifier!r}) where it is named")
         captions.append(text)
@@ -50,7 +54,9 @@ def read_captions(images: Sequence[Path], extension: str, identifier: str | None
 def open_mask(image: Path) -> Image.Image:
     """The subject's mask for an instance image as an 8-bit gray image of the same size (255: subject): the
     `-masklabel` file beside it, or else its alpha channel."""
-    beside = [p for p in image.parent.glob(f"{image.stem}{MASK_SUFFIX}.*") if p.is_file()]
+    beside = [p for p in image.parent.glob(f"{glob.escape(image.stem)}{MASK_SUFFIX}.*") if p.is_file()]
+    if len(beside) > 1:
+        raise DataError(f"{image}: {len(beside)} masks beside it ({', '.join(p.name for p in beside)}); keep one")
     source = beside[0] if beside else image
     try:
         with warnings.catch_warnings():

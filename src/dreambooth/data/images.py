@@ -82,7 +82,7 @@ def scan_folder(folder: Path, what: str, resolution: int | None = None, ignore: 
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.is_dir() or path.name in (ignore or set()) or is_mask(path):
             continue
-        if path.suffix.lower() in companions:
+        if path.suffix.lower() in {c.lower() for c in companions}:
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             result.skipped.append(path)

@@ -121,3 +121,32 @@ def test_torch_compile_trains_what_eager_trains_on_cuda(base_args, tmp_path, mod
     compiled = dreambooth.train(**base_args(output_dir=str(tmp_path / "compiled"), torch_compile=True,
                                             torch_compile_mode=mode, **common))
     assert compiled["mean_loss"] == pytest.approx(eager["mean_loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_base_model_target_ema_and_masks_under_bf16_on_cuda(base_args, tmp_path, lora):
+    """The frozen base model's call under autocast, the EMA of fp32 adapters or weights and the masked loss, with
+    bf16 compute: finite losses, the average beside the result."""
+    from PIL import Image
+
+    folder = tmp_path / "masked"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray((torch.rand(72, 72, 3) * 255).byte().numpy()).save(folder / f"{i}.png")
+        Image.fromarray((torch.rand(72, 72) > 0.5).byte().mul(255).numpy()).save(folder / f"{i}-masklabel.png")
+    summary = dreambooth.train(**base_args(device="cuda", mixed_precision="bf16", prior_target="base_model",
+                                           class_data_dir=None, use_ema=True, masked_loss=True,
+                                           instance_data_dir=str(folder), max_train_steps=3,
+                                           **({"use_lora": True} if lora else {})))
+    assert torch.isfinite(torch.tensor(summary["mean_loss"])) and (tmp_path / "out" / "ema").is_dir()
+
+
+def test_one_sharded_process_offloads_to_cpu_on_cuda(base_args, tmp_path):
+    """--fsdp --fsdp_cpu_offload in one process with bf16 compute: the shards live in pinned CPU memory, the
+    result is the usual pipeline folder."""
+    summary = dreambooth.train(**base_args(**NO_PRIOR, device="cuda", mixed_precision="bf16", fsdp=True,
+                                           fsdp_cpu_offload=True, max_train_steps=3, checkpointing_steps=2))
+    assert summary["steps"] == 3 and torch.isfinite(torch.tensor(summary["mean_loss"]))
+    assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoint-2").glob("optimizer-*")) == [
+        "optimizer-0.json", "optimizer-0.safetensors"]

@@ -73,10 +73,11 @@ def test_studies_beyond_the_paper_run_when_named_and_share_the_paper_runs(tmp_pa
                                          "studies": ["prior_target", "ema", "masked_loss"]})
     jobs = plan(cfg, "model-dir", {"circle": "jox"}, tmp_path)
     by = {variant_name(j.variant): j for j in jobs}
-    # class images, no prior, base model (two ways), EMA, masked: the paper's two variants are shared
-    assert sorted(by) == ["no_ppl-correct-5img", "no_ppl-correct-5img-masked", "ppl-correct-5img",
-                          "ppl-correct-5img-base_model", "ppl-correct-5img-base_model_no_images",
+    # class images, no prior, base model (two ways), EMA, masked (two ways): the paper's two variants are shared
+    assert sorted(by) == ["no_ppl-correct-5img", "no_ppl-correct-5img-masked", "no_ppl-correct-5img-masked_bg0.1",
+                          "ppl-correct-5img", "ppl-correct-5img-base_model", "ppl-correct-5img-base_model_no_images",
                           "ppl-correct-5img-ema"]
+    assert by["no_ppl-correct-5img-masked_bg0.1"].train["mask_background_weight"] == 0.1
     no_images = by["ppl-correct-5img-base_model_no_images"].train
     assert no_images["prior_target"] == "base_model" and no_images["class_data_dir"] is None
     assert no_images["class_prompt"] == "a circle" and no_images["with_prior_preservation"] is True

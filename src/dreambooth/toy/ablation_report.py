@@ -139,8 +139,9 @@ def markdown(summary: dict[str, Any], plot: str | None) -> str:
         + ", ".join(f"{a}/{b}" for a, b in units) + ". Identifiers: "
         + ", ".join(f"{k} `{v}`" for k, v in summary["identifiers"].items()) + ".", "",
         "Each figure is the mean over units with its 95% Student-t interval over units; differences are paired "
-        "(a unit's variants share instance images, identifier and evaluation seeds). A claim *reproduces* when the "
-        "interval of its difference excludes zero on the paper's side.", "",
+        "(a unit's variants share instance images, identifier and evaluation seeds)."
+        + ("" if beyond else " A claim *reproduces* when the interval of its difference excludes zero on the "
+           "paper's side."), "",
         "Toy metrics (`dreambooth evaluate --backend toy`):", "",
         *[f"- **{m}** ({'~' + toy[m].analogue_of + ', ' if toy[m].analogue_of else ''}{toy[m].better} is better): "
           f"{toy[m].description}" for m in shown], "",

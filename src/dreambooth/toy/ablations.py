@@ -57,6 +57,7 @@ class Variant:
     class_images: bool = True
     ema: bool = False
     masked: bool = False
+    mask_background: float = 0.0  # --mask_background_weight of a masked run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +172,7 @@ STUDIES = {
     "masked_loss": Study(
         "Masked loss: only the subject's pixels are learnt",
         {"masked": ("masked loss (the subject's masks)", Variant(prior=False, masked=True)),
+         "masked_bg": ("masked loss, background weight 0.1", Variant(prior=False, masked=True, mask_background=0.1)),
          "unmasked": ("unmasked loss", WITHOUT_PPL)},
         ("subject", "prompt", "leak"),
         {},
@@ -180,7 +182,10 @@ STUDIES = {
         (Claim("leak", "unmasked", "masked", "the mask stops the instance images' backgrounds leaking into "
                "prompts that name none"),
          Claim("prompt", "masked", "unmasked", "prompts that name a background are followed better"),
-         Claim("subject", "masked", "unmasked", "the subject is learnt as well or better")),
+         Claim("subject", "masked", "unmasked", "the subject is learnt as well or better"),
+         Claim("leak", "unmasked", "masked_bg", "a background weight of 0.1 still stops most of the leak"),
+         Claim("prompt", "masked_bg", "masked", "and keeps the background learnt well enough to follow prompts "
+               "that name one")),
         default=False),
 }
 
@@ -261,7 +266,7 @@ def variant_name(v: Variant) -> str:
     extra = [v.weighting] if v.weighting else []
     extra += ["base_model" + ("" if v.class_images else "_no_images")] if v.prior_target == "base_model" else []
     extra += ["ema"] if v.ema else []
-    extra += ["masked"] if v.masked else []
+    extra += ["masked" + (f"_bg{v.mask_background:g}" if v.mask_background else "")] if v.masked else []
     return f"{'ppl' if v.prior else 'no_ppl'}-{v.noun}-{v.images}img" + "".join(f"-{e}" for e in extra)
 
 
@@ -290,6 +295,7 @@ def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Pat
                     **({"prior_target": variant.prior_target} if variant.prior_target != "class_images" else {}),
                     **({"use_ema": True} if variant.ema else {}),
                     **({"masked_loss": True} if variant.masked else {}),
+                    **({"mask_background_weight": variant.mask_background} if variant.mask_background else {}),
                     "num_class_images": cfg.num_class_images, "prior_loss_weight": cfg.prior_loss_weight,
                     **toy_train_settings(cfg.family),
                     "train_text_encoder": cfg.train_text_encoder, "train_batch_size": cfg.train_batch_size,

@@ -150,7 +150,6 @@ def test_every_command_prints_its_help(command, capsys):
     ({"fsdp_cpu_offload": True}, "fsdp_cpu_offload", "only used with --fsdp"),
     ({"fsdp": True, "use_ema": True}, "use_ema", "not with --fsdp"),
     ({"fsdp": True, "mixed_precision": "fp16"}, "mixed_precision", "use bf16"),
-    ({"fsdp": True, "train_text_encoder": True}, "train_text_encoder", "not with --fsdp"),
     ({"with_prior_preservation": True, "class_prompt": "a dog", "prior_target": "base_model",
       "prediction_type": "v_prediction"}, "prediction_type", "its own parameterization"),
 ])

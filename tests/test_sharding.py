@@ -57,8 +57,10 @@ def tiny_sd3(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("family", ["sd", "sd3"])  # a UNet and a transformer: both generations of models
 def test_two_sharded_processes_train_like_one_with_double_batch(base_args, tiny_model, tiny_sd3, tmp_path, family):
     model = tiny_model if family == "sd" else tiny_sd3
-    # the transformer also with gradient checkpointing: FSDP's gathers re-run in the recomputed forward passes
-    extra = {} if family == "sd" else {"max_sequence_length": 16, "gradient_checkpointing": True}
+    # the UNet with its text encoder trained too (replicated, clipped together with the shards by one norm); the
+    # transformer with gradient checkpointing (FSDP's gathers re-run in the recomputed forward passes)
+    extra = ({"train_text_encoder": True, "max_grad_norm": 0.01} if family == "sd"
+             else {"max_sequence_length": 16, "gradient_checkpointing": True})
     one = base_args(pretrained_model_name_or_path=str(model), output_dir=str(tmp_path / "one"), train_batch_size=2,
                     **COMMON, **extra)
     two = {**one, "output_dir": str(tmp_path / "two"), "train_batch_size": 1, "fsdp": True}
@@ -69,8 +71,11 @@ def test_two_sharded_processes_train_like_one_with_double_batch(base_args, tiny_
     assert abs(s1["mean_loss"] - s2["mean_loss"]) < 1e-5  # the batch split changes float order only
     part = "unet" if family == "sd" else "transformer"
     # the same yardstick as the DDP test: Adam turns float-order noise on tiny gradients into lr-sized steps
-    gap = relative_update_gap(weights(model, part), weights(tmp_path / "one", part), weights(tmp_path / "two", part))
-    assert gap < 1e-3
+    trained = [part, "text_encoder"] if family == "sd" else [part]
+    for name in trained:  # max_grad_norm 0.01: the clipping acts on every step, so the norms must agree
+        gap = relative_update_gap(weights(model, name), weights(tmp_path / "one", name),
+                                  weights(tmp_path / "two", name))
+        assert gap < 1e-3, name
     # the result and each checkpoint's weights are full, unsharded folders, file for file as an unsharded run's
     assert layout(tmp_path / "two") == layout(tmp_path / "one")
     assert layout(tmp_path / "two" / "checkpoint-2" / part) == layout(tmp_path / "one" / "checkpoint-2" / part)
@@ -129,3 +134,35 @@ def test_one_sharded_process_trains_like_an_unsharded_one(base_args, tmp_path):
     gap = relative_update_gap(weights(Path(base_args()["pretrained_model_name_or_path"]), "unet"),
                               weights(tmp_path / "plain", "unet"), weights(tmp_path / "sharded", "unet"))
     assert gap < 1e-3
+
+
+def test_mixed_sharded_and_plain_gradients_are_clipped_by_one_global_norm():
+    """What `clip_grad_norm_` does over plain tensors, for a mix of DTensor (sharded denoiser) and plain (text
+    encoder) gradients: one norm over both, every gradient scaled by the same factor."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from dreambooth.sharding import clip_mixed
+
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(0)
+        a_grad, b_grad = torch.randn(6, 4) * 3, torch.randn(5) * 2
+        a = torch.nn.Parameter(distribute_tensor(torch.zeros(6, 4), mesh, [Shard(0)]))
+        b = torch.nn.Parameter(torch.zeros(5))
+        a.grad, b.grad = distribute_tensor(a_grad.clone(), mesh, [Shard(0)]), b_grad.clone()
+        reference = [torch.nn.Parameter(torch.zeros(6, 4)), torch.nn.Parameter(torch.zeros(5))]
+        reference[0].grad, reference[1].grad = a_grad.clone(), b_grad.clone()
+        torch.nn.utils.clip_grad_norm_(reference, 1.0)
+        clip_mixed([a, b], 1.0)
+        # the same norm and factor, computed in another order: float rounding
+        assert torch.allclose(a.grad.full_tensor(), reference[0].grad, rtol=1e-5)
+        assert torch.allclose(b.grad, reference[1].grad, rtol=1e-5)
+        assert abs(float(torch.cat([a.grad.full_tensor().flatten(), b.grad]).norm()) - 1.0) < 1e-4
+    finally:
+        if started:
+            dist.destroy_process_group()

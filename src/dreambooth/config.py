@@ -301,10 +301,7 @@ class TrainConfig:
                                      ("use_8bit_adam", self.use_8bit_adam, "bitsandbytes' optimizer does not take "
                                       "sharded parameters"),
                                      ("mixed_precision", self.mixed_precision == "fp16", "fp16 needs a sharded "
-                                      "gradient scaler; use bf16"),
-                                     ("train_text_encoder", self.train_text_encoder, "the text encoders are not "
-                                      "sharded, and their gradients are not clipped together with sharded ones "
-                                      "yet")):
+                                      "gradient scaler; use bf16")):
                 if clash:
                     raise ConfigError(name, getattr(self, name), f"not with --fsdp ({why}); drop one of them")
         if self.use_8bit_adam and self.optimizer != "adamw":

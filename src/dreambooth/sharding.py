@@ -105,6 +105,30 @@ class Sharding:
                                                              requires_grad=p.requires_grad))
 
 
+def clip_mixed(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """Clip the gradients of sharded (DTensor) and plain parameters (trained text encoders, replicated by DDP)
+    together by their one global norm, as `clip_grad_norm_` does for one kind (it refuses a mix of the two)."""
+    from torch.distributed.tensor import DTensor
+    from torch.nn.utils import get_total_norm
+
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    norms = []
+    if sharded:
+        norm = get_total_norm(sharded)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if plain:
+        norms.append(get_total_norm(plain).to(norms[0].device if norms else plain[0].device))
+    if not norms:
+        return
+    total = float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
+    coef = min(1.0, max_norm / (total + 1e-6))
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+
+
 def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """This process's part of a sharded optimizer's state: DTensors as their local shards."""
     state = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: copied, not changed

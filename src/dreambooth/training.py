@@ -41,7 +41,7 @@ from .objectives import OBJECTIVES, Keys, Objective
 from .prior import ClassImages, ensure_class_images
 from .quiet import quiet_libraries
 from .run import CONFIG_FILE, SUMMARY_FILE, Run, determinism, identity, setup
-from .sharding import Sharding, check_processes
+from .sharding import Sharding, check_processes, clip_mixed
 from .validation import render_validation
 
 log = logging.getLogger("dreambooth")
@@ -399,7 +399,10 @@ def fit(run: Run, parts: Parts) -> None:
             # update
             acc.backward(loss.loss)
             if acc.sync_gradients:
-                acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                if parts.sharding is None:
+                    acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                else:
+                    clip_mixed(params, cfg.max_grad_norm)
             parts.optimizer.step()
             parts.optimizer.zero_grad(set_to_none=True)
             window += torch.stack([loss.loss.detach(), loss.instance.detach(), loss.prior.detach()]) / accum

@@ -35,6 +35,8 @@ def _interval(values: list[float]) -> dict[str, float]:
 def verdict(diff: dict[str, float], paper: bool = True) -> str:
     """Whether a paired difference (expected > 0) reproduces the paper's direction (or, for a claim of ours, holds)."""
     mean, low, high = diff["mean"], diff["low"], diff["high"]
+    if math.isnan(mean):  # runs made before the metric existed: their result.json lacks it
+        return "not measured (re-run the runs that lack this metric)"
     if math.isnan(low):
         return "same direction (one unit: no interval)" if mean > 0 else "opposite direction (one unit: no interval)"
     if low > 0:

@@ -4,14 +4,17 @@ and the diffusers LoRA file that `pipe.load_lora_weights` reads."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from .errors import DreamBoothError
+from .errors import ConfigError, DreamBoothError
+
+if TYPE_CHECKING:
+    from .families import ModelFamily
 
 ADAPTER_FILE = "adapter.safetensors"  # a checkpoint's exact peft state of one module
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name: what load_lora_weights looks for
@@ -79,3 +82,17 @@ def load_adapter(module: torch.nn.Module, folder: Path) -> list[str]:
 
 def is_lora_output(folder: Path) -> bool:
     return (folder / LORA_WEIGHTS).is_file() and (folder / "train_config.json").is_file()
+
+
+def lora_targets(cfg: Any, family: ModelFamily, config: Any) -> list[str]:
+    """The denoiser modules that get adapters: --lora_target_modules (or the family's), in every block or in the
+    --lora_blocks given (`transformer_blocks.N`: SD3's joint blocks, Flux's double blocks)."""
+    modules = list(cfg.lora_target_modules or family.default_lora_targets)
+    if cfg.lora_blocks is None:
+        return modules
+    blocks = config.get("num_layers", 0)
+    wrong = [b for b in cfg.lora_blocks if not 0 <= b < blocks]
+    if wrong:
+        raise ConfigError("lora_blocks", cfg.lora_blocks, f"block numbers 0..{blocks - 1} of this model's "
+                          "transformer_blocks")
+    return [f"transformer_blocks.{b}.{m}" for b in cfg.lora_blocks for m in modules]

@@ -25,7 +25,7 @@ from .data import DreamBoothDataset, StepBatchSampler, collate
 from .data.dataset import CLASS_PROMPT, INSTANCE_PROMPT
 from .devices import to_device
 from .ema import EMA_FOLDER, Ema
-from .errors import ConfigError, DreamBoothError, Stopped, first_line, is_out_of_memory
+from .errors import DreamBoothError, Stopped, first_line, is_out_of_memory
 from .evaluation import evaluate
 from .evaluation.evaluate import for_training
 from .events import Sink, eta_seconds
@@ -34,10 +34,11 @@ from .files import write_text_atomic
 from .identifier import check as check_identifier
 from .identifier import class_noun_after, infer_identifier, tokens_of
 from .latent_cache import LatentCache
-from .lora import add_adapters, quantization
+from .lora import add_adapters, lora_targets, quantization
 from .loss import dreambooth_loss
 from .noising import sample_latents
 from .objectives import OBJECTIVES, Keys, Objective
+from .optimizer import make_optimizer, trainable
 from .prior import ClassImages, ensure_class_images
 from .quiet import quiet_libraries
 from .run import CONFIG_FILE, SUMMARY_FILE, Run, determinism, identity, setup
@@ -259,51 +260,6 @@ def build(run: Run) -> Parts:
         *prepared, parts.optimizer = acc.prepare(*encoders, optimizer) if encoders else (acc.prepare(optimizer),)
     parts.text_encoders.update(zip(trained_names, prepared))
     return parts
-
-
-def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in module.parameters() if p.requires_grad]
-
-
-def make_optimizer(cfg: TrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    """AdamW over parameter groups that each carry their own lr (denoiser, text encoders); the fused kernel when
-    every parameter is on a GPU in fp32 (one launch per step instead of one per tensor). Or Prodigy."""
-    kw = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "weight_decay": cfg.adam_weight_decay,
-          "eps": cfg.adam_epsilon}
-    if cfg.optimizer == "prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError:
-            raise DreamBoothError("--optimizer prodigy needs prodigyopt; pip install prodigyopt") from None
-        if cfg.learning_rate < 0.1:
-            log.warning("Prodigy sets its own step size and is meant to run at --learning_rate 1.0 (given %g)",
-                        cfg.learning_rate)
-        return Prodigy(groups, **kw, beta3=cfg.prodigy_beta3, decouple=cfg.prodigy_decouple,
-                       use_bias_correction=cfg.prodigy_use_bias_correction,
-                       safeguard_warmup=cfg.prodigy_safeguard_warmup)
-    if cfg.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise DreamBoothError("--use_8bit_adam needs bitsandbytes; pip install bitsandbytes") from None
-        return bnb.optim.AdamW8bit(groups, **kw)
-    params = [p for g in groups for p in g["params"]]
-    fused = bool(params) and all(p.is_cuda and p.dtype == torch.float32 for p in params)
-    return torch.optim.AdamW(groups, **kw, fused=fused or None)
-
-
-def lora_targets(cfg: TrainConfig, family: ModelFamily, config: Any) -> list[str]:
-    """The denoiser modules that get adapters: --lora_target_modules (or the family's), in every block or in the
-    --lora_blocks given (`transformer_blocks.N`: SD3's joint blocks, Flux's double blocks)."""
-    modules = list(cfg.lora_target_modules or family.default_lora_targets)
-    if cfg.lora_blocks is None:
-        return modules
-    blocks = config.get("num_layers", 0)
-    wrong = [b for b in cfg.lora_blocks if not 0 <= b < blocks]
-    if wrong:
-        raise ConfigError("lora_blocks", cfg.lora_blocks, f"block numbers 0..{blocks - 1} of this model's "
-                          "transformer_blocks")
-    return [f"transformer_blocks.{b}.{m}" for b in cfg.lora_blocks for m in modules]
 
 
 def trained_text_encoders(cfg: TrainConfig, family: ModelFamily, present) -> list[str]:

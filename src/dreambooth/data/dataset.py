@@ -75,12 +75,21 @@ def resize_crop(img: Image.Image, size: int, center: bool, flip: bool, rng: rand
     return apply_crop(img, plan, size), plan[1], plan[2]
 
 
-def apply_crop(img: Image.Image, plan: tuple[tuple[int, int], tuple[int, int], bool], size: int) -> Image.Image:
-    """The view `crop_plan` decided, cut from an image of the planned size (the photo, or its mask)."""
-    (w, h), (top, left), flipped = plan
-    x = w - size - left if flipped else left  # the crop's own left edge
-    img = img.resize((w, h), Image.Resampling.BILINEAR).crop((x, top, x + size, top + size))
-    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else img
+Plan = tuple[tuple[int, int], tuple[int, int], bool]  # crop_plan's (resized size, crop top-left, flipped)
+
+
+def crop_origin(plan: Plan, size: int) -> tuple[int, int]:
+    """(left, top) of the crop in the resized image (the top-left that `crop_plan` records is mirrored when the
+    view flips)."""
+    (w, _), (top, left), flipped = plan
+    return (w - size - left if flipped else left), top
+
+
+def apply_crop(img: Image.Image, plan: Plan, size: int) -> Image.Image:
+    """The view `crop_plan` decided, cut from an image of the planned size."""
+    x, top = crop_origin(plan, size)
+    img = img.resize(plan[0], Image.Resampling.BILINEAR).crop((x, top, x + size, top + size))
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if plan[2] else img
 
 
 INSTANCE_PROMPT, CLASS_PROMPT = 0, 1  # prompt ids; per-image captions are 2, 3, ...
@@ -104,7 +113,11 @@ class DreamBoothDataset(Dataset):
     ):
         self.instance_images = list(instance_images)
         self.instance_prompt_ids = list(instance_prompt_ids or [INSTANCE_PROMPT] * len(self.instance_images))
-        self.instance_masks = list(instance_masks) if instance_masks is not None else None
+        # (size, mask resized once): the resized size depends on the image's size only; each view is a cut of it
+        self.instance_masks = None if instance_masks is None else [
+            (m.size, np.asarray(m.resize(crop_plan(*m.size, resolution, True, False, random.Random(0))[0],
+                                         Image.Resampling.BILINEAR), dtype=np.float32) / 255.0)
+            for m in instance_masks]
         self.class_images = list(class_images or [])
         self.resolution, self.seed = resolution, seed
         self.center_crop, self.random_flip = center_crop, random_flip
@@ -132,10 +145,11 @@ class DreamBoothDataset(Dataset):
 
         labels = {"prompt": self.instance_prompt_ids[index] if kind == "instance" else CLASS_PROMPT, "mask": None}
         if kind == "instance" and self.instance_masks is not None:
-            mask = self.instance_masks[index]
-            plan = crop_plan(*mask.size, self.resolution, self.center_crop, self.random_flip, rng())
-            crop = np.asarray(apply_crop(mask, plan, self.resolution), dtype=np.float32) / 255.0
-            labels["mask"] = torch.from_numpy(crop)[None]
+            mask_size, mask = self.instance_masks[index]
+            plan = crop_plan(*mask_size, self.resolution, self.center_crop, self.random_flip, rng())
+            x, top = crop_origin(plan, self.resolution)
+            crop = mask[top: top + self.resolution, x: x + self.resolution]
+            labels["mask"] = torch.from_numpy(np.ascontiguousarray(crop[:, ::-1] if plan[2] else crop))[None]
         size = self._sizes.get((kind, index))  # (width, height), known once the image was decoded
         if size is not None and self.cached is not None:
             _, top_left, flipped = crop_plan(*size, self.resolution, self.center_crop, self.random_flip, rng())

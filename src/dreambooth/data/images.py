@@ -78,11 +78,12 @@ def scan_folder(folder: Path, what: str, resolution: int | None = None, ignore: 
     if not folder.is_dir():
         raise DataError(f"{what} folder {folder} is a file, not a folder; pass the folder that holds the images")
     result = ImageFolder(images=[])
+    companion_suffixes = {c.lower() for c in companions}
     problems: list[str] = []
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.is_dir() or path.name in (ignore or set()) or is_mask(path):
             continue
-        if path.suffix.lower() in {c.lower() for c in companions}:
+        if path.suffix.lower() in companion_suffixes:
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             result.skipped.append(path)

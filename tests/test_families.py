@@ -162,6 +162,60 @@ def test_the_denoiser_is_called_as_the_pipeline_calls_it(tiny, monkeypatch):
     assert torch.allclose(ours, theirs, atol=1e-5)  # the same modules and inputs: float rounding apart
 
 
+# -- one load for class images and training ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_loaded_parts_lent_in_a_dtype_are_what_loading_in_it_gives_and_come_back_untouched(tiny, dtype):
+    """Class images sample with the parts training loaded (fp32), lent in the generation dtype: every weight and
+    buffer is then what `from_pretrained(dtype=...)` gives (T5 keeps its `wo` layers fp32 under fp16, as loading
+    does), and afterwards each is its own fp32 tensor again. Casts of the same stored values: compared bitwise."""
+    from dreambooth.devices import lent
+
+    _, model = tiny
+    source = ModelSource(str(model))
+    family = get_family(source)
+    c = family.load(source)
+    parts = {family.denoiser_name: c.denoiser, "vae": c.vae, **c.text_encoders}
+    before = {name: {k: (t, t.clone()) for k, t in m.state_dict(keep_vars=True).items()} for name, m in parts.items()}
+    loaded = family.load_pipeline(source, dtype)
+    with lent(list(parts.values()), "cpu", dtype):
+        for name, module in parts.items():
+            expected = getattr(loaded, name).state_dict()
+            got = module.state_dict()
+            assert got.keys() == expected.keys()
+            for key, t in got.items():
+                assert t.dtype == expected[key].dtype, (name, key)
+                assert torch.equal(t, expected[key]), (name, key)
+    for name, module in parts.items():
+        for key, t in module.state_dict(keep_vars=True).items():
+            own, values = before[name][key]
+            assert t is own and t.data_ptr() == own.data_ptr() and torch.equal(t, values), (name, key)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_class_images_from_the_training_load_equal_those_of_a_pipeline_loaded_for_them(family_args, tmp_path,
+                                                                                      precision):
+    """The name of a class image is a pure function of its settings, so the one-load path must make the same file
+    bytes as loading the pipeline on its own (what `generate`, older runs and other tools did)."""
+    from accelerate import Accelerator
+
+    from dreambooth import schema
+    from dreambooth.config import TrainConfig
+    from dreambooth.prior import ensure_class_images
+
+    made = {}
+    for way in ("own", "lent"):
+        cfg = schema.build(TrainConfig, family_args(class_data_dir=str(tmp_path / way), num_class_images=3,
+                                                    sample_batch_size=2, prior_generation_precision=precision))
+        source = ModelSource(cfg.pretrained_model_name_or_path)
+        family = get_family(source)
+        loaded = family.load(source) if way == "lent" else None
+        ensure_class_images(cfg, family, source, Accelerator(cpu=True), loaded=loaded)
+        made[way] = {p.name: p.read_bytes() for p in sorted((tmp_path / way).glob("class-*.png"))}
+    assert len(made["own"]) == 3 and made["lent"] == made["own"]
+
+
 # -- training ------------------------------------------------------------------------------------------------------
 
 

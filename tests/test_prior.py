@@ -79,7 +79,7 @@ def test_out_of_memory_halves_the_class_image_batch(base_args, tmp_path, monkeyp
     from dreambooth.families.common import DiffusersFamily
     from dreambooth.prior import BatchSize
 
-    load = DiffusersFamily.load_pipeline
+    load = DiffusersFamily.pipeline_around  # how training's one load makes its sampling pipeline
     calls = []
 
     def fits_two(self, *args, **kwargs):
@@ -96,7 +96,7 @@ def test_out_of_memory_halves_the_class_image_batch(base_args, tmp_path, monkeyp
         pipe.__class__ = Small
         return pipe
 
-    monkeypatch.setattr(DiffusersFamily, "load_pipeline", fits_two)
+    monkeypatch.setattr(DiffusersFamily, "pipeline_around", fits_two)
     summary = dreambooth.train(**base_args(sample_batch_size=None, max_train_steps=1))
     assert summary["class_images"]["generated"] == 4 and calls == [4, 2, 2]
     assert "out of memory; 2 per batch now" in caplog.text

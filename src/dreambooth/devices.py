@@ -1,6 +1,11 @@
-"""Moving host tensors to the training device without making the host wait."""
+"""Moving tensors and modules between devices: host tensors to the GPU without making the host wait, loaded
+modules lent to the GPU in another dtype and given back untouched."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -13,3 +18,43 @@ def to_device(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | 
     if device.type == "cuda" and t.device.type == "cpu":
         t = t.pin_memory().to(device, non_blocking=True)
     return t.to(device, dtype)
+
+
+def kept_in_fp32(module: torch.nn.Module, dtype: torch.dtype) -> tuple[str, ...]:
+    """The submodule names a model keeps in fp32 when it is loaded in `dtype` (transformers' and diffusers'
+    `_keep_in_fp32_modules`, e.g. T5's `wo` layers under fp16; the `_strict` ones under bf16 too)."""
+    names = list(getattr(module, "_keep_in_fp32_modules_strict", None) or []) if dtype in (
+        torch.float16, torch.bfloat16) else []
+    if dtype == torch.float16:
+        names += list(getattr(module, "_keep_in_fp32_modules", None) or [])
+    return tuple(names)
+
+
+@contextmanager
+def lent(modules: list[torch.nn.Module], device: torch.device | str, dtype: torch.dtype) -> Iterator[None]:
+    """The modules on `device` in `dtype` for a while, cast as `from_pretrained(dtype=...)` loads them (integer
+    tensors and the parts a model keeps in fp32 are not cast); afterwards each parameter and buffer is its own
+    tensor again, untouched. So fp32 weights loaded once for training can sample class images in fp16 on the GPU
+    first: no second load from disk, and no round trip of the trained weights through fp16."""
+    device = torch.device(device)
+    own: list[tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, Any]]] = []
+    try:
+        for module in modules:
+            kept = kept_in_fp32(module, dtype)
+            for prefix, sub in module.named_modules():
+                params = {k: p.data for k, p in sub._parameters.items() if p is not None}
+                own.append((sub, params, dict(sub._buffers)))
+                parts = set(prefix.split("."))
+                to = torch.float32 if any(k in parts for k in kept) else dtype
+                for p in sub._parameters.values():
+                    if p is not None:
+                        p.data = p.data.to(device, to if p.is_floating_point() else None)
+                for k, b in sub._buffers.items():
+                    if b is not None:
+                        sub._buffers[k] = b.to(device, to if b.is_floating_point() else None)
+        yield
+    finally:
+        for sub, params, buffers in reversed(own):  # a tied parameter gets its first-seen (own) tensor
+            for k, data in params.items():
+                sub._parameters[k].data = data
+            sub._buffers.update(buffers)

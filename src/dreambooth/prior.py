@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .data import derive_seed, scan_folder
+from .devices import lent
 from .errors import DreamBoothError, is_out_of_memory
 from .events import Events
-from .families import ModelFamily, ModelSource, model_identity
+from .families import Components, ModelFamily, ModelSource, model_identity
 from .files import save_image_atomic, write_text_atomic
 from .sampling import make_scheduler, resolve_sampler
 
@@ -93,9 +94,11 @@ def plan(folder: Path, digest: str, wanted: int) -> tuple[list[Path], dict[int, 
 
 
 def ensure_class_images(cfg: TrainConfig, family: ModelFamily, source: ModelSource, accelerator,
-                        events: Events | None = None) -> ClassImages:
+                        events: Events | None = None, loaded: Components | None = None) -> ClassImages:
     """Make sure cfg.num_class_images class images exist; generate (split over processes) only what is missing.
-    Progress goes to `events` as "class_images" events (this process's share: done of total)."""
+    Progress goes to `events` as "class_images" events (this process's share: done of total). `loaded`: the
+    model's parts as training loaded them, lent to the generation (see `devices.lent`) instead of a second load;
+    the images are the same either way."""
     events = events or Events()
     folder = Path(cfg.class_data_dir)
     dtype = generation_dtype(cfg.prior_generation_precision, accelerator.device)
@@ -111,7 +114,7 @@ def ensure_class_images(cfg: TrainConfig, family: ModelFamily, source: ModelSour
     if missing:
         folder.mkdir(parents=True, exist_ok=True)
         mine = missing[accelerator.process_index :: accelerator.num_processes]
-        _generate(cfg, family, source, folder, digest, mine, dtype, settings, accelerator, events)
+        _generate(cfg, family, source, folder, digest, mine, dtype, settings, accelerator, events, loaded)
     accelerator.wait_for_everyone()
 
     ours = {i: folder / f"class-{digest}-{i:05d}.png" for i in needed}
@@ -126,9 +129,31 @@ def image_seed(digest: str, index: int) -> int:
     return derive_seed("class-image", digest, index)
 
 
+@contextmanager
+def sampling_pipeline(family: ModelFamily, source: ModelSource, dtype: torch.dtype, device: torch.device,
+                      loaded: Components | None) -> Iterator[Any]:
+    """The base pipeline in `dtype` on `device`: around the parts training loaded (lent, given back unchanged), or
+    loaded for the purpose (and freed after)."""
+    if loaded is None:
+        yield family.load_pipeline(source, dtype).to(device)
+        return
+    modules = [loaded.denoiser, loaded.vae, *loaded.text_encoders.values()]
+    with lent(modules, device, dtype):
+        yield family.pipeline_around(loaded, loaded.denoiser, {})
+
+
 def _generate(cfg: TrainConfig, family: ModelFamily, source: ModelSource, folder: Path, digest: str,
-              indices: list[int], dtype: torch.dtype, settings: dict[str, Any], accelerator, events: Events) -> None:
-    pipe = family.load_pipeline(source, dtype).to(accelerator.device)
+              indices: list[int], dtype: torch.dtype, settings: dict[str, Any], accelerator, events: Events,
+              loaded: Components | None) -> None:
+    cuda = accelerator.device.type == "cuda"
+    with sampling_pipeline(family, source, dtype, accelerator.device, loaded) as pipe:
+        _sample(cfg, family, pipe, folder, digest, indices, settings, accelerator, events)
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def _sample(cfg: TrainConfig, family: ModelFamily, pipe: Any, folder: Path, digest: str, indices: list[int],
+            settings: dict[str, Any], accelerator, events: Events) -> None:
     pipe.scheduler = make_scheduler(settings["sampler"], pipe.scheduler.config, family.sampler_kind)
     cuda = accelerator.device.type == "cuda"
     batch_size = BatchSize(cfg.sample_batch_size, cuda)
@@ -163,9 +188,6 @@ def _generate(cfg: TrainConfig, family: ModelFamily, source: ModelSource, folder
         for done in written:
             done.result()  # a write that failed raises here
     bar.close()
-    del pipe
-    if cuda:
-        torch.cuda.empty_cache()
 
 
 class BatchSize:

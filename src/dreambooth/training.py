@@ -144,10 +144,12 @@ def memory_errors(cfg: TrainConfig, kept: Callable[[], str]) -> Iterator[None]:
 def build(run: Run) -> Parts:
     """Class images, models, data, optimizer and schedule; restores a checkpoint when resuming."""
     cfg, acc = run.cfg, run.accelerator
-    # class images first: generation loads its own pipeline, freed before the training copies load
-    class_images = (ensure_class_images(cfg, run.family, run.source, acc, run.events)
+    # one load serves both: missing class images are sampled by the loaded parts, lent to the GPU in the generation
+    # dtype and given back untouched (a quantized denoiser cannot be lent: generation loads its own pipeline then)
+    quantized = quantization(cfg, WEIGHT_DTYPES.get(acc.mixed_precision))
+    c = run.family.load(run.source, cfg.prediction_type, quantized)
+    class_images = (ensure_class_images(cfg, run.family, run.source, acc, run.events, None if quantized else c)
                     if cfg.with_prior_preservation and cfg.class_data_dir is not None else None)
-    c = run.family.load(run.source, cfg.prediction_type, quantization(cfg, WEIGHT_DTYPES.get(acc.mixed_precision)))
     run.claim()  # the inputs loaded: from here on the output folder is this run's
     base_model = cfg.with_prior_preservation and cfg.prior_target == "base_model"
 

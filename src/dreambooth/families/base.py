@@ -140,7 +140,13 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def load_pipeline(self, source: ModelSource, dtype: torch.dtype) -> Any:
-        """The whole inference pipeline, for class images, generate and evaluate."""
+        """The whole inference pipeline, for generate and evaluate (and class images when nothing is loaded)."""
+
+    @abstractmethod
+    def pipeline_around(self, c: Components, denoiser: torch.nn.Module,
+                        text_encoders: dict[str, torch.nn.Module]) -> Any:
+        """The base model's own pipeline (its inference scheduler) around modules already loaded: only what they
+        lack (scheduler, feature extractor) is read from the model, as `load_pipeline` reads it."""
 
     @abstractmethod
     def save(self, c: Components, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],

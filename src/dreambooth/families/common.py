@@ -176,13 +176,19 @@ class DiffusersFamily(ModelFamily):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def save(self, c: Components, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
-             output_dir: Path, dtype: torch.dtype | None = None) -> None:
-        """The base pipeline with the trained modules swapped in; the base's own inference scheduler is kept."""
+    def pipeline_around(self, c: Components, denoiser: torch.nn.Module,
+                        text_encoders: dict[str, torch.nn.Module]) -> Any:
         with loading(c.source, "pipeline"):
             pipe = self.pipeline_class.from_pretrained(c.source.name_or_path, **{self.denoiser_name: denoiser},
                                                        **self._modules(c, text_encoders), **self.load_options,
                                                        **c.source.hub_kwargs())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def save(self, c: Components, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
+             output_dir: Path, dtype: torch.dtype | None = None) -> None:
+        """The base pipeline with the trained modules swapped in; the base's own inference scheduler is kept."""
+        pipe = self.pipeline_around(c, denoiser, text_encoders)
         if dtype is not None:  # --save_precision: files half the size (the trained modules are cast back after)
             trained = [denoiser, *text_encoders.values()]
             before = [next(m.parameters()).dtype for m in trained]

@@ -11,5 +11,6 @@ timeout 240 python3 -m pytest -q -n 12 -x tests > "$OUT/pytest.txt" 2>&1; echo "
 timeout 420 python3 benchmarks/e2e.py --out "$OUT" ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1
 timeout 240 python3 benchmarks/run.py --out "$OUT" --skip_flux > "$OUT/bench.log" 2>&1
 timeout 300 python3 benchmarks/fsdp_memory.py --out "$OUT" > "$OUT/fsdp_memory.log" 2>&1  # --fsdp's GPU memory
+timeout 180 python3 benchmarks/checkpoint_stall.py --out "$OUT" > "$OUT/checkpoint_stall.log" 2>&1
 cp benchmarks/results/*.md "$OUT/" 2>/dev/null
 exit 0

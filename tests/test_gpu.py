@@ -112,11 +112,14 @@ def test_class_image_batch_is_sized_from_free_memory(base_args, tmp_path, caplog
     assert "class images: 64 per batch" in caplog.text
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_torch_compile_trains_what_eager_trains_on_cuda(base_args, tmp_path, mode):
-    """Compiled (inductor, block by block; reduce-overhead replays CUDA graphs) against eager on the same run:
-    fused kernels round differently, so the losses agree to 1e-3 relative, not bit for bit."""
-    common = dict(device="cuda", max_train_steps=4, **NO_PRIOR)
+def test_torch_compile_trains_what_eager_trains_on_cuda(base_args, tmp_path, mode, lora):
+    """Compiled (inductor, block by block, LoRA adapters inside the blocks' graphs; reduce-overhead replays CUDA
+    graphs) against eager on the same run: fused kernels round differently, so the losses agree to 1e-3 relative,
+    not bit for bit."""
+    extra = dict(use_lora=True, rank=4, learning_rate=1e-2) if lora else {}
+    common = dict(device="cuda", max_train_steps=4, **NO_PRIOR, **extra)
     eager = dreambooth.train(**base_args(output_dir=str(tmp_path / "eager"), **common))
     compiled = dreambooth.train(**base_args(output_dir=str(tmp_path / "compiled"), torch_compile=True,
                                             torch_compile_mode=mode, **common))
@@ -150,3 +153,19 @@ def test_one_sharded_process_offloads_to_cpu_on_cuda(base_args, tmp_path):
     assert (tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoint-2").glob("optimizer-*")) == [
         "optimizer-0.json", "optimizer-0.safetensors"]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_background_checkpoints_on_cuda_equal_those_the_loop_waits_for(base_args, tmp_path, lora):
+    """Checkpoints copied through reused pinned buffers (three saves: the second and third reuse the first's) and
+    written on the thread hold the same tensors as those the loop writes itself (--deterministic: the two runs
+    compute the same steps bit for bit)."""
+    extra = dict(use_lora=True, rank=4, learning_rate=1e-2) if lora else {}
+    common = dict(device="cuda", deterministic=True, mixed_precision="bf16", max_train_steps=6, checkpointing_steps=2,
+                  use_ema=True, **extra)
+    for name, background in (("waited", False), ("background", True)):
+        dreambooth.train(**base_args(output_dir=str(tmp_path / name), checkpoint_in_background=background, **common))
+    for step in (2, 4, 6):
+        a, b = (tmp_path / name / f"checkpoint-{step}" for name in ("waited", "background"))
+        for file in sorted(p.relative_to(a) for p in a.rglob("*.safetensors")):
+            assert same(load_file(a / file), load_file(b / file)), (step, file)

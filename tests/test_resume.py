@@ -152,10 +152,89 @@ def test_sigterm_stops_at_a_checkpoint_that_resumes_exactly(base_args, tmp_path,
     monkeypatch.undo()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler lives only while the run trains
     events, _ = read_events(tmp_path / "stopped" / "events.jsonl")
-    assert [e["event"] for e in events][-2:] == ["step", "stopped"] and events[-1]["step"] == 2
+    # the stop's checkpoint is announced once written (on the background thread), then the stop
+    assert [e["event"] for e in events][-3:] == ["step", "checkpoint", "stopped"]
+    assert events[-2]["step"] == events[-1]["step"] == 2 and events[-2]["path"].endswith("checkpoint-2")
     assert [p.name for p in list_checkpoints(tmp_path / "stopped")] == ["checkpoint-2"]
     assert not (tmp_path / "stopped" / "run_summary.json").exists()
 
     summary = dreambooth.train(**args, resume_from_checkpoint="latest")
     assert summary["steps"] == 5
     assert same(weights(tmp_path / "straight", "unet"), weights(tmp_path / "stopped", "unet"))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_checkpoint_written_in_the_background_is_its_step_while_the_next_steps_train(base_args, tmp_path,
+                                                                                      monkeypatch, lora):
+    """The loop only waits for a host copy: checkpoint-2's files are written while steps 3 and 4 train (the writer
+    is held until the loop has reported step 4), and they are those the loop writes when it waits (bit for bit:
+    the same tensors of the same step, serialised the same way), EMA and train_config included."""
+    import threading
+
+    import dreambooth.checkpoint as checkpoint
+
+    extra = dict(use_lora=True, rank=4, learning_rate=1e-2) if lora else {}
+    common = dict(max_train_steps=5, checkpointing_steps=2, logging_steps=1, use_ema=True, **extra)
+    dreambooth.train(**base_args(output_dir=str(tmp_path / "waited"), checkpoint_in_background=False, **common))
+
+    trained_on = threading.Event()
+    real_write, real_report = checkpoint._write, training.report_losses
+    steps_during_write = []
+
+    def held_write(tmp, final, *args, **kwargs):
+        if final.name == "checkpoint-2":
+            assert threading.current_thread() is not threading.main_thread()
+            assert trained_on.wait(60), "the loop did not go on while checkpoint-2 was being written"
+            steps_during_write.append(4)
+        return real_write(tmp, final, *args, **kwargs)
+
+    def report(run, parts, pending):
+        if any(step == 4 for step, _, _ in pending):
+            trained_on.set()
+        real_report(run, parts, pending)
+
+    monkeypatch.setattr(checkpoint, "_write", held_write)
+    monkeypatch.setattr(training, "report_losses", report)
+    dreambooth.train(**base_args(output_dir=str(tmp_path / "background"), **common))
+    assert steps_during_write == [4]
+
+    for step in (2, 4):
+        a, b = tmp_path / "waited" / f"checkpoint-{step}", tmp_path / "background" / f"checkpoint-{step}"
+        names = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
+        assert names == sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
+        for name in names:
+            if name.endswith(".safetensors"):
+                assert same(load_file(a / name), load_file(b / name)), name
+        state_a, state_b = (json.loads((x / "state.json").read_text()) for x in (a, b))
+        assert {k: v for k, v in state_a.items() if k != "wall_time_s"} == {
+            k: v for k, v in state_b.items() if k != "wall_time_s"}
+        assert json.loads((a / "ema.json").read_text()) == json.loads((b / "ema.json").read_text())
+    events = [json.loads(line) for line in (tmp_path / "background" / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [2, 4]
+
+
+def test_a_process_that_cannot_write_its_part_fails_the_checkpoint_in_one_line(tmp_path):
+    """Several processes: each writes its files and a mark; the main process completes the checkpoint once every
+    mark is there, and a process whose write failed fails it (named), its temporary folder removed."""
+    import dreambooth.checkpoint as checkpoint
+
+    tmp, final = tmp_path / ".checkpoint-3.tmp", tmp_path / "checkpoint-3"
+    tmp.mkdir()
+
+    def full(folder):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        checkpoint._write(tmp, final, [full], {}, 1, 2, False, None, 5.0, 0.01)
+    assert (tmp / ".rank-1.failed").is_file()
+    with pytest.raises(CheckpointError, match="process 1 could not write its part of .checkpoint-3.tmp: "
+                                              ".*No space left on device"):
+        checkpoint._write(tmp, final, [], {"step": 3}, 0, 2, True, None, 5.0, 0.01)
+    assert not tmp.exists() and not final.exists()
+
+    tmp.mkdir()
+    checkpoint._write(tmp, final, [lambda f: (f / "part-1").write_text("1")], {}, 1, 2, False, None, 5.0, 0.01)
+    checkpoint._write(tmp, final, [lambda f: (f / "part-0").write_text("0")], {"step": 3}, 0, 2, True, None, 5.0,
+                      0.01)
+    assert sorted(p.name for p in final.iterdir()) == ["manifest.json", "part-0", "part-1", "state.json"]
+    assert (tmp_path / "latest").read_text().strip() == "checkpoint-3" and checkpoint.verify(final) is None

@@ -18,13 +18,19 @@ file damaged later (truncated, overwritten) is named instead of failing deep ins
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +41,9 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError, first_line
 from .files import write_text_atomic
-from .lora import ADAPTER_FILE, is_adapted, load_adapter, save_adapter
+from .lora import ADAPTER_FILE, adapter_state, is_adapted, load_adapter, save_adapter
 
+log = logging.getLogger("dreambooth")
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -126,13 +133,14 @@ def verify(checkpoint: Path) -> str | None:
 
 # -- optimizer state as tensors + JSON -------------------------------------------------------------------------
 
-def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+def _flatten_optimizer(state_dict: dict, copy: Callable[[torch.Tensor], torch.Tensor]
+                       ) -> tuple[dict[str, torch.Tensor], dict]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, per_param in state_dict["state"].items():
         for key, value in per_param.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{idx}.{key}"] = copy(value)
             else:
                 scalars.setdefault(str(idx), {})[key] = value
     return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
@@ -174,79 +182,218 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 # -- save / load -----------------------------------------------------------------------------------------------
 
-def save_checkpoint(
-    output_dir: Path,
-    step: int,
-    modules: dict[str, torch.nn.Module],
-    optimizer: torch.optim.Optimizer,
-    state: dict[str, Any],
-    config: dict[str, Any],
-    accelerator,
-    total_limit: int | None = None,
-    extra: Callable[[Path], None] | None = None,
-    sharded: bool = False,
-) -> Path:
-    """Write checkpoint-<step> atomically from all processes (each saves its RNG), then point `latest` at it;
-    `extra(folder)` adds files on the main process before the checkpoint counts as complete."""
-    final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    try:
-        _write_checkpoint(tmp, step, modules, optimizer, state, config, accelerator, extra, sharded)
-    except BaseException:
-        if accelerator.is_main_process:  # a failed save (disk full) leaves the previous checkpoints only
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if accelerator.is_main_process:
-        if final.exists():  # a re-run of the same step after resuming from an older checkpoint
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        write_text_atomic(output_dir / LATEST, final.name + "\n")
-        if total_limit is not None:
-            others = [p for p in list_checkpoints(output_dir) if p != final]
-            for old in others[: max(0, len(others) - (total_limit - 1))]:  # the new one always survives
-                shutil.rmtree(old, ignore_errors=True)
-        for stale in output_dir.glob(".checkpoint-*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
+class CheckpointWriter:
+    """Writes checkpoints, by default on a background thread so that training does not wait for the disk.
+
+    A save copies what it writes into host memory (weights, optimizer and EMA state, RNG states: what the loop
+    waits for, a device-to-host copy) and returns; serialising, hashing the manifest, the rename into place,
+    `latest` and the rotation follow on the thread while training goes on. One save is in flight at a time: the
+    next one (and the end of the run, a stop) first waits for it, and a save that failed raises there. Each
+    process writes its own files and marks them done in the temporary folder; the main process completes the
+    checkpoint once every process's mark is there, so the thread needs no collective call."""
+
+    POLL_S, PATIENCE_S = 0.05, 3600.0  # how often and how long the main process looks for the others' marks
+
+    def __init__(self, background: bool = True):
+        self.background = background
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if background else None
+        self.pending: tuple[int, Path, Future] | None = None
+        self.done: list[tuple[int, Path]] = []  # completed saves not yet collected
+        self.host: _Copy | None = None  # its pinned buffers are reused by the next save
+
+    def save(self, output_dir: Path, step: int, modules: dict[str, torch.nn.Module],
+             optimizer: torch.optim.Optimizer, state: dict[str, Any], config: dict[str, Any], accelerator,
+             total_limit: int | None = None, extra: Callable[[_Copy], Callable[[Path], None]] | None = None,
+             sharded: bool = False) -> Path:
+        """Start writing checkpoint-<step> (every process calls it at the same step); `extra(copy)` copies what it
+        adds (through `copy`) and returns the function that writes it into the folder, on the main process."""
+        self.wait()
+        final = output_dir / f"checkpoint-{step}"
+        tmp = output_dir / f".checkpoint-{step}.tmp"
+        if accelerator.is_main_process:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        main, rank = accelerator.is_main_process, accelerator.process_index
+        self.host = host = (self.host or _Copy(accelerator.device)).start()
+        files = _snapshot(host, rank, main, modules, optimizer, config, extra if main else None, sharded)
+        host.finish()
+        meta = {**state, "step": step, "num_processes": accelerator.num_processes, "sharded": sharded}
+        job = partial(_write, tmp, final, files, meta, rank, accelerator.num_processes, main, total_limit,
+                      self.PATIENCE_S, self.POLL_S)
+        if self.executor is None:
+            job()
+            self.done.append((step, final))
+            accelerator.wait_for_everyone()
+        else:
+            self.pending = (step, final, self.executor.submit(job))
+        return final
+
+    def wait(self) -> None:
+        """Until the save in flight is complete (its error, if it failed, raised here)."""
+        if self.pending is None:
+            return
+        step, final, future = self.pending
+        self.pending = None
+        future.result()
+        self.done.append((step, final))
+
+    def collect(self) -> list[tuple[int, Path]]:
+        """The (step, folder) of saves completed since the last call; a failed one raises."""
+        if self.pending is not None and self.pending[2].done():
+            self.wait()
+        done, self.done = self.done, []
+        return done
+
+    def close(self) -> list[tuple[int, Path]]:
+        """At the end of the run, or on its way out after an error: the save in flight is completed (an error it
+        meets is logged, not raised: the run's own error is the one to see), the thread ended; returns the saves
+        completed since the last `collect`."""
+        try:
+            self.wait()
+        except Exception as e:
+            log.warning("the checkpoint being written in the background failed: %s", first_line(e, 200))
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+        done, self.done = self.done, []
+        return done
 
 
-def _write_checkpoint(tmp: Path, step: int, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
-                      state: dict[str, Any], config: dict[str, Any], accelerator,
-                      extra: Callable[[Path], None] | None, sharded: bool) -> None:
-    rank = accelerator.process_index
+class _Copy:
+    """Tensors copied to host memory for a save: from a GPU into pinned buffers without waiting per tensor (one
+    synchronisation at the end), the buffers kept for the next save (pinning memory is slow; a save copies the same
+    tensors in the same order each time, and the previous save is complete before the next one copies); on the CPU,
+    a copy the training cannot change under the writer."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda" and torch.cuda.is_available()
+        self.pool: list[torch.Tensor] = []
+        self.next = 0
+
+    def start(self) -> _Copy:
+        self.next = 0
+        return self
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        if not (self.cuda and t.is_cuda):
+            return t.to("cpu", copy=True).contiguous()
+        i, self.next = self.next, self.next + 1
+        if i < len(self.pool) and self.pool[i].shape == t.shape and self.pool[i].dtype == t.dtype:
+            host = self.pool[i]
+        else:
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.pool[i:i + 1] = [host]
+        return host.copy_(t, non_blocking=True)
+
+    def finish(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A twin of `module` (same structure, adapters, config) holding host copies of its tensors."""
+        memo: dict[int, Any] = {}
+        for p in module.parameters():
+            memo[id(p)] = torch.nn.Parameter(self(p), requires_grad=p.requires_grad)
+        for b in module.buffers():
+            memo[id(b)] = self(b)
+        return copy.deepcopy(module, memo)
+
+
+def _snapshot(host: _Copy, rank: int, main: bool, modules: dict[str, torch.nn.Module],
+              optimizer: torch.optim.Optimizer, config: dict[str, Any],
+              extra: Callable[[_Copy], Callable[[Path], None]] | None, sharded: bool
+              ) -> list[Callable[[Path], None]]:
+    """What this process writes, copied now: each entry writes its part into the temporary folder."""
     rng_tensors, rng_meta = _rng_state()
-    save_file(rng_tensors, tmp / f"rng-{rank}.safetensors")
-    _write_json(tmp / f"rng-{rank}.json", rng_meta)
+    files: list[Callable[[Path], None]] = [
+        lambda tmp: save_file(rng_tensors, tmp / f"rng-{rank}.safetensors"),
+        lambda tmp: _write_json(tmp / f"rng-{rank}.json", rng_meta)]
     if sharded:  # every process its own shard of the optimizer state
         from .sharding import local_optimizer_state
 
-        opt_tensors, opt_meta = _flatten_optimizer(local_optimizer_state(optimizer))
-        save_file(opt_tensors, tmp / f"optimizer-{rank}.safetensors")
-        _write_json(tmp / f"optimizer-{rank}.json", opt_meta)
-    if accelerator.is_main_process:
-        for name, module in modules.items():
-            if is_adapted(module):
-                save_adapter(module, tmp / name)
-            else:
-                module.save_pretrained(tmp / name, safe_serialization=True)
-        if extra is not None:
-            extra(tmp)
-        if not sharded:
-            opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-            save_file(opt_tensors, tmp / "optimizer.safetensors")
-            _write_json(tmp / "optimizer.json", opt_meta)
-        _write_json(tmp / "train_config.json", config)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _write_json(tmp / "state.json", {**state, "step": step, "num_processes": accelerator.num_processes,
-                                         "sharded": sharded})
+        files.append(_optimizer_files(host, local_optimizer_state(optimizer), f"optimizer-{rank}"))
+    if not main:
+        return files
+    for name, module in modules.items():
+        if is_adapted(module):  # the adapters' own tensors only; the frozen base is the base model's
+            state = adapter_state(module, host)
+            files.append(lambda tmp, state=state, name=name: save_adapter(state, tmp / name))
+        else:
+            twin = host.module(module)
+            files.append(lambda tmp, twin=twin, name=name: twin.save_pretrained(tmp / name, safe_serialization=True))
+    if extra is not None:
+        files.append(extra(host))
+    if not sharded:
+        files.append(_optimizer_files(host, optimizer.state_dict(), "optimizer"))
+    config = json.loads(json.dumps(config))
+    files.append(lambda tmp: _write_json(tmp / "train_config.json", config))
+    return files
+
+
+def _optimizer_files(host: _Copy, state_dict: dict, name: str) -> Callable[[Path], None]:
+    tensors, meta = _flatten_optimizer(state_dict, host)
+    meta = json.loads(json.dumps(meta))  # the learning rates move on while the files are written
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, tmp / f"{name}.safetensors")
+        _write_json(tmp / f"{name}.json", meta)
+
+    return write
+
+
+def _write(tmp: Path, final: Path, files: list[Callable[[Path], None]], state: dict[str, Any], rank: int,
+           processes: int, main: bool, total_limit: int | None, patience_s: float, poll_s: float) -> None:
+    """One process's part of a checkpoint; the main process then waits for the others' marks and completes it.
+    A kill at any moment leaves the previous checkpoints; a failure removes the temporary folder."""
+    try:
+        for write in files:
+            write(tmp)
+        if not main:
+            write_text_atomic(tmp / f".rank-{rank}.done", "")
+            return
+        _await_others(tmp, processes, patience_s, poll_s)
+        _write_json(tmp / "state.json", state)
         write_manifest(tmp)
+    except BaseException as e:
+        if main:  # a failed save (disk full) leaves the previous checkpoints only
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                write_text_atomic(tmp / f".rank-{rank}.failed", first_line(e, 300))
+        raise
+    output_dir = final.parent
+    if final.exists():  # a re-run of the same step after resuming from an older checkpoint
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_text_atomic(output_dir / LATEST, final.name + "\n")
+    if total_limit is not None:
+        others = [p for p in list_checkpoints(output_dir) if p != final]
+        for old in others[: max(0, len(others) - (total_limit - 1))]:  # the new one always survives
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in output_dir.glob(".checkpoint-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _await_others(tmp: Path, processes: int, patience_s: float, poll_s: float) -> None:
+    waiting = set(range(1, processes))
+    deadline = time.monotonic() + patience_s
+    while waiting:
+        for rank in sorted(waiting):
+            failed = tmp / f".rank-{rank}.failed"
+            if failed.is_file():
+                raise CheckpointError(f"process {rank} could not write its part of {tmp.name}: "
+                                      f"{failed.read_text()}")
+            if (tmp / f".rank-{rank}.done").is_file():
+                waiting.discard(rank)
+        if waiting and time.monotonic() > deadline:
+            raise CheckpointError(f"process(es) {sorted(waiting)} did not write their part of {tmp.name} within "
+                                  f"{patience_s:.0f} s; is the output folder on a file system every process sees?")
+        if waiting:
+            time.sleep(poll_s)
+    for rank in range(1, processes):
+        (tmp / f".rank-{rank}.done").unlink()
 
 
 def load_checkpoint(

@@ -9,7 +9,7 @@ weights into the modules for as long as a validation or a save needs them.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -57,11 +57,17 @@ class Ema:
         finally:
             self.model.restore(params)
 
-    def save(self, folder: Path) -> None:
-        tensors = {name: s.detach().to("cpu", copy=True).contiguous()
-                   for (name, _), s in zip(self.named, self.model.shadow_params)}
-        save_file(tensors, folder / EMA_WEIGHTS)
-        write_text_atomic(folder / EMA_STATE, json.dumps({"optimization_step": self.model.optimization_step}) + "\n")
+    def files(self, copy: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Path], None]:
+        """The average as it is now (copied through `copy`), written into a checkpoint folder when the returned
+        function is called."""
+        tensors = {name: copy(s) for (name, _), s in zip(self.named, self.model.shadow_params)}
+        step = self.model.optimization_step
+
+        def write(folder: Path) -> None:
+            save_file(tensors, folder / EMA_WEIGHTS)
+            write_text_atomic(folder / EMA_STATE, json.dumps({"optimization_step": step}) + "\n")
+
+        return write
 
     def load(self, folder: Path) -> None:
         if not (folder / EMA_WEIGHTS).is_file():

@@ -3,6 +3,7 @@ and the diffusers LoRA file that `pipe.load_lora_weights` reads."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,14 +65,17 @@ def is_adapted(module: torch.nn.Module) -> bool:
     return bool(getattr(module, "peft_config", None))
 
 
-def adapter_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def adapter_state(module: torch.nn.Module, copy: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """The adapters' tensors on the CPU (through `copy` when given: copies the training cannot change)."""
     state = get_peft_model_state_dict(module, save_embedding_layers=False)
-    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    return {k: copy(v) if copy else v.detach().cpu().contiguous() for k, v in state.items()}
 
 
-def save_adapter(module: torch.nn.Module, folder: Path) -> None:
+def save_adapter(state: dict[str, torch.Tensor], folder: Path) -> None:
+    """A module's `adapter_state` as `folder/adapter.safetensors`."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state(module), str(folder / ADAPTER_FILE))
+    save_file(state, str(folder / ADAPTER_FILE))
 
 
 def load_adapter(module: torch.nn.Module, folder: Path) -> list[str]:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import schema
 from .base_model import BaseModel
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointWriter, load_checkpoint
 from .config import TrainConfig
 from .data import DreamBoothDataset, StepBatchSampler, collate
 from .data.dataset import CLASS_PROMPT, INSTANCE_PROMPT
@@ -71,6 +71,7 @@ class Parts:
     base: BaseModel | None  # --prior_target base_model: the frozen model whose prediction the class examples learn
     ema: Ema | None  # --use_ema
     sharding: Sharding | None  # --fsdp
+    checkpoints: CheckpointWriter  # on a background thread unless --checkpoint_in_background false
     # wall_time_s: seconds of the invocations that led here (up to the checkpoint a run resumed from)
     state: dict[str, Any] = field(default_factory=lambda: {"step": 0, "loss_sum": 0.0, "instance_sum": 0.0,
                                                            "prior_sum": 0.0, "wall_time_s": 0.0})
@@ -98,7 +99,9 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
             try:
                 fit(run, parts)
                 summary = finish(run, parts)
-            finally:  # a process group of one that --fsdp started ends with the run, finished or not
+            finally:  # a checkpoint being written is completed; a process group of one that --fsdp started ends
+                for step, path in parts.checkpoints.close():
+                    run.events.emit("checkpoint", step=step, path=str(path))
                 if parts.sharding is not None:
                     parts.sharding.close()
             del parts
@@ -246,7 +249,8 @@ def build(run: Run) -> Parts:
                                  power=cfg.lr_power)
     parts = Parts(c, denoiser, dict(c.text_encoders), objective, optimizer, lr_scheduler, dataset, class_images,
                   cond, input_ids, weight_dtype, max_train_steps, validation_every,
-                  LatentCache(c.vae, cfg.cache_latents), base, Ema(trained, cfg) if cfg.use_ema else None, sharding)
+                  LatentCache(c.vae, cfg.cache_latents), base, Ema(trained, cfg) if cfg.use_ema else None, sharding,
+                  CheckpointWriter(cfg.checkpoint_in_background))
     if run.resume_from is not None:
         state = load_checkpoint(run.resume_from, {}, optimizer, acc.process_index, sharded=sharding is not None)
         if parts.ema is not None:
@@ -380,18 +384,29 @@ def fit(run: Run, parts: Parts) -> None:
         if reporting:
             report_losses(run, parts, pending)  # the loop's one wait on the device
 
-        saved = save(run, parts, step) if checkpoint else None
-        if saved is not None:
-            run.events.emit("checkpoint", step=step, path=str(saved))
+        saved = save(run, parts, step) if checkpoint else None  # written on while the next steps train
+        checkpointed(run, parts)
         if validation:
             with full_denoiser(run, parts) as denoiser:
                 validate(run, parts, step, denoiser)
         if step < parts.max_train_steps and run.stop.agreed(acc, reporting):
             report_losses(run, parts, pending)
-            stop(run, step, saved or save(run, parts, step), bar)
+            saved = saved or save(run, parts, step)
+            checkpointed(run, parts, wait=True)
+            stop(run, step, saved, bar)
     run.stop.close()
     report_losses(run, parts, pending)
+    checkpointed(run, parts, wait=True)
     bar.close()
+
+
+def checkpointed(run: Run, parts: Parts, wait: bool = False) -> None:
+    """A "checkpoint" event for each checkpoint completed since the last look (`wait`: once the one being written
+    is complete too); a background save that failed raises here."""
+    if wait:
+        parts.checkpoints.wait()
+    for step, path in parts.checkpoints.collect():
+        run.events.emit("checkpoint", step=step, path=str(path))
 
 
 @contextmanager
@@ -485,17 +500,23 @@ def save_gathered(run: Run, parts: Parts, step: int, denoiser: torch.nn.Module |
     modules = trained_modules(run, denoiser, unwrapped(acc, parts.text_encoders))
     denoiser = modules.pop(run.family.denoiser_name)
 
-    def extra(folder: Path) -> None:
-        if run.cfg.use_lora:  # so that a LoRA checkpoint also loads on its own
-            run.family.save_lora(denoiser, modules or None, folder)
-        if parts.ema is not None:
-            parts.ema.save(folder)
+    def extra(copy: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Path], None]:
+        lora = (run.family.lora_file(denoiser, modules or None, copy)  # so that a LoRA checkpoint loads on its own
+                if run.cfg.use_lora else None)
+        ema = parts.ema.files(copy) if parts.ema is not None else None
+
+        def write(folder: Path) -> None:
+            for part in (lora, ema):
+                if part is not None:
+                    part(folder)
+
+        return write
 
     modules = {run.family.denoiser_name: denoiser, **modules}
-    return save_checkpoint(Path(run.cfg.output_dir), step, modules, parts.optimizer.optimizer
-                           if hasattr(parts.optimizer, "optimizer") else parts.optimizer, state,
-                           schema.to_dict(run.cfg), acc, run.cfg.checkpoints_total_limit, extra,
-                           sharded=parts.sharding is not None)
+    return parts.checkpoints.save(Path(run.cfg.output_dir), step, modules, parts.optimizer.optimizer
+                                  if hasattr(parts.optimizer, "optimizer") else parts.optimizer, state,
+                                  schema.to_dict(run.cfg), acc, run.cfg.checkpoints_total_limit, extra,
+                                  sharded=parts.sharding is not None)
 
 
 def save_result(run: Run, parts: Parts, out: Path, denoiser: torch.nn.Module) -> None:

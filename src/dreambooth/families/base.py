@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -154,9 +155,15 @@ class ModelFamily(ABC):
         """The fine-tuned pipeline as a diffusers folder (every weight in `dtype` when given)."""
 
     @abstractmethod
+    def lora_file(self, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None,
+                  copy: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[Path], None]:
+        """The adapters as the diffusers LoRA file (`pytorch_lora_weights.safetensors`) of this family's pipeline:
+        their tensors taken now (through `copy`, for a checkpoint written in the background), the file written into
+        a folder when the returned function is called."""
+
     def save_lora(self, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None,
                   output_dir: Path) -> None:
-        """The adapters as the diffusers LoRA file (`pytorch_lora_weights.safetensors`) of this family's pipeline."""
+        self.lora_file(denoiser, text_encoders)(output_dir)
 
     @abstractmethod
     def single_file_state(self, pipe: Any) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ denoiser is called, the single-file layout)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,17 +199,19 @@ class DiffusersFamily(ModelFamily):
             for module, was in zip(trained, before):
                 module.to(was)
 
-    def save_lora(self, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None,
-                  output_dir: Path) -> None:
+    def lora_file(self, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None,
+                  copy: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable[[Path], None]:
         """peft-format keys (`unet.<module>.lora_A.weight`, `transformer.<module>...`) with each adapter's config
         as metadata, so a custom lora_alpha survives loading."""
         from peft.utils import get_peft_model_state_dict
 
         parts = {self.denoiser_name: denoiser, **(text_encoders or {})}
-        layers = {f"{name}_lora_layers": get_peft_model_state_dict(m, save_embedding_layers=False)
+        layers = {f"{name}_lora_layers": {k: copy(v) if copy else v for k, v in
+                                          get_peft_model_state_dict(m, save_embedding_layers=False).items()}
                   for name, m in parts.items()}
         metadata = {f"{name}_lora_adapter_metadata": m.peft_config["default"].to_dict() for name, m in parts.items()}
-        self.pipeline_class.save_lora_weights(output_dir, **layers, **metadata, safe_serialization=True)
+        return lambda output_dir: self.pipeline_class.save_lora_weights(output_dir, **layers, **metadata,
+                                                                        safe_serialization=True)
 
     def vae_dtype(self, c: Components, weight_dtype: torch.dtype) -> torch.dtype:
         """A VAE that overflows in fp16 (its config says force_upcast) stays fp32 under fp16, unless a separate

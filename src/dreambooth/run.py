@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, TorchDynamoPlugin, broadcast_object_list, set_seed
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 
 from . import schema
 from .checkpoint import checkpoint_config, checkpoint_identity, find_checkpoint, list_checkpoints
@@ -186,15 +186,6 @@ def resolve_resume(cfg: TrainConfig, output: OutputFolder) -> Path | None:
     return ckpt
 
 
-def compile_plugin(cfg: TrainConfig) -> TorchDynamoPlugin | None:
-    """--torch_compile: inductor over the models `prepare` receives, block by block (regional compilation: each
-    repeated block compiles once, so compiling takes seconds to a minute instead of minutes); the mode decides
-    whether CUDA graphs replay the step (reduce-overhead) and how hard kernels are tuned (max-autotune)."""
-    if not cfg.torch_compile:
-        return None
-    return TorchDynamoPlugin(backend="inductor", mode=cfg.torch_compile_mode, use_regional_compilation=True)
-
-
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     cuda = torch.cuda.is_available() and cfg.device != "cpu"
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -216,7 +207,7 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     try:
         accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                   mixed_precision=cfg.mixed_precision, log_with=trackers, project_config=project,
-                                  cpu=on_cpu, dynamo_plugin=compile_plugin(cfg))
+                                  cpu=on_cpu)
     except (ValueError, ImportError) as e:
         raise DreamBoothError(f"cannot set up the run: {first_line(e, 300)}") from None
     if cfg.allow_tf32 and cuda:

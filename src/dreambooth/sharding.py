@@ -58,7 +58,7 @@ class Sharding:
         # an empty twin: every parameter replaced by a meta tensor, every buffer shared (they are not sharded)
         memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
                 for p in denoiser.parameters()}
-        twin = copy.deepcopy(denoiser, memo)
+        twin = copy.deepcopy(denoiser, memo)  # (a deep copy of a compiled block is an eager one)
         mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
         # parameters stay fp32; they are cast for the computation, gradients reduced in fp32
         offload = (CPUOffloadPolicy(pin_memory=accelerator.device.type == "cuda") if cfg.fsdp_cpu_offload

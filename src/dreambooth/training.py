@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from . import schema
 from .base_model import BaseModel
 from .checkpoint import CheckpointWriter, load_checkpoint
+from .compilation import compile_blocks
 from .config import TrainConfig
 from .data import DreamBoothDataset, StepBatchSampler, collate
 from .data.dataset import CLASS_PROMPT, INSTANCE_PROMPT
@@ -212,6 +213,11 @@ def build(run: Run) -> Parts:
     with torch.no_grad():
         warn_about_identifier(cfg, c)
     objective = OBJECTIVES[family.objective].from_config(c.noise_scheduler, cfg, family.option_defaults)
+
+    if cfg.torch_compile:  # block by block, in place (compilation.py): the first steps compile
+        count = sum(compile_blocks(m, cfg.torch_compile_mode) for m in [denoiser, *encoders])
+        log.info("--torch_compile: %d repeated blocks compile on their first call (mode %s)", count,
+                 cfg.torch_compile_mode)
 
     # resuming: the weights now, into the unsharded modules; the optimizer's state once it exists
     trained = trained_modules(run, denoiser, c.text_encoders)

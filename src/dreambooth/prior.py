@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .compilation import compile_blocks
 from .config import TrainConfig
 from .data import derive_seed, scan_folder
 from .devices import lent
@@ -71,6 +72,8 @@ def class_settings(cfg: TrainConfig, family: ModelFamily, source: ModelSource, d
         "guidance_scale": guidance,
         **extra,
         "dtype": str(dtype).removeprefix("torch."),
+        # compiled kernels round differently: the same settings compiled are other images (rounding-level apart)
+        **({"compiled": cfg.torch_compile_mode} if cfg.torch_compile else {}),
     }
 
 
@@ -131,12 +134,18 @@ def image_seed(digest: str, index: int) -> int:
 
 @contextmanager
 def sampling_pipeline(family: ModelFamily, source: ModelSource, dtype: torch.dtype, device: torch.device,
-                      loaded: Components | None) -> Iterator[Any]:
+                      loaded: Components | None, compile_mode: str | None = None) -> Iterator[Any]:
     """The base pipeline in `dtype` on `device`: around the parts training loaded (lent, given back unchanged), or
-    loaded for the purpose (and freed after)."""
+    loaded for the purpose (and freed after); with `compile_mode` (--torch_compile) its denoiser's repeated blocks
+    compiled in place (they stay so for training, which compiles them anyway)."""
     if loaded is None:
-        yield family.load_pipeline(source, dtype).to(device)
+        pipe = family.load_pipeline(source, dtype).to(device)
+        if compile_mode is not None:
+            compile_blocks(getattr(pipe, family.denoiser_name), compile_mode)
+        yield pipe
         return
+    if compile_mode is not None:
+        compile_blocks(loaded.denoiser, compile_mode)
     modules = [loaded.denoiser, loaded.vae, *loaded.text_encoders.values()]
     with lent(modules, device, dtype):
         yield family.pipeline_around(loaded, loaded.denoiser, {})
@@ -146,7 +155,8 @@ def _generate(cfg: TrainConfig, family: ModelFamily, source: ModelSource, folder
               indices: list[int], dtype: torch.dtype, settings: dict[str, Any], accelerator, events: Events,
               loaded: Components | None) -> None:
     cuda = accelerator.device.type == "cuda"
-    with sampling_pipeline(family, source, dtype, accelerator.device, loaded) as pipe:
+    compile_mode = cfg.torch_compile_mode if cfg.torch_compile else None
+    with sampling_pipeline(family, source, dtype, accelerator.device, loaded, compile_mode) as pipe:
         _sample(cfg, family, pipe, folder, digest, indices, settings, accelerator, events)
     if cuda:
         torch.cuda.empty_cache()

@@ -6,8 +6,8 @@ false`), for a full fine-tune of an SD 1.5-architecture UNet with random weights
     python benchmarks/checkpoint_stall.py --half --out /tmp/stall   # half the widths (a quarter of the weights):
                                                                     # what a 24 GB CPU machine holds
 
-Each mode saves three times into a fresh folder (the second and third saves reuse the first's pinned buffers on a
-GPU); `blocked_s` is the time `save` kept the loop, `complete_s` the time until the checkpoint was in place.
+Each mode saves three times into a fresh folder; `blocked_s` is the time `save` kept the loop, `complete_s` the
+time until the checkpoint was in place.
 """
 
 from __future__ import annotations

@@ -13,12 +13,15 @@ import dreambooth
 from dreambooth.compilation import compile_blocks, repeated_blocks
 from test_training import max_diff, weights
 
-NO_PRIOR = dict(with_prior_preservation=False, class_prompt=None, class_data_dir=None)
-
 
 @pytest.fixture
 def traced(monkeypatch):
-    """Module.compile with the aot_eager backend; the classes of the blocks it was called on."""
+    """Module.compile with the aot_eager backend; the classes of the blocks it was called on. Each test starts from
+    an empty compile cache, and a block that would fall back to eager (its class's variants past the recompile
+    limit) fails the test instead."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
     real, calls = torch.nn.Module.compile, []
 
     def compile(self, *args, **kwargs):
@@ -27,7 +30,12 @@ def traced(monkeypatch):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "compile", compile)
-    return calls
+    config = torch._dynamo.config
+    # (config.patch, not monkeypatch: the limits compile_blocks raises come back to the process's own afterwards)
+    with config.patch(fail_on_recompile_limit_hit=True, recompile_limit=config.recompile_limit,
+                      accumulated_recompile_limit=config.accumulated_recompile_limit):
+        yield calls
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -37,7 +45,9 @@ def test_compiled_blocks_train_what_eager_trains(base_args, tmp_path, traced, lo
     result save as without compiling. aot_eager's decompositions reorder some float operations: losses agree to
     1e-5 relative and weights to 1e-5 (seen: 3e-8 relative)."""
     extra = dict(use_lora=True, rank=4, learning_rate=1e-2) if lora else {}
-    common = dict(max_train_steps=3, checkpointing_steps=2, **NO_PRIOR, **extra)
+    # (no class images: compiled ones are other images, so the two runs would train on different data)
+    common = dict(max_train_steps=3, checkpointing_steps=2, with_prior_preservation=False, class_prompt=None,
+                  class_data_dir=None, **extra)
     eager = dreambooth.train(**base_args(output_dir=str(tmp_path / "eager"), **common))
     assert traced == []
     compiled = dreambooth.train(**base_args(output_dir=str(tmp_path / "compiled"), torch_compile=True, **common))
@@ -48,6 +58,28 @@ def test_compiled_blocks_train_what_eager_trains(base_args, tmp_path, traced, lo
         for part in ("unet", "checkpoint-2/unet"):
             a, b = weights(tmp_path / "eager", part), weights(tmp_path / "compiled", part)
             assert a.keys() == b.keys() and max_diff(a, b) < 1e-5, part
+
+
+class Block(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.silu(self.linear(x)) + x
+
+
+def test_every_variant_of_a_block_class_compiles(traced):
+    """An SD UNet's resnet blocks come in about a dozen shape variants (more with sampling's dtype and batch), past
+    PyTorch's default of 8 compiled variants per function, beyond which blocks run eagerly without a word (here:
+    fail). Twelve widths of one block class, trained and sampled: every variant compiles."""
+    blocks = torch.nn.ModuleList([Block(w) for w in range(2, 14)])
+    assert compile_blocks(torch.nn.Sequential(blocks), "default") == 12
+    for block in blocks:
+        x = torch.randn(2, block.linear.in_features)
+        block(x).sum().backward()
+        with torch.no_grad():
+            block(x[:1])
 
 
 def test_repeated_blocks_are_the_outermost_lists_of_one_class():

@@ -157,9 +157,8 @@ def test_one_sharded_process_offloads_to_cpu_on_cuda(base_args, tmp_path):
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_background_checkpoints_on_cuda_equal_those_the_loop_waits_for(base_args, tmp_path, lora):
-    """Checkpoints copied through reused pinned buffers (three saves: the second and third reuse the first's) and
-    written on the thread hold the same tensors as those the loop writes itself (--deterministic: the two runs
-    compute the same steps bit for bit)."""
+    """Checkpoints copied from the GPU and written on the thread (three saves) hold the same tensors as those the
+    loop writes itself (--deterministic: the two runs compute the same steps bit for bit)."""
     extra = dict(use_lora=True, rank=4, learning_rate=1e-2) if lora else {}
     common = dict(device="cuda", deterministic=True, mixed_precision="bf16", max_train_steps=6, checkpointing_steps=2,
                   use_ema=True, **extra)

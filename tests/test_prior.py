@@ -109,3 +109,18 @@ def test_out_of_memory_halves_the_class_image_batch(base_args, tmp_path, monkeyp
     given = BatchSize(8, cuda=False)
     assert given.now == 8 and not given.shrink(RuntimeError("CUDA out of memory"))
     assert not BatchSize(None, cuda=False).shrink(RuntimeError("some other failure"))
+
+
+def test_another_tokenizer_trains_and_class_images_stay_the_models_own(base_args, tiny_model, tmp_path):
+    """--tokenizer_name replaces the tokenizer training reads; class images are the base model's own pipeline's,
+    so they are sampled by a pipeline loaded for them (not lent the training's parts): here the same tokenizer in
+    another folder gives the very files a run without the option makes."""
+    import shutil
+
+    tokenizer = shutil.copytree(tiny_model / "tokenizer", tmp_path / "my-tokenizer")
+    plain = dreambooth.train(**base_args(max_train_steps=1, output_dir=str(tmp_path / "a"),
+                                         class_data_dir=str(tmp_path / "plain")))
+    other = dreambooth.train(**base_args(max_train_steps=1, output_dir=str(tmp_path / "b"),
+                                         class_data_dir=str(tmp_path / "other"), tokenizer_name=str(tokenizer)))
+    assert plain["class_images"]["generated"] == other["class_images"]["generated"] == 4
+    assert generated(tmp_path / "plain") == generated(tmp_path / "other")

@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ def kill_after_checkpoint(monkeypatch, at_step: int):
     def save_then_die(run, parts, step):
         path = real_save(run, parts, step)
         if step == at_step:
+            parts.checkpoints.wait()  # written (not only begun: a kill then would lose it)
             raise Killed
         return path
 
@@ -238,3 +240,80 @@ def test_a_process_that_cannot_write_its_part_fails_the_checkpoint_in_one_line(t
                       0.01)
     assert sorted(p.name for p in final.iterdir()) == ["manifest.json", "part-0", "part-1", "state.json"]
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-3" and checkpoint.verify(final) is None
+
+
+def test_ctrl_c_drops_the_checkpoint_being_written_and_nothing_is_written_after(base_args, tmp_path, monkeypatch):
+    """Ctrl-C while checkpoint-4 is being written in the background: the run ends at once without completing it
+    (its temporary folder removed), checkpoint-2 stays `latest`, and no file appears after `train` has let go of
+    the output folder."""
+    import threading
+    import time
+
+    import dreambooth.checkpoint as checkpoint
+
+    real_write, real_report = checkpoint._write, training.report_losses
+    writing = threading.Event()
+
+    def slow_write(tmp, final, *args, **kwargs):
+        if final.name == "checkpoint-4":
+            writing.set()
+            time.sleep(0.5)  # a slow disk: the interrupt comes while this save is in flight
+        return real_write(tmp, final, *args, **kwargs)
+
+    def report(run, parts, pending):
+        real_report(run, parts, pending)
+        if parts.state["step"] == 5:
+            assert writing.wait(30)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "_write", slow_write)
+    monkeypatch.setattr(training, "report_losses", report)
+    with pytest.raises(KeyboardInterrupt):
+        dreambooth.train(**base_args(max_train_steps=8, checkpointing_steps=2, logging_steps=1))
+    out = tmp_path / "out"
+    time.sleep(1.0)  # a writer left running would finish checkpoint-4 by now
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
+    assert find_checkpoint(out, "latest").name == "checkpoint-2" and not list(out.glob(".checkpoint-*"))
+    assert not (out / ".dreambooth.lock").exists()  # the run let go of its folder
+
+
+def test_each_checkpoint_is_announced_while_it_exists_even_when_the_next_rotates_it_away(base_args, tmp_path,
+                                                                                        monkeypatch):
+    """With --checkpoints_total_limit 1 each save deletes the one before: its "checkpoint" event comes first."""
+    from dreambooth.events import Events
+
+    real_emit, seen = Events.emit, []
+
+    def emit(self, kind, **data):
+        if kind == "checkpoint":
+            seen.append((data["step"], Path(data["path"]).is_dir()))
+        return real_emit(self, kind, **data)
+
+    monkeypatch.setattr(Events, "emit", emit)
+    dreambooth.train(**base_args(max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=1))
+    assert seen == [(1, True), (2, True), (3, True), (4, True)]
+
+
+def test_a_save_too_big_for_the_free_host_memory_is_written_while_the_loop_waits(base_args, tmp_path, monkeypatch,
+                                                                                 caplog):
+    """The background copy needs host memory; when less than twice the checkpoint's size is available the save is
+    written on the training thread instead (one warning), and the checkpoints are the same."""
+    import threading
+    from types import SimpleNamespace
+
+    import psutil
+
+    import dreambooth.checkpoint as checkpoint
+
+    real_write, threads = checkpoint._write, []
+
+    def write(*args, **kwargs):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "_write", write)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=1000))
+    dreambooth.train(**base_args(max_train_steps=2, checkpointing_steps=1))
+    assert threads == [True, True]
+    assert caplog.text.count("checkpoints are written while training waits") == 1
+    assert [p.name for p in list_checkpoints(tmp_path / "out")] == ["checkpoint-1", "checkpoint-2"]

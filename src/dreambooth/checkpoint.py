@@ -27,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -190,7 +191,11 @@ class CheckpointWriter:
     `latest` and the rotation follow on the thread while training goes on. One save is in flight at a time: the
     next one (and the end of the run, a stop) first waits for it, and a save that failed raises there. Each
     process writes its own files and marks them done in the temporary folder; the main process completes the
-    checkpoint once every process's mark is there, so the thread needs no collective call."""
+    checkpoint once every process's mark is there, so the thread needs no collective call.
+
+    The copy costs host memory while the files are written: a save whose copy would take more than half of the
+    memory available is written while the loop waits (a warning says so), as with `background=False`, which copies
+    nothing (the tensors are serialised from where they are, as before background saves existed)."""
 
     POLL_S, PATIENCE_S = 0.05, 3600.0  # how often and how long the main process looks for the others' marks
 
@@ -199,36 +204,63 @@ class CheckpointWriter:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if background else None
         self.pending: tuple[int, Path, Future] | None = None
         self.done: list[tuple[int, Path]] = []  # completed saves not yet collected
-        self.host: _Copy | None = None  # its pinned buffers are reused by the next save
+        self.cancelled = threading.Event()  # set on Ctrl-C: the save in flight is dropped, not completed
+        self.warned = False
 
     def save(self, output_dir: Path, step: int, modules: dict[str, torch.nn.Module],
              optimizer: torch.optim.Optimizer, state: dict[str, Any], config: dict[str, Any], accelerator,
              total_limit: int | None = None, extra: Callable[[_Copy], Callable[[Path], None]] | None = None,
-             sharded: bool = False) -> Path:
-        """Start writing checkpoint-<step> (every process calls it at the same step); `extra(copy)` copies what it
-        adds (through `copy`) and returns the function that writes it into the folder, on the main process."""
+             sharded: bool = False, private: frozenset[str] = frozenset()) -> Path:
+        """Write checkpoint-<step> (every process calls it at the same step), in the background or not; `extra(copy)`
+        copies what it adds (through `copy`) and returns the function that writes it into the folder, on the main
+        process. `private`: modules whose tensors are already a host copy of their own (the sharded run's gathered
+        weights), never copied again."""
         self.wait()
         final = output_dir / f"checkpoint-{step}"
         tmp = output_dir / f".checkpoint-{step}.tmp"
-        if accelerator.is_main_process:
+        main, rank = accelerator.is_main_process, accelerator.process_index
+        if main:
             if tmp.exists():
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        main, rank = accelerator.is_main_process, accelerator.process_index
-        self.host = host = (self.host or _Copy(accelerator.device)).start()
-        files = _snapshot(host, rank, main, modules, optimizer, config, extra if main else None, sharded)
-        host.finish()
+        background = self.executor is not None and self._fits(modules, optimizer, private)
+        try:
+            files = _snapshot(_Copy(background, private), rank, main, modules, optimizer, config,
+                              extra if main else None, sharded)
+        except BaseException:
+            if main:  # a failed copy (out of host memory) leaves the previous checkpoints only
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         meta = {**state, "step": step, "num_processes": accelerator.num_processes, "sharded": sharded}
         job = partial(_write, tmp, final, files, meta, rank, accelerator.num_processes, main, total_limit,
-                      self.PATIENCE_S, self.POLL_S)
-        if self.executor is None:
+                      self.PATIENCE_S, self.POLL_S, self.cancelled)
+        if background:
+            self.pending = (step, final, self.executor.submit(job))
+        else:
             job()
             self.done.append((step, final))
             accelerator.wait_for_everyone()
-        else:
-            self.pending = (step, final, self.executor.submit(job))
         return final
+
+    def _fits(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+              private: frozenset[str]) -> bool:
+        """Whether a host copy of this save takes at most half the memory available now."""
+        import psutil
+
+        tensors = [t for name, m in modules.items() if name not in private and not is_adapted(m)
+                   for t in (*m.parameters(), *m.buffers())]
+        tensors += [v for per_param in optimizer.state.values() for v in per_param.values()
+                    if isinstance(v, torch.Tensor)]
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        available = psutil.virtual_memory().available
+        if size <= available / 2:
+            return True
+        if not self.warned:
+            log.warning("checkpoints are written while training waits: a copy of one (%.1f GB) would take more than "
+                        "half of the host memory available (%.1f GB)", size / 1e9, available / 1e9)
+            self.warned = True
+        return False
 
     def wait(self) -> None:
         """Until the save in flight is complete (its error, if it failed, raised here)."""
@@ -237,7 +269,8 @@ class CheckpointWriter:
         step, final, future = self.pending
         self.pending = None
         future.result()
-        self.done.append((step, final))
+        if final.is_dir():  # (not when cancelled)
+            self.done.append((step, final))
 
     def collect(self) -> list[tuple[int, Path]]:
         """The (step, folder) of saves completed since the last call; a failed one raises."""
@@ -246,58 +279,51 @@ class CheckpointWriter:
         done, self.done = self.done, []
         return done
 
+    def cancel(self) -> None:
+        """Ctrl-C: the save in flight stops at its next file and leaves nothing (the previous checkpoints stay)."""
+        self.cancelled.set()
+
     def close(self) -> list[tuple[int, Path]]:
         """At the end of the run, or on its way out after an error: the save in flight is completed (an error it
-        meets is logged, not raised: the run's own error is the one to see), the thread ended; returns the saves
-        completed since the last `collect`."""
+        meets is logged, not raised: the run's own error is the one to see), or dropped if cancelled; the thread
+        ends before this returns, so nothing is written after the run lets go of its output folder. Returns the
+        saves completed since the last `collect`."""
         try:
             self.wait()
         except Exception as e:
             log.warning("the checkpoint being written in the background failed: %s", first_line(e, 200))
-        if self.executor is not None:
-            self.executor.shutdown(wait=True)
+        except BaseException:  # interrupted while waiting: drop the save, still wait for the thread to stop
+            self.cancel()
+            raise
+        finally:
+            if self.executor is not None:
+                self.executor.shutdown(wait=True)
         done, self.done = self.done, []
         return done
 
 
 class _Copy:
-    """Tensors copied to host memory for a save: from a GPU into pinned buffers without waiting per tensor (one
-    synchronisation at the end), the buffers kept for the next save (pinning memory is slow; a save copies the same
-    tensors in the same order each time, and the previous save is complete before the next one copies); on the CPU,
-    a copy the training cannot change under the writer."""
+    """What a save reads, taken now. In the background (`copying`): copies in host memory the training cannot
+    change under the writer; otherwise the tensors themselves (on the host), written before training goes on."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda" and torch.cuda.is_available()
-        self.pool: list[torch.Tensor] = []
-        self.next = 0
-
-    def start(self) -> _Copy:
-        self.next = 0
-        return self
+    def __init__(self, copying: bool, private: frozenset[str] = frozenset()):
+        self.copying, self.private = copying, private
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
-        if not (self.cuda and t.is_cuda):
-            return t.to("cpu", copy=True).contiguous()
-        i, self.next = self.next, self.next + 1
-        if i < len(self.pool) and self.pool[i].shape == t.shape and self.pool[i].dtype == t.dtype:
-            host = self.pool[i]
-        else:
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            self.pool[i:i + 1] = [host]
-        return host.copy_(t, non_blocking=True)
+        return t.to("cpu", copy=True).contiguous() if self.copying else t.cpu().contiguous()
 
-    def finish(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def module(self, module: torch.nn.Module) -> torch.nn.Module:
-        """A twin of `module` (same structure, adapters, config) holding host copies of its tensors."""
+    def module(self, name: str, module: torch.nn.Module) -> torch.nn.Module:
+        """`module` to save: itself when not copying; else a twin (same structure, adapters, config) holding host
+        copies of its tensors, or sharing them where they are this save's own already (`private`)."""
+        if not self.copying:
+            return module
+        share = name in self.private
         memo: dict[int, Any] = {}
         for p in module.parameters():
-            memo[id(p)] = torch.nn.Parameter(self(p), requires_grad=p.requires_grad)
+            memo[id(p)] = p if share else torch.nn.Parameter(self(p), requires_grad=p.requires_grad)
         for b in module.buffers():
-            memo[id(b)] = self(b)
+            memo[id(b)] = b if share else self(b)
         return copy.deepcopy(module, memo)
 
 
@@ -305,7 +331,7 @@ def _snapshot(host: _Copy, rank: int, main: bool, modules: dict[str, torch.nn.Mo
               optimizer: torch.optim.Optimizer, config: dict[str, Any],
               extra: Callable[[_Copy], Callable[[Path], None]] | None, sharded: bool
               ) -> list[Callable[[Path], None]]:
-    """What this process writes, copied now: each entry writes its part into the temporary folder."""
+    """What this process writes, taken now: each entry writes its part into the temporary folder."""
     rng_tensors, rng_meta = _rng_state()
     files: list[Callable[[Path], None]] = [
         lambda tmp: save_file(rng_tensors, tmp / f"rng-{rank}.safetensors"),
@@ -321,7 +347,7 @@ def _snapshot(host: _Copy, rank: int, main: bool, modules: dict[str, torch.nn.Mo
             state = adapter_state(module, host)
             files.append(lambda tmp, state=state, name=name: save_adapter(state, tmp / name))
         else:
-            twin = host.module(module)
+            twin = host.module(name, module)
             files.append(lambda tmp, twin=twin, name=name: twin.save_pretrained(tmp / name, safe_serialization=True))
     if extra is not None:
         files.append(extra(host))
@@ -344,18 +370,27 @@ def _optimizer_files(host: _Copy, state_dict: dict, name: str) -> Callable[[Path
 
 
 def _write(tmp: Path, final: Path, files: list[Callable[[Path], None]], state: dict[str, Any], rank: int,
-           processes: int, main: bool, total_limit: int | None, patience_s: float, poll_s: float) -> None:
+           processes: int, main: bool, total_limit: int | None, patience_s: float, poll_s: float,
+           cancelled: threading.Event | None = None) -> None:
     """One process's part of a checkpoint; the main process then waits for the others' marks and completes it.
-    A kill at any moment leaves the previous checkpoints; a failure removes the temporary folder."""
+    A kill at any moment leaves the previous checkpoints; a failure, or a cancel, removes the temporary folder."""
     try:
         for write in files:
+            if cancelled is not None and cancelled.is_set():
+                raise _Cancelled
             write(tmp)
         if not main:
             write_text_atomic(tmp / f".rank-{rank}.done", "")
             return
-        _await_others(tmp, processes, patience_s, poll_s)
+        _await_others(tmp, processes, patience_s, poll_s, cancelled)
         _write_json(tmp / "state.json", state)
         write_manifest(tmp)
+        if cancelled is not None and cancelled.is_set():
+            raise _Cancelled
+    except _Cancelled:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     except BaseException as e:
         if main:  # a failed save (disk full) leaves the previous checkpoints only
             shutil.rmtree(tmp, ignore_errors=True)
@@ -376,10 +411,17 @@ def _write(tmp: Path, final: Path, files: list[Callable[[Path], None]], state: d
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _await_others(tmp: Path, processes: int, patience_s: float, poll_s: float) -> None:
+class _Cancelled(Exception):
+    """The save was dropped (Ctrl-C)."""
+
+
+def _await_others(tmp: Path, processes: int, patience_s: float, poll_s: float,
+                  cancelled: threading.Event | None = None) -> None:
     waiting = set(range(1, processes))
     deadline = time.monotonic() + patience_s
     while waiting:
+        if cancelled is not None and cancelled.is_set():
+            raise _Cancelled
         for rank in sorted(waiting):
             failed = tmp / f".rank-{rank}.failed"
             if failed.is_file():

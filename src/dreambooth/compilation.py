@@ -9,8 +9,10 @@ child in an `OptimizedModule`, which breaks diffusers' UNet (`if self.conv_norm_
 `__len__`, which raises) and renames nothing but changes the module tree the rest of the run walks.
 
 Shapes are static (`dynamic=False`): a training step's shapes do not change, and symbolic shapes made inductor
-fail on the UNet's attention (seen on CPU, torch 2.13); a block class met at several resolutions compiles once per
-resolution.
+fail on the UNet's attention (seen on CPU, torch 2.13); a block class met at several shapes (an SD UNet's resnet
+blocks: a dozen channel and resolution variants; class-image sampling adds its own dtype and batch) compiles once
+per variant. PyTorch keeps 8 variants per function by default and runs every further one eagerly, without a word:
+the limits are raised so that every variant compiles (`RECOMPILE_LIMIT`).
 """
 
 from __future__ import annotations
@@ -34,8 +36,15 @@ def repeated_blocks(module: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
+RECOMPILE_LIMIT = 64  # variants per block class (train and sample, each shape and dtype); the default is 8
+
+
 def compile_blocks(module: torch.nn.Module, mode: str) -> int:
     """Compile each repeated block of `module` in place (inductor, `mode`); returns how many."""
+    import torch._dynamo.config as dynamo
+
+    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT)
     blocks = repeated_blocks(module)
     for block in blocks:
         block.compile(backend="inductor", mode=None if mode == "default" else mode, dynamic=False)

@@ -231,9 +231,10 @@ class TrainConfig:
     checkpoints_total_limit: int | None = option(None, "Keep only the newest N checkpoints", check=at_least(1),
                                                  group="checkpoints")
     checkpoint_in_background: bool = option(
-        True, "Write checkpoints on a background thread while training goes on (the loop waits only for a copy of "
-        "the weights and optimizer state in host memory, which this holds while the files are written); false: "
-        "the loop waits for the disk", group="checkpoints")
+        True, "Write checkpoints on a background thread while training goes on: the loop waits only for a copy of "
+        "the weights and optimizer state in host memory, held while the files are written (a save whose copy would "
+        "take over half the available memory is written while the loop waits); false: the loop always waits for "
+        "the disk, copying nothing", group="checkpoints")
     resume_from_checkpoint: str | None = option(
         None, 'Resume from "latest" or a checkpoint folder (name inside output_dir, or a path)', group="checkpoints"
     )

@@ -21,8 +21,15 @@ def to_device(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | 
 
 
 def kept_in_fp32(module: torch.nn.Module, dtype: torch.dtype) -> tuple[str, ...]:
-    """The submodule names a model keeps in fp32 when it is loaded in `dtype` (transformers' and diffusers'
-    `_keep_in_fp32_modules`, e.g. T5's `wo` layers under fp16; the `_strict` ones under bf16 too)."""
+    """The submodule names a model keeps in fp32 when it is loaded in `dtype`: a diffusers model its
+    `_keep_in_fp32_modules` in any dtype; a transformers model those under fp16 only (e.g. T5's `wo` layers) and
+    its `_keep_in_fp32_modules_strict` under fp16 and bf16."""
+    from diffusers import ModelMixin
+
+    if dtype == torch.float32:
+        return ()
+    if isinstance(module, ModelMixin):
+        return tuple(getattr(module, "_keep_in_fp32_modules", None) or ())
     names = list(getattr(module, "_keep_in_fp32_modules_strict", None) or []) if dtype in (
         torch.float16, torch.bfloat16) else []
     if dtype == torch.float16:

@@ -100,6 +100,9 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
             try:
                 fit(run, parts)
                 summary = finish(run, parts)
+            except KeyboardInterrupt:  # Ctrl-C: out now; a checkpoint being written is dropped (earlier ones stay)
+                parts.checkpoints.cancel()
+                raise
             finally:  # a checkpoint being written is completed; a process group of one that --fsdp started ends
                 for step, path in parts.checkpoints.close():
                     run.events.emit("checkpoint", step=step, path=str(path))
@@ -149,11 +152,16 @@ def build(run: Run) -> Parts:
     """Class images, models, data, optimizer and schedule; restores a checkpoint when resuming."""
     cfg, acc = run.cfg, run.accelerator
     # one load serves both: missing class images are sampled by the loaded parts, lent to the GPU in the generation
-    # dtype and given back untouched (a quantized denoiser cannot be lent: generation loads its own pipeline then)
+    # dtype and given back untouched. Not with a quantized denoiser (it cannot be lent) or another tokenizer (class
+    # images are the model's own): generation then loads its own pipeline first, freed before training's loads.
     quantized = quantization(cfg, WEIGHT_DTYPES.get(acc.mixed_precision))
+    one_load = quantized is None and cfg.tokenizer_name is None
+    prior = cfg.with_prior_preservation and cfg.class_data_dir is not None
+    class_images = (ensure_class_images(cfg, run.family, run.source, acc, run.events)
+                    if prior and not one_load else None)
     c = run.family.load(run.source, cfg.prediction_type, quantized)
-    class_images = (ensure_class_images(cfg, run.family, run.source, acc, run.events, None if quantized else c)
-                    if cfg.with_prior_preservation and cfg.class_data_dir is not None else None)
+    if prior and one_load:
+        class_images = ensure_class_images(cfg, run.family, run.source, acc, run.events, loaded=c)
     run.claim()  # the inputs loaded: from here on the output folder is this run's
     base_model = cfg.with_prior_preservation and cfg.prior_target == "base_model"
 
@@ -390,6 +398,8 @@ def fit(run: Run, parts: Parts) -> None:
         if reporting:
             report_losses(run, parts, pending)  # the loop's one wait on the device
 
+        if checkpoint:  # the previous save complete and announced before the next one may rotate it away
+            checkpointed(run, parts, wait=True)
         saved = save(run, parts, step) if checkpoint else None  # written on while the next steps train
         checkpointed(run, parts)
         if validation:
@@ -519,10 +529,11 @@ def save_gathered(run: Run, parts: Parts, step: int, denoiser: torch.nn.Module |
         return write
 
     modules = {run.family.denoiser_name: denoiser, **modules}
+    sharded = parts.sharding is not None  # the gathered weights are a host copy of this save's own already
     return parts.checkpoints.save(Path(run.cfg.output_dir), step, modules, parts.optimizer.optimizer
                                   if hasattr(parts.optimizer, "optimizer") else parts.optimizer, state,
                                   schema.to_dict(run.cfg), acc, run.cfg.checkpoints_total_limit, extra,
-                                  sharded=parts.sharding is not None)
+                                  sharded=sharded, private=frozenset({run.family.denoiser_name} if sharded else ()))
 
 
 def save_result(run: Run, parts: Parts, out: Path, denoiser: torch.nn.Module) -> None:

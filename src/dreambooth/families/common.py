@@ -84,9 +84,9 @@ class DiffusersFamily(ModelFamily):
         for i, part in enumerate(self.present_parts(source)):
             with loading(source, part.tokenizer):  # --tokenizer_name replaces the primary tokenizer only
                 own = i > 0 or not source.tokenizer_name
+                where = {"subfolder": part.tokenizer} if own else {}  # (subfolder=None fails in transformers 5)
                 tokenizers[part.encoder] = AutoTokenizer.from_pretrained(
-                    source.name_or_path if own else source.tokenizer_name, subfolder=part.tokenizer if own else None,
-                    revision=source.revision)
+                    source.name_or_path if own else source.tokenizer_name, revision=source.revision, **where)
             with loading(source, part.encoder):
                 encoders[part.encoder] = part.cls.from_pretrained(source.name_or_path, subfolder=part.encoder,
                                                                   **source.hub_kwargs())

@@ -210,11 +210,12 @@ class CheckpointWriter:
     def save(self, output_dir: Path, step: int, modules: dict[str, torch.nn.Module],
              optimizer: torch.optim.Optimizer, state: dict[str, Any], config: dict[str, Any], accelerator,
              total_limit: int | None = None, extra: Callable[[_Copy], Callable[[Path], None]] | None = None,
-             sharded: bool = False, private: frozenset[str] = frozenset()) -> Path:
+             sharded: bool = False, private: frozenset[str] = frozenset(),
+             also_copied: tuple[torch.Tensor, ...] = ()) -> Path:
         """Write checkpoint-<step> (every process calls it at the same step), in the background or not; `extra(copy)`
         copies what it adds (through `copy`) and returns the function that writes it into the folder, on the main
         process. `private`: modules whose tensors are already a host copy of their own (the sharded run's gathered
-        weights), never copied again."""
+        weights), never copied again; `also_copied`: what `extra` copies (EMA weights), for the memory estimate."""
         self.wait()
         final = output_dir / f"checkpoint-{step}"
         tmp = output_dir / f".checkpoint-{step}.tmp"
@@ -224,7 +225,10 @@ class CheckpointWriter:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        background = self.executor is not None and self._fits(modules, optimizer, private)
+        background = self.executor is not None and self._fits(modules, optimizer, private, also_copied)
+        if self.executor is not None and accelerator.num_processes > 1:  # all processes alike, or they fall out of
+            agreed = torch.tensor([float(background)], device=accelerator.device)  # step (a waited save's barrier)
+            background = bool(accelerator.reduce(agreed, reduction="sum").item() == accelerator.num_processes)
         try:
             files = _snapshot(_Copy(background, private), rank, main, modules, optimizer, config,
                               extra if main else None, sharded)
@@ -244,14 +248,16 @@ class CheckpointWriter:
         return final
 
     def _fits(self, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
-              private: frozenset[str]) -> bool:
-        """Whether a host copy of this save takes at most half the memory available now."""
+              private: frozenset[str], also_copied: tuple[torch.Tensor, ...]) -> bool:
+        """Whether a host copy of this save takes at most half the memory available now (this process's part: a
+        sharded optimizer state counts its local shards)."""
         import psutil
 
         tensors = [t for name, m in modules.items() if name not in private and not is_adapted(m)
                    for t in (*m.parameters(), *m.buffers())]
-        tensors += [v for per_param in optimizer.state.values() for v in per_param.values()
-                    if isinstance(v, torch.Tensor)]
+        tensors += [v.to_local() if hasattr(v, "to_local") else v for per_param in optimizer.state.values()
+                    for v in per_param.values() if isinstance(v, torch.Tensor)]
+        tensors += also_copied
         size = sum(t.numel() * t.element_size() for t in tensors)
         available = psutil.virtual_memory().available
         if size <= available / 2:
@@ -267,8 +273,11 @@ class CheckpointWriter:
         if self.pending is None:
             return
         step, final, future = self.pending
-        self.pending = None
-        future.result()
+        try:
+            future.result()
+        finally:  # still pending if interrupted while waiting (Ctrl-C): `close` waits again
+            if future.done():
+                self.pending = None
         if final.is_dir():  # (not when cancelled)
             self.done.append((step, final))
 
@@ -390,6 +399,9 @@ def _write(tmp: Path, final: Path, files: list[Callable[[Path], None]], state: d
     except _Cancelled:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
+        else:  # a main process not interrupted itself stops waiting for this one
+            with contextlib.suppress(OSError):
+                write_text_atomic(tmp / f".rank-{rank}.failed", "cancelled (Ctrl-C)")
         return
     except BaseException as e:
         if main:  # a failed save (disk full) leaves the previous checkpoints only

@@ -43,8 +43,11 @@ def compile_blocks(module: torch.nn.Module, mode: str) -> int:
     """Compile each repeated block of `module` in place (inductor, `mode`); returns how many."""
     import torch._dynamo.config as dynamo
 
-    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
-    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT)
+    # (named cache_size_limit before torch 2.7; both names are accepted after)
+    old = not hasattr(dynamo, "recompile_limit")
+    for name, least in (("recompile_limit", RECOMPILE_LIMIT), ("accumulated_recompile_limit", 8 * RECOMPILE_LIMIT)):
+        name = name.replace("recompile", "cache_size") if old else name
+        setattr(dynamo, name, max(getattr(dynamo, name), least))
     blocks = repeated_blocks(module)
     for block in blocks:
         block.compile(backend="inductor", mode=None if mode == "default" else mode, dynamic=False)

@@ -529,11 +529,15 @@ def save_gathered(run: Run, parts: Parts, step: int, denoiser: torch.nn.Module |
         return write
 
     modules = {run.family.denoiser_name: denoiser, **modules}
-    sharded = parts.sharding is not None  # the gathered weights are a host copy of this save's own already
+    sharded = parts.sharding is not None
+    # the gathered weights are a host copy of this save's own, except in one CPU process (the gather then hands out
+    # the live shards themselves)
+    private = sharded and (acc.num_processes > 1 or acc.device.type != "cpu")
     return parts.checkpoints.save(Path(run.cfg.output_dir), step, modules, parts.optimizer.optimizer
                                   if hasattr(parts.optimizer, "optimizer") else parts.optimizer, state,
                                   schema.to_dict(run.cfg), acc, run.cfg.checkpoints_total_limit, extra,
-                                  sharded=sharded, private=frozenset({run.family.denoiser_name} if sharded else ()))
+                                  sharded=sharded, private=frozenset({run.family.denoiser_name} if private else ()),
+                                  also_copied=tuple(parts.ema.model.shadow_params) if parts.ema else ())
 
 
 def save_result(run: Run, parts: Parts, out: Path, denoiser: torch.nn.Module) -> None:

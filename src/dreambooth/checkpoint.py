@@ -200,7 +200,6 @@ class CheckpointWriter:
     POLL_S, PATIENCE_S = 0.05, 3600.0  # how often and how long the main process looks for the others' marks
 
     def __init__(self, background: bool = True):
-        self.background = background
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if background else None
         self.pending: tuple[int, Path, Future] | None = None
         self.done: list[tuple[int, Path]] = []  # completed saves not yet collected
@@ -209,11 +208,11 @@ class CheckpointWriter:
 
     def save(self, output_dir: Path, step: int, modules: dict[str, torch.nn.Module],
              optimizer: torch.optim.Optimizer, state: dict[str, Any], config: dict[str, Any], accelerator,
-             total_limit: int | None = None, extra: Callable[[_Copy], Callable[[Path], None]] | None = None,
+             total_limit: int | None = None, extra: Callable[[_Copy], list[Callable[[Path], None]]] | None = None,
              sharded: bool = False, private: frozenset[str] = frozenset(),
              also_copied: tuple[torch.Tensor, ...] = ()) -> Path:
         """Write checkpoint-<step> (every process calls it at the same step), in the background or not; `extra(copy)`
-        copies what it adds (through `copy`) and returns the function that writes it into the folder, on the main
+        copies what it adds (through `copy`) and returns the functions that write it into the folder, on the main
         process. `private`: modules whose tensors are already a host copy of their own (the sharded run's gathered
         weights), never copied again; `also_copied`: what `extra` copies (EMA weights), for the memory estimate."""
         self.wait()
@@ -338,7 +337,7 @@ class _Copy:
 
 def _snapshot(host: _Copy, rank: int, main: bool, modules: dict[str, torch.nn.Module],
               optimizer: torch.optim.Optimizer, config: dict[str, Any],
-              extra: Callable[[_Copy], Callable[[Path], None]] | None, sharded: bool
+              extra: Callable[[_Copy], list[Callable[[Path], None]]] | None, sharded: bool
               ) -> list[Callable[[Path], None]]:
     """What this process writes, taken now: each entry writes its part into the temporary folder."""
     rng_tensors, rng_meta = _rng_state()
@@ -359,7 +358,7 @@ def _snapshot(host: _Copy, rank: int, main: bool, modules: dict[str, torch.nn.Mo
             twin = host.module(name, module)
             files.append(lambda tmp, twin=twin, name=name: twin.save_pretrained(tmp / name, safe_serialization=True))
     if extra is not None:
-        files.append(extra(host))
+        files += extra(host)
     if not sharded:
         files.append(_optimizer_files(host, optimizer.state_dict(), "optimizer"))
     config = json.loads(json.dumps(config))

@@ -113,3 +113,25 @@ def eta_seconds(step: int, total: int, first_step: int, first_time: float, now: 
     if done <= 0:
         return None
     return (total - step) * (now - first_time) / done
+
+
+def progress_bar(bar: Any) -> Sink:
+    """The terminal's view of the stream: the bar moves to each step, its postfix shows loss and learning rate."""
+
+    def sink(event: dict[str, Any]) -> None:
+        if event["event"] == "step":  # steps arrive a logging window at a time: each one is drawn
+            bar.update(event["step"] - bar.n)
+            bar.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{event['lr']:.2e}")
+
+    return sink
+
+
+def trackers(acc: Any) -> Sink:
+    """The experiment trackers' view (TensorBoard, W&B, ...): each step's losses and learning rate."""
+
+    def sink(event: dict[str, Any]) -> None:
+        if event["event"] == "step":
+            acc.log({"loss": event["loss"], "loss_instance": event["loss_instance"],
+                     "loss_prior": event["loss_prior"], "lr": event["lr"]}, step=event["step"])
+
+    return sink

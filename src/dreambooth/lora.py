@@ -65,11 +65,10 @@ def is_adapted(module: torch.nn.Module) -> bool:
     return bool(getattr(module, "peft_config", None))
 
 
-def adapter_state(module: torch.nn.Module, copy: Callable[[torch.Tensor], torch.Tensor] | None = None
-                  ) -> dict[str, torch.Tensor]:
-    """The adapters' tensors on the CPU (through `copy` when given: copies the training cannot change)."""
-    state = get_peft_model_state_dict(module, save_embedding_layers=False)
-    return {k: copy(v) if copy else v.detach().cpu().contiguous() for k, v in state.items()}
+def adapter_state(module: torch.nn.Module, copy: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The adapters' tensors, taken through `copy` (to the host; a copy the training cannot change, in the
+    background)."""
+    return {k: copy(v) for k, v in get_peft_model_state_dict(module, save_embedding_layers=False).items()}
 
 
 def save_adapter(state: dict[str, torch.Tensor], folder: Path) -> None:

@@ -138,27 +138,22 @@ def sampling_pipeline(family: ModelFamily, source: ModelSource, dtype: torch.dty
     """The base pipeline in `dtype` on `device`: around the parts training loaded (lent, given back unchanged), or
     loaded for the purpose (and freed after); with `compile_mode` (--torch_compile) its denoiser's repeated blocks
     compiled in place (they stay so for training, which compiles them anyway)."""
-    if loaded is None:
-        pipe = family.load_pipeline(source, dtype).to(device)
+    modules = [] if loaded is None else [loaded.denoiser, loaded.vae, *loaded.text_encoders.values()]
+    with lent(modules, device, dtype):
+        pipe = (family.load_pipeline(source, dtype).to(device) if loaded is None else
+                family.pipeline_around(loaded, loaded.denoiser, {}))
         if compile_mode is not None:
             compile_blocks(getattr(pipe, family.denoiser_name), compile_mode)
         yield pipe
-        return
-    if compile_mode is not None:
-        compile_blocks(loaded.denoiser, compile_mode)
-    modules = [loaded.denoiser, loaded.vae, *loaded.text_encoders.values()]
-    with lent(modules, device, dtype):
-        yield family.pipeline_around(loaded, loaded.denoiser, {})
 
 
 def _generate(cfg: TrainConfig, family: ModelFamily, source: ModelSource, folder: Path, digest: str,
               indices: list[int], dtype: torch.dtype, settings: dict[str, Any], accelerator, events: Events,
               loaded: Components | None) -> None:
-    cuda = accelerator.device.type == "cuda"
     compile_mode = cfg.torch_compile_mode if cfg.torch_compile else None
     with sampling_pipeline(family, source, dtype, accelerator.device, loaded, compile_mode) as pipe:
         _sample(cfg, family, pipe, folder, digest, indices, settings, accelerator, events)
-    if cuda:
+    if accelerator.device.type == "cuda":
         torch.cuda.empty_cache()
 
 

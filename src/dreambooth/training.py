@@ -29,7 +29,7 @@ from .ema import EMA_FOLDER, Ema
 from .errors import DreamBoothError, Stopped, first_line, is_out_of_memory
 from .evaluation import evaluate
 from .evaluation.evaluate import for_training
-from .events import Sink, eta_seconds
+from .events import eta_seconds, progress_bar, trackers
 from .families import Components, ModelFamily
 from .files import write_text_atomic
 from .identifier import check as check_identifier
@@ -398,9 +398,10 @@ def fit(run: Run, parts: Parts) -> None:
         if reporting:
             report_losses(run, parts, pending)  # the loop's one wait on the device
 
+        saved = None
         if checkpoint:  # the previous save complete and announced before the next one may rotate it away
             checkpointed(run, parts, wait=True)
-        saved = save(run, parts, step) if checkpoint else None  # written on while the next steps train
+            saved = save(run, parts, step)  # written on while the next steps train
         checkpointed(run, parts)
         if validation:
             with full_denoiser(run, parts) as denoiser:
@@ -474,28 +475,6 @@ def report_losses(run: Run, parts: Parts, pending: list[tuple[int, torch.Tensor,
     pending.clear()
 
 
-def progress_bar(bar: tqdm) -> Sink:
-    """The terminal's view of the stream: the bar moves to each step, its postfix shows loss and learning rate."""
-
-    def sink(event: dict[str, Any]) -> None:
-        if event["event"] == "step":  # steps arrive a logging window at a time: each one is drawn
-            bar.update(event["step"] - bar.n)
-            bar.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{event['lr']:.2e}")
-
-    return sink
-
-
-def trackers(acc) -> Sink:
-    """The experiment trackers' view (TensorBoard, W&B, ...): each step's losses and learning rate."""
-
-    def sink(event: dict[str, Any]) -> None:
-        if event["event"] == "step":
-            acc.log({"loss": event["loss"], "loss_instance": event["loss_instance"],
-                     "loss_prior": event["loss_prior"], "lr": event["lr"]}, step=event["step"])
-
-    return sink
-
-
 def unwrapped(acc, modules: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
     return {name: acc.unwrap_model(m) for name, m in modules.items()}
 
@@ -516,17 +495,9 @@ def save_gathered(run: Run, parts: Parts, step: int, denoiser: torch.nn.Module |
     modules = trained_modules(run, denoiser, unwrapped(acc, parts.text_encoders))
     denoiser = modules.pop(run.family.denoiser_name)
 
-    def extra(copy: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Path], None]:
-        lora = (run.family.lora_file(denoiser, modules or None, copy)  # so that a LoRA checkpoint loads on its own
-                if run.cfg.use_lora else None)
-        ema = parts.ema.files(copy) if parts.ema is not None else None
-
-        def write(folder: Path) -> None:
-            for part in (lora, ema):
-                if part is not None:
-                    part(folder)
-
-        return write
+    def extra(copy: Callable[[torch.Tensor], torch.Tensor]) -> list[Callable[[Path], None]]:
+        lora = [run.family.lora_file(denoiser, modules or None, copy)] if run.cfg.use_lora else []  # loads alone
+        return lora + ([parts.ema.files(copy)] if parts.ema is not None else [])
 
     modules = {run.family.denoiser_name: denoiser, **modules}
     sharded = parts.sharding is not None

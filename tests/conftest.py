@@ -9,6 +9,8 @@ import pytest
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before any cuBLAS handle: `gpu` tests use --deterministic
+# a module the run parks in host memory (cached text encoders) refuses to run: on a GPU such a call would mix devices
+os.environ["DREAMBOOTH_GUARD_PARKED"] = "1"
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: 2 workers x 2 threads thrash 2 cores
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
@@ -16,7 +18,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: 2 workers x 
     torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import make_images, make_tiny_sd, make_tiny_sdxl  # noqa: E402
+from tiny import TINY, make_images, make_tiny_sd, make_tiny_sdxl  # noqa: E402
+
+T5_TOKENS = 16  # --max_sequence_length for the families with T5: short, for speed
 
 
 def pytest_collection_modifyitems(config, items):
@@ -78,3 +82,18 @@ def to_argv(args: dict) -> list[str]:
         elif value is not False:
             argv += [f"--{key}", str(value)]
     return argv
+
+
+@pytest.fixture(scope="module", params=["sd", "sdxl", "sd3", "flux"])
+def tiny(request, tmp_path_factory):
+    """(family name, its tiny pipeline folder), for every registered family (test_families checks the list)."""
+    return request.param, TINY[request.param](tmp_path_factory.mktemp("models") / request.param)
+
+
+@pytest.fixture
+def family_args(base_args, tiny):
+    from dreambooth.families import FAMILIES
+
+    family, model = tiny
+    extra = {"max_sequence_length": T5_TOKENS} if "max_sequence_length" in FAMILIES[family].options else {}
+    return lambda **changes: base_args(**{"pretrained_model_name_or_path": str(model), **extra, **changes})

@@ -1,7 +1,11 @@
 """Two processes x batch b must train like one process x batch 2b: on two GPUs (NCCL) where a machine has them,
-else on the CPU (gloo)."""
+else on the CPU (gloo). What processes decide from the file system is decided once, however late one arrives."""
+
+from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,11 +16,48 @@ import torch
 from conftest import to_argv
 from test_training import relative_update_gap, weights
 
+HOOKED = Path(__file__).parent / "hooked_run.py"
+
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch_two(args: dict, hook: str = "", timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """`dreambooth train` in 2 processes under torch.distributed.run (with a test hook of hooked_run.py), in a
+    session of its own: whatever happens, no process of it outlives the call (checked: a leftover fails the test)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+              "--master_port", str(free_port()), str(HOOKED), "train"]
+    env = {**os.environ, "DREAMBOOTH_TEST_HOOK": hook, "PYTHONPATH": str(Path(__file__).parent)}
+    proc = subprocess.Popen([*launch, *to_argv(args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        leftover = _alive(proc.pid)
+        if leftover:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert not leftover, f"processes of the run were still alive after it ended: {leftover}"
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    if check:
+        assert result.returncode == 0, err[-3000:]
+    return result
+
+
+def _alive(session: int) -> list[int]:
+    """The live (not zombie) processes of a session."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) == session:  # state, ..., session id (the 6th field)
+            found.append(int(stat.parent.name))
+    return found
 
 
 def test_two_processes_match_one_with_double_batch(base_args, tiny_model, tmp_path):
@@ -27,10 +68,7 @@ def test_two_processes_match_one_with_double_batch(base_args, tiny_model, tmp_pa
                     **common)
     run = [sys.executable, "-m", "dreambooth", "train"]
     subprocess.run([*run, *to_argv(one)], check=True, capture_output=True, timeout=300)
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-              "--master_port", str(free_port()), "-m", "dreambooth", "train"]
-    proc = subprocess.run([*launch, *to_argv(two)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    launch_two(two)
 
     s1 = json.loads((tmp_path / "one" / "run_summary.json").read_text())
     s2 = json.loads((tmp_path / "two" / "run_summary.json").read_text())
@@ -45,3 +83,13 @@ def test_two_processes_match_one_with_double_batch(base_args, tiny_model, tmp_pa
     gap = relative_update_gap(weights(tiny_model, "unet"), weights(tmp_path / "one", "unet"),
                               weights(tmp_path / "two", "unet"))
     assert gap < 1e-3
+
+
+def test_a_process_that_arrives_late_shares_the_class_image_plan(base_args, tmp_path):
+    """The second process looks at the class folder only after the first has written images into it: had it
+    planned for itself it would split a shorter "missing" list, and some images would never be made."""
+    args = base_args(max_train_steps=1, train_batch_size=1, num_class_images=6, sample_batch_size=1)
+    launch_two(args, hook="late")
+    summary = json.loads((tmp_path / "out" / "run_summary.json").read_text())
+    assert summary["class_images"] == {"used": 6, "user": 0, "reused": 0, "generated": 6}
+    assert len(list((tmp_path / "class").glob("class-*.png"))) == 6

@@ -295,3 +295,17 @@ def test_evaluate_summary_pools_the_unit_scores_of_several_reports(tmp_path, cap
     capsys.readouterr()
     assert main(["evaluate-summary", *paths]) == 2
     assert "different backends" in capsys.readouterr().err
+
+
+def test_toy_backend_on_a_family_without_a_toy_model_samples_with_the_familys_defaults(tmp_path):
+    """The SD toy's dpm++ is no sampler for Flux: a family with no toy model samples as `generate` does."""
+    from dreambooth.families import FAMILIES
+    from tiny import make_tiny_flux
+
+    model = make_tiny_flux(tmp_path / "flux")
+    assert main(["evaluate", "--backend", "toy", "--subject", "circle", "--model", str(model), "--identifier", "zq",
+                 "--images_per_prompt", "2", "--class_images", "1", "--num_inference_steps", "1", "--resolution",
+                 "32", "--max_sequence_length", "8", "--device", "cpu", "--output_dir", str(tmp_path / "e")]) == 0
+    sampling = json.loads((tmp_path / "e" / "report.json").read_text())["sampling"]
+    flux = FAMILIES["flux"]
+    assert (sampling["sampler"], sampling["guidance_scale"]) == (flux.default_sampler, flux.default_guidance)

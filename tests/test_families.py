@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import dreambooth
-from conftest import to_argv
+from conftest import T5_TOKENS, to_argv
 from dreambooth.cli import main
 from dreambooth.families import FAMILIES, ModelSource, get_family
 from dreambooth.generation import load_for_inference
@@ -23,20 +23,6 @@ from tiny import TINY, make_tiny_clip, make_tiny_dino, make_tiny_sd3
 
 LORA = dict(use_lora=True, rank=4, learning_rate=1e-2)
 NO_PRIOR = dict(with_prior_preservation=False, class_prompt=None, class_data_dir=None)
-T5_TOKENS = 16  # --max_sequence_length for the families with T5: short, for speed
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def tiny(request, tmp_path_factory):
-    """(family name, its tiny pipeline folder)."""
-    return request.param, TINY[request.param](tmp_path_factory.mktemp("models") / request.param)
-
-
-@pytest.fixture
-def family_args(base_args, tiny):
-    family, model = tiny
-    extra = {"max_sequence_length": T5_TOKENS} if "max_sequence_length" in FAMILIES[family].options else {}
-    return lambda **changes: base_args(**{"pretrained_model_name_or_path": str(model), **extra, **changes})
 
 
 def render(pipe, **kwargs) -> np.ndarray:

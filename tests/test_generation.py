@@ -52,3 +52,50 @@ def test_t5_length_of_a_t5_less_sd3_model_is_the_flag_else_the_trained_one(tmp_p
     assert sampling_options(str(model), None, fallback=3).max_sequence_length == 3
     again = pixels(model=str(trained), output_dir=str(tmp_path / "t"))
     assert again == short  # same weights, same seed, same length: identical by construction
+
+
+def lora_error(capsys, model, lora, tmp_path) -> str:
+    """`generate --lora` that must fail: exit 2 with one error line, no traceback, nothing logged by the library
+    about the failure it raises (diffusers logs it, state dict and all), no output folder left."""
+    import logging
+
+    logged: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    peft_log = logging.getLogger("diffusers.loaders.peft")
+    peft_log.addHandler(handler)
+    capsys.readouterr()
+    try:
+        code = main(["generate", "--model", str(model), "--lora", str(lora), "--prompt", "a dog", "--device",
+                     "cpu", "--output_dir", str(tmp_path / "samples")])
+    finally:
+        peft_log.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not logged, (err, logged)
+    assert not (tmp_path / "samples").exists()
+    return err
+
+
+def test_a_kohya_lora_whose_layout_does_not_fit_the_model_is_one_line(tiny_model, tmp_path, capsys):
+    """diffusers' kohya-Flux converter asserts that a single block's fused linear1 has Flux-dev's width; on
+    another model that AssertionError, like any failure to convert or load a LoRA, is the one-line error naming the
+    file."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tiny import make_tiny_flux
+
+    model = make_tiny_flux(tmp_path / "flux")
+    lora = tmp_path / "kohya.safetensors"
+    name = "lora_unet_single_blocks_0_linear1"  # q, k, v and the MLP input of the tiny model: 3 * 32 + 128 rows
+    save_file({f"{name}.lora_down.weight": torch.zeros(4, 32), f"{name}.lora_up.weight": torch.zeros(224, 4),
+               f"{name}.alpha": torch.tensor(4.0)}, str(lora))
+    err = lora_error(capsys, model, lora, tmp_path)
+    assert f"error: cannot load the LoRA {lora} onto FluxPipeline (AssertionError while converting its keys" in err
+    assert "it must be a LoRA for this base model" in err
+
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"  # an SD LoRA made for a wider model
+    save_file({f"{name}.lora_down.weight": torch.zeros(4, 999), f"{name}.lora_up.weight": torch.zeros(999, 4)},
+              str(lora))
+    err = lora_error(capsys, tiny_model, lora, tmp_path)
+    assert "(Error(s) in loading state_dict for UNet2DConditionModel: size mismatch" in err  # the line after

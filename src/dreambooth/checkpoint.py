@@ -197,9 +197,10 @@ class CheckpointWriter:
     memory available is written while the loop waits (a warning says so), as with `background=False`, which copies
     nothing (the tensors are serialised from where they are, as before background saves existed)."""
 
-    POLL_S, PATIENCE_S = 0.05, 3600.0  # how often and how long the main process looks for the others' marks
+    POLL_S = 0.05  # how often the main process looks for the others' marks (for at most `patience_s`)
 
-    def __init__(self, background: bool = True):
+    def __init__(self, background: bool = True, patience_s: float = 600.0):
+        self.patience_s = patience_s  # --ddp_timeout: as long as any collective waits for the other processes
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if background else None
         self.pending: tuple[int, Path, Future] | None = None
         self.done: list[tuple[int, Path]] = []  # completed saves not yet collected
@@ -237,7 +238,7 @@ class CheckpointWriter:
             raise
         meta = {**state, "step": step, "num_processes": accelerator.num_processes, "sharded": sharded}
         job = partial(_write, tmp, final, files, meta, rank, accelerator.num_processes, main, total_limit,
-                      self.PATIENCE_S, self.POLL_S, self.cancelled)
+                      self.patience_s, self.POLL_S, self.cancelled)
         if background:
             self.pending = (step, final, self.executor.submit(job))
         else:

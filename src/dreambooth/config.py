@@ -20,12 +20,34 @@ PRIOR_PRECISIONS = ("no", "fp32", "fp16", "bf16")
 REPORTERS = ("none", "tensorboard", "wandb", "comet_ml", "all")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 PRIOR_TARGETS = ("class_images", "base_model")
+# Adam moves each weight by about the learning rate every step, whatever its gradient: past 10 the weights are noise
+# at once, and 1e38 overflows inside the optimizer; Prodigy, which sets its own step size, is given 1.0
+MAX_LEARNING_RATE = 10.0
 
 
 def _multiple_of_8(v: int | None) -> str | None:
     if v is None or (v % 8 == 0 and v >= 8):
         return None
     return "must be a positive multiple of 8 (the VAE downsamples by 8)"
+
+
+def _learning_rate(v: float | None) -> str | None:
+    if v is None or 0 < v <= MAX_LEARNING_RATE:
+        return None
+    return f"must be > 0 and at most {MAX_LEARNING_RATE:g} (usual: 1e-6 to 1e-4 with adamw, 1.0 with prodigy)"
+
+
+def _extension(v: str | None) -> str | None:
+    """A file extension that `Path.with_suffix` takes: a dot, then a name that is neither empty nor a folder."""
+    if v is None or (v.startswith(".") and v.strip(".") and not any(sep in v for sep in "/\\")):
+        return None
+    return "an extension with its dot and no folder, e.g. .txt"
+
+
+def _multiples_near(value: int, multiple: int) -> str:
+    """The allowed values either side of `value`, e.g. "512 or 528" for 520 and 16."""
+    below = value // multiple * multiple
+    return f"{below} or {below + multiple}" if below else str(multiple)
 
 
 def _family_choices() -> list[str]:
@@ -41,7 +63,8 @@ class TrainConfig:
                                                 group="model")
     revision: str | None = option(None, "Hub revision of the base model", group="model")
     variant: str | None = option(None, "Weight variant of the base model files, e.g. fp16", group="model")
-    tokenizer_name: str | None = option(None, "Tokenizer folder or hub id, if not the model's own", group="model")
+    tokenizer_name: str | None = option(None, "Tokenizer folder or hub id, if not the model's own", group="model",
+                                        path=True)
     pretrained_vae_model_name_or_path: str | None = option(
         None, "A VAE to use instead of the model's own (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix",
         group="model")
@@ -86,7 +109,7 @@ class TrainConfig:
     caption_extension: str | None = option(None, "Per-image captions: a file with this extension beside each "
                                            "instance image (e.g. .txt) holds its prompt, with [V] (or the "
                                            "identifier itself) where the subject is named; images without one use "
-                                           "--instance_prompt", group="data")
+                                           "--instance_prompt", check=_extension, group="data")
     masked_loss: bool = option(False, "Weight the instance loss by a mask of the subject: <image>-masklabel.png "
                                "beside each instance image (white: subject) or else the image's alpha channel",
                                group="data")
@@ -122,7 +145,7 @@ class TrainConfig:
                                               "max-autotune-no-cudagraphs"), group="training")
     cache_latents: bool = option(True, "Encode each training view (image, crop, flip) with the frozen VAE once and "
                                  "reuse it; --no-cache_latents encodes every step", group="training")
-    learning_rate: float = option(5e-6, "Peak learning rate", check=positive, group="training")
+    learning_rate: float = option(5e-6, "Peak learning rate", check=_learning_rate, group="training")
     scale_lr: bool = option(False, "Multiply the lr by processes x accumulation x batch size", group="training")
     lr_scheduler: str = option("constant", "Learning-rate schedule", choices=LR_SCHEDULERS, group="training")
     lr_warmup_steps: int = option(500, "Warm-up steps (schedules *_with_warmup, linear, cosine, ...)",
@@ -159,6 +182,10 @@ class TrainConfig:
     fsdp_reshard_after_forward: bool = option(True, "With --fsdp: free each block's gathered weights after its "
                                               "forward pass and gather them again for the backward pass (less "
                                               "memory, more communication)", group="training")
+    ddp_timeout: int = option(600, "Seconds a process waits for the others at a collective (a barrier, the gradient "
+                              "exchange) before the run ends with an error; phases only the main process does "
+                              "(validation, saving) must fit in it. A process that dies ends the others within "
+                              "seconds on one machine whatever this is", check=at_least(10), group="training")
     deterministic: bool = option(False, "Deterministic GPU kernels (no cuDNN autotuning, deterministic attention and "
                                  "cuBLAS), so that a resumed run matches an uninterrupted one bit for bit on a GPU "
                                  "too; slower", group="training")
@@ -219,7 +246,7 @@ class TrainConfig:
                                                          "Text-encoder modules that get adapters "
                                                          "(with --train_text_encoder)", group="lora")
     text_encoder_lr: float | None = option(None, "Learning rate of the text encoder (default: --learning_rate)",
-                                           check=positive, group="lora")
+                                           check=_learning_rate, group="lora")
 
     save_precision: str = option("fp32", "Precision of the saved pipeline's weights (fp16/bf16: half the size; "
                                  "LoRA adapters and checkpoints stay fp32)", choices=("fp32", "fp16", "bf16"),
@@ -236,8 +263,8 @@ class TrainConfig:
         "take over half the available memory is written while the loop waits); false: the loop always waits for "
         "the disk, copying nothing", group="checkpoints")
     resume_from_checkpoint: str | None = option(
-        None, 'Resume from "latest" or a checkpoint folder (name inside output_dir, or a path)', group="checkpoints"
-    )
+        None, 'Resume from "latest" or a checkpoint folder (name inside output_dir, or a path)', group="checkpoints",
+        path=True)
 
     # validation and logging
     validation_prompt: str | None = option(None, "Prompt rendered every --validation_steps", group="validation")
@@ -293,8 +320,6 @@ class TrainConfig:
             raise ConfigError("ema_min_decay", self.ema_min_decay, f"at most --ema_decay ({self.ema_decay})")
         if self.mask_background_weight != 0.0 and not self.masked_loss:
             raise ConfigError("mask_background_weight", self.mask_background_weight, "only used with --masked_loss")
-        if self.caption_extension is not None and not self.caption_extension.startswith("."):
-            raise ConfigError("caption_extension", self.caption_extension, "an extension with its dot, e.g. .txt")
         if self.fsdp_cpu_offload and not self.fsdp:
             raise ConfigError("fsdp_cpu_offload", True, "only used with --fsdp; add it")
         if not self.fsdp_reshard_after_forward and not self.fsdp:
@@ -345,8 +370,14 @@ class TrainConfig:
             if getattr(self, name) != defaults[name]:
                 raise ConfigError(name, getattr(self, name), f"means nothing for {family.name} models "
                                   f"({family.pipeline_classes[0]}); remove it")
-        if self.resolution is not None and self.resolution % family.resolution_multiple:
-            raise ConfigError("resolution", self.resolution, f"must be a multiple of {family.resolution_multiple} "
-                              f"for {family.name} models")
+        multiple = family.resolution_multiple
+        if self.resolution is not None and self.resolution % multiple:
+            raise ConfigError("resolution", self.resolution, f"must be a multiple of {multiple} for {family.name} "
+                              f"models (e.g. {_multiples_near(self.resolution, multiple)})")
+        # only the T5 families get here with it set: the others refuse it above as meaning nothing to them
+        limit = getattr(family, "max_sequence_length_limit", None)
+        if self.max_sequence_length is not None and limit is not None and self.max_sequence_length > limit:
+            raise ConfigError("max_sequence_length", self.max_sequence_length, f"at most {limit} for "
+                              f"{family.name} models (their T5 text encoder reads no more tokens)")
         resolve_sampler(self.class_sampler, family, "class_sampler")
         resolve_sampler(self.validation_sampler, family, "validation_sampler")

@@ -65,3 +65,64 @@ def lent(modules: list[torch.nn.Module], device: torch.device | str, dtype: torc
             for k, data in params.items():
                 sub._parameters[k].data = data
             sub._buffers.update(buffers)
+
+
+# -- parked modules ---------------------------------------------------------------------------------------------
+# A module the run promises not to use while it trains (a frozen text encoder whose output is cached) waits in host
+# memory. On a GPU, a call to it anyway would return host tensors that meet the GPU's at the next operation: a crash
+# no CPU run shows, where host and compute device are one. With DREAMBOOTH_GUARD_PARKED=1 (the test suite sets it)
+# a parked module refuses to run at all, so the CPU tests find such calls.
+GUARD_ENV = "DREAMBOOTH_GUARD_PARKED"
+
+
+class ParkedModuleCalled(RuntimeError):
+    """A parked module ran (DREAMBOOTH_GUARD_PARKED=1): on a GPU this call would mix devices."""
+
+
+def _refuse(module: torch.nn.Module, args: Any) -> None:
+    raise ParkedModuleCalled(f"{type(module).__name__} is parked in host memory while the run trains (its output "
+                             "was cached) and must not run; on a GPU this call would mix host and GPU tensors")
+
+
+def park(module: torch.nn.Module) -> None:
+    """`module` off the compute device, into host memory, until `unparked`."""
+    import os
+
+    module.to("cpu")
+    if os.environ.get(GUARD_ENV) == "1" and getattr(module, "_dreambooth_guard", None) is None:
+        module._dreambooth_guard = module.register_forward_pre_hook(_refuse)
+
+
+@contextmanager
+def unparked(modules, device: torch.device | str) -> Iterator[None]:
+    """Parked (or any) modules on `device` for a while, allowed to run (validation renders with every text
+    encoder); each goes back where it was afterwards, parked ones guarded again."""
+    homes = []
+    for module in modules:
+        guard = getattr(module, "_dreambooth_guard", None)
+        if guard is not None:
+            guard.remove()
+            module._dreambooth_guard = None
+        homes.append((module, next(module.parameters()).device, guard is not None))
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home, guarded in homes:
+            module.to(home)
+            if guarded:
+                module._dreambooth_guard = module.register_forward_pre_hook(_refuse)
+
+
+def cast_as_loaded(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
+    """`module` on `device` in `dtype` as `from_pretrained(dtype=...)` would load it: the parts the model keeps in
+    fp32 (T5's `wo` layers under fp16) stay fp32, integer tensors keep their type."""
+    kept = kept_in_fp32(module, dtype)
+    module.to(device)
+    for prefix, sub in module.named_modules():
+        to = torch.float32 if kept and any(k in prefix.split(".") for k in kept) else dtype
+        for tensors in (sub._parameters, sub._buffers):
+            for t in tensors.values():
+                if t is not None and t.is_floating_point():
+                    t.data = t.data.to(to)
+    return module

@@ -53,7 +53,9 @@ def export(config: ExportConfig | dict | str | Path | None = None, **overrides: 
     out = Path(cfg.output).expanduser()
     if out.exists():
         raise DreamBoothError(f"{out} already exists; pass --output with a new path (nothing is overwritten)")
-    check_inputs(out, {}, {"--model": cfg.model}, "--output")
+    from .generation import model_inputs
+
+    check_inputs(out, {}, model_inputs(cfg.model), "--output")  # a run's base model too: fused exports read it
     with writing(out):
         try:
             return EXPORTERS[cfg.format](cfg)

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,7 +16,7 @@ import torch
 
 from . import schema
 from .data import derive_seed
-from .errors import ConfigError, DataError, first_line
+from .errors import ConfigError, DataError, DreamBoothError, first_line, is_out_of_memory
 from .families import ModelSource, family_of, get_family
 from .files import save_image_atomic
 from .grid import make_grid
@@ -45,8 +47,9 @@ class GenerateConfig:
                                  choices=sampler_names)
     height: int | None = option(None, "Image height (default: the model's)", check=at_least(8))
     width: int | None = option(None, "Image width (default: the model's)", check=at_least(8))
-    max_sequence_length: int | None = option(None, "SD3/Flux: T5 tokens per prompt (default: as the model was "
-                                             "trained (its train_config.json), else 77 for SD3, 512 for Flux)",
+    max_sequence_length: int | None = option(None, "SD3/Flux: T5 tokens per prompt, at most 512 (default: as the "
+                                             "model was trained (its train_config.json), else 77 for SD3, 512 for "
+                                             "Flux)",
                                              check=at_least(1))
     batch_size: int = option(4, "Images per forward pass", check=at_least(1))
     precision: str = option("auto", "Weights precision: auto = fp16 on GPU, fp32 on CPU",
@@ -62,7 +65,61 @@ def slug(text: str, limit: int = 48) -> str:
 def trained_config(model: str) -> dict[str, Any]:
     """The train_config.json next to a trained output or inside a checkpoint; {} for any other model."""
     path = Path(model).expanduser() / "train_config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path} cannot be read ({first_line(e)}); restore it from the run") from None
+    if not isinstance(config, dict):
+        raise DataError(f"{path} is not a training config (a JSON object); restore it from the run")
+    return config
+
+
+def run_config(model: str) -> dict[str, Any] | None:
+    """The training config of what is loaded on top of a base model (a LoRA run's output, a training checkpoint),
+    else None: a pipeline folder or hub id, or a full run's output, which is a whole pipeline."""
+    path = Path(model).expanduser()
+    checkpoint = (path / "state.json").is_file() and (path / "train_config.json").is_file()
+    return trained_config(model) if checkpoint or is_lora_output(path) else None
+
+
+def inference_source(model: str) -> ModelSource:
+    """The pipeline `model` is loaded from: itself, or the base model (and VAE) its run was trained on."""
+    base = run_config(model)
+    if base is None:
+        return ModelSource(model)
+    if not isinstance(base.get("pretrained_model_name_or_path"), str):
+        raise DataError(f"{Path(model).expanduser() / 'train_config.json'} names no base model "
+                        "(pretrained_model_name_or_path); restore it from the run")
+    return ModelSource(base["pretrained_model_name_or_path"], base.get("revision"), base.get("variant"),
+                       vae=base.get("pretrained_vae_model_name_or_path"))
+
+
+def model_inputs(model: str | None, flag: str = "--model") -> dict[str, str | None]:
+    """Every model folder a command reads through `model`, named for errors: the OutputFolder / check_inputs
+    `models` that keep its output out of them (a run is read with the base model its train_config.json names)."""
+    if model is None:
+        return {flag: None}
+    if run_config(model) is None:
+        return {flag: model}
+    source = inference_source(model)
+    return {flag: model, f"{flag}'s base model": source.name_or_path, f"{flag}'s VAE": source.vae}
+
+
+def check_sequence_length(model: str, length: int | None) -> None:
+    """Refuse, before anything loads, a T5 length (the flag's, else the model's train_config.json's) longer than
+    the model's T5 reads; families without T5 ignore it."""
+    resolved = sampling_options(model, length).max_sequence_length
+    if resolved is None:
+        return
+    family = get_family(inference_source(model))
+    limit = getattr(family, "max_sequence_length_limit", None) if getattr(family, "t5_part", None) else None
+    if limit is None or resolved <= limit:
+        return
+    where = "" if length is not None else f" (from {Path(model).expanduser() / 'train_config.json'})"
+    raise ConfigError("max_sequence_length", resolved, f"{family.name} models read at most {limit} T5 tokens per "
+                      f"prompt{where}; pass --max_sequence_length {limit} or less")
 
 
 def sampling_options(model: str, max_sequence_length: int | None, fallback: int | None = None) -> SimpleNamespace:
@@ -78,12 +135,10 @@ def load_for_inference(model: str, dtype: torch.dtype, lora: list[str] | None = 
     run's output (base model + its LoRA file); `lora` adds LoRA files or folders on top."""
     path = Path(model).expanduser()
     lora_run = is_lora_output(path)
-    checkpoint = lora_run or ((path / "state.json").is_file() and (path / "train_config.json").is_file())
-    base = trained_config(model) if checkpoint else None
-    source = (ModelSource(base["pretrained_model_name_or_path"], base["revision"], base["variant"],
-                          vae=base.get("pretrained_vae_model_name_or_path")) if base else ModelSource(model))
+    checkpoint = not lora_run and run_config(model) is not None  # its trained modules replace the base's
+    source = inference_source(model)
     pipe = get_family(source).load_pipeline(source, dtype)
-    if checkpoint and not lora_run:
+    if checkpoint:
         for name in (family_of(pipe).denoiser_name, *(n for n in pipe.components if n.startswith("text_encoder"))):
             if (path / name).is_dir():
                 module = getattr(pipe, name)
@@ -104,11 +159,37 @@ def load_lora(pipe: Any, adapter: str, name: str) -> None:
         raise DataError(f"no LoRA weights at {path}: pass a .safetensors file or a folder that holds {LORA_WEIGHTS}")
     kwargs = {"weight_name": path.name} if path.is_file() else {}
     try:
-        pipe.load_lora_weights(str(path.parent if path.is_file() else path), adapter_name=name, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = first_line(e)
-        raise DataError(f"cannot load the LoRA {path} onto {type(pipe).__name__} ({first}); it must be a LoRA for "
-                        "this base model, in diffusers or kohya format") from None
+        with _unlogged("diffusers.loaders.peft"):  # it logs the failure it raises, state dict and all
+            pipe.load_lora_weights(str(path.parent if path.is_file() else path), adapter_name=name, **kwargs)
+    except DreamBoothError:
+        raise
+    except Exception as e:  # diffusers' and peft's conversions fail in any way (asserts, KeyError, shape errors)
+        fix = ("free memory or load it at a lower --precision" if is_out_of_memory(e) else
+               "it must be a LoRA for this base model, in diffusers or kohya format")
+        raise DataError(f"cannot load the LoRA {path} onto {type(pipe).__name__} ({_reason(e)}); {fix}") from None
+
+
+@contextmanager
+def _unlogged(logger: str) -> Iterator[None]:
+    """A library logger silenced for a call whose failure becomes our one-line error."""
+    log_of = logging.getLogger(logger)
+    level = log_of.level
+    log_of.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        log_of.setLevel(level)
+
+
+def _reason(error: BaseException, limit: int = 300) -> str:
+    """A library's failure to load a LoRA in one line: its first line (with the next where it ends in a colon, as
+    torch's "Error(s) in loading state_dict for ...:" does), or its type where it says nothing (diffusers'
+    converters assert)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return f"{type(error).__name__} while converting its keys to this model's layout"
+    text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    return text[:limit]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -152,9 +233,10 @@ def generate(config: GenerateConfig | dict | str | Path | None = None, **overrid
     values = schema.values_of(config, GenerateConfig)
     cfg = schema.build(GenerateConfig, {**values, **overrides})
     quiet_libraries()
+    check_sequence_length(cfg.model, cfg.max_sequence_length)
     written: list[Path] = []
     with OutputFolder(cfg.output_dir, "generate", inputs={f"--lora {p}": p for p in cfg.lora or []},
-                      models={"--model": cfg.model},
+                      models=model_inputs(cfg.model),
                       kept=lambda: f"the {len(written)} image(s) written before are kept") as out:
         pipe, device = open_pipeline(cfg.model, cfg.sampler, cfg.precision, cfg.device, cfg.lora, cfg.lora_scale)
         out.claim()

@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from .errors import DataError
 from .schema import at_least, option
 
 log = logging.getLogger("dreambooth")
@@ -61,6 +64,16 @@ def candidates(tokenizer, max_chars: int = 3, rarest_fraction: float = 0.5, min_
 def tokens_of(tokenizer, word: str) -> list[str]:
     ids = tokenizer(word, add_special_tokens=False).input_ids
     return [t.removesuffix(WORD_END) for t in tokenizer.convert_ids_to_tokens(ids)]
+
+
+def read_past(tokenizer, text: str, word: str, length: int) -> bool:
+    """Whether the first `word` of `text` lies past the `length` tokens a text encoder reads (the rest is cut)."""
+    import re
+
+    found = re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text)
+    if found is None:
+        return False
+    return len(tokenizer(text[:found.end()], truncation=False).input_ids) > length  # special tokens included
 
 
 def count_tokens(tokenizer, word: str) -> int:
@@ -151,3 +164,37 @@ def check(tokenizer, text_encoder, word: str, class_noun: str | None, pool: int 
         if words:
             report.percentile = sum(s < shifts[0] for s in shifts[1:]) / len(words)
     return report
+
+
+def warn_about_identifier(cfg: Any, c: Any) -> None:
+    """Warnings about the run's identifier (split into pieces, a strong prior) from the model's own tokenizers."""
+    word = cfg.identifier or infer_identifier(cfg.instance_prompt, cfg.class_prompt)
+    if word is None:
+        return
+    report = check(c.tokenizer, c.text_encoder, word, class_noun_after(cfg.instance_prompt, word))
+    for problem in report.problems:
+        log.warning("%s; `dreambooth identifier --pretrained_model_name_or_path %s --class_noun <noun>` lists "
+                    "better ones", problem, cfg.pretrained_model_name_or_path)
+    for name, tokenizer in list(c.tokenizers.items())[1:]:  # T5 (SD3, Flux) reads the identifier too
+        pieces = tokens_of(tokenizer, word)
+        if len(pieces) > 1 and type(tokenizer) is not type(c.tokenizer):
+            log.info("identifier %r is %d tokens for %s (%s)", word, len(pieces), name, " + ".join(pieces))
+
+
+def check_prompts_name_identifier(cfg: Any, family: Any, c: Any, images: list[Path],
+                                  captions: list[str | None] | None) -> None:
+    """Each prompt that names the subject names it within the tokens its text encoders read: a long caption with
+    the identifier at its end would be cut before it, and its image would train without it."""
+    word = cfg.identifier or infer_identifier(cfg.instance_prompt, cfg.class_prompt)
+    if word is None:
+        return
+    prompts = [("--instance_prompt", cfg.instance_prompt)] + [
+        (f"the caption of {image}", text) for image, text in zip(images, captions or []) if text is not None]
+    lengths = {name: family.option(cfg, "max_sequence_length") if name == getattr(family, "t5_part", None)
+               else tok.model_max_length for name, tok in c.tokenizers.items()}
+    for what, text in prompts:
+        for name, tok in c.tokenizers.items():
+            if read_past(tok, text, word, lengths[name]):
+                raise DataError(f"{what} names {word!r} past the {lengths[name]} tokens the text encoder reads "
+                                f"({name}), so that image would train without it; shorten it or name the subject "
+                                "earlier")

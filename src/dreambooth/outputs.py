@@ -159,6 +159,26 @@ def check_inputs(out: Path, inputs: Mapping[str, PathLike], models: Mapping[str,
                                       "it")
 
 
+def check_class_folder(folder: str | Path, photos: str | Path, models: Mapping[str, PathLike]) -> None:
+    """The folder class images are generated into (--class_data_dir) must be a place of their own: not the
+    subject's photos (nor inside or around them: the next run would train on generated images as photos), not
+    inside a base model's folder, not inside another training run's output."""
+    target, subject = _resolved(folder), _resolved(photos)
+    fix = "pass a folder of its own for --class_data_dir"
+    if _inside(target, subject) or _inside(subject, target):
+        how = "is" if target == subject else "is inside" if _inside(target, subject) else "holds"
+        raise DreamBoothError(f"class folder {folder} {how} the instance folder {photos}: generated class images "
+                              f"would be written among the subject's photos; {fix}")
+    for name, given in models.items():
+        if given is not None and _resolved(given).is_dir() and _inside(target, _resolved(given)):
+            raise DreamBoothError(f"class folder {folder} is inside the {name} {given}; {fix}")
+    for parent in [target, *target.parents]:
+        record = read_record(parent) if parent.is_dir() else None
+        if record is not None and record.get("command") == "train":
+            raise DreamBoothError(f"class folder {folder} is inside {parent}, the output of another training run; "
+                                  f"{fix}")
+
+
 class OutputFolder:
     """The folder one command writes, checked, locked and claimed by the rule above. Use as a context manager:
 
@@ -241,8 +261,8 @@ class OutputFolder:
                     raise
 
     def attach(self) -> None:
-        """Write into a folder that another process of the same run opened and locked (distributed training)."""
-        self.check()
+        """Write into a folder that another process of the same run opened, checked and locked (distributed
+        training): its decision stands; a look of this process's own could see what that one wrote since."""
         self.opened = True
 
     def _lock(self) -> None:

@@ -31,6 +31,7 @@ from .errors import DreamBoothError, is_out_of_memory
 from .events import Events
 from .families import Components, ModelFamily, ModelSource, model_identity
 from .files import save_image_atomic, write_text_atomic
+from .processes import decided_once
 from .sampling import make_scheduler, resolve_sampler
 
 log = logging.getLogger("dreambooth")
@@ -81,19 +82,35 @@ def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def plan(folder: Path, digest: str, wanted: int) -> tuple[list[Path], dict[int, Path], list[Path]]:
-    """Split a class folder into user images, our images for these settings (by index) and stale ones."""
+@dataclass
+class Plan:
+    """A class folder as found: user images, our images for these settings (their indices) and stale ones."""
+
+    user: list[Path]
+    ours: set[int]
+    stale: list[Path]
+
+    def encode(self) -> dict[str, list]:
+        return {"user": [str(p) for p in self.user], "ours": sorted(self.ours), "stale": [str(p) for p in self.stale]}
+
+    @classmethod
+    def decode(cls, data: dict[str, list]) -> Plan:
+        return cls([Path(p) for p in data["user"]], set(data["ours"]), [Path(p) for p in data["stale"]])
+
+
+def plan(folder: Path, digest: str, wanted: int) -> Plan:
+    """What the class folder holds now (the main process looks, once for all: see `processes`)."""
     found = scan_folder(folder, "class", ignore={MANIFEST}).images if folder.is_dir() else []
-    user, ours, stale = [], {}, []
+    user, ours, stale = [], set(), []
     for path in found:
         m = GENERATED_RE.match(path.name)
         if m is None:
             user.append(path)
         elif m.group(1) == digest:
-            ours[int(m.group(2))] = path
+            ours.add(int(m.group(2)))
         else:
             stale.append(path)
-    return user[:wanted], ours, stale
+    return Plan(user[:wanted], ours, stale)
 
 
 def ensure_class_images(cfg: TrainConfig, family: ModelFamily, source: ModelSource, accelerator,
@@ -107,9 +124,12 @@ def ensure_class_images(cfg: TrainConfig, family: ModelFamily, source: ModelSour
     dtype = generation_dtype(cfg.prior_generation_precision, accelerator.device)
     settings = class_settings(cfg, family, source, dtype)
     digest = settings_hash(settings)
-    user, ours, stale = plan(folder, digest, cfg.num_class_images)
+    # decided once: a process that looked for itself after another had written images would split a shorter
+    # "missing" list, and some images would never be made
+    found = decided_once(accelerator, lambda: plan(folder, digest, cfg.num_class_images), Plan.encode, Plan.decode)
+    user, stale = found.user, found.stale
     needed = range(cfg.num_class_images - len(user))
-    missing = [i for i in needed if i not in ours]
+    missing = [i for i in needed if i not in found.ours]
     if stale and accelerator.is_main_process:
         log.warning("%d class image(s) in %s were generated with other settings (prompt, model or sampler) and are "
                     "not used; delete them or choose another --class_data_dir", len(stale), folder)

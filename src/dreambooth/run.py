@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -12,25 +13,27 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_seed
 
 from . import schema
 from .checkpoint import checkpoint_config, checkpoint_identity, find_checkpoint, list_checkpoints
 from .config import TrainConfig
 from .data import ImageFolder, scan_folder
-from .data.annotations import open_mask, read_captions
-from .errors import CheckpointError, DataError, DreamBoothError, first_line
+from .data.annotations import check_mask_crops, open_mask, read_captions
+from .errors import CheckpointError, DataError, DreamBoothError, Stopped, first_line
 from .events import EVENTS_FILE, EventFile, Events
 from .families import ModelFamily, ModelSource, get_family
 from .files import write_text_atomic
 from .identifier import infer_identifier
-from .outputs import OutputFolder
+from .outputs import OutputFolder, check_class_folder
+from .processes import Peers, decided_once
 
 log = logging.getLogger("dreambooth")
 
@@ -40,41 +43,69 @@ SUMMARY_FILE = "run_summary.json"  # written last: its presence marks a finished
 IDENTITY = (
     "pretrained_model_name_or_path", "revision", "variant", "instance_data_dir", "instance_prompt", "class_prompt",
     "with_prior_preservation", "train_text_encoder", "resolution", "use_lora", "pretrained_vae_model_name_or_path",
+    "prior_target", "caption_extension", "masked_loss",
 )
 LOCAL_PATHS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "instance_data_dir")
 
 
 class StopRequests:
-    """While the training loop runs, SIGTERM (what the UI's stop button sends) asks it to save a checkpoint and stop
-    at the end of the current step; a second SIGTERM, or one outside the loop (loading models, making class images,
-    saving the result), acts as SIGTERM does by default. Ctrl-C still interrupts at once. Several processes agree
-    to stop at a step where they all report (a logging step), so that each saves its part of the same checkpoint."""
+    """SIGTERM (what the UI's stop button sends) for the whole run. Before training begins (loading models, making
+    class images) it stops the run at once (`Stopped`: nothing to resume yet); while the loop runs it asks for a
+    checkpoint and a stop at the end of the current step, and a second one changes nothing (the first one's save is
+    never interrupted); after the loop (saving the result) it acts as SIGTERM does by default. Ctrl-C still
+    interrupts at once. Several processes agree to stop at a step where they all report (a logging step), so that
+    each saves its part of the same checkpoint. With several processes, a SIGTERM that comes because another
+    process died (the launcher's tear-down, or `Peers`' own) ends this one with the one line that says so."""
 
-    def __init__(self) -> None:
+    BEFORE, LOOP, AFTER = "before", "loop", "after"
+
+    def __init__(self, peers: Peers | None = None) -> None:
         self.requested = threading.Event()
         self.previous: Any = None
+        self.phase = self.BEFORE
+        self.peers = peers
 
     def listen(self) -> None:
-        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            self.previous = signal.signal(signal.SIGTERM, self._on_signal)
+        """The loop starts: from now on SIGTERM asks for a checkpointed stop."""
+        self.phase = self.LOOP
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.requested.is_set():  # asked twice: stop now, as without this handler
-            self.close()
+        if self.peers is not None and self.peers.raised:
+            return  # ending already, because another process did
+        if self.peers is not None and self.peers.ended():
+            raise self.peers.error()
+        if self.phase == self.BEFORE:
+            raise Stopped("stopped on request before training began; nothing was trained, so there is nothing to "
+                          "resume: start the run again")
+        if self.phase == self.AFTER:
+            self.restore()
             signal.raise_signal(signum)
-            return
-        self.requested.set()
+        elif self.requested.is_set():
+            log.warning("a stop was asked for already: the run stops once its checkpoint is saved")
+        else:
+            self.requested.set()
 
     def close(self) -> None:
+        """The loop is over: SIGTERM acts as by default again."""
+        self.phase = self.AFTER
+
+    def restore(self) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
             self.previous = None
 
     def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self.previous = signal.signal(signal.SIGTERM, self._on_signal)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()  # whatever ended the run, the process's own handler comes back
+        self.restore()  # whatever ended the run, the process's own handler comes back
+        if self.peers is not None:
+            self.peers.close()
+            if self.peers.raised and threading.current_thread() is threading.main_thread():
+                # ending because another process did: the launcher's SIGTERM must not cut off the line that says so
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def agreed(self, acc: Accelerator, reported: bool) -> bool:
         """Whether every process stops now."""
@@ -95,9 +126,13 @@ class Run:
     instance: ImageFolder
     resume_from: Path | None
     output: OutputFolder  # locked by the main process; claimed once the models have loaded
+    peers: Peers | None = None  # the other processes, watched (several processes only)
     started: float = field(default_factory=time.time)
     events: Events = field(default_factory=Events)  # progress; written to events.jsonl once the folder is claimed
-    stop: StopRequests = field(default_factory=StopRequests)  # listening while the run trains
+    stop: StopRequests = field(default_factory=StopRequests)  # SIGTERM's meaning while the run goes on
+
+    def __post_init__(self) -> None:
+        self.stop.peers = self.peers
 
     def claim(self) -> None:
         """The models loaded: the output folder becomes this run's (record, train_config.json, events.jsonl)."""
@@ -109,7 +144,7 @@ class Run:
 
     def kept(self) -> str:
         """What survives a failure now (for one-line errors)."""
-        if not self.output.claimed:
+        if not self.output.claimed and self.accelerator.is_main_process:  # (the main process claims for all)
             return "nothing was written"
         found = list_checkpoints(Path(self.cfg.output_dir))
         if found:
@@ -119,8 +154,10 @@ class Run:
 
 
 def identity(values: dict) -> dict:
-    """The IDENTITY settings, local paths resolved (so `sd` and `/abs/sd` are one model)."""
-    out = {k: values.get(k) for k in IDENTITY}
+    """The IDENTITY settings, local paths resolved (so `sd` and `/abs/sd` are one model); a setting a record from
+    an older version lacks is that version's behaviour, the default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    out = {k: values.get(k, defaults[k]) for k in IDENTITY}
     for key in LOCAL_PATHS:
         if out[key] is not None and (key == "instance_data_dir" or Path(out[key]).expanduser().exists()):
             out[key] = str(Path(out[key]).expanduser().resolve())
@@ -135,7 +172,10 @@ def _read_identity(config_file: Path) -> dict:
 
 
 def _differences(a: dict, b: dict, keys) -> list[str]:
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+    """The settings that differ; one a record lacks (written before the setting existed) is its default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    a, b = ({k: d.get(k, defaults.get(k)) for k in keys} for d in (a, b))
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in keys if a[k] != b[k]]
 
 
 def resolve_resume(cfg: TrainConfig, output: OutputFolder) -> Path | None:
@@ -204,10 +244,12 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     AcceleratorState._reset_state()
     # accelerate only starts CPU (gloo) process groups when told to run on CPU
     on_cpu = cfg.device == "cpu" or (not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    # every collective waits --ddp_timeout at most (gloo and NCCL), not torch's 30 minutes
+    bounded = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.ddp_timeout))
     try:
         accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                                   mixed_precision=cfg.mixed_precision, log_with=trackers, project_config=project,
-                                  cpu=on_cpu)
+                                  cpu=on_cpu, kwargs_handlers=[bounded])
     except (ValueError, ImportError) as e:
         raise DreamBoothError(f"cannot set up the run: {first_line(e, 300)}") from None
     if cfg.allow_tf32 and cuda:
@@ -254,13 +296,20 @@ def setup(cfg: TrainConfig) -> Run:
                         "(.jpg, .png, .webp, ...)")
     if cfg.caption_extension:
         identifier = cfg.identifier or infer_identifier(cfg.instance_prompt, cfg.class_prompt)
+        if identifier is None:  # a caption could not be checked for naming the subject
+            raise DataError("--caption_extension needs the subject's identifier to check that each caption names "
+                            "the subject; pass --identifier (the rare word of --instance_prompt)")
         instance.captions = read_captions(instance.images, cfg.caption_extension, identifier)
         log.info("%d of %d instance images have a caption (%s files); the others use --instance_prompt",
                  sum(c is not None for c in instance.captions), len(instance.images), cfg.caption_extension)
     if cfg.masked_loss:
         instance.masks = [open_mask(p) for p in instance.images]
+        check_mask_crops(instance.images, instance.masks, cfg.resolution, cfg.center_crop)
     if cfg.class_data_dir is not None and Path(cfg.class_data_dir).is_file():
         raise DataError(f"class folder {cfg.class_data_dir} is a file; pass a folder (it is created if missing)")
+    if cfg.with_prior_preservation and cfg.class_data_dir is not None:
+        check_class_folder(cfg.class_data_dir, cfg.instance_data_dir, {
+            "base model": cfg.pretrained_model_name_or_path, "VAE": cfg.pretrained_vae_model_name_or_path})
     output = OutputFolder(
         cfg.output_dir, "train",
         inputs={"--instance_data_dir": cfg.instance_data_dir, "--class_data_dir": cfg.class_data_dir,
@@ -273,39 +322,34 @@ def setup(cfg: TrainConfig) -> Run:
     resume_from = _open_on_main(cfg, output, accelerator)
     try:
         set_seed(cfg.seed)
-        run = Run(cfg, accelerator, source, family, instance, resume_from, output)
+        peers = Peers(accelerator) if accelerator.num_processes > 1 else None
+        run = Run(cfg, accelerator, source, family, instance, resume_from, output, peers)
     except BaseException:
         output.close()
         raise
     output.kept = run.kept  # a file-system error names what survives
+    if peers is not None:
+        peers.kept = run.kept
     return run
 
 
 def _open_on_main(cfg: TrainConfig, output: OutputFolder, accelerator: Accelerator) -> Path | None:
     """The main process locks the folder and decides whether and where the run resumes; the others share its
     outcome and its seed (a refusal stops them all, in one line each)."""
-    refusal: DreamBoothError | None = None
-    resume_from = None
-    if accelerator.is_main_process:
+
+    def decide() -> dict[str, Any]:
         try:
             output.open()
             resume_from = resolve_resume(cfg, output)
-            if cfg.seed is None:
-                cfg.seed = random.SystemRandom().randrange(2**31)
-        except DreamBoothError as e:
-            output.close()  # the lock, and the folder if this run made it
-            refusal = e
         except BaseException:
-            output.close()
+            output.close()  # the lock, and the folder if this run made it
             raise
-    if accelerator.num_processes > 1:
-        message = str(refusal) if refusal is not None else None
-        message, resume_from, cfg.seed = broadcast_object_list([message, resume_from, cfg.seed])
-        accelerator.wait_for_everyone()
-        refusal = refusal or (DreamBoothError(message) if message is not None else None)
-    if refusal is not None:
-        raise refusal
+        seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
+        return {"resume_from": None if resume_from is None else str(resume_from), "seed": seed}
+
+    decided = decided_once(accelerator, decide)
+    cfg.seed = decided["seed"]
     if not accelerator.is_main_process:
         output.attach()
-    return resume_from
+    return None if decided["resume_from"] is None else Path(decided["resume_from"])
 

@@ -2,7 +2,7 @@
 
 A field is declared with `option(default, help, choices=..., check=...)`. From the dataclass we derive the argparse
 flags, the accepted config-file keys and the checks; every rejection is a `ConfigError` naming the field, the value
-and what is allowed.
+and what is allowed. Whatever the source, numbers must be finite and paths have `~` and `$VAR` expanded, here.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
+import os
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -35,10 +38,12 @@ def option(
     check: Callable[[Any], str | None] | None = None,
     group: str = "options",
     aliases: tuple[str, ...] = (),
+    path: bool = False,
 ) -> Any:
     """Declare a config field; `check(value)` returns an explanation of what is allowed, or None when fine;
-    `aliases` are further command-line flags for it (e.g. "--model")."""
-    meta = {"help": help, "choices": choices, "check": check, "group": group, "aliases": aliases}
+    `aliases` are further command-line flags for it (e.g. "--model"); `path`: its text is a path (see
+    `holds_path`) though neither its type nor its name says so."""
+    meta = {"help": help, "choices": choices, "check": check, "group": group, "aliases": aliases, "path": path}
     if default is REQUIRED:
         return dataclasses.field(default=None, metadata={**meta, "required": True})
     return dataclasses.field(default=default, metadata={**meta, "required": False})
@@ -79,7 +84,50 @@ def base_type(tp: Any) -> tuple[type, bool]:
     return tp, False
 
 
-def _coerce(name: str, tp: Any, value: Any) -> Any:
+def holds_path(name: str, f: dataclasses.Field, tp: Any) -> bool:
+    """Whether a field's text is a filesystem path: typed `Path`, named `*_dir` or `*_path` (such as
+    `pretrained_model_name_or_path`: a hub id holds no `~` or `$`, so expanding it changes nothing), or declared
+    with `option(path=True)`."""
+    base, _ = base_type(tp)
+    if typing.get_origin(base) is list:
+        (base,) = typing.get_args(base)
+    return base is Path or name.endswith(("_dir", "_path")) or bool(f.metadata.get("path"))
+
+
+VARIABLE = re.compile(r"\$(?:\{(\w+)\}|(\w+))")
+
+
+def expand_path(name: str, text: str) -> str:
+    """`~` and `$VAR`/`${VAR}` expanded as a shell would, so that a config file or the Python API means what the
+    same text means on a command line (not a literal `./$HOME` folder); an unset variable is an error rather than
+    left in the path."""
+
+    def value_of(match: re.Match) -> str:
+        variable = match.group(1) or match.group(2)
+        if variable not in os.environ:
+            raise ConfigError(name, text, f"${variable} is not set; set it or write the path out")
+        return os.environ[variable]
+
+    return os.path.expanduser(VARIABLE.sub(value_of, text))
+
+
+def _number(name: str, base: type, value: Any) -> int | float:
+    expected, accepted = NUMBERS[base]
+    if isinstance(value, bool) or not isinstance(value, accepted):
+        raise ConfigError(name, value, f"expected {expected}")
+    try:
+        number = base(value)
+    except (ValueError, OverflowError):  # OverflowError: an int from an infinite float, a float from a huge int
+        raise ConfigError(name, value, f"expected {expected}") from None
+    # every source can spell inf and nan (the CLI's "inf", JSON's Infinity, YAML's .inf, TOML's inf, Python's
+    # float("nan")); they pass range checks such as >= 0 and turn the weights into NaN while the run exits 0
+    if not math.isfinite(number):
+        raise ConfigError(name, value, "expected a finite number")
+    return number
+
+
+def _coerce(name: str, tp: Any, value: Any, path: bool = False) -> Any:
+    """`value` as the annotation `tp` asks; `path`: text is expanded as a path (`holds_path`)."""
     base, optional = base_type(tp)
     if value is None:
         if optional:
@@ -92,28 +140,22 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(name, value, "expected true or false")
     if base in NUMBERS:
-        expected, accepted = NUMBERS[base]
-        if isinstance(value, bool) or not isinstance(value, accepted):
-            raise ConfigError(name, value, f"expected {expected}")
-        try:
-            return base(value)
-        except ValueError:
-            raise ConfigError(name, value, f"expected {expected}") from None
+        return _number(name, base, value)
     if base is Path:
         if not isinstance(value, str | Path):
             raise ConfigError(name, value, "expected a path")
-        return Path(value).expanduser()
+        return Path(expand_path(name, str(value)))
     if base is str:
         if not isinstance(value, str):
             raise ConfigError(name, value, "expected a string")
-        return value
+        return expand_path(name, value) if path else value
     if typing.get_origin(base) is list:
         (item,) = typing.get_args(base)
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list | tuple):
             raise ConfigError(name, value, "expected a list")
-        return [_coerce(name, item, v) for v in value]
+        return [_coerce(name, item, v, path) for v in value]
     return value
 
 
@@ -136,7 +178,7 @@ def build(cls: type[T], values: Mapping[str, Any]) -> T:
     for key, value in values.items():
         if key not in known:
             raise _unknown(cls, key)
-        kwargs[key] = _coerce(key, hints[key], value)
+        kwargs[key] = _coerce(key, hints[key], value, holds_path(key, known[key], hints[key]))
     for name, f in known.items():
         if f.metadata.get("required") and kwargs.get(name) is None:
             raise _missing(name)
@@ -155,7 +197,7 @@ def problems(cls: type, values: Mapping[str, Any]) -> dict[str, str]:
             found[key] = str(_unknown(cls, key))
             continue
         try:
-            coerced = _coerce(key, hints[key], value)
+            coerced = _coerce(key, hints[key], value, holds_path(key, known[key], hints[key]))
             _check_field(key, known[key], coerced)
         except ConfigError as e:
             found[key] = str(e)
@@ -211,6 +253,36 @@ def values_of(config: Any, cls: type) -> dict[str, Any]:
     return dict(config or {})
 
 
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different (json keeps the last of a repeated key without a word)."""
+    keys = [key for key, _ in pairs]
+    repeated = next((key for key in keys if keys.count(key) > 1), None)
+    if repeated is not None:
+        raise ValueError(f"key {repeated!r} is repeated")
+    return dict(pairs)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, refusing a key repeated in one mapping (PyYAML keeps the last without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: list[Any] = []
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is repeated", key_node.start_mark)
+            seen.append(key)
+        return super().construct_mapping(node, deep)
+
+
+PARSERS: dict[str, Callable[[str], Any]] = {
+    ".toml": tomllib.loads,
+    ".yaml": lambda text: yaml.load(text, _UniqueKeyLoader) or {},
+    ".yml": lambda text: yaml.load(text, _UniqueKeyLoader) or {},
+    ".json": lambda text: json.loads(text, object_pairs_hook=_unique_pairs),
+}
+
+
 def load_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML, YAML or JSON config file into a flat dict; one level of [sections] is flattened."""
     path = Path(path)
@@ -218,27 +290,31 @@ def load_file(path: str | Path) -> dict[str, Any]:
         raise DreamBoothError(f"config file {path} is a folder; pass the path of a .toml, .yaml or .json file")
     if not path.is_file():
         raise DreamBoothError(f"config file {path} does not exist; check the --config path")
+    parse = PARSERS.get(path.suffix.lower())  # run.TOML is a TOML file too
+    if parse is None:
+        raise DreamBoothError(f"config file {path} has an unknown extension; use .toml, .yaml, .yml or .json")
     try:
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise DreamBoothError(f"config file {path} has an unknown extension; use .toml, .yaml, .yml or .json")
-    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = parse(path.read_text(encoding="utf-8-sig"))  # -sig: a BOM (Windows editors write one) is dropped
+    except (ValueError, yaml.YAMLError) as e:  # ValueError: TOML's, JSON's and UTF-8 decoding errors
         first = first_line(e, 300)
         raise DreamBoothError(f"config file {path} cannot be parsed ({first}); fix its syntax") from None
     if not isinstance(data, dict):
         raise DreamBoothError(f"config file {path} must hold key = value pairs at the top level")
+    return _flatten(path, data)
+
+
+def _flatten(path: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """Sections are for readability only: their keys join the top level, so a key set in two places is refused
+    rather than one of them silently winning."""
     flat: dict[str, Any] = {}
+    where: dict[str, str] = {}
     for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
+        place = f"[{key}]" if isinstance(value, dict) else "the top level"
+        for name, item in value.items() if isinstance(value, dict) else [(key, value)]:
+            if name in where:
+                raise DreamBoothError(f"config file {path} sets `{name}` both in {where[name]} and in {place}; "
+                                      "keep one (sections are only for readability)")
+            flat[name], where[name] = item, place
     return flat
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -24,7 +25,7 @@ from .compilation import compile_blocks
 from .config import TrainConfig
 from .data import DreamBoothDataset, StepBatchSampler, collate
 from .data.dataset import CLASS_PROMPT, INSTANCE_PROMPT
-from .devices import to_device
+from .devices import cast_as_loaded, park, to_device
 from .ema import EMA_FOLDER, Ema
 from .errors import DreamBoothError, Stopped, first_line, is_out_of_memory
 from .evaluation import evaluate
@@ -32,8 +33,7 @@ from .evaluation.evaluate import for_training
 from .events import eta_seconds, progress_bar, trackers
 from .families import Components, ModelFamily
 from .files import write_text_atomic
-from .identifier import check as check_identifier
-from .identifier import class_noun_after, infer_identifier, tokens_of
+from .identifier import check_prompts_name_identifier, warn_about_identifier
 from .latent_cache import LatentCache
 from .lora import add_adapters, lora_targets, quantization
 from .loss import dreambooth_loss
@@ -41,6 +41,7 @@ from .noising import sample_latents
 from .objectives import OBJECTIVES, Keys, Objective
 from .optimizer import make_optimizer, trainable
 from .prior import ClassImages, ensure_class_images
+from .processes import PeerFailed, distributed_error
 from .quiet import quiet_libraries
 from .run import CONFIG_FILE, SUMMARY_FILE, Run, determinism, identity, setup
 from .sharding import Sharding, check_processes, clip_mixed
@@ -95,13 +96,13 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
     with determinism(cfg.deterministic):
         run = setup(cfg)
         # the folder locked till the end; errors say what's kept; SIGTERM in the loop stops at a checkpoint
-        with run.output, run.stop, reported(run), memory_errors(cfg, run.kept):
+        with run.output, run.stop, reported(run), memory_errors(cfg, run.kept), peer_errors(run):
             parts = build(run)
             try:
                 fit(run, parts)
                 summary = finish(run, parts)
-            except KeyboardInterrupt:  # Ctrl-C: out now; a checkpoint being written is dropped (earlier ones stay)
-                parts.checkpoints.cancel()
+            except (KeyboardInterrupt, PeerFailed):  # Ctrl-C, or another process died: out now; a checkpoint
+                parts.checkpoints.cancel()  # being written is dropped (it lacks a part), earlier ones stay
                 raise
             finally:  # a checkpoint being written is completed; a process group of one that --fsdp started ends
                 for step, path in parts.checkpoints.close():
@@ -121,8 +122,10 @@ def reported(run: Run) -> Iterator[None]:
     """A run that stops on an error (or Ctrl-C) says so in its event stream, in the line the user sees."""
     try:
         yield
-    except Stopped:
-        raise  # not an error: the stream already says "stopped"
+    except Stopped:  # not an error: the stream says "stopped" (the loop's stop said it with its checkpoint)
+        if "stopped" not in run.events.latest:
+            run.events.emit("stopped", step=None, path=None)
+        raise
     except BaseException as e:
         message = str(e) if isinstance(e, DreamBoothError) else first_line(e, 300) or type(e).__name__
         try:
@@ -132,6 +135,18 @@ def reported(run: Run) -> Iterator[None]:
         raise
     finally:
         run.events.close()
+
+
+@contextmanager
+def peer_errors(run: Run) -> Iterator[None]:
+    """A collective that failed because another process died or stopped answering: the one line that says so."""
+    try:
+        yield
+    except Exception as e:
+        error = None if isinstance(e, DreamBoothError) else distributed_error(e, run.peers, run.cfg.ddp_timeout)
+        if error is None:
+            raise
+        raise error from None
 
 
 @contextmanager
@@ -160,6 +175,7 @@ def build(run: Run) -> Parts:
     class_images = (ensure_class_images(cfg, run.family, run.source, acc, run.events)
                     if prior and not one_load else None)
     c = run.family.load(run.source, cfg.prediction_type, quantized)
+    check_prompts_name_identifier(cfg, run.family, c, run.instance.images, run.instance.captions)
     if prior and one_load:
         class_images = ensure_class_images(cfg, run.family, run.source, acc, run.events, loaded=c)
     run.claim()  # the inputs loaded: from here on the output folder is this run's
@@ -172,8 +188,8 @@ def build(run: Run) -> Parts:
     trained_names = trained_text_encoders(cfg, family, c.text_encoders)
     encoders = [c.text_encoders[n] for n in trained_names]
     for name, encoder in c.text_encoders.items():
-        full = name in trained_names and not cfg.use_lora  # fully trained weights stay fp32
-        encoder.requires_grad_(False).to(acc.device, torch.float32 if full else weight_dtype).eval()
+        full = name in trained_names and not cfg.use_lora  # fully trained weights stay fp32; T5's fp32 parts too
+        cast_as_loaded(encoder.requires_grad_(False), acc.device, torch.float32 if full else weight_dtype).eval()
     captions = list(dict.fromkeys(t for t in run.instance.captions or [] if t is not None))
     prompts = [cfg.instance_prompt, cfg.class_prompt or cfg.instance_prompt, *captions]
     prompt_ids = [INSTANCE_PROMPT if t is None else 2 + captions.index(t)
@@ -181,10 +197,11 @@ def build(run: Run) -> Parts:
     input_ids = family.tokenize(c, prompts, cfg)
     with torch.no_grad():
         encoded = family.encode(c, input_ids, cfg)  # the untouched encoders: also the base model's conditioning
+        warn_about_identifier(cfg, c)  # (measured with the text encoder, before it leaves the GPU)
     cond = None if encoders else encoded
     for name, encoder in c.text_encoders.items():
         if name not in trained_names:
-            encoder.to("cpu")
+            park(encoder)
 
     # model
     c.vae.requires_grad_(False).to(acc.device, family.vae_dtype(c, weight_dtype)).eval()
@@ -218,8 +235,6 @@ def build(run: Run) -> Parts:
         denoiser.enable_gradient_checkpointing()
         for encoder in encoders:
             encoder.gradient_checkpointing_enable()
-    with torch.no_grad():
-        warn_about_identifier(cfg, c)
     objective = OBJECTIVES[family.objective].from_config(c.noise_scheduler, cfg, family.option_defaults)
 
     if cfg.torch_compile:  # block by block, in place (compilation.py): the first steps compile
@@ -264,7 +279,7 @@ def build(run: Run) -> Parts:
     parts = Parts(c, denoiser, dict(c.text_encoders), objective, optimizer, lr_scheduler, dataset, class_images,
                   cond, input_ids, weight_dtype, max_train_steps, validation_every,
                   LatentCache(c.vae, cfg.cache_latents), base, Ema(trained, cfg) if cfg.use_ema else None, sharding,
-                  CheckpointWriter(cfg.checkpoint_in_background))
+                  CheckpointWriter(cfg.checkpoint_in_background, patience_s=cfg.ddp_timeout))
     if run.resume_from is not None:
         state = load_checkpoint(run.resume_from, {}, optimizer, acc.process_index, sharded=sharding is not None)
         if parts.ema is not None:
@@ -292,20 +307,6 @@ def trained_modules(run: Run, denoiser: torch.nn.Module, text_encoders: dict[str
     """What is trained, by its pipeline name (the checkpoint's folder names)."""
     names = trained_text_encoders(run.cfg, run.family, text_encoders)
     return {run.family.denoiser_name: denoiser, **{n: text_encoders[n] for n in names}}
-
-
-def warn_about_identifier(cfg: TrainConfig, c: Components) -> None:
-    word = cfg.identifier or infer_identifier(cfg.instance_prompt, cfg.class_prompt)
-    if word is None:
-        return
-    report = check_identifier(c.tokenizer, c.text_encoder, word, class_noun_after(cfg.instance_prompt, word))
-    for problem in report.problems:
-        log.warning("%s; `dreambooth identifier --pretrained_model_name_or_path %s --class_noun <noun>` lists "
-                    "better ones", problem, cfg.pretrained_model_name_or_path)
-    for name, tokenizer in list(c.tokenizers.items())[1:]:  # T5 (SD3, Flux) reads the identifier too
-        pieces = tokens_of(tokenizer, word)
-        if len(pieces) > 1 and type(tokenizer) is not type(c.tokenizer):
-            log.info("identifier %r is %d tokens for %s (%s)", word, len(pieces), name, " + ".join(pieces))
 
 
 def conditioning(run: Run, parts: Parts, prompt_ids: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -555,6 +556,10 @@ def finish(run: Run, parts: Parts) -> dict[str, Any]:
     with full_denoiser(run, parts) as denoiser:
         if acc.is_main_process:
             out = Path(cfg.output_dir)
+            if parts.ema is None and (out / EMA_FOLDER).is_dir():  # resumed without --use_ema: an earlier
+                log.warning("%s is removed: it averaged an earlier invocation's weights, not this result's",
+                            out / EMA_FOLDER)  # invocation's average would stand beside a result it is not of
+                shutil.rmtree(out / EMA_FOLDER)
             save_result(run, parts, out, denoiser)
             if parts.ema is not None:  # the averaged weights beside the raw ones, in the same format
                 with parts.ema.applied():
@@ -567,6 +572,8 @@ def finish(run: Run, parts: Parts) -> dict[str, Any]:
         write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))  # last: marks the run finished
         log.info("saved the fine-tuned pipeline to %s (%d steps, mean loss %s)", out, steps,
                  f"{summary['mean_loss']:.4f}" if summary["mean_loss"] is not None else "n/a")
+    if run.peers is not None:  # the last collective: past it the others end, as they should (one dying in it
+        run.peers.close()  # makes it fail)
     acc.wait_for_everyone()
     acc.end_training()
     return summary

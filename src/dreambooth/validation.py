@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -11,23 +9,10 @@ import torch
 
 from .config import TrainConfig
 from .data import derive_seed
+from .devices import unparked
 from .families import Components, ModelFamily
 from .grid import make_grid
 from .sampling import make_scheduler, resolve_sampler
-
-
-@contextmanager
-def on_device(modules, device: torch.device) -> Iterator[None]:
-    """Frozen text encoders wait on the CPU while training (their embeddings are cached); the pipeline needs them
-    beside the denoiser for a moment."""
-    homes = [(m, next(m.parameters()).device) for m in modules]
-    for module, _ in homes:
-        module.to(device)
-    try:
-        yield
-    finally:
-        for module, home in homes:
-            module.to(home)
 
 
 @torch.no_grad()
@@ -44,7 +29,7 @@ def render_validation(family: ModelFamily, components: Components, denoiser, tex
     guidance = cfg.validation_guidance_scale if cfg.validation_guidance_scale is not None else family.default_guidance
     was_training = denoiser.training
     denoiser.eval()
-    with accelerator.autocast(), on_device(encoders.values(), device):
+    with accelerator.autocast(), unparked(encoders.values(), device):
         images = pipe(
             [cfg.validation_prompt] * cfg.num_validation_images, generator=generators,
             num_inference_steps=cfg.validation_inference_steps, guidance_scale=guidance,

@@ -81,3 +81,32 @@ def open_mask(image: Path) -> Image.Image:
     if not np.asarray(mask).any():
         raise DataError(f"{source}: mask is all black (nothing to learn); mark the subject in white")
     return mask
+
+
+def check_mask_crops(images: Sequence[Path], masks: Sequence[Image.Image], resolution: int, center: bool) -> None:
+    """A mask whose subject the training crop cuts away trains its image on nothing (its loss is 0): an error with
+    --center_crop (the one crop always misses it); with random crops, a warning when part of them miss it."""
+    import logging
+    import random
+
+    from .dataset import crop_plan
+
+    for image, mask in zip(images, masks):
+        (w, h), _, _ = crop_plan(*mask.size, resolution, True, False, random.Random(0))
+        white = np.asarray(mask.resize((w, h), Image.Resampling.BILINEAR)) > 0
+        if center:
+            left, top = (w - resolution) // 2, (h - resolution) // 2
+            if not white[top:top + resolution, left:left + resolution].any():
+                raise DataError(f"{image}: its mask's subject lies outside the centre crop, so this image would "
+                                "train on nothing; drop --center_crop, or crop the photo around the subject")
+            continue
+        axis = 0 if h > w else 1  # the short side is the crop's: only the long one moves
+        lines = np.flatnonzero(white.any(axis=1 - axis))
+        positions = white.shape[axis] - resolution + 1
+        first, last = lines[0], lines[-1]  # a crop [p, p + resolution) sees the subject unless it ends before
+        seen = sum(1 for p in range(positions) if p <= last and p + resolution > first)  # or starts after it
+        if seen < positions:
+            logging.getLogger("dreambooth").warning(
+                "%s: %d%% of its random crops hold none of the mask's subject (those steps learn nothing from "
+                "it); crop the photo around the subject or use --center_crop", image,
+                round(100 * (positions - seen) / positions))

@@ -179,12 +179,17 @@ class Toy(Backend):
         self.subject = SUBJECTS[subject_name]
 
     def sampling_for(self, family: str | None) -> dict[str, Any]:
-        """The toy world's own settings for the toy model of that family."""
-        from ..toy.measure import toy_options, toy_sampling
+        """The toy world's own settings for the toy model of that family; a family with no toy model (Flux,
+        SDXL) samples with its own sampler and guidance, as `generate` does, at the toy world's step count (the SD
+        toy's sampler may not even fit it: dpm++ is no flow sampler)."""
+        from ..toy.measure import STEPS, TOY_SAMPLING, toy_options, toy_sampling
 
-        sampler, steps, guidance = toy_sampling(family or "sd")
+        family = family or "sd"  # images read back, not sampled: the settings are only recorded
+        if family not in TOY_SAMPLING:
+            return {"sampler": None, "num_inference_steps": STEPS, "guidance_scale": None}
+        sampler, steps, guidance = toy_sampling(family)
         return {"sampler": sampler, "num_inference_steps": steps, "guidance_scale": guidance,
-                **toy_options(family or "sd")}
+                **toy_options(family)}
 
     def cases(self, subject: Subject) -> list[Case]:
         """Prompts name the subject by the noun it was trained with (which may be wrong or empty, as in the class-noun

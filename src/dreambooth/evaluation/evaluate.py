@@ -64,9 +64,9 @@ class EvaluateConfig:
     negative_prompt: str | None = option(None, "Negative prompt", group="sampling")
     resolution: int | None = option(None, "Image size to sample (default: the pipeline's; `train --eval`: the "
                                     "training resolution)", check=at_least(8), group="sampling")
-    max_sequence_length: int | None = option(None, "SD3/Flux: T5 tokens per prompt (default: as the model was "
-                                             "trained, else the backend's, else 77 for SD3, 512 for Flux)",
-                                             check=at_least(1), group="sampling")
+    max_sequence_length: int | None = option(None, "SD3/Flux: T5 tokens per prompt, at most 512 (default: as the "
+                                             "model was trained, else the backend's, else 77 for SD3, 512 for "
+                                             "Flux)", check=at_least(1), group="sampling")
     batch_size: int = option(8, "Images per forward pass", check=at_least(1), group="sampling")
     precision: str = option("auto", "Sampling precision: auto = fp16 on GPU, fp32 on CPU",
                             choices=("auto", "fp32", "fp16", "bf16"), group="sampling")
@@ -108,13 +108,16 @@ def evaluate(config: EvaluateConfig | dict | str | Path | None = None, **overrid
     Returns:
         The report, as also written to output_dir/report.json.
     """
+    from ..generation import check_sequence_length, model_inputs
     from ..quiet import quiet_libraries
 
     cfg = schema.build(EvaluateConfig, {**schema.values_of(config, EvaluateConfig), **overrides})
     quiet_libraries()
     started = time.time()
+    if cfg.model is not None:
+        check_sequence_length(str(cfg.model), cfg.max_sequence_length)
     inputs = {"--images_dir": cfg.images_dir, "--real_images": cfg.real_images, "--lpips_weights": cfg.lpips_weights}
-    models = {"--model": cfg.model, "--clip_model": cfg.clip_model, "--dino_model": cfg.dino_model}
+    models = {**model_inputs(cfg.model), "--clip_model": cfg.clip_model, "--dino_model": cfg.dino_model}
     with OutputFolder(cfg.output_dir, "evaluate", inputs, models) as out:  # an earlier evaluation's files are replaced
         return _evaluate(cfg, out, started)
 

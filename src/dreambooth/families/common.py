@@ -54,6 +54,9 @@ class DiffusersFamily(ModelFamily):
     scheduler_class: ClassVar[type]  # the training noise schedule, read from the model's scheduler config
     text_parts: ClassVar[tuple[TextPart, ...]]  # primary first
     t5_part: ClassVar[str | None] = None  # the text encoder whose prompts are --max_sequence_length tokens
+    # the longest --max_sequence_length: T5 reads at most 512 tokens (its tokenizer's length; the SD3 and Flux
+    # pipelines refuse more, and padding to more would exhaust the memory)
+    max_sequence_length_limit: ClassVar[int] = 512
     # what the pipeline needs besides its modules, loaded or built here; building also leaves optional_parts empty
     load_options: ClassVar[dict[str, Any]] = {}
     optional_parts: ClassVar[tuple[str, ...]] = ()
@@ -133,13 +136,20 @@ class DiffusersFamily(ModelFamily):
                              f"({', '.join(map(str, sorted(clip)))}); they must match")
         return ids
 
-    def frozen_states(self, c: Components, encoder: str, ids: torch.Tensor, compute) -> torch.Tensor:
-        """What a never-trained encoder (T5) gives for these ids, computed once: it may leave the GPU after."""
-        key = (encoder, tuple(ids.shape), ids.numpy().tobytes())
-        if key not in c.frozen:
+    def frozen_states(self, c: Components, encoder: str, ids: torch.Tensor,
+                      compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """What a never-trained encoder (T5) gives for these ids (`compute(ids)`), kept row by row: the run encodes
+        every prompt once, then the encoder leaves the GPU, and any batch of those prompts (a few of them, in any
+        order: a trained CLIP encodes only the prompts of its batch) is served from the rows, never by a new call.
+        Only ids it has not seen are computed."""
+        keys = [(encoder, row.numpy().tobytes()) for row in ids]
+        unseen = list(dict.fromkeys(k for k in keys if k not in c.frozen))
+        if unseen:
+            rows = [keys.index(k) for k in unseen]
             with torch.no_grad():
-                c.frozen[key] = compute()
-        return c.frozen[key]
+                states = compute(ids[rows])
+            c.frozen.update(zip(unseen, states))
+        return torch.stack([c.frozen[k] for k in keys])
 
     def normalize_latents(self, c: Components, latents: torch.Tensor) -> torch.Tensor:
         shift = getattr(c.vae.config, "shift_factor", None) or 0.0

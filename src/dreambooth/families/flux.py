@@ -56,7 +56,7 @@ class Flux(DiffusersFamily):
         pooled = clip(to_device(input_ids["text_encoder"], clip.device), output_hidden_states=False).pooler_output
         ids = input_ids[T5_PART]
         states = self.frozen_states(c, T5_PART, ids,
-                                    lambda: t5(to_device(ids, t5.device), output_hidden_states=False)[0])
+                                    lambda x: t5(to_device(x, t5.device), output_hidden_states=False)[0])
         return {"encoder_hidden_states": states, "pooled_projections": pooled}
 
     def denoiser_call(self, c: Components, denoiser: torch.nn.Module, cond: dict[str, torch.Tensor],

@@ -32,6 +32,7 @@ class StableDiffusion3(DiffusersFamily):
                   TextPart("tokenizer_3", T5_PART, T5EncoderModel, optional=True))
     optional_parts = ("image_encoder", "feature_extractor")
     default_resolution = 512  # the reference scripts' default (the models' own is 1024)
+    resolution_multiple = 16  # the transformer patches latents 2x2
     objective = "rectified_flow"
     options = ("max_sequence_length", "lora_blocks")
     # the reference script's: its T5 length is 77 (the pipeline's own default is 256)
@@ -58,7 +59,7 @@ class StableDiffusion3(DiffusersFamily):
         clip = torch.cat(hidden, dim=-1)
         if T5_PART in encoders:
             t5, ids = encoders[T5_PART], input_ids[T5_PART]
-            t5_states = self.frozen_states(c, T5_PART, ids, lambda: t5(to_device(ids, t5.device))[0]).to(clip.dtype)
+            t5_states = self.frozen_states(c, T5_PART, ids, lambda x: t5(to_device(x, t5.device))[0]).to(clip.dtype)
         else:  # as the pipeline does without T5
             width = c.denoiser.config.joint_attention_dim
             t5_states = clip.new_zeros(clip.shape[0], self.option(cfg, "max_sequence_length"), width)

@@ -11,6 +11,7 @@ import logging
 import mimetypes
 import os
 import shutil
+import socket
 import threading
 import webbrowser
 from functools import partial
@@ -25,10 +26,12 @@ from ..config import TrainConfig
 from ..errors import DreamBoothError
 from ..schema import between, option
 from . import form
-from .workspace import Workspace, slug, stop
+from .workspace import InUse, Workspace, lock_holder, slug
 
 log = logging.getLogger("dreambooth")
 STATIC = Path(__file__).parent / "static"
+MAX_JSON = 1 << 20  # bytes in a request body: form values and prompts are small
+MAX_UPLOAD_REQUEST = 256 << 20  # an upload's photos, base64 in JSON (a third larger than the files)
 PATH_FIELDS = ("pretrained_model_name_or_path", "instance_data_dir", "class_data_dir", "output_dir",
                "pretrained_vae_model_name_or_path", "tokenizer_name", "eval_config")
 
@@ -72,8 +75,7 @@ class App:
 
     # POST /api/upload {files: [{name, data}], resolution}
     def upload(self, body: dict) -> dict[str, Any]:
-        resolution = int(body.get("resolution") or 512)
-        return self.ws.upload(body.get("files") or [], resolution)
+        return self.ws.upload(body.get("files") or [], _whole(body.get("resolution") or 512, "the resolution"))
 
     # POST /api/identifiers {model, class_noun, top}
     def identifiers(self, body: dict) -> dict[str, Any]:
@@ -118,10 +120,10 @@ class App:
         if problems:
             return {"problems": problems}
         config = schema.to_dict(cfg)
+        problems = self.ws.path_problems(config)  # what a run reads and writes stays in the workspace
+        if problems:
+            return {"problems": problems}
         out = Path(config["output_dir"])
-        if out.resolve().parent != self.ws.root / "runs":
-            return {"problems": {"output_dir": "the page shows runs of its workspace only; leave it empty for a "
-                                               "new folder under runs/"}}
         self.ws.start("train", config, out, run=out.name)
         return {"run": out.name}
 
@@ -135,26 +137,39 @@ class App:
 
     # POST /api/runs/<name>/stop
     def stop(self, _: dict, name: str) -> dict[str, Any]:
+        folder = self.ws.run_folder(name)
         job = self.ws.running_job_of(name)
         if job is None:
+            holder = lock_holder(folder)
+            if holder:
+                raise InUse(f"run {name} is training in a process this page did not start (pid {holder}); stop "
+                            "it where it was started")
             raise DreamBoothError(f"run {name} is not training")
-        stop(job)
+        if not self.ws.stop(job):
+            return {"stopping": name, "message": f"run {name} is already stopping (it saves a checkpoint first)"}
         return {"stopping": name}
 
     # POST /api/runs/<name>/resume
     def resume(self, _: dict, name: str) -> dict[str, Any]:
-        folder = self.ws.run_folder(name)
+        self.ws.run_folder(name)
         if self.ws.running_job_of(name):
-            raise DreamBoothError(f"run {name} is already training")
+            raise InUse(f"run {name} is already training")
         config = self.ws.run_view(name)["config"]
         if not config:
             raise DreamBoothError(f"run {name} has no train_config.json to resume from; start a new run")
-        self.ws.start("train", {**config, "resume_from_checkpoint": "latest"}, folder, run=name)
+        config = {**config, "resume_from_checkpoint": "latest"}
+        folder = self.ws.checked_run(name, config)  # a copied-in run's settings may name any folder
+        with self.ws.lock:  # two Resume clicks start one process
+            holder = lock_holder(folder)
+            if holder or self.ws.running_job_of(name):
+                raise InUse(f"run {name} is in use by another process (pid {holder}); wait for it to end, then "
+                            "resume" if holder else f"run {name} is already training")
+            self.ws.start("train", config, folder, run=name)
         return {"run": name}
 
     # POST /api/runs/<name>/gallery {prompts, num_images, seed}
     def gallery(self, body: dict, name: str) -> dict[str, Any]:
-        folder = self.ws.run_folder(name)
+        folder = self.ws.checked_run(name)
         prompts = [p.strip() for p in body.get("prompts") or [] if str(p).strip()]
         if not prompts:
             raise DreamBoothError("type at least one prompt for the gallery")
@@ -167,18 +182,22 @@ class App:
     # POST /api/runs/<name>/export {format}
     def export(self, body: dict, name: str) -> dict[str, Any]:
         fmt = str(body.get("format") or "")
-        folder = self.ws.run_folder(name)
+        folder = self.ws.checked_run(name)
         out = self.ws.new_output("exports", f"{name}-{fmt}", "" if fmt == "merged" else ".safetensors")
         return self.ws.job_view(self.ws.start("export", {"model": str(folder), "format": fmt, "output": str(out)},
                                               out, run=name))
 
     # POST /api/runs/<name>/evaluate {backend, subject, images_per_prompt, class_images}
     def evaluate(self, body: dict, name: str) -> dict[str, Any]:
-        folder = self.ws.run_folder(name)
+        folder = self.ws.checked_run(name)
         cfg = self.ws.run_view(name)["config"] or {}
+        backend = str(body.get("backend") or "dreambench")
+        real = str(cfg.get("instance_data_dir") or "")
+        if backend != "toy" and real and not self.ws.inside(Path(real)):  # a path from the run's own files
+            raise DreamBoothError(f"run {name}'s photos folder {real} is outside the workspace; the page does not "
+                                  "read it")
         out = self.ws.new_output("evaluations", name)
-        config: dict[str, Any] = {"model": str(folder), "output_dir": str(out),
-                                  "backend": str(body.get("backend") or "dreambench")}
+        config: dict[str, Any] = {"model": str(folder), "output_dir": str(out), "backend": backend}
         if not cfg.get("identifier"):  # typed into the prompt only: the word the prompts share
             from ..identifier import infer_identifier
 
@@ -186,7 +205,7 @@ class App:
         if config["backend"] == "toy":
             config["subject"] = str(body.get("subject") or "")
         else:
-            config["real_images"] = cfg.get("instance_data_dir")
+            config["real_images"] = real or None
         for key in ("images_per_prompt", "class_images"):  # empty: the backend's own counts
             if str(body.get(key) or "").strip():
                 config[key] = int(body[key])
@@ -232,6 +251,22 @@ def _truthy(value: Any) -> bool:
     return value is True or str(value).lower() in ("1", "true", "yes", "on")
 
 
+def _whole(value: Any, what: str) -> int:
+    """A whole number from a request, or a one-line refusal naming it."""
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise DreamBoothError(f"{what} must be a whole number") from None
+
+
+class RequestError(Exception):
+    """A request the server refuses before reading its body (its status and one line)."""
+
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 ROUTES = {  # (method, first path part after /api/, has a name) -> App method
     ("GET", "setup"): "setup", ("POST", "upload"): "upload", ("POST", "identifiers"): "identifiers",
     ("POST", "validate"): "validate", ("POST", "train"): "train", ("GET", "runs"): "runs",
@@ -245,6 +280,7 @@ NAMED = {("GET", "runs", ""): "run", ("POST", "runs", "stop"): "stop", ("POST", 
 class Handler(BaseHTTPRequestHandler):
     app: App
     server_version = "dreambooth-ui"
+    timeout = 120  # seconds a silent client holds its thread (a request that never sends its body)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
         log.debug("ui: " + format, *args)
@@ -275,39 +311,70 @@ class Handler(BaseHTTPRequestHandler):
                 raise KeyError(url.path)
             body = {k: v[-1] for k, v in parse_qs(url.query).items()}
             if method == "POST":
-                length = int(self.headers.get("Content-Length") or 0)
-                body |= json.loads(self.rfile.read(length) or b"{}")
+                body |= self._body(parts[1:] == ["upload"])
             if len(parts) == 2 and (method, parts[1]) in ROUTES:
                 return self._json(getattr(self.app, ROUTES[method, parts[1]])(body))
             key = (method, parts[1], parts[3] if len(parts) == 4 else "")
             if len(parts) in (3, 4) and key in NAMED:
                 return self._json(getattr(self.app, NAMED[key])(body, parts[2]))
             raise KeyError(url.path)
-        except ConnectionError:
-            return  # the browser went away (a closed tab, an image load cancelled)
+        except (ConnectionError, TimeoutError):
+            return  # the browser went away (a closed tab, an image load cancelled) or never sent its body
+        except RequestError as e:  # its body unread: the connection closes after the answer (HTTP/1.0)
+            self._json({"error": str(e)}, e.status)
+        except InUse as e:
+            self._json({"error": str(e)}, HTTPStatus.CONFLICT)
         except DreamBoothError as e:
             self._json({"error": str(e)}, HTTPStatus.BAD_REQUEST)
         except KeyError as e:
             self._json({"error": f"not found: {e.args[0] if e.args else url.path}"}, HTTPStatus.NOT_FOUND)
         except (ValueError, TypeError, AttributeError) as e:
-            self._json({"error": f"bad request: {e}"}, HTTPStatus.BAD_REQUEST)
+            self._json({"error": " ".join(f"bad request: {e}".split())[:300]}, HTTPStatus.BAD_REQUEST)
+        except MemoryError:
+            self._json({"error": "the request needs more memory than the server has; send less"},
+                       HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         except Exception as e:  # the page shows it; the server goes on
             log.exception("ui: %s %s failed", method, url.path)
-            self._json({"error": f"{type(e).__name__}: {e}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
+            self._json({"error": " ".join(f"{type(e).__name__}: {e}".split())[:300]},
+                       HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    def _body(self, upload: bool) -> dict[str, Any]:
+        """The request's JSON object, its size checked before a byte is read (a negative length would read till
+        the client hangs up, a huge one fills the memory)."""
+        text = (self.headers.get("Content-Length") or "0").strip()
+        if not text.isdigit():  # also "-1"
+            raise RequestError(HTTPStatus.BAD_REQUEST, "bad request: the Content-Length header is not a size")
+        length, limit = int(text), MAX_UPLOAD_REQUEST if upload else MAX_JSON
+        if length > limit:
+            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                               f"the photos are over {limit >> 20} MB together; upload fewer or smaller ones"
+                               if upload else f"the request is over {limit >> 10} KB; send less")
+        raw = self.rfile.read(length) if length else b""
+        if len(raw) < length:
+            raise ConnectionError("the client sent less than it announced")
+        try:
+            data = json.loads(raw or b"{}")
+        except RecursionError:
+            raise RequestError(HTTPStatus.BAD_REQUEST, "bad request: the JSON is nested too deeply") from None
+        except ValueError as e:  # (UnicodeDecodeError too)
+            raise RequestError(HTTPStatus.BAD_REQUEST, " ".join(f"bad request: {e}".split())[:200]) from None
+        if not isinstance(data, dict):
+            raise RequestError(HTTPStatus.BAD_REQUEST, "bad request: the body must be a JSON object")
+        return data
 
     def _refusal(self, method: str) -> str | None:
-        """Only this page may drive the server: a request must name the address it was served on (a DNS-rebinding
-        page names its own), and a POST must be JSON (a cross-site form cannot send it without a preflight this
-        server never answers) from this page's origin, when the browser says."""
-        host, port = self.server.server_address[:2]
-        allowed = {f"{h}:{port}" for h in (host, "localhost", "127.0.0.1", "[::1]")}
-        if self.headers.get("Host") not in allowed:
+        """Only this page may drive the server: a request must name an address the server answers on (a
+        DNS-rebinding page names its own), and a POST must be JSON (a cross-site form cannot send it without a
+        preflight this server never answers) from this page's origin, when the browser says."""
+        allowed = self.server.allowed_hosts  # type: ignore[attr-defined]
+        if _host_port(self.headers.get("Host") or "") not in allowed:
             return "this server answers requests to its own address only; open the address it printed"
         if method == "POST":
-            if (self.headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":
+            if self.headers.get_content_type() != "application/json":  # lowercased, parameters dropped
                 return "requests must be JSON"
             origin = self.headers.get("Origin")
-            if origin is not None and origin.removeprefix("http://") not in allowed:
+            if origin is not None and (not origin.lower().startswith("http://")
+                                       or _host_port(origin[len("http://"):]) not in allowed):
                 return "requests from other pages are refused"
         return None
 
@@ -332,21 +399,70 @@ class Handler(BaseHTTPRequestHandler):
             shutil.copyfileobj(f, self.wfile)  # streamed: a run's weights are not read into memory
 
 
+def _host_port(text: str) -> tuple[str, int | None] | None:
+    """A Host header (or an origin's authority) as (host, port): lowercased, IPv6 without brackets, no port: 80."""
+    text = text.strip().lower().rstrip("/")
+    try:
+        parsed = urlparse(f"//{text}")
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        return None
+    if not host or parsed.path or parsed.username is not None:
+        return None
+    return _normal(host), 80 if port is None else port
+
+
+def _normal(host: str) -> str:
+    """One spelling per address (::0001 and ::1 are one); names lowercased."""
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return host.lower().rstrip(".")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def own_names(bound: str) -> set[str]:
+    """The names a request may give this server's host as. Loopback names always; on any other bind also the
+    machine's own names and addresses (what a user on the network types), never a name someone else's DNS
+    chose: a DNS-rebinding page still names its own domain and is refused."""
+    names = {"localhost", "127.0.0.1", "::1", _normal(bound)}
+    if _is_loopback(bound):
+        return names
+    machine = {socket.gethostname(), socket.getfqdn()}
+    names |= {_normal(n) for n in machine if n}
+    for name in machine:
+        try:
+            names |= {_normal(str(info[4][0]).split("%")[0]) for info in socket.getaddrinfo(name, None)}
+        except OSError:  # a name that does not resolve: its addresses are not known
+            continue
+    return names
+
+
+class IPv6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 def make_server(cfg: UIConfig) -> ThreadingHTTPServer:
     app = App(Workspace(Path(cfg.workspace)))
     handler = type("BoundHandler", (Handler,), {"app": app})
-    server = ThreadingHTTPServer((cfg.host, cfg.port), handler)
+    ipv6 = ":" in cfg.host  # an IPv6 literal ("::1", "::"): the IPv4 socket cannot bind it
+    server = (IPv6Server if ipv6 else ThreadingHTTPServer)((cfg.host.strip("[]"), cfg.port), handler)
     server.daemon_threads = True
+    port = server.server_address[1]
+    server.allowed_hosts = {(name, port) for name in own_names(str(server.server_address[0]))}  # type: ignore
     return server
 
 
 def serve(config: UIConfig | dict | None = None, **overrides: Any) -> None:
     cfg = config if isinstance(config, UIConfig) and not overrides else schema.build(
         UIConfig, {**schema.values_of(config, UIConfig), **overrides})
-    try:
-        loopback = ipaddress.ip_address(cfg.host).is_loopback
-    except ValueError:
-        loopback = cfg.host == "localhost"
+    loopback = _is_loopback(cfg.host)
     server = make_server(cfg)
     host, port = server.server_address[:2]
     url = f"http://{host if ':' not in str(host) else f'[{host}]'}:{port}/"

@@ -249,7 +249,8 @@ function drawLoss() {
 
 async function control(action) {
   try {
-    await api("POST", `/api/runs/${encodeURIComponent(state.run)}/${action}`, {});
+    const res = await api("POST", `/api/runs/${encodeURIComponent(state.run)}/${action}`, {});
+    if (res.message) $("run-message").textContent = res.message;  // e.g. already stopping
     if (action === "resume") {
       $("run-message").textContent = "";
       clearTimeout(state.timer);

@@ -30,7 +30,8 @@ def launch_two(args: dict, hook: str = "", timeout: float = 300, check: bool = T
     session of its own: whatever happens, no process of it outlives the call (checked: a leftover fails the test)."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
               "--master_port", str(free_port()), str(HOOKED), "train"]
-    env = {**os.environ, "DREAMBOOTH_TEST_HOOK": hook, "PYTHONPATH": str(Path(__file__).parent)}
+    path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "DREAMBOOTH_TEST_HOOK": hook, "PYTHONPATH": path}
     proc = subprocess.Popen([*launch, *to_argv(args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)
     try:

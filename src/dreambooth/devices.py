@@ -37,6 +37,12 @@ def kept_in_fp32(module: torch.nn.Module, dtype: torch.dtype) -> tuple[str, ...]
     return tuple(names)
 
 
+def _dtype_of(prefix: str, kept: tuple[str, ...], dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the submodule at `prefix` when its model is cast to `dtype` (fp32 inside a kept module)."""
+    parts = set(prefix.split("."))
+    return torch.float32 if any(k in parts for k in kept) else dtype
+
+
 @contextmanager
 def lent(modules: list[torch.nn.Module], device: torch.device | str, dtype: torch.dtype) -> Iterator[None]:
     """The modules on `device` in `dtype` for a while, cast as `from_pretrained(dtype=...)` loads them (integer
@@ -51,8 +57,7 @@ def lent(modules: list[torch.nn.Module], device: torch.device | str, dtype: torc
             for prefix, sub in module.named_modules():
                 params = {k: p.data for k, p in sub._parameters.items() if p is not None}
                 own.append((sub, params, dict(sub._buffers)))
-                parts = set(prefix.split("."))
-                to = torch.float32 if any(k in parts for k in kept) else dtype
+                to = _dtype_of(prefix, kept, dtype)
                 for p in sub._parameters.values():
                     if p is not None:
                         p.data = p.data.to(device, to if p.is_floating_point() else None)
@@ -120,7 +125,7 @@ def cast_as_loaded(module: torch.nn.Module, device: torch.device | str, dtype: t
     kept = kept_in_fp32(module, dtype)
     module.to(device)
     for prefix, sub in module.named_modules():
-        to = torch.float32 if kept and any(k in prefix.split(".") for k in kept) else dtype
+        to = _dtype_of(prefix, kept, dtype)
         for tensors in (sub._parameters, sub._buffers):
             for t in tensors.values():
                 if t is not None and t.is_floating_point():

@@ -21,7 +21,7 @@ from dreambooth import checkpoint, prior, training
 from dreambooth.cli import main
 
 RANK = int(os.environ.get("RANK", "0"))
-KILL_AT_STEP = 3  # "training": the step whose losses are being reported
+KILL_AT_STEP = 5  # "training", "launcher": the step whose losses are reported (checkpoint-2 is complete by then)
 
 
 def die(*_, **__) -> None:

@@ -172,3 +172,22 @@ def test_a_second_stop_never_interrupts_the_save_of_the_first(base_args, tmp_pat
     assert verify(tmp_path / "out" / "checkpoint-2") is None and not list((tmp_path / "out").glob(".checkpoint-*"))
     events, _ = read_events(tmp_path / "out" / "events.jsonl")
     assert [e["event"] for e in events][-2:] == ["checkpoint", "stopped"]
+
+
+def test_a_stop_while_a_library_loads_weights_is_a_stop_not_a_damaged_file(base_args, monkeypatch, capsys):
+    """diffusers turns any Exception raised while it reads a weights file into "Unable to load weights": the stop
+    must pass through such a handler untouched."""
+    import safetensors.torch
+
+    real = safetensors.torch.load_file
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered here, inside diffusers' try/except Exception
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", signalled)
+    capsys.readouterr()
+    assert main(["train", *to_argv(base_args(with_prior_preservation=False, class_prompt=None,
+                                             class_data_dir=None))]) == 143
+    err = capsys.readouterr().err
+    assert "stopped on request before training began" in err and "damaged" not in err, err

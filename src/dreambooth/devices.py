@@ -103,14 +103,14 @@ def unparked(modules, device: torch.device | str) -> Iterator[None]:
     """Parked (or any) modules on `device` for a while, allowed to run (validation renders with every text
     encoder); each goes back where it was afterwards, parked ones guarded again."""
     homes = []
-    for module in modules:
-        guard = getattr(module, "_dreambooth_guard", None)
-        if guard is not None:
-            guard.remove()
-            module._dreambooth_guard = None
-        homes.append((module, next(module.parameters()).device, guard is not None))
-        module.to(device)
     try:
+        for module in modules:
+            guard = getattr(module, "_dreambooth_guard", None)
+            homes.append((module, next(module.parameters()).device, guard is not None))
+            if guard is not None:
+                guard.remove()
+                module._dreambooth_guard = None
+            module.to(device)
         yield
     finally:
         for module, home, guarded in homes:
@@ -123,11 +123,12 @@ def cast_as_loaded(module: torch.nn.Module, device: torch.device | str, dtype: t
     """`module` on `device` in `dtype` as `from_pretrained(dtype=...)` would load it: the parts the model keeps in
     fp32 (T5's `wo` layers under fp16) stay fp32, integer tensors keep their type."""
     kept = kept_in_fp32(module, dtype)
-    module.to(device)
-    for prefix, sub in module.named_modules():
+    for prefix, sub in module.named_modules():  # tensor by tensor: the fp32 model never wholly on the device
         to = _dtype_of(prefix, kept, dtype)
-        for tensors in (sub._parameters, sub._buffers):
-            for t in tensors.values():
-                if t is not None and t.is_floating_point():
-                    t.data = t.data.to(to)
+        for p in sub._parameters.values():
+            if p is not None:
+                p.data = p.data.to(device, to if p.is_floating_point() else None)
+        for k, b in sub._buffers.items():
+            if b is not None:
+                sub._buffers[k] = b.to(device, to if b.is_floating_point() else None)
     return module

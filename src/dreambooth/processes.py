@@ -26,7 +26,8 @@ T = TypeVar("T")
 def decided_once(accelerator, decide: Callable[[], T], encode: Callable[[T], Any] = lambda v: v,
                  decode: Callable[[Any], T] = lambda v: v) -> T:
     """`decide()` on the main process; its value (or its DreamBoothError, raised in every process) for all.
-    `encode`/`decode` turn the value into JSON-able data and back: what travels is text, never a pickle."""
+    `encode`/`decode` turn the value into JSON-able data and back: only a string travels (the broadcast pickles
+    it), and nothing of ours is unpickled beyond it."""
     if accelerator.num_processes == 1:
         return decide()
     from accelerate.utils import broadcast_object_list
@@ -51,6 +52,18 @@ def decided_once(accelerator, decide: Callable[[], T], encode: Callable[[T], Any
 
 class PeerFailed(DreamBoothError):
     """Another process of the run (or its launcher) ended, or stopped answering: this one ends too."""
+
+
+def _machine() -> str:
+    """Which processes can see each other's pids: one boot of one machine, one pid namespace (containers sharing a
+    host name are told apart)."""
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:  # no /proc (macOS): the host name alone
+        pass
+    return "/".join(parts)
 
 
 def _alive(pid: int) -> bool:
@@ -86,11 +99,11 @@ class Peers:
         import torch.distributed as dist
 
         self.rank, self.count = accelerator.process_index, accelerator.num_processes
-        me = json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
+        me = {"machine": _machine(), "pid": os.getpid()}
         everyone: list[str | None] = [None] * self.count
-        dist.all_gather_object(everyone, me)  # JSON text: nothing but strings travels
-        self.here = {rank: json.loads(text)["pid"] for rank, text in enumerate(everyone)
-                     if rank != self.rank and json.loads(text)["host"] == socket.gethostname()}
+        dist.all_gather_object(everyone, json.dumps(me))  # JSON text: only strings travel
+        peers = {rank: json.loads(text) for rank, text in enumerate(everyone) if rank != self.rank}
+        self.here = {rank: p["pid"] for rank, p in peers.items() if p["machine"] == me["machine"] and _alive(p["pid"])}
         self.launcher = os.getppid()
         self.kept: Callable[[], str] = lambda: "nothing was written"
         self.failure: str | None = None
@@ -98,6 +111,11 @@ class Peers:
         self._ended = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="peers", daemon=True)
         self._thread.start()
+
+    @property
+    def closed(self) -> bool:
+        """The run's collective part is over: the others end now, as they should."""
+        return self._ended.is_set()
 
     def ended(self) -> str | None:
         """What ended, if anything: another process of the run on this machine, or the launcher."""
@@ -121,8 +139,8 @@ class Peers:
         while not self._ended.wait(self.POLL_S):
             if self.ended() is None:
                 continue
-            if self.raised:  # the main thread knows already (a collective failed, or the launcher's SIGTERM)
-                break
+            if self.raised or self.closed:  # the main thread knows already (a collective failed, the launcher's
+                break  # SIGTERM), or the run's collective part ended as this failure was seen
             import _thread
 
             _thread.interrupt_main(signal.SIGTERM)  # its handler raises PeerFailed in the main thread
@@ -144,17 +162,26 @@ FAILED_EXIT = 2  # as the CLI's exit status for any one-line error
 
 
 def distributed_error(error: BaseException, peers: Peers | None, timeout_s: int) -> PeerFailed | None:
-    """A collective's failure (gloo: "connection reset", "timed out"; NCCL: DistBackendError), as the one line
-    that names what happened; None for any other error."""
+    """A collective's failure in a run of several processes (gloo: "connection reset", "timed out"; NCCL:
+    DistBackendError), as the one line that names what happened; None for any other error."""
+    import time
+
     import torch.distributed as dist
 
+    from .errors import is_out_of_memory
+
     text = str(error)
+    if peers is None or is_out_of_memory(error):  # one process (a group of one for --fsdp), or advice to give
+        return None
     if not (isinstance(error, dist.DistError) or "gloo" in text or "NCCL" in text or "c10d" in text):
         return None
-    if peers is not None and peers.ended():
+    deadline = time.monotonic() + 2.0  # a killed process's sockets close a moment before it is gone
+    while peers.ended() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if peers.ended():
         return peers.error()
     if "timed out" in text.lower() or "timeout" in text.lower():
         what = f"another process of the run did not answer for {timeout_s} s (--ddp_timeout)"
     else:
         what = f"another process of the run stopped answering ({first_line(error, 160)})"
-    return peers.error(what) if peers is not None else PeerFailed(what)
+    return peers.error(what)

@@ -45,7 +45,18 @@ IDENTITY = (
     "with_prior_preservation", "train_text_encoder", "resolution", "use_lora", "pretrained_vae_model_name_or_path",
     "prior_target", "caption_extension", "masked_loss",
 )
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # what an older record's missing key meant
 LOCAL_PATHS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "instance_data_dir")
+
+
+class Signalled(BaseException):  # noqa: N818 (it carries the error, as KeyboardInterrupt does)
+    """What the SIGTERM handler raises wherever the main thread is: not an Exception, so that no library's `except
+    Exception` (a model loader turning any error into "the weights are damaged") can swallow or rename it; `train`
+    turns it back into the error it carries (`Stopped`, `PeerFailed`)."""
+
+    def __init__(self, error: DreamBoothError):
+        super().__init__(str(error))
+        self.error = error
 
 
 class StopRequests:
@@ -70,13 +81,14 @@ class StopRequests:
         self.phase = self.LOOP
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if self.peers is not None and self.peers.raised:
+        watching = self.peers is not None and not self.peers.closed  # (closed: the others' part is done)
+        if watching and self.peers.raised:
             return  # ending already, because another process did
-        if self.peers is not None and self.peers.ended():
-            raise self.peers.error()
+        if watching and self.peers.ended():
+            raise Signalled(self.peers.error())
         if self.phase == self.BEFORE:
-            raise Stopped("stopped on request before training began; nothing was trained, so there is nothing to "
-                          "resume: start the run again")
+            raise Signalled(Stopped("stopped on request before training began; nothing was trained, so there is "
+                                    "nothing to resume: start the run again"))
         if self.phase == self.AFTER:
             self.restore()
             signal.raise_signal(signum)
@@ -156,8 +168,7 @@ class Run:
 def identity(values: dict) -> dict:
     """The IDENTITY settings, local paths resolved (so `sd` and `/abs/sd` are one model); a setting a record from
     an older version lacks is that version's behaviour, the default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    out = {k: values.get(k, defaults[k]) for k in IDENTITY}
+    out = {k: values.get(k, DEFAULTS[k]) for k in IDENTITY}
     for key in LOCAL_PATHS:
         if out[key] is not None and (key == "instance_data_dir" or Path(out[key]).expanduser().exists()):
             out[key] = str(Path(out[key]).expanduser().resolve())
@@ -173,8 +184,7 @@ def _read_identity(config_file: Path) -> dict:
 
 def _differences(a: dict, b: dict, keys) -> list[str]:
     """The settings that differ; one a record lacks (written before the setting existed) is its default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    a, b = ({k: d.get(k, defaults.get(k)) for k in keys} for d in (a, b))
+    a, b = ({k: d.get(k, DEFAULTS.get(k)) for k in keys} for d in (a, b))
     return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in keys if a[k] != b[k]]
 
 

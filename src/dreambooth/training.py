@@ -43,7 +43,7 @@ from .optimizer import make_optimizer, trainable
 from .prior import ClassImages, ensure_class_images
 from .processes import PeerFailed, distributed_error
 from .quiet import quiet_libraries
-from .run import CONFIG_FILE, SUMMARY_FILE, Run, determinism, identity, setup
+from .run import CONFIG_FILE, SUMMARY_FILE, Run, Signalled, determinism, identity, setup
 from .sharding import Sharding, check_processes, clip_mixed
 from .validation import render_validation
 
@@ -101,8 +101,9 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
             try:
                 fit(run, parts)
                 summary = finish(run, parts)
-            except (KeyboardInterrupt, PeerFailed):  # Ctrl-C, or another process died: out now; a checkpoint
-                parts.checkpoints.cancel()  # being written is dropped (it lacks a part), earlier ones stay
+            except BaseException as e:  # Ctrl-C, or another process died: out now; a checkpoint being written
+                if ends_now(e, run):  # is dropped (it may lack a part), earlier ones stay
+                    parts.checkpoints.cancel()
                 raise
             finally:  # a checkpoint being written is completed; a process group of one that --fsdp started ends
                 for step, path in parts.checkpoints.close():
@@ -137,11 +138,22 @@ def reported(run: Run) -> Iterator[None]:
         run.events.close()
 
 
+def ends_now(error: BaseException, run: Run) -> bool:
+    """Whether the run ends without completing what it was writing: Ctrl-C, or another process gone."""
+    if isinstance(error, Signalled):
+        error = error.error
+    return isinstance(error, KeyboardInterrupt | PeerFailed) or (
+        isinstance(error, Exception) and distributed_error(error, run.peers, run.cfg.ddp_timeout) is not None)
+
+
 @contextmanager
 def peer_errors(run: Run) -> Iterator[None]:
-    """A collective that failed because another process died or stopped answering: the one line that says so."""
+    """The error a SIGTERM carried (a stop before training, another process gone), and a collective that failed
+    because another process died or stopped answering: the one line that says so."""
     try:
         yield
+    except Signalled as e:
+        raise e.error from None
     except Exception as e:
         error = None if isinstance(e, DreamBoothError) else distributed_error(e, run.peers, run.cfg.ddp_timeout)
         if error is None:
@@ -527,6 +539,11 @@ def save_result(run: Run, parts: Parts, out: Path, denoiser: torch.nn.Module) ->
 def finish(run: Run, parts: Parts) -> dict[str, Any]:
     """Save the pipeline, a final validation grid and the run summary."""
     cfg, acc = run.cfg, run.accelerator
+    # the others' part ends after this barrier (with --fsdp, after the gather below): they leave while the main
+    # process saves and renders, so no collective waits on that (a slow disk is not a dead process). Each stops
+    # watching the others first: they end, as they should (one that dies in the barrier or the gather fails it)
+    if run.peers is not None:
+        run.peers.close()
     acc.wait_for_everyone()
     steps = parts.state["step"]
     summary: dict[str, Any] = {
@@ -572,8 +589,5 @@ def finish(run: Run, parts: Parts) -> dict[str, Any]:
         write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))  # last: marks the run finished
         log.info("saved the fine-tuned pipeline to %s (%d steps, mean loss %s)", out, steps,
                  f"{summary['mean_loss']:.4f}" if summary["mean_loss"] is not None else "n/a")
-    if run.peers is not None:  # the last collective: past it the others end, as they should (one dying in it
-        run.peers.close()  # makes it fail)
-    acc.wait_for_everyone()
     acc.end_training()
     return summary

@@ -92,10 +92,12 @@ def check_mask_crops(images: Sequence[Path], masks: Sequence[Image.Image], resol
     from .dataset import crop_plan
 
     for image, mask in zip(images, masks):
-        (w, h), _, _ = crop_plan(*mask.size, resolution, True, False, random.Random(0))
+        (w, h), (top, left), _ = crop_plan(*mask.size, resolution, True, False, random.Random(0))
         white = np.asarray(mask.resize((w, h), Image.Resampling.BILINEAR)) > 0
+        if not white.any():
+            raise DataError(f"{image}: its mask's subject is too small to survive resizing to {resolution} px, so "
+                            "this image would train on nothing; mark more of the subject in white")
         if center:
-            left, top = (w - resolution) // 2, (h - resolution) // 2
             if not white[top:top + resolution, left:left + resolution].any():
                 raise DataError(f"{image}: its mask's subject lies outside the centre crop, so this image would "
                                 "train on nothing; drop --center_crop, or crop the photo around the subject")

@@ -40,6 +40,7 @@ from ..events import EVENTS_FILE, read_events
 from ..files import write_text_atomic
 from ..outputs import LOCK
 from ..run import CONFIG_FILE, SUMMARY_FILE
+from ..schema import expand_path
 
 MAX_UPLOAD = 64 * 1024 * 1024  # bytes per photo
 RESOLUTIONS = (8, 4096)  # what an upload preview renders: a bigger square would be gigabytes of pixels
@@ -81,7 +82,7 @@ class Job:
     started: float = field(default_factory=time.time)
     pid: int = 0
     config_file: Path | None = None
-    stop_sent: bool = False  # the page sends its stop signal once: a second one would end the process at once
+    stop_sent: bool = False  # the page sends its stop signal once (a second click only says "already stopping")
 
     def status(self) -> str:
         """running, done, stopped, failed; "ended" for an earlier page's process (its exit status is not known)."""
@@ -209,7 +210,8 @@ class Workspace:
 
     def stop(self, job: Job) -> bool:
         """Ask a training process to save a checkpoint and stop (SIGTERM; see run.StopRequests), once per job:
-        False when it was asked before (a second SIGTERM ends the process at once, its checkpoint half written)."""
+        False when it was asked before (the trainer ignores a second one while it saves; an older trainer would
+        end at once, its checkpoint half written)."""
         with self.lock:
             if job.stop_sent:
                 return False
@@ -318,7 +320,7 @@ class Workspace:
         writes is inside the workspace (resolved, links followed), but its base model (any local folder or hub
         id): its output folder a folder of runs/ (`run` where given), its class images a folder of their own, not
         the photos, a model or a run."""
-        out = Path(str(values.get("output_dir") or "")).expanduser().resolve()
+        out = Path(expand_path("output_dir", str(values.get("output_dir") or ""))).resolve()
         found: dict[str, str] = {}
         if run is not None and out != run:
             found["output_dir"] = f"its output folder {out} is not the run's own folder"
@@ -341,7 +343,7 @@ class Workspace:
         folder and a checkpoint name: from the output folder)."""
         if not text or (name == "resume_from_checkpoint" and text == "latest"):
             return None
-        path = Path(text).expanduser()
+        path = Path(expand_path(name, text))  # `~` and `$VAR` as the trainer reads them
         if name == "logging_dir" or (name == "resume_from_checkpoint" and not (path.is_absolute() or path.exists())):
             path = out / path
         return path.resolve()
@@ -353,8 +355,8 @@ class Workspace:
         hint = "leave it empty for one under class-images/"
         if (photos is not None and overlaps(photos)) or overlaps(self.root / "uploads"):
             return f"the class images folder cannot be, hold or be inside the uploaded photos; {hint}"
-        models = [Path(str(values[m])).expanduser().resolve() for m in MODELS
-                  if values.get(m) and Path(str(values[m])).expanduser().exists()]
+        models = [Path(expand_path(m, str(values[m]))).resolve() for m in MODELS
+                  if values.get(m) and Path(expand_path(m, str(values[m]))).exists()]
         if any(overlaps(m) for m in models):
             return f"the class images folder cannot be, hold or be inside a base model's folder; {hint}"
         if overlaps(self.root / "runs"):
@@ -395,9 +397,14 @@ class Workspace:
         if state == "failed":
             said = [e for e in mine if e.get("event") == "error"]
             return "failed", plain(_error_line(said[-1]) if said else self.console_line(job) or self._silent(job))
-        if state == "stopped":
-            began = any(e.get("event") == "stopped" for e in mine)
-            return "stopped", None if began else "stopped before training began; Resume starts it again"
+        if state == "stopped":  # at a checkpoint (a "stopped" event with its step), before training began (a
+            # "stopped" event without one, or none: nothing was claimed yet), or while saving the result (killed)
+            stops = [e for e in mine if e.get("event") == "stopped"]
+            if stops and stops[-1].get("step") is not None:
+                return "stopped", None
+            began = any(e.get("event") == "start" for e in mine)
+            return "stopped", ("stopped while saving its result; Resume finishes it from its last checkpoint" if began
+                               else "stopped before training began; Resume starts it again")
         if summary:
             return "finished", None
         ends = [e for e in read_events(folder / EVENTS_FILE)[0] if e.get("event") in ("stopped", "error", "start")]

@@ -37,6 +37,16 @@ def kept_in_fp32(module: torch.nn.Module, dtype: torch.dtype) -> tuple[str, ...]
     return tuple(names)
 
 
+def _place(sub: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
+    """A submodule's own parameters and buffers on `device`, the floating ones in `dtype` (each a new tensor)."""
+    for p in sub._parameters.values():
+        if p is not None:
+            p.data = p.data.to(device, dtype if p.is_floating_point() else None)
+    for k, b in sub._buffers.items():
+        if b is not None:
+            sub._buffers[k] = b.to(device, dtype if b.is_floating_point() else None)
+
+
 def _dtype_of(prefix: str, kept: tuple[str, ...], dtype: torch.dtype) -> torch.dtype:
     """The dtype of the submodule at `prefix` when its model is cast to `dtype` (fp32 inside a kept module)."""
     parts = set(prefix.split("."))
@@ -57,13 +67,7 @@ def lent(modules: list[torch.nn.Module], device: torch.device | str, dtype: torc
             for prefix, sub in module.named_modules():
                 params = {k: p.data for k, p in sub._parameters.items() if p is not None}
                 own.append((sub, params, dict(sub._buffers)))
-                to = _dtype_of(prefix, kept, dtype)
-                for p in sub._parameters.values():
-                    if p is not None:
-                        p.data = p.data.to(device, to if p.is_floating_point() else None)
-                for k, b in sub._buffers.items():
-                    if b is not None:
-                        sub._buffers[k] = b.to(device, to if b.is_floating_point() else None)
+                _place(sub, device, _dtype_of(prefix, kept, dtype))
         yield
     finally:
         for sub, params, buffers in reversed(own):  # a tied parameter gets its first-seen (own) tensor
@@ -124,11 +128,5 @@ def cast_as_loaded(module: torch.nn.Module, device: torch.device | str, dtype: t
     fp32 (T5's `wo` layers under fp16) stay fp32, integer tensors keep their type."""
     kept = kept_in_fp32(module, dtype)
     for prefix, sub in module.named_modules():  # tensor by tensor: the fp32 model never wholly on the device
-        to = _dtype_of(prefix, kept, dtype)
-        for p in sub._parameters.values():
-            if p is not None:
-                p.data = p.data.to(device, to if p.is_floating_point() else None)
-        for k, b in sub._buffers.items():
-            if b is not None:
-                sub._buffers[k] = b.to(device, to if b.is_floating_point() else None)
+        _place(sub, device, _dtype_of(prefix, kept, dtype))
     return module

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,82 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny import TINY, make_images, make_tiny_sd, make_tiny_sdxl  # noqa: E402
 
 T5_TOKENS = 16  # --max_sequence_length for the families with T5: short, for speed
+
+
+# No test may hang the suite: one that runs past this is ended, every thread's stack written first (its worker
+# exits; xdist reports the test as crashed and goes on, and the stacks are printed at the end of the run). The
+# longest tests take about 5 minutes on a loaded 2-core machine (two 2-process runs), each of their waits bounded
+# well below this. DREAMBOOTH_TEST_HANG_S changes it.
+HANG_LIMIT_S = float(os.environ.get("DREAMBOOTH_TEST_HANG_S", 900))
+
+
+def _hang_file(session_pid: int, worker: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"dreambooth-test-hang-{session_pid}-{worker}.txt"
+
+
+@pytest.fixture(autouse=True)
+def _hang_guard(request):
+    """Stderr is captured while a test runs (and an xdist worker's is never shown): the stacks go to a file, which
+    the main process prints (under -n; without it, the file stays: $TMPDIR/dreambooth-test-hang-<pid>-main.txt)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    path = _hang_file(os.getppid() if worker else os.getpid(), worker or "main")
+    with path.open("w") as stacks:
+        stacks.write(f"{request.node.nodeid} ran past {HANG_LIMIT_S:.0f} s; its process's threads:\n")
+        stacks.flush()
+        faulthandler.dump_traceback_later(HANG_LIMIT_S, exit=True, file=stacks)
+        try:
+            yield
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+    path.unlink(missing_ok=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The stacks of a test that hung (written by its worker before it exited)."""
+    for path in sorted(Path(tempfile.gettempdir()).glob(f"dreambooth-test-hang-{os.getpid()}-*.txt")):
+        terminalreporter.write_sep("=", f"a test hung: {path.name}")
+        terminalreporter.write_line(path.read_text(errors="replace"))
+        path.unlink(missing_ok=True)
+
+
+def run_in_session(cmd: list[str], timeout: float, env: dict | None = None, input: str | None = None,
+                   check: bool = False) -> subprocess.CompletedProcess:
+    """`cmd` in a session of its own, its output captured: when it ends or its `timeout` passes, nothing of it is
+    left (its children included: a launcher's workers hold its pipes, and `subprocess.run` would wait for them
+    forever after killing only the launcher). A leftover process, a timeout or (with `check`) a failure fails the
+    test with the end of the output."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if input is not None else None, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    timed_out = False
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:
+        leftover = session_processes(proc.pid)
+        if leftover or timed_out:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if timed_out or proc.returncode is None:
+            out, err = proc.communicate(timeout=60)  # the session is dead: its pipes close
+    assert not timed_out, f"{' '.join(cmd[:6])} ... ran past {timeout} s:\n{err[-3000:]}"
+    assert not leftover, f"processes of the run were still alive after it ended: {leftover}"
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    if check:
+        assert result.returncode == 0, err[-3000:]
+    return result
+
+
+def session_processes(session: int) -> list[int]:
+    """The live (not zombie) processes of a session."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) == session:  # state, ..., session id (the 6th field)
+            found.append(int(stat.parent.name))
+    return found
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import to_argv
+from conftest import run_in_session, to_argv
 from test_training import relative_update_gap, weights
 
 HOOKED = Path(__file__).parent / "hooked_run.py"
@@ -32,33 +31,7 @@ def launch_two(args: dict, hook: str = "", timeout: float = 300, check: bool = T
               "--master_port", str(free_port()), str(HOOKED), "train"]
     path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "DREAMBOOTH_TEST_HOOK": hook, "PYTHONPATH": path}
-    proc = subprocess.Popen([*launch, *to_argv(args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        leftover = _alive(proc.pid)
-        if leftover:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert not leftover, f"processes of the run were still alive after it ended: {leftover}"
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    if check:
-        assert result.returncode == 0, err[-3000:]
-    return result
-
-
-def _alive(session: int) -> list[int]:
-    """The live (not zombie) processes of a session."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z" and int(fields[3]) == session:  # state, ..., session id (the 6th field)
-            found.append(int(stat.parent.name))
-    return found
+    return run_in_session([*launch, *to_argv(args)], timeout, env=env, check=check)
 
 
 def test_two_processes_match_one_with_double_batch(base_args, tiny_model, tmp_path):
@@ -68,7 +41,7 @@ def test_two_processes_match_one_with_double_batch(base_args, tiny_model, tmp_pa
     two = base_args(output_dir=str(tmp_path / "two"), train_batch_size=1, class_data_dir=str(tmp_path / "class2"),
                     **common)
     run = [sys.executable, "-m", "dreambooth", "train"]
-    subprocess.run([*run, *to_argv(one)], check=True, capture_output=True, timeout=300)
+    run_in_session([*run, *to_argv(one)], 300, check=True)
     launch_two(two)
 
     s1 = json.loads((tmp_path / "one" / "run_summary.json").read_text())

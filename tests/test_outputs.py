@@ -13,12 +13,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 import dreambooth
-from conftest import to_argv
+from conftest import run_in_session, to_argv
 from dreambooth.cli import main
 from dreambooth.errors import DreamBoothError
 from dreambooth.outputs import LOCK, RECORD, OutputFolder, check_output_file
@@ -222,12 +223,17 @@ def test_a_run_that_stopped_before_its_first_checkpoint_may_be_replaced(base_arg
     assert dreambooth.train(**base_args(resolution=32, max_train_steps=1))["steps"] == 1  # other settings too
 
 
+def together(commands: list[list[str]], timeout: float = 300) -> list[tuple[int, str]]:
+    """The commands run at the same time; each one's (exit code, stderr)."""
+    with ThreadPoolExecutor(len(commands)) as pool:
+        done = list(pool.map(lambda cmd: run_in_session(cmd, timeout), commands))
+    return [(proc.returncode, proc.stderr) for proc in done]
+
+
 def test_two_runs_started_together_on_one_folder_one_is_refused(base_args, tmp_path):
     run = [sys.executable, "-m", "dreambooth", "train"]
     common = dict(max_train_steps=6, with_prior_preservation=False, class_prompt=None, class_data_dir=None)
-    procs = [subprocess.Popen([*run, *to_argv(base_args(seed=seed, **common))], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    results = together([[*run, *to_argv(base_args(seed=seed, **common))] for seed in (1, 2)])
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results
     refused = next(err for code, err in results if code == 2)
@@ -241,9 +247,7 @@ def test_identical_runs_started_together_do_not_race_on_the_checkpoint_folder(ba
     run = [sys.executable, "-m", "dreambooth", "train"]
     args = base_args(max_train_steps=4, checkpointing_steps=2, with_prior_preservation=False, class_prompt=None,
                      class_data_dir=None)
-    procs = [subprocess.Popen([*run, *to_argv(args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    results = together([[*run, *to_argv(args)]] * 2)
     assert sorted(code for code, _ in results) == [0, 2], results
     assert all("Traceback" not in err for _, err in results)
     assert not list((tmp_path / "out").glob(".checkpoint-*"))
@@ -473,8 +477,7 @@ def in_namespace(mounts: str, commands: list[list[str]]) -> str:
     """Run `mounts` (sh) then each dreambooth command in a private mount namespace; print each exit code."""
     runs = "; ".join(" ".join(map(shlex.quote, [sys.executable, "-m", "dreambooth", *c])) + ' 2>&1; echo "rc=$?"'
                      for c in commands)
-    proc = subprocess.run(["unshare", "-rm", "sh", "-c", f"{mounts} && {{ {runs}; }}"], capture_output=True,
-                          text=True, timeout=600)
+    proc = run_in_session(["unshare", "-rm", "sh", "-c", f"{mounts} && {{ {runs}; }}"], 600)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 

@@ -257,11 +257,12 @@ def test_ctrl_c_drops_the_checkpoint_being_written_and_nothing_is_written_after(
     real_write, real_report = checkpoint._write, training.report_losses
     writing = threading.Event()
 
-    def slow_write(tmp, final, *args, **kwargs):
+    def slow_write(tmp, final, *args):
         if final.name == "checkpoint-4":
             writing.set()
-            time.sleep(0.5)  # a slow disk: the interrupt comes while this save is in flight
-        return real_write(tmp, final, *args, **kwargs)
+            cancelled = args[-1]  # the save's cancel event: a disk slow until the interrupt comes, so it comes
+            cancelled.wait(60)  # while this save is in flight, however loaded the machine (never cancelled: 60 s)
+        return real_write(tmp, final, *args)
 
     def report(run, parts, pending):
         real_report(run, parts, pending)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import threading
 from pathlib import Path
 
@@ -23,7 +24,7 @@ DRIVER = shutil.which("chromedriver") or (Path("/usr/bin/chromedriver") if Path(
 
 
 @pytest.fixture
-def browser():
+def browser(tmp_path):
     if not (CHROMIUM and DRIVER):
         message = "no headless Chromium here (apt-get install chromium chromium-driver; `make test` does it)"
         if os.environ.get("CI"):
@@ -34,10 +35,22 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
+    # no network beyond localhost here: Chromium's own background connections (updates, sync, QUIC) stay off
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,2000",
-                "--disable-gpu", "--no-first-run"):
+                "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--disable-quic", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(str(DRIVER)), options=options)
+    # each WebDriver command answers within this, or fails the test: Selenium's default is to wait forever
+    # (socket.getdefaulttimeout(), read when the driver is made), which let a stuck browser hang the whole suite
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(120)
+    try:
+        driver = webdriver.Chrome(service=Service(str(DRIVER), log_output=str(tmp_path / "chromedriver.log")),
+                                  options=options)
+    finally:
+        socket.setdefaulttimeout(previous)
+    driver.set_page_load_timeout(60)
+    driver.set_script_timeout(60)
     yield driver
     driver.quit()
 

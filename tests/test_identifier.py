@@ -57,3 +57,31 @@ def test_train_warns_about_a_split_identifier(base_args, caplog):
     with caplog.at_level(logging.WARNING, logger="dreambooth"):
         dreambooth.train(**base_args(instance_prompt="a photo of zwxqek dog", max_train_steps=1))
     assert "'zwxqek' splits into 3 tokens" in caplog.text
+
+
+def test_no_suggestion_is_a_word_of_the_toy_world(capsys):
+    """`dreambooth identifier` on the bundled toy models: every suggestion is a string with no meaning, never a word
+    the toy world's captions use nor a common word its vocabulary holds (as "big" and "box" once were)."""
+    from dreambooth.toy.demo import toy_model
+    from dreambooth.toy.tokenizer import EXTRA_COMMON
+    from dreambooth.toy.world import CAPTION_WORDS
+
+    words = set(CAPTION_WORDS) | set(EXTRA_COMMON)
+    for family in ("sd", "sd3"):
+        assert main(["identifier", "--model", str(toy_model(family, None)), "--class_noun", "circle",
+                     "--top", "50"]) == 0
+        listed = [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()[1:]]
+        assert len(listed) >= 8 and not set(listed) & words, listed
+
+
+def test_words_with_a_meaning_are_never_candidates(tmp_path):
+    """A vocabulary whose rarest part holds words and abbreviations beside meaningless strings (as a real BPE
+    vocabulary's does): only the meaningless ones are offered, "sks" (a rifle in SD 1.x) neither."""
+    from dreambooth.identifier import known_words
+    from dreambooth.toy.tokenizer import write_bpe_tokenizer
+
+    meaningful = ["big", "box", "nyc", "btw", "lol", "ufo", "dj", "ok", "tv", "Dog"]
+    tokenizer = write_bpe_tokenizer(tmp_path / "tok", ["the", "photo", "of", "dog"],
+                                    [*(w.lower() for w in meaningful), "sks", "qek", "zwx", "vyb", "xaq"])
+    assert {w.lower() for w in meaningful} <= known_words()
+    assert [c.token for c in candidates(tokenizer)] == ["xaq", "vyb", "zwx", "qek"]

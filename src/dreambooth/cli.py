@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
@@ -12,9 +13,7 @@ from typing import Any
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported anywhere
 
 from . import schema  # noqa: E402
-from .config import TrainConfig  # noqa: E402
 from .errors import STOPPED_EXIT, DreamBoothError, Stopped  # noqa: E402
-from .generation import GenerateConfig  # noqa: E402
 
 log = logging.getLogger("dreambooth")
 
@@ -35,21 +34,55 @@ COMPAT_REFUSED = {
 }
 
 
-def _config_command(sub, name: str, config: type, handler: Callable[[argparse.Namespace], int],
-                    config_help: str = "A TOML, YAML or JSON file of options", **kw: Any) -> argparse.ArgumentParser:
+class Parser(argparse.ArgumentParser):
+    """No abbreviated flags (`--max_train_step` is a typo, not `--max_train_steps`), and a flag it does not know
+    gets the closest one it does."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):  # type: ignore[override]
+        if message.startswith("unrecognized arguments:"):
+            known = [flag for p in (self, *_chosen) for flag in _flags(p)]
+            hints = []
+            for word in message.split(":", 1)[1].split():
+                flag = word.split("=", 1)[0]
+                close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75) if flag.startswith("--") else []
+                if close:
+                    hints.append(f"{flag}: did you mean {close[0]}?")
+            if hints:
+                message = f"{message} ({'; '.join(hints)})"
+            if len(_chosen) == 1:  # the subcommand's flags: its usage and name ("dreambooth train: error: ...")
+                argparse.ArgumentParser.error(_chosen[0], message)
+        super().error(message)
+
+
+def _flags(p: argparse.ArgumentParser) -> list[str]:
+    """The long flags a parser and its subcommands (`toy pretrain`) take, but for hidden ones."""
+    out = []
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            out += [flag for child in action.choices.values() for flag in _flags(child)]
+        out += [o for o in action.option_strings if o.startswith("--") and action.help != argparse.SUPPRESS]
+    return out
+
+
+_chosen: list[argparse.ArgumentParser] = []  # the subcommand's parser, for the "did you mean" of a flag
+
+
+def _config_command(p: argparse.ArgumentParser, config: type, handler: Callable[[argparse.Namespace], int],
+                    config_help: str = "A TOML, YAML or JSON file of options") -> argparse.ArgumentParser:
     """A subcommand whose flags come from a config schema, plus --config for a file of the same options."""
-    p = sub.add_parser(name, **kw)
     p.add_argument("--config", help=config_help)
     schema.add_arguments(p, config)
     p.set_defaults(handler=handler)
     return p
 
 
-def _add_train_parser(sub) -> None:
-    p = _config_command(sub, "train", TrainConfig, _run_train,
-                        "A TOML, YAML or JSON file of options; flags given here override it",
-                        help="DreamBooth fine-tuning", description="Fine-tune a model on a subject.",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)
+def _add_train_parser(p: argparse.ArgumentParser) -> None:
+    from .config import TrainConfig
+
+    _config_command(p, TrainConfig, _run_train, "A TOML, YAML or JSON file of options; flags given here override it")
     compat = p.add_argument_group("accepted for compatibility with the reference script")
     for name in COMPAT_IGNORED:
         compat.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
@@ -62,78 +95,60 @@ def _add_train_parser(sub) -> None:
     compat.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
 
 
-def _add_generate_parser(sub) -> None:
-    _config_command(sub, "generate", GenerateConfig, _run_generate, help="Render prompts from a trained model",
-                    description="Render prompts from a trained output, a checkpoint, or any SD pipeline folder.")
+def _add_generate_parser(p: argparse.ArgumentParser) -> None:
+    from .generation import GenerateConfig
+
+    _config_command(p, GenerateConfig, _run_generate)
 
 
-def _add_evaluate_parser(sub) -> None:
+def _add_evaluate_parser(p: argparse.ArgumentParser) -> None:
     from .evaluation import EvaluateConfig
 
-    _config_command(sub, "evaluate", EvaluateConfig, _run_evaluate,
-                    help="Score a model with the paper's metrics on the DreamBench prompts",
-                    description="Sample the DreamBench prompts (or the toy protocol) with fixed seeds, score DINO, "
-                                "CLIP-I, CLIP-T, PRES and DIV with bootstrap intervals, and write report.json, "
-                                "report.md and a grid per prompt.")
-    c = sub.add_parser("evaluate-summary", help="Pool several evaluation reports (e.g. all DreamBench subjects)",
-                       description="Pool the per-image scores of several report.json files of one backend into one "
-                                   "figure per metric with a bootstrap 95%% interval, and list each subject's values.")
+    _config_command(p, EvaluateConfig, _run_evaluate)
+
+
+def _add_evaluate_summary_parser(c: argparse.ArgumentParser) -> None:
     c.add_argument("reports", nargs="+", help="report.json files (or the folders that hold them)")
     c.add_argument("--output", help="Write the pooled summary to this JSON file")
     c.set_defaults(handler=_run_evaluate_summary)
 
 
-def _add_export_parser(sub) -> None:
+def _add_export_parser(p: argparse.ArgumentParser) -> None:
     from .export import ExportConfig
 
-    _config_command(sub, "export", ExportConfig, _run_export,
-                    help="Write a run's result for other tools (kohya LoRA, merged pipeline)",
-                    description="Export a LoRA run to the kohya/AUTOMATIC1111 format, or fuse it into the base "
-                                "model as a full pipeline.")
+    _config_command(p, ExportConfig, _run_export)
 
 
-def _add_identifier_parser(sub) -> None:
+def _add_identifier_parser(p: argparse.ArgumentParser) -> None:
     from .identifier import IdentifierConfig
 
-    _config_command(sub, "identifier", IdentifierConfig, _run_identifier, help="Find or check a rare-token identifier",
-                    description="List rare single tokens of <= 3 characters ranked by how weak their prior is for a "
-                                "class noun, or check a chosen identifier.")
+    _config_command(p, IdentifierConfig, _run_identifier)
 
 
-def _add_demo_parser(sub) -> None:
+def _add_demo_parser(p: argparse.ArgumentParser) -> None:
     from .toy.demo import DemoConfig
 
-    _config_command(sub, "demo", DemoConfig, _run_demo,
-                    help="DreamBooth a toy subject into the bundled toy model and measure it",
-                    description="Offline, CPU-sized: fine-tune the bundled toy model on one toy subject with "
-                                "prior preservation; write before/after grids and print the metrics.")
+    _config_command(p, DemoConfig, _run_demo)
 
 
-def _add_reproduce_parser(sub) -> None:
+def _add_reproduce_parser(p: argparse.ArgumentParser) -> None:
     from .toy.ablations import ReproduceConfig
 
-    _config_command(sub, "reproduce", ReproduceConfig, _run_reproduce,
-                    help="Re-run the paper's ablations on the toy world (prior preservation, class noun, images)",
-                    description="Offline, CPU-sized: train every variant of each study for every toy subject and "
-                                "seed, score them with the toy judges, and write tables beside the paper's numbers "
-                                "and a plot (about 35 min on 2 CPU cores; --quick: about a minute).")
+    _config_command(p, ReproduceConfig, _run_reproduce)
 
 
-def _add_ui_parser(sub) -> None:
+def _add_ui_parser(p: argparse.ArgumentParser) -> None:
     from .ui.server import UIConfig
 
-    _config_command(sub, "ui", UIConfig, _run_ui, help="The DreamBooth flow in a browser (a local web page)",
-                    description="Serve a page on 127.0.0.1: upload photos, pick an identifier, train (each run in "
-                                "its own process), watch progress, render a gallery, evaluate, export.")
+    _config_command(p, UIConfig, _run_ui)
 
 
-def _add_toy_parser(sub) -> None:
+def _add_toy_parser(toy: argparse.ArgumentParser) -> None:
     from .toy.pretrain import PretrainConfig
 
-    toy = sub.add_parser("toy", help="The toy world: pretrain or measure its base model")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
-    _config_command(toy_sub, "pretrain", PretrainConfig, _run_pretrain,
-                    help="Train the toy base model from scratch (about 30 min on 2 CPU cores)")
+    _config_command(toy_sub.add_parser("pretrain", help="Train the toy base model from scratch (about 30 min on 2 "
+                                                        "CPU cores)"), PretrainConfig, _run_pretrain)
     q = toy_sub.add_parser("quality", help="Measure a toy model on held-out prompts with the judges")
     q.add_argument("--model", default=None, help="Pipeline folder (default: the bundled toy model of --family)")
     q.add_argument("--family", default="sd", choices=["sd", "sd3"], help="Which bundled toy model (default: sd)")
@@ -306,13 +321,55 @@ def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dreambooth", description="DreamBooth: subject-driven fine-tuning of "
-                                "text-to-image diffusion models.")
-    sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_train_parser, _add_generate_parser, _add_evaluate_parser, _add_export_parser,
-                _add_identifier_parser, _add_demo_parser, _add_reproduce_parser, _add_toy_parser, _add_ui_parser):
-        add(sub)
+# name: (one-line help, description, builder of its flags, extra add_parser arguments). Only the command being run
+# has its flags built (each imports its config, some of them torch): `dreambooth --help` imports none of them.
+COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], dict[str, Any]]] = {
+    "train": ("DreamBooth fine-tuning", "Fine-tune a model on a subject.", _add_train_parser,
+              dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)),
+    "generate": ("Render prompts from a trained model",
+                 "Render prompts from a trained output, a checkpoint, or any SD pipeline folder.",
+                 _add_generate_parser, {}),
+    "evaluate": ("Score a model with the paper's metrics on the DreamBench prompts",
+                 "Sample the DreamBench prompts (or the toy protocol) with fixed seeds, score DINO, CLIP-I, CLIP-T, "
+                 "PRES and DIV with bootstrap intervals, and write report.json, report.md and a grid per prompt.",
+                 _add_evaluate_parser, {}),
+    "evaluate-summary": ("Pool several evaluation reports (e.g. all DreamBench subjects)",
+                         "Pool the per-image scores of several report.json files of one backend into one figure per "
+                         "metric with a bootstrap 95%% interval, and list each subject's values.",
+                         _add_evaluate_summary_parser, {}),
+    "export": ("Write a run's result for other tools (kohya LoRA, merged pipeline)",
+               "Export a LoRA run to the kohya/AUTOMATIC1111 format, or fuse it into the base model as a full "
+               "pipeline.", _add_export_parser, {}),
+    "identifier": ("Find or check a rare-token identifier",
+                   "List rare tokens that are no word the model knows, ranked by how weak their prior is for a "
+                   "class noun, or check a chosen identifier.", _add_identifier_parser, {}),
+    "demo": ("DreamBooth a toy subject into the bundled toy model and measure it",
+             "Offline, CPU-sized: fine-tune the bundled toy model on one toy subject with prior preservation; write "
+             "before/after grids and print the metrics.", _add_demo_parser, {}),
+    "reproduce": ("Re-run the paper's ablations on the toy world (prior preservation, class noun, images)",
+                  "Offline, CPU-sized: train every variant of each study for every toy subject and seed, score them "
+                  "with the toy judges, and write tables beside the paper's numbers and a plot (about 35 min on 2 "
+                  "CPU cores; --quick: about a minute).", _add_reproduce_parser, {}),
+    "toy": ("The toy world: pretrain or measure its base model", "The toy world: pretrain or measure its base model.",
+            _add_toy_parser, {}),
+    "ui": ("The DreamBooth flow in a browser (a local web page)",
+           "Serve a page on 127.0.0.1: upload photos, pick an identifier, train (each run in its own process), "
+           "watch progress, render a gallery, evaluate, export.", _add_ui_parser, {}),
+}
+
+
+def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command line; with `argv`, only the command it names gets its flags (all of them without)."""
+    p = Parser(prog="dreambooth", description="DreamBooth: subject-driven fine-tuning of text-to-image diffusion "
+               "models.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    wanted = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
+    _chosen.clear()
+    for name, (short, description, build, extra) in COMMANDS.items():
+        command = sub.add_parser(name, help=short, description=description, **extra)
+        if argv is None or name == wanted:
+            build(command)
+            _chosen.append(command)
     return p
 
 
@@ -333,7 +390,8 @@ def _reference_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if _is_main() else logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
-    args = parser().parse_args(_reference_flags(sys.argv[1:] if argv is None else argv))
+    argv = _reference_flags(sys.argv[1:] if argv is None else argv)
+    args = parser(argv).parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -9,6 +9,7 @@ moves it has little meaning to overwrite, which is what DreamBooth wants.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,19 +45,29 @@ class Candidate:
     shift: float | None = None  # 1 - cos(pooled("a tok class"), pooled("a class")); lower = weaker prior
 
 
+@functools.cache
+def known_words() -> frozenset[str]:
+    """English words and abbreviations of 2-3 letters common enough to mean something to a text encoder (the list's
+    header says where it comes from): "big", "box", "nyc", "btw" are never suggested."""
+    lines = (Path(__file__).parent / "known_words.txt").read_text().splitlines()
+    return frozenset(line.strip() for line in lines if line.strip() and not line.startswith("#"))
+
+
 def candidates(tokenizer, max_chars: int = 3, rarest_fraction: float = 0.5, min_chars: int = 2) -> list[Candidate]:
-    """Single whole-word tokens of min_chars..max_chars letters from the rarest (latest-merged) part of the vocab.
+    """Single whole-word tokens of min_chars..max_chars letters from the rarest (latest-merged) part of the vocab,
+    none of them a word (or abbreviation) with a meaning, nor an identifier known to draw something.
 
     Single letters are left out: they are frequent as initials, units and variables, so their prior is strong.
     """
     vocab = tokenizer.get_vocab()
     cutoff = int(len(vocab) * (1 - rarest_fraction))
+    meaning = known_words() | STOPWORDS | set(KNOWN_BAD)
     found = []
     for piece, token_id in vocab.items():
         text = piece.removesuffix(WORD_END) if piece.endswith(WORD_END) else None
         if text is None or token_id < cutoff or not (min_chars <= len(text) <= max_chars):
             continue
-        if text.isascii() and text.isalpha() and text not in STOPWORDS and count_tokens(tokenizer, text) == 1:
+        if text.isascii() and text.isalpha() and text.lower() not in meaning and count_tokens(tokenizer, text) == 1:
             found.append(Candidate(text, token_id))
     return sorted(found, key=lambda c: -c.token_id)
 

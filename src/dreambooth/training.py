@@ -355,7 +355,9 @@ def fit(run: Run, parts: Parts) -> None:
     params = [p for m in trained for p in trainable(m)]
     acc.init_trackers("dreambooth", config={k: v for k, v in schema.to_dict(cfg).items()
                                             if isinstance(v, int | float | str | bool)})
-    bar = tqdm(total=parts.max_train_steps, initial=start, desc="train", unit="step",
+    # moved every step (the losses follow each --logging_steps); the ETA from the pace since this run began, not a
+    # moving average that a checkpoint or a validation step throws off by hours
+    bar = tqdm(total=parts.max_train_steps, initial=start, desc="train", unit="step", smoothing=0,
                disable=not acc.is_local_main_process)
     run.events.add(progress_bar(bar), replay=False)
     run.events.add(trackers(acc), replay=False)
@@ -403,6 +405,7 @@ def fit(run: Run, parts: Parts) -> None:
             if parts.ema is not None:
                 parts.ema.step()
         step = parts.state["step"] = parts.state["step"] + 1
+        bar.update(step - bar.n)
         pending.append((step, window, parts.lr_scheduler.get_last_lr()[0]))
         window = torch.zeros(3, device=acc.device)
         checkpoint = step % cfg.checkpointing_steps == 0

@@ -84,10 +84,10 @@ def prompts_for(subject: Subject, identifier: str) -> dict[str, list[str]]:
     }
 
 
-def measure(pipe, subject: Subject, prompts: dict[str, list[str]], n: int, seed: int
+def measure(pipe, subject: Subject, prompts: dict[str, list[str]], n: int, seed: int, progress: str | None = None
             ) -> tuple[Measurement, dict[str, list[list[np.ndarray]]]]:
     flat = [p for group in prompts.values() for p in group]
-    images = dict(zip(flat, sample(pipe, flat, n, seed)))
+    images = dict(zip(flat, sample(pipe, flat, n, seed, progress=progress)))
     by_group = {g: [images[p] for p in ps] for g, ps in prompts.items()}
     recontext_hits = []
     for bg, imgs in zip(subject.unseen_backgrounds, by_group["recontext"]):  # prompts_for's order
@@ -199,7 +199,7 @@ def _demo(cfg: DemoConfig, model: str, folder: OutputFolder, started: float) -> 
     n_prompts = sum(len(g) for g in prompts.values())
     log.info("before: sampling the base model (%d prompts x %d seeds)", n_prompts, cfg.samples)
     base = load_toy(model)
-    before, before_images = measure(base, subject, prompts, cfg.samples, cfg.seed)
+    before, before_images = measure(base, subject, prompts, cfg.samples, cfg.seed, "before: sampling")
     del base
 
     # dreambooth
@@ -218,7 +218,7 @@ def _demo(cfg: DemoConfig, model: str, folder: OutputFolder, started: float) -> 
     # after
     log.info("after: sampling the fine-tuned model with the same prompts and seeds")
     tuned = load_toy(str(model_dir))
-    after, after_images = measure(tuned, subject, prompts, cfg.samples, cfg.seed)
+    after, after_images = measure(tuned, subject, prompts, cfg.samples, cfg.seed, "after: sampling")
 
     # grids and report
     rows: list[tuple[str, list[np.ndarray]]] = [("instance images", instance)]

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..data import derive_seed
 from ..sampling import make_scheduler
@@ -54,10 +55,11 @@ def toy_train_settings(family: str, lora: bool = False) -> dict[str, Any]:
 
 @torch.no_grad()
 def sample(pipe, prompts: Sequence[str], n: int, seed: int = 0, steps: int | None = None,
-           guidance: float | None = None, batch_size: int = 128, sampler: str | None = None
-           ) -> list[list[np.ndarray]]:
+           guidance: float | None = None, batch_size: int = 128, sampler: str | None = None,
+           progress: str | None = None) -> list[list[np.ndarray]]:
     """n uint8 images per prompt; image i of every prompt uses seed derive_seed(seed, i), so runs compare. Sampler,
-    steps and guidance default to the toy world's for the pipeline's family."""
+    steps and guidance default to the toy world's for the pipeline's family. `progress`: the name of a bar that
+    moves with every denoising step of every batch."""
     from ..families import family_of
     from ..sampling import resolve_sampler
 
@@ -70,13 +72,21 @@ def sample(pipe, prompts: Sequence[str], n: int, seed: int = 0, steps: int | Non
     extra = family.pipeline_kwargs(SimpleNamespace(**toy_options(family.name)))
     jobs = [(p, i) for p in range(len(prompts)) for i in range(n)]
     out: list[list[np.ndarray]] = [[] for _ in prompts]
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        images = pipe([prompts[p] for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                      generator=[torch.Generator().manual_seed(derive_seed(seed, i)) for _, i in chunk],
-                      output_type="np", **extra).images
-        for (p, _), img in zip(chunk, images):
-            out[p].append(np.clip(np.rint(img * 255), 0, 255).astype(np.uint8))
+    batches = range(0, len(jobs), batch_size)
+    bar = tqdm(total=len(batches) * steps, desc=progress, unit="step", disable=progress is None, leave=False)
+
+    def moved(pipe, i, t, kwargs):
+        bar.update(1)
+        return kwargs
+
+    with bar:
+        for start in batches:
+            chunk = jobs[start : start + batch_size]
+            images = pipe([prompts[p] for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
+                          generator=[torch.Generator().manual_seed(derive_seed(seed, i)) for _, i in chunk],
+                          output_type="np", callback_on_step_end=moved, **extra).images
+            for (p, _), img in zip(chunk, images):
+                out[p].append(np.clip(np.rint(img * 255), 0, 255).astype(np.uint8))
     return out
 
 

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -65,10 +67,13 @@ def pytest_terminal_summary(terminalreporter):
 
 def run_in_session(cmd: list[str], timeout: float, env: dict | None = None, input: str | None = None,
                    check: bool = False) -> subprocess.CompletedProcess:
-    """`cmd` in a session of its own, its output captured: when it ends or its `timeout` passes, nothing of it is
-    left (its children included: a launcher's workers hold its pipes, and `subprocess.run` would wait for them
-    forever after killing only the launcher). A leftover process, a timeout or (with `check`) a failure fails the
-    test with the end of the output."""
+    """`cmd` with its output captured: when it ends or its `timeout` passes, nothing it started is left. Its
+    processes are found by a mark in their environment, which every child inherits: a launcher's workers start
+    sessions of their own (torch.distributed.run does), outlive a kill of its group and hold its pipes, so that
+    `subprocess.run` would wait for them forever. A leftover process, a timeout or (with `check`) a failure fails
+    the test with the end of the output."""
+    mark = f"{os.getpid()}-{uuid.uuid4().hex}"
+    env = {**(os.environ if env is None else env), "DREAMBOOTH_TEST_RUN": mark}
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if input is not None else None, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     timed_out = False
@@ -77,11 +82,12 @@ def run_in_session(cmd: list[str], timeout: float, env: dict | None = None, inpu
     except subprocess.TimeoutExpired:
         timed_out = True
     finally:
-        leftover = session_processes(proc.pid)
-        if leftover or timed_out:
-            os.killpg(proc.pid, signal.SIGKILL)
+        leftover = marked_processes(mark)
+        for pid in leftover:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         if timed_out or proc.returncode is None:
-            out, err = proc.communicate(timeout=60)  # the session is dead: its pipes close
+            out, err = proc.communicate(timeout=60)  # every writer of its pipes is dead: they close
     assert not timed_out, f"{' '.join(cmd[:6])} ... ran past {timeout} s:\n{err[-3000:]}"
     assert not leftover, f"processes of the run were still alive after it ended: {leftover}"
     result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
@@ -90,16 +96,16 @@ def run_in_session(cmd: list[str], timeout: float, env: dict | None = None, inpu
     return result
 
 
-def session_processes(session: int) -> list[int]:
-    """The live (not zombie) processes of a session."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def marked_processes(mark: str) -> list[int]:
+    """The live (not zombie) processes whose environment holds DREAMBOOTH_TEST_RUN=`mark`."""
+    found, needle = [], f"DREAMBOOTH_TEST_RUN={mark}".encode()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            if needle in environ.read_bytes().split(b"\0") and \
+                    (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(environ.parent.name))
+        except (OSError, IndexError):
             continue
-        if fields[0] != "Z" and int(fields[3]) == session:  # state, ..., session id (the 6th field)
-            found.append(int(stat.parent.name))
     return found
 
 

@@ -190,6 +190,11 @@ def _run_train(args: argparse.Namespace) -> int:
     if summary and _is_main():
         out = values.get("output_dir", "dreambooth-model")
         print(f"done: {summary['steps']} steps, mean loss {summary['mean_loss']:.4f}, pipeline in {out}")
+    if summary and summary.get("processes", 1) > 1:  # everything is written: no torch teardown may hang the exit
+        logging.shutdown()  # (gloo's process-group destructor can deadlock once the other processes are gone)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

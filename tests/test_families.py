@@ -553,3 +553,19 @@ def test_every_family_names_blocks_its_tiny_denoiser_has_for_sharding(tiny):
     c = family().load(ModelSource(str(model)))
     blocks = [getattr(c.denoiser, name) for name in family.shard_blocks if getattr(c.denoiser, name, None) is not None]
     assert blocks and all(isinstance(b, torch.nn.Module) for b in blocks)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_without_a_learning_rate_the_method_and_family_default_is_used_and_reported(family_args, tiny, lora):
+    """`train --use_lora` without --learning_rate trains at the family's reference LoRA rate (not the full
+    fine-tuning rate, ~100x slower); full fine-tuning at the reference 5e-6; the run summary says which."""
+    from dreambooth.config import FULL_LEARNING_RATE
+    from dreambooth.families import FAMILIES
+
+    args = family_args(max_train_steps=1, use_lora=lora, with_prior_preservation=False, class_prompt=None,
+                       class_data_dir=None)
+    del args["learning_rate"]
+    summary = dreambooth.train(**args)
+    expected = FAMILIES[tiny[0]].lora_learning_rate if lora else FULL_LEARNING_RATE
+    assert summary["learning_rate"] == expected
+    assert expected == ({"sd": 5e-4, "sdxl": 1e-4, "sd3": 1e-4, "flux": 1e-4}[tiny[0]] if lora else 5e-6)

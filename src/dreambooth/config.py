@@ -31,6 +31,9 @@ def _multiple_of_8(v: int | None) -> str | None:
     return "must be a positive multiple of 8 (the VAE downsamples by 8)"
 
 
+FULL_LEARNING_RATE = 5e-6  # the DreamBooth reference script's (full fine-tuning, every family here)
+
+
 def _learning_rate(v: float | None) -> str | None:
     if v is None or 0 < v <= MAX_LEARNING_RATE:
         return None
@@ -145,7 +148,10 @@ class TrainConfig:
                                               "max-autotune-no-cudagraphs"), group="training")
     cache_latents: bool = option(True, "Encode each training view (image, crop, flip) with the frozen VAE once and "
                                  "reuse it; --no-cache_latents encodes every step", group="training")
-    learning_rate: float = option(5e-6, "Peak learning rate", check=_learning_rate, group="training")
+    learning_rate: float | None = option(None, "Peak learning rate (default: the reference scripts' for the method: "
+                                         f"{FULL_LEARNING_RATE:g} for full fine-tuning; with --use_lora the "
+                                         "family's: 5e-4 for SD 1.x/2.x, 1e-4 for SDXL, SD3 and Flux)",
+                                         check=_learning_rate, group="training")
     scale_lr: bool = option(False, "Multiply the lr by processes x accumulation x batch size", group="training")
     lr_scheduler: str = option("constant", "Learning-rate schedule", choices=LR_SCHEDULERS, group="training")
     lr_warmup_steps: int = option(500, "Warm-up steps (schedules *_with_warmup, linear, cosine, ...)",

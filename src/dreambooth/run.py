@@ -24,7 +24,7 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration, set_s
 
 from . import schema
 from .checkpoint import checkpoint_config, checkpoint_identity, find_checkpoint, list_checkpoints
-from .config import TrainConfig
+from .config import FULL_LEARNING_RATE, TrainConfig
 from .data import ImageFolder, scan_folder
 from .data.annotations import check_mask_crops, open_mask, read_captions
 from .errors import CheckpointError, DataError, DreamBoothError, Stopped, first_line
@@ -299,6 +299,10 @@ def setup(cfg: TrainConfig) -> Run:
     cfg.check_family(family)
     if cfg.resolution is None:
         cfg.resolution = family.default_resolution
+    if cfg.learning_rate is None:  # the method's (and with LoRA the family's), as the reference scripts
+        method = "prodigy" if cfg.optimizer == "prodigy" else f"{family.name} LoRA" if cfg.use_lora else "full"
+        cfg.learning_rate = {"prodigy": 1.0, "full": FULL_LEARNING_RATE}.get(method, family.lora_learning_rate)
+        log.info("learning rate %g (the default for %s; --learning_rate sets another)", cfg.learning_rate, method)
     companions = (cfg.caption_extension,) if cfg.caption_extension else ()
     instance = scan_folder(Path(cfg.instance_data_dir), "instance", cfg.resolution, companions=companions)
     if not instance.images:

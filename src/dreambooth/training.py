@@ -567,6 +567,7 @@ def finish(run: Run, parts: Parts) -> dict[str, Any]:
         "wall_time_s": round(parts.state["wall_time_s"] + time.time() - run.started, 2),
         "wall_time_this_invocation_s": round(time.time() - run.started, 2),
         "processes": acc.num_processes,
+        "learning_rate": cfg.learning_rate,
         "seed": cfg.seed,
         "family": run.family.name,
         "num_instance_images": len(run.instance.images),

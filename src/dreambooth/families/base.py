@@ -71,6 +71,7 @@ class ModelFamily(ABC):
     name: ClassVar[str]
     pipeline_classes: ClassVar[tuple[str, ...]]  # model_index.json `_class_name`s this family reads
     default_resolution: ClassVar[int]  # training resolution when --resolution is not given
+    lora_learning_rate: ClassVar[float]  # --use_lora without --learning_rate
     resolution_multiple: ClassVar[int] = 8  # the VAE downsamples by 8 (Flux packs 2x2 latents: 16)
     denoiser_name: ClassVar[str]  # the pipeline attribute of the trained denoiser: unet or transformer
     objective: ClassVar[str]  # the OBJECTIVES entry that trains it

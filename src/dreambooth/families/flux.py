@@ -31,6 +31,7 @@ class Flux(DiffusersFamily):
                   TextPart("tokenizer_2", T5_PART, T5EncoderModel))
     optional_parts = ("image_encoder", "feature_extractor")
     default_resolution = 512  # the reference scripts' default
+    lora_learning_rate = 1e-4  # --use_lora without --learning_rate: the reference LoRA script's
     resolution_multiple = 16  # latents are packed 2x2
     objective = "rectified_flow"
     options = ("max_sequence_length", "guidance_scale", "lora_blocks")

@@ -29,6 +29,7 @@ class StableDiffusion(DiffusersFamily):
     optional_parts = ("feature_extractor",)
     upcast_vae_in_fp16 = False
     default_resolution = 512
+    lora_learning_rate = 5e-4  # --use_lora without --learning_rate: the reference LoRA script's
     objective = "ddpm"
     sampler_kind = "ddpm"
     default_sampler = "dpm++"

@@ -32,6 +32,7 @@ class StableDiffusion3(DiffusersFamily):
                   TextPart("tokenizer_3", T5_PART, T5EncoderModel, optional=True))
     optional_parts = ("image_encoder", "feature_extractor")
     default_resolution = 512  # the reference scripts' default (the models' own is 1024)
+    lora_learning_rate = 1e-4  # --use_lora without --learning_rate: the reference LoRA script's
     resolution_multiple = 16  # the transformer patches latents 2x2
     objective = "rectified_flow"
     options = ("max_sequence_length", "lora_blocks")

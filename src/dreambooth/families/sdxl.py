@@ -21,6 +21,7 @@ class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
     default_resolution = 1024
+    lora_learning_rate = 1e-4  # --use_lora without --learning_rate: the reference LoRA script's
     pipeline_class = StableDiffusionXLPipeline
     text_parts = (TextPart("tokenizer", "text_encoder", CLIPTextModel),
                   TextPart("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))

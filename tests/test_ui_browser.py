@@ -111,6 +111,7 @@ def test_whole_toy_flow_in_a_browser(browser, page, tmp_path):
     first.click()
     assert field("instance_prompt").get_attribute("value") == f"a {token} {subject.cls}"
     assert field("class_prompt").get_attribute("value") == f"a {subject.cls}"
+    assert field("with_prior_preservation").is_selected()  # the class prompt comes with prior preservation
 
     # a bad value is refused beside its field, nothing starts
     set_value("max_train_steps", "0")
@@ -120,7 +121,6 @@ def test_whole_toy_flow_in_a_browser(browser, page, tmp_path):
 
     # a short LoRA run with prior preservation
     set_value("max_train_steps", "6")
-    field("with_prior_preservation").click()
     browser.find_element(By.CSS_SELECTOR, "#advanced summary").click()
     for name, value in {"num_class_images": "8", "validation_steps": "3", "num_validation_images": "2",
                         "checkpointing_steps": "3", "logging_steps": "1"}.items():

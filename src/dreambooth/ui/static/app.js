@@ -153,6 +153,7 @@ function useIdentifier(token, noun) {
   setField("identifier", token);
   setField("instance_prompt", `a ${token} ${noun}`);
   setField("class_prompt", `a ${noun}`);
+  setField("with_prior_preservation", true);  // a class prompt is prior preservation's: the two go together
   setField("validation_prompt", `a ${token} ${noun}`);
   for (const b of document.querySelectorAll(".suggestion")) b.classList.toggle("primary", b.textContent === token);
 }

@@ -599,7 +599,8 @@ def finish(run: Run, parts: Parts) -> dict[str, Any]:
             validate(run, parts, steps, denoiser)
     if acc.is_main_process:
         write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2))  # last: marks the run finished
-        log.info("saved the fine-tuned pipeline to %s (%d steps, mean loss %s)", out, steps,
+        log.info("saved the fine-tuned pipeline to %s (%d steps at learning rate %g, mean loss %s)", out, steps,
+                 cfg.learning_rate,
                  f"{summary['mean_loss']:.4f}" if summary["mean_loss"] is not None else "n/a")
     acc.end_training()
     return summary

@@ -65,8 +65,8 @@ def pytest_terminal_summary(terminalreporter):
         path.unlink(missing_ok=True)
 
 
-def run_in_session(cmd: list[str], timeout: float, env: dict | None = None, input: str | None = None,
-                   check: bool = False) -> subprocess.CompletedProcess:
+def run_bounded(cmd: list[str], timeout: float, env: dict | None = None,
+                check: bool = False) -> subprocess.CompletedProcess:
     """`cmd` with its output captured: when it ends or its `timeout` passes, nothing it started is left. Its
     processes are found by a mark in their environment, which every child inherits: a launcher's workers start
     sessions of their own (torch.distributed.run does), outlive a kill of its group and hold its pipes, so that
@@ -74,11 +74,11 @@ def run_in_session(cmd: list[str], timeout: float, env: dict | None = None, inpu
     the test with the end of the output."""
     mark = f"{os.getpid()}-{uuid.uuid4().hex}"
     env = {**(os.environ if env is None else env), "DREAMBOOTH_TEST_RUN": mark}
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if input is not None else None, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
     timed_out = False
     try:
-        out, err = proc.communicate(input, timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         timed_out = True
     finally:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import run_in_session, to_argv
+from conftest import run_bounded, to_argv
 from dreambooth.cli import main
 
 
@@ -107,8 +107,8 @@ def test_console_script_prints_no_traceback(tiny_model, tmp_path):
     exe = console_script()
     if exe is None:
         pytest.skip("the dreambooth package is not installed with its console script (tests run from a source tree)")
-    proc = run_in_session([str(exe), "train", "--pretrained_model_name_or_path", str(tiny_model),
-                           "--instance_data_dir", str(tmp_path / "nope"), "--instance_prompt", "a zwx dog"], 120)
+    proc = run_bounded([str(exe), "train", "--pretrained_model_name_or_path", str(tiny_model),
+                        "--instance_data_dir", str(tmp_path / "nope"), "--instance_prompt", "a zwx dog"], 120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("dreambooth train: error:") and "does not exist" in proc.stderr
 

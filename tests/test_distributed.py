@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import run_in_session, to_argv
+from conftest import run_bounded, to_argv
 from test_training import relative_update_gap, weights
 
 HOOKED = Path(__file__).parent / "hooked_run.py"
@@ -31,7 +31,7 @@ def launch_two(args: dict, hook: str = "", timeout: float = 300, check: bool = T
               "--master_port", str(free_port()), str(HOOKED), "train"]
     path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "DREAMBOOTH_TEST_HOOK": hook, "PYTHONPATH": path}
-    return run_in_session([*launch, *to_argv(args)], timeout, env=env, check=check)
+    return run_bounded([*launch, *to_argv(args)], timeout, env=env, check=check)
 
 
 def test_two_processes_match_one_with_double_batch(base_args, tiny_model, tmp_path):
@@ -41,7 +41,7 @@ def test_two_processes_match_one_with_double_batch(base_args, tiny_model, tmp_pa
     two = base_args(output_dir=str(tmp_path / "two"), train_batch_size=1, class_data_dir=str(tmp_path / "class2"),
                     **common)
     run = [sys.executable, "-m", "dreambooth", "train"]
-    run_in_session([*run, *to_argv(one)], 300, check=True)
+    run_bounded([*run, *to_argv(one)], 300, check=True)
     launch_two(two)
 
     s1 = json.loads((tmp_path / "one" / "run_summary.json").read_text())

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import dreambooth
-from conftest import run_in_session, to_argv
+from conftest import run_bounded, to_argv
 from dreambooth.cli import main
 from dreambooth.errors import DreamBoothError
 from dreambooth.outputs import LOCK, RECORD, OutputFolder, check_output_file
@@ -226,7 +226,7 @@ def test_a_run_that_stopped_before_its_first_checkpoint_may_be_replaced(base_arg
 def together(commands: list[list[str]], timeout: float = 300) -> list[tuple[int, str]]:
     """The commands run at the same time; each one's (exit code, stderr)."""
     with ThreadPoolExecutor(len(commands)) as pool:
-        done = list(pool.map(lambda cmd: run_in_session(cmd, timeout), commands))
+        done = list(pool.map(lambda cmd: run_bounded(cmd, timeout), commands))
     return [(proc.returncode, proc.stderr) for proc in done]
 
 
@@ -477,7 +477,7 @@ def in_namespace(mounts: str, commands: list[list[str]]) -> str:
     """Run `mounts` (sh) then each dreambooth command in a private mount namespace; print each exit code."""
     runs = "; ".join(" ".join(map(shlex.quote, [sys.executable, "-m", "dreambooth", *c])) + ' 2>&1; echo "rc=$?"'
                      for c in commands)
-    proc = run_in_session(["unshare", "-rm", "sh", "-c", f"{mounts} && {{ {runs}; }}"], 600)
+    proc = run_bounded(["unshare", "-rm", "sh", "-c", f"{mounts} && {{ {runs}; }}"], 600)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import run_in_session, to_argv
+from conftest import run_bounded, to_argv
 from dreambooth.cli import main
 from test_distributed import free_port
 from test_training import relative_update_gap, same, weights
@@ -27,7 +27,7 @@ COMMON = dict(max_train_steps=3, checkpointing_steps=2, learning_rate=1e-4, **NO
 def two_processes(args: dict) -> subprocess.CompletedProcess:
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
               "--master_port", str(free_port()), "-m", "dreambooth", "train"]
-    return run_in_session([*launch, *to_argv(args)], 300, check=True)
+    return run_bounded([*launch, *to_argv(args)], 300, check=True)
 
 
 def layout(folder: Path) -> dict[str, tuple]:

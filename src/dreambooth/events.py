@@ -116,12 +116,11 @@ def eta_seconds(step: int, total: int, first_step: int, first_time: float, now: 
 
 
 def progress_bar(bar: Any) -> Sink:
-    """The terminal's view of the stream: the bar is at each reported step (the loop also moves it every step), its
-    postfix shows loss and learning rate."""
+    """The terminal's view of the stream: the bar's postfix shows the reported loss and learning rate (the loop moves
+    the bar itself every step; losses arrive a logging window at a time)."""
 
     def sink(event: dict[str, Any]) -> None:
-        if event["event"] == "step":  # steps arrive a logging window at a time
-            bar.update(event["step"] - bar.n)
+        if event["event"] == "step":
             bar.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{event['lr']:.2e}")
 
     return sink

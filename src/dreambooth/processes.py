@@ -160,6 +160,15 @@ class Peers:
 
 FAILED_EXIT = 2  # as the CLI's exit status for any one-line error
 
+_KEPT: list[Any] = []
+
+
+def keep_till_exit(obj: Any) -> None:
+    """Never free `obj` (a multi-process run's models): freeing the DDP-wrapped model runs gloo's process-group
+    destructor, which deadlocked for good once the other processes had left (about 1 run in 6 on 2 CPU processes).
+    The CLI ends such a run's processes without teardown once everything is written."""
+    _KEPT.append(obj)
+
 
 def distributed_error(error: BaseException, peers: Peers | None, timeout_s: int) -> PeerFailed | None:
     """A collective's failure in a run of several processes (gloo: "connection reset", "timed out"; NCCL:

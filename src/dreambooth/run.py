@@ -300,8 +300,8 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.resolution is None:
         cfg.resolution = family.default_resolution
     if cfg.learning_rate is None:  # the method's (and with LoRA the family's), as the reference scripts
-        method = "prodigy" if cfg.optimizer == "prodigy" else "lora" if cfg.use_lora else "full"
-        cfg.learning_rate = {"prodigy": 1.0, "full": FULL_LEARNING_RATE}.get(method, family.lora_learning_rate)
+        cfg.learning_rate = (1.0 if cfg.optimizer == "prodigy" else family.lora_learning_rate if cfg.use_lora
+                             else FULL_LEARNING_RATE)
     companions = (cfg.caption_extension,) if cfg.caption_extension else ()
     instance = scan_folder(Path(cfg.instance_data_dir), "instance", cfg.resolution, companions=companions)
     if not instance.images:

@@ -41,7 +41,7 @@ from .noising import sample_latents
 from .objectives import OBJECTIVES, Keys, Objective
 from .optimizer import make_optimizer, trainable
 from .prior import ClassImages, ensure_class_images
-from .processes import PeerFailed, distributed_error
+from .processes import PeerFailed, distributed_error, keep_till_exit
 from .quiet import quiet_libraries
 from .run import CONFIG_FILE, SUMMARY_FILE, Run, Signalled, determinism, identity, setup
 from .sharding import Sharding, check_processes, clip_mixed
@@ -110,20 +110,14 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
                     run.events.emit("checkpoint", step=step, path=str(path))
                 if parts.sharding is not None:
                     parts.sharding.close()
-            if run.accelerator.num_processes == 1:
-                del parts
-            else:  # freeing the DDP-wrapped model ran gloo's process-group destructor, which deadlocked for good
-                LEFT_TO_EXIT.append(parts)  # once the other processes had left (seen ~1 run in 6 on 2 CPU
-                del parts  # processes): the objects stay till the process ends (the CLI ends it without teardown)
+            if run.accelerator.num_processes > 1:
+                keep_till_exit(parts)
+            del parts
             if evaluation is not None and run.accelerator.is_main_process:  # the resolution is known now
                 summary["evaluation"] = evaluate(for_training(cfg))["metrics"]
                 write_text_atomic(Path(cfg.output_dir) / SUMMARY_FILE, json.dumps(summary, indent=2))
             run.events.emit("finish", step=summary["steps"], summary=summary)  # after the evaluation, if any
     return summary
-
-
-# What a run of several processes leaves to the process's end instead of freeing (see `train`)
-LEFT_TO_EXIT: list[Any] = []
 
 
 @contextmanager

@@ -96,6 +96,18 @@ def run_bounded(cmd: list[str], timeout: float, env: dict | None = None,
     return result
 
 
+def end_page(server) -> None:
+    """Shut a test's UI server down and end every process its page started (each runs in a session of its own, so
+    a failed test would otherwise leave its run training)."""
+    server.shutdown()
+    server.server_close()
+    for job in list(server.RequestHandlerClass.app.ws.jobs.values()):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(job.pid, signal.SIGKILL)
+        if job.proc is not None:
+            job.proc.wait(timeout=60)
+
+
 def marked_processes(mark: str) -> list[int]:
     """The live (not zombie) processes whose environment holds DREAMBOOTH_TEST_RUN=`mark`."""
     found, needle = [], f"DREAMBOOTH_TEST_RUN={mark}".encode()

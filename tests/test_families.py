@@ -5,6 +5,7 @@ exports diffusers loads back, evaluation. A new family gets all of it by registe
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -563,9 +564,15 @@ def test_without_a_learning_rate_the_method_and_family_default_is_used_and_repor
     from dreambooth.families import FAMILIES
 
     args = family_args(max_train_steps=1, use_lora=lora, with_prior_preservation=False, class_prompt=None,
-                       class_data_dir=None)
+                       class_data_dir=None, train_text_encoder=True)
     del args["learning_rate"]
     summary = dreambooth.train(**args)
     expected = FAMILIES[tiny[0]].lora_learning_rate if lora else FULL_LEARNING_RATE
     assert summary["learning_rate"] == expected
     assert expected == ({"sd": 5e-4, "sdxl": 1e-4, "sd3": 1e-4, "flux": 1e-4}[tiny[0]] if lora else 5e-6)
+    # the text encoders as in the reference scripts: SDXL, SD3 and Flux at 5e-6 with weight decay 1e-3, SD with
+    # the denoiser's rate and decay
+    saved = json.loads((Path(args["output_dir"]) / "train_config.json").read_text())
+    reference = tiny[0] != "sd"
+    assert saved["text_encoder_lr"] == (5e-6 if reference else None)
+    assert saved["adam_weight_decay_text_encoder"] == (1e-3 if reference else None)

@@ -516,3 +516,23 @@ def test_read_only_output_and_a_read_only_class_folder_on_a_real_file_system(bas
     assert "Read-only file system" in errors[0] and "nothing was written" in errors[0]
     assert errors[1].startswith("dreambooth export: error:") and "Read-only file system" in errors[1]
     assert json.loads((tmp_path / "second" / "run_summary.json").read_text())["class_images"]["reused"] == 4
+
+
+def test_a_written_safetensors_file_is_readable_by_others_as_any_new_file(tmp_path):
+    """safetensors writes 0600; what we stage gets the mode a new file gets under the umask (0644 under 022), so a
+    web server or another user can read an export."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from dreambooth.files import _umask, staged
+
+    with staged(tmp_path / "x.safetensors", exclusive=True) as tmp:
+        save_file({"a": torch.zeros(1)}, str(tmp))
+    with staged(tmp_path / "folder") as tmp:
+        tmp.mkdir()
+        save_file({"a": torch.zeros(1)}, str(tmp / "w.safetensors"))
+    expected = 0o666 & ~_umask()
+    for path in (tmp_path / "x.safetensors", tmp_path / "folder" / "w.safetensors"):
+        assert os.stat(path).st_mode & 0o777 == expected, oct(os.stat(path).st_mode)

@@ -1,4 +1,4 @@
-"""The UI's training form, built from the schema (the page itself is not built yet)."""
+"""The UI's training form, built from the schema: fields, labels in the page's words, problems beside fields."""
 
 import dataclasses
 
@@ -7,7 +7,7 @@ import pytest
 from dreambooth import schema
 from dreambooth.config import TrainConfig
 from dreambooth.errors import ConfigError
-from dreambooth.ui.form import BASIC, form_fields, validate
+from dreambooth.ui.form import BASIC, form_fields, label_of, page_words, validate
 
 GOOD = {"pretrained_model_name_or_path": "some/model", "instance_data_dir": "photos",
         "instance_prompt": "a photo of zwx dog", "output_dir": "run"}
@@ -25,16 +25,28 @@ def test_every_option_is_one_field_with_its_help_and_the_basic_ones_are_options(
     assert by_name["instance_data_dir"].required and not by_name["class_prompt"].required
 
 
-def test_each_bad_value_gets_the_schemas_own_line_beside_its_field():
+def test_each_bad_value_gets_the_schemas_rule_beside_its_field_in_the_pages_words():
     config, problems = validate({**GOOD, "learning_rate": "-1", "max_train_steps": "ten", "mixed_precision": "fp8",
                                  "resolution": ""})
     assert config is None and set(problems) == {"learning_rate", "max_train_steps", "mixed_precision"}
     for name, value in (("learning_rate", -1.0), ("max_train_steps", "ten"), ("mixed_precision", "fp8")):
-        with pytest.raises(ConfigError) as raised:  # the message the CLI and the API give for the same value
+        with pytest.raises(ConfigError) as raised:  # the rule the CLI and the API give for the same value
             schema.build(TrainConfig, {**GOOD, name: value})
-        assert problems[name] == str(raised.value) and "\n" not in problems[name], name
+        assert problems[name] == page_words(raised.value.allowed) and "\n" not in problems[name], name
     _, missing = validate({"instance_prompt": "a zwx dog"})
-    assert "instance_data_dir" in missing and "required" in missing["instance_data_dir"]
+    assert missing["instance_data_dir"] == "required"
+    _, crossed = validate({**GOOD, "class_prompt": "a dog"})  # a class prompt without prior preservation
+    assert crossed["class_prompt"] == "only used with “Prior preservation”; turn it on"
+    for message in (*problems.values(), *crossed.values()):  # no flag, no option name, no CLI verb on the page
+        assert "--" not in message and "_" not in message and "flag" not in message, message
+
+
+def test_every_field_has_a_label_in_words_not_an_option_name():
+    labels = {f.name: f.label for f in form_fields()}
+    assert labels["pretrained_model_name_or_path"] == "Base model"
+    assert labels["adam_weight_decay_text_encoder"] == "Adam weight decay text encoder"
+    assert labels["num_class_images"] == "Number of class images" and label_of("lora_alpha") == "LoRA alpha"
+    assert all("_" not in label and label[0].isupper() for label in labels.values()), labels
 
 
 def test_good_values_build_the_same_config_as_the_api():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import end_page
 from dreambooth.toy.demo import BUNDLED
 from dreambooth.ui.server import UIConfig, make_server
 from dreambooth.ui.workspace import Workspace, plain
@@ -113,8 +114,7 @@ class Page:
         raise AssertionError(f"run {run}: {state}")
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        end_page(self.server)
 
 
 @pytest.fixture

@@ -26,9 +26,9 @@ COMPAT_IGNORED = {
 }
 COMPAT_REFUSED = {
     "dataset_name": "pass the subject's photos as a local folder with --instance_data_dir",
-    "push_to_hub": "upload the output folder with `huggingface-cli upload` instead",
-    "hub_token": "upload the output folder with `huggingface-cli upload` instead",
-    "hub_model_id": "upload the output folder with `huggingface-cli upload` instead",
+    "push_to_hub": "upload the output folder with `hf upload` instead",
+    "hub_token": "upload the output folder with `hf upload` instead",
+    "hub_model_id": "upload the output folder with `hf upload` instead",
     "class_labels_conditioning": "only needed for DeepFloyd IF, which is not supported",
     "validation_images": "only needed for image-to-image pipelines, which are not supported",
 }

@@ -172,7 +172,8 @@ class TrainConfig:
     prodigy_use_bias_correction: bool = option(True, "Prodigy: Adam's bias correction", group="training")
     prodigy_safeguard_warmup: bool = option(True, "Prodigy: no step-size growth during warm-up", group="training")
     adam_weight_decay_text_encoder: float | None = option(None, "Weight decay of the text encoders (default: "
-                                                          "--adam_weight_decay)", check=at_least(0),
+                                                          "1e-3 for SDXL, SD3 and Flux as in their reference "
+                                                          "scripts; --adam_weight_decay for SD)", check=at_least(0),
                                                           group="training")
     mixed_precision: str | None = option(None, "Mixed precision (default: accelerate's config)", choices=PRECISIONS,
                                          group="training")
@@ -251,7 +252,9 @@ class TrainConfig:
     text_encoder_lora_target_modules: list[str] = option(("q_proj", "k_proj", "v_proj", "out_proj"),
                                                          "Text-encoder modules that get adapters "
                                                          "(with --train_text_encoder)", group="lora")
-    text_encoder_lr: float | None = option(None, "Learning rate of the text encoder (default: --learning_rate)",
+    text_encoder_lr: float | None = option(None, "Learning rate of the text encoders (default: 5e-6 for "
+                                           "SDXL, SD3 and Flux as in their reference scripts; --learning_rate for "
+                                           "SD and with Prodigy)",
                                            check=_learning_rate, group="lora")
 
     save_precision: str = option("fp32", "Precision of the saved pipeline's weights (fp16/bf16: half the size; "

@@ -302,6 +302,11 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.learning_rate is None:  # the method's (and with LoRA the family's), as the reference scripts
         cfg.learning_rate = (1.0 if cfg.optimizer == "prodigy" else family.lora_learning_rate if cfg.use_lora
                              else FULL_LEARNING_RATE)
+    if cfg.train_text_encoder and cfg.optimizer != "prodigy":  # Prodigy: one step size, its own
+        if cfg.text_encoder_lr is None:
+            cfg.text_encoder_lr = family.text_encoder_learning_rate
+        if cfg.adam_weight_decay_text_encoder is None:
+            cfg.adam_weight_decay_text_encoder = family.text_encoder_weight_decay
     companions = (cfg.caption_extension,) if cfg.caption_extension else ()
     instance = scan_folder(Path(cfg.instance_data_dir), "instance", cfg.resolution, companions=companions)
     if not instance.images:

@@ -43,6 +43,7 @@ from .optimizer import make_optimizer, trainable
 from .prior import ClassImages, ensure_class_images
 from .processes import PeerFailed, distributed_error, keep_till_exit
 from .quiet import quiet_libraries
+from .recipes import RECIPE_FILE, with_recipe
 from .run import CONFIG_FILE, SUMMARY_FILE, Run, Signalled, determinism, identity, setup
 from .sharding import Sharding, check_processes, clip_mixed
 from .validation import render_validation
@@ -89,9 +90,15 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
     Returns:
         The run summary that is also written to `output_dir/run_summary.json`.
     """
-    values = schema.values_of(config, TrainConfig)
-    cfg = schema.build(TrainConfig, {**values, **overrides})
+    values = {**schema.values_of(config, TrainConfig), **overrides}
+    taken: dict[str, Any] = {}
+    if not isinstance(config, TrainConfig):  # a built config has every option set: nothing is left to a recipe
+        values, taken = with_recipe(values)
+    cfg = schema.build(TrainConfig, values)
     quiet_libraries()
+    if taken:
+        log.info("the base model's recipe (%s) sets %s; options you give override it", RECIPE_FILE,
+                 ", ".join(f"{k}={v}" for k, v in taken.items()))
     evaluation = for_training(cfg) if cfg.eval else None  # a bad evaluation setting fails before training
     with determinism(cfg.deterministic):
         run = setup(cfg)
@@ -180,6 +187,7 @@ def memory_errors(cfg: TrainConfig, kept: Callable[[], str]) -> Iterator[None]:
 def build(run: Run) -> Parts:
     """Class images, models, data, optimizer and schedule; restores a checkpoint when resuming."""
     cfg, acc = run.cfg, run.accelerator
+    run.events.emit("phase", name="loading the base model")
     # one load serves both: missing class images are sampled by the loaded parts, lent to the GPU in the generation
     # dtype and given back untouched. Not with a quantized denoiser (it cannot be lent) or another tokenizer (class
     # images are the model's own): generation then loads its own pipeline first, freed before training's loads.
@@ -461,10 +469,11 @@ def validate(run: Run, parts: Parts, step: int, denoiser: torch.nn.Module | None
         return
     if parts.sharding is not None:  # the gathered copy renders where the pipeline runs, in the compute dtype
         denoiser = denoiser.to(run.accelerator.device, parts.weight_dtype)
+    run.events.emit("phase", name="rendering validation images")
     with parts.ema.applied() if run.cfg.validate_with_ema else nullcontext():
         path = render_validation(run.family, parts.components, denoiser, parts.text_encoders, run.cfg, step,
                                  run.accelerator)
-    run.events.emit("validation", step=step, path=str(path))
+    run.events.emit("validation", step=step, path=str(path), prompt=run.cfg.validation_prompt)
 
 
 def stop(run: Run, step: int, checkpoint: Path, bar: tqdm) -> None:
@@ -550,6 +559,7 @@ def finish(run: Run, parts: Parts) -> dict[str, Any]:
     if run.peers is not None:
         run.peers.close()
     acc.wait_for_everyone()
+    run.events.emit("phase", name="saving the result")
     steps = parts.state["step"]
     summary: dict[str, Any] = {
         "steps": steps,

@@ -72,6 +72,10 @@ class ModelFamily(ABC):
     pipeline_classes: ClassVar[tuple[str, ...]]  # model_index.json `_class_name`s this family reads
     default_resolution: ClassVar[int]  # training resolution when --resolution is not given
     lora_learning_rate: ClassVar[float]  # --use_lora without --learning_rate
+    # --train_text_encoder without --text_encoder_lr / --adam_weight_decay_text_encoder (None: the denoiser's);
+    # the SDXL, SD3 and Flux reference scripts train their CLIPs at 5e-6 with weight decay 1e-3
+    text_encoder_learning_rate: ClassVar[float | None] = None
+    text_encoder_weight_decay: ClassVar[float | None] = None
     resolution_multiple: ClassVar[int] = 8  # the VAE downsamples by 8 (Flux packs 2x2 latents: 16)
     denoiser_name: ClassVar[str]  # the pipeline attribute of the trained denoiser: unet or transformer
     objective: ClassVar[str]  # the OBJECTIVES entry that trains it

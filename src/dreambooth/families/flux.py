@@ -32,6 +32,7 @@ class Flux(DiffusersFamily):
     optional_parts = ("image_encoder", "feature_extractor")
     default_resolution = 512  # the reference scripts' default
     lora_learning_rate = 1e-4  # --use_lora without --learning_rate: the reference LoRA script's
+    text_encoder_learning_rate, text_encoder_weight_decay = 5e-6, 1e-3  # the reference scripts'
     resolution_multiple = 16  # latents are packed 2x2
     objective = "rectified_flow"
     options = ("max_sequence_length", "guidance_scale", "lora_blocks")

@@ -22,6 +22,7 @@ class StableDiffusionXL(StableDiffusion):
     pipeline_classes = ("StableDiffusionXLPipeline",)
     default_resolution = 1024
     lora_learning_rate = 1e-4  # --use_lora without --learning_rate: the reference LoRA script's
+    text_encoder_learning_rate, text_encoder_weight_decay = 5e-6, 1e-3  # the reference scripts'
     pipeline_class = StableDiffusionXLPipeline
     text_parts = (TextPart("tokenizer", "text_encoder", CLIPTextModel),
                   TextPart("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection))

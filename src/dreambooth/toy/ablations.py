@@ -299,6 +299,9 @@ def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Pat
                     "num_class_images": cfg.num_class_images, "prior_loss_weight": cfg.prior_loss_weight,
                     **toy_train_settings(cfg.family),
                     "train_text_encoder": cfg.train_text_encoder, "train_batch_size": cfg.train_batch_size,
+                    # the text encoder at the study's rate and the usual decay (not the model recipe's or SD3's
+                    # reference 5e-6 / 1e-3): what every study so far was measured with
+                    "text_encoder_lr": cfg.learning_rate, "adam_weight_decay_text_encoder": 1e-2,
                     "max_train_steps": steps, "learning_rate": cfg.learning_rate,
                     "checkpointing_steps": steps + 1, "seed": seed, "device": cfg.device,
                     "output_dir": str(folder / "model"),

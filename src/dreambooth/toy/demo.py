@@ -30,7 +30,7 @@ from .measure import (
     load_toy,
     sample,
     subject_scores,
-    toy_train_settings,
+    toy_recipe,
 )
 from .subjects import SUBJECTS, Subject
 from .world import prompt
@@ -51,11 +51,16 @@ class DemoConfig:
                          choices=lambda: list(BUNDLED_MODELS))
     model: str | None = option(None, "Base model (default: the bundled toy model of --family)")
     identifier: str | None = option(None, "Identifier [V] (default: the rarest-prior token the model offers)")
-    max_train_steps: int = option(400, "Fine-tuning steps", check=at_least(1))
-    learning_rate: float | None = option(None, "Fine-tuning learning rate (default: the toy recipe's, 2e-4)",
-                                         check=positive)
-    train_batch_size: int = option(4, "Instance images per step (as many class images join them)", check=at_least(1))
-    num_class_images: int = option(100, "Class images for prior preservation", check=at_least(1))
+    use_lora: bool = option(False, "Train LoRA adapters instead of the full model (the toy's LoRA recipe)")
+    max_train_steps: int | None = option(None, "Fine-tuning steps (default: the toy recipe's, 400)",
+                                         check=at_least(1))
+    learning_rate: float | None = option(None, "Fine-tuning learning rate (default: the toy recipe's, 2e-4; with "
+                                         "--use_lora 1e-3)", check=positive)
+    train_batch_size: int | None = option(None, "Instance images per step (as many class images join them; "
+                                          "default: the toy recipe's, 4)", check=at_least(1))
+    num_class_images: int | None = option(None, "Class images for prior preservation (default: the toy recipe's, "
+                                          "100)", check=at_least(1))
+    rank: int | None = option(None, "LoRA rank (with --use_lora; default: 4)", check=at_least(1))
     prior_loss_weight: float = option(1.0, "Lambda of the prior-preservation loss", check=at_least(0))
     with_prior_preservation: bool = option(True, "Use the prior-preservation loss")
     train_text_encoder: bool = option(True, "Also fine-tune the text encoder (binds the untrained identifier)")
@@ -204,15 +209,23 @@ def _demo(cfg: DemoConfig, model: str, folder: OutputFolder, started: float) -> 
 
     # dreambooth
     model_dir = folder.entry("model")
+    given = {k: getattr(cfg, k) for k in ("max_train_steps", "learning_rate", "train_batch_size", "num_class_images",
+                                          "rank") if getattr(cfg, k) is not None}
+    if "learning_rate" in given and cfg.train_text_encoder:
+        given["text_encoder_lr"] = given["learning_rate"]
+    recipe = {**toy_recipe(family, cfg.use_lora), **given}
+    if not cfg.train_text_encoder:
+        recipe = {k: v for k, v in recipe.items() if k not in ("text_encoder_lr", "adam_weight_decay_text_encoder")}
+    prior = dict(class_prompt=prompts["class"][0], class_data_dir=folder.entry("class-images"),
+                 prior_loss_weight=cfg.prior_loss_weight) if cfg.with_prior_preservation else {}
+    if not cfg.with_prior_preservation:
+        recipe.pop("num_class_images", None)
     summary = train(
         pretrained_model_name_or_path=model, instance_data_dir=instance_dir,
-        instance_prompt=prompts["subject"][0], identifier=identifier,
-        with_prior_preservation=cfg.with_prior_preservation, class_prompt=prompts["class"][0],
-        class_data_dir=folder.entry("class-images"), num_class_images=cfg.num_class_images,
-        prior_loss_weight=cfg.prior_loss_weight, train_text_encoder=cfg.train_text_encoder,
-        train_batch_size=cfg.train_batch_size, max_train_steps=cfg.max_train_steps,
-        **{**toy_train_settings(family), **({"learning_rate": cfg.learning_rate} if cfg.learning_rate else {})},
-        checkpointing_steps=cfg.max_train_steps + 1, seed=cfg.seed, output_dir=model_dir, device=cfg.device,
+        instance_prompt=prompts["subject"][0], identifier=identifier, use_lora=cfg.use_lora,
+        with_prior_preservation=cfg.with_prior_preservation, **prior, **{**recipe,
+                                                                          "train_text_encoder": cfg.train_text_encoder},
+        checkpointing_steps=recipe["max_train_steps"] + 1, seed=cfg.seed, output_dir=model_dir, device=cfg.device,
     )
 
     # after

@@ -214,6 +214,15 @@ def pretrain(config: PretrainConfig | dict | str | Path | None = None, **overrid
         return _pretrain(cfg, folder.path)
 
 
+def write_recipe(out: Path, family: str) -> None:
+    """The DreamBooth recipe a toy model carries (recipes.py): what `train`, the demo and the page start from."""
+    from ..recipes import RECIPE_FILE
+    from .measure import TOY_RECIPE_MEASURED, toy_recipe
+
+    recipe = {"full": toy_recipe(family), "lora": toy_recipe(family, lora=True), "measured": TOY_RECIPE_MEASURED}
+    write_text_atomic(out / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
+
+
 def _pretrain(cfg: PretrainConfig, out: Path) -> Path:
     """Train the family's toy model into `out`, then record how (pretrain.json)."""
     if cfg.family == "sd3":
@@ -226,6 +235,7 @@ def _pretrain(cfg: PretrainConfig, out: Path) -> Path:
     info = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in schema.to_dict(cfg).items()}, **info,
             "torch_threads": torch.get_num_threads()}
     write_text_atomic(out / "pretrain.json", json.dumps(info, indent=2) + "\n")
+    write_recipe(out, cfg.family)
     log.info("toy model written to %s in %.1f min", out, info["minutes"])
     return out
 

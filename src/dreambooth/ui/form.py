@@ -6,6 +6,8 @@ sends back what was typed."""
 from __future__ import annotations
 
 import dataclasses
+import re
+import shlex
 import typing
 from pathlib import Path
 from typing import Any
@@ -13,16 +15,29 @@ from typing import Any
 from .. import schema
 from ..config import TrainConfig
 
-# on the page for every run; the rest of TrainConfig is under "advanced"
-BASIC = ("pretrained_model_name_or_path", "instance_data_dir", "instance_prompt", "class_prompt", "identifier",
-         "with_prior_preservation", "class_data_dir", "use_lora", "max_train_steps", "learning_rate", "resolution",
-         "output_dir")
+# on the page for every run, in the page's words; the rest of TrainConfig is under "advanced" (use_lora is the
+# page's LoRA / full fine-tune choice, not a field of its own)
+BASIC = {"pretrained_model_name_or_path": "Base model", "instance_data_dir": "Subject photos folder",
+         "instance_prompt": "Subject prompt", "identifier": "Identifier", "class_prompt": "Class prompt",
+         "with_prior_preservation": "Prior preservation", "class_data_dir": "Class images folder",
+         "use_lora": "LoRA", "train_text_encoder": "Train the text encoder", "max_train_steps": "Training steps",
+         "learning_rate": "Learning rate", "resolution": "Resolution (px)", "validation_prompt": "Validation prompt",
+         "output_dir": "Output folder"}
 KINDS = {bool: "bool", int: "int", float: "float", str: "text", Path: "path"}
+# an option name's parts as the page says them
+WORDS = {"lr": "learning rate", "lora": "LoRA", "ema": "EMA", "fsdp": "FSDP", "ddp": "DDP", "vae": "VAE",
+         "dora": "DoRA", "num": "number of", "dir": "folder", "8bit": "8-bit", "adam": "Adam", "t5": "T5",
+         "cpu": "CPU", "gpu": "GPU", "dino": "DINO", "clip": "CLIP", "snr": "SNR", "max": "max.", "prodigy": "Prodigy",
+         "eval": "evaluation", "img": "image", "xformers": "xFormers", "tf32": "TF32", "id": "ID"}
+# CLI words in a schema message, as the page says them
+PAGE_PHRASES = (("add that flag", "turn it on"), ("add it", "turn it on"), ("remove it", "clear it"),
+                ("drop one of them", "clear one of them"), ("pass ", "give "))
 
 
 @dataclasses.dataclass(frozen=True)
 class Field:
     name: str
+    label: str  # what the page calls it
     kind: str  # bool, int, float, text, path, list, or choice (one of `choices`)
     default: Any
     help: str
@@ -32,7 +47,25 @@ class Field:
     advanced: bool
 
 
-def form_fields(cls: type = TrainConfig, basic: tuple[str, ...] = BASIC) -> list[Field]:
+def label_of(name: str) -> str:
+    """An option's name in the page's words: its basic label, else its parts spelt out (adam_weight_decay ->
+    "Adam weight decay")."""
+    if name in BASIC:
+        return BASIC[name]
+    words = " ".join(WORDS.get(part, part) for part in name.split("_"))
+    return words[0].upper() + words[1:]
+
+
+def page_words(message: str) -> str:
+    """A schema message as the page says it: each --flag by its label, CLI verbs by the page's."""
+    message = re.sub(r"--([a-z0-9_]+)", lambda m: f"“{label_of(m.group(1))}”", message)
+    message = re.sub(r"`([a-z0-9_]+)`", lambda m: f"“{label_of(m.group(1))}”", message)
+    for cli, page in PAGE_PHRASES:
+        message = message.replace(cli, page)
+    return message
+
+
+def form_fields(cls: type = TrainConfig, basic: dict[str, str] | tuple[str, ...] = tuple(BASIC)) -> list[Field]:
     """Every option of the schema, in its declaration order."""
     hints = typing.get_type_hints(cls)
     out = []
@@ -44,8 +77,8 @@ def form_fields(cls: type = TrainConfig, basic: tuple[str, ...] = BASIC) -> list
         else:
             kind = "list" if typing.get_origin(base) is list else KINDS.get(base, "text")
         default = None if f.default is dataclasses.MISSING else f.default
-        out.append(Field(name, kind, str(default) if isinstance(default, Path) else default, f.metadata["help"],
-                         tuple(choices) if choices is not None else None, f.metadata["group"],
+        out.append(Field(name, label_of(name), kind, str(default) if isinstance(default, Path) else default,
+                         f.metadata["help"], tuple(choices) if choices is not None else None, f.metadata["group"],
                          f.metadata["required"], name not in basic))
     return out
 
@@ -69,4 +102,39 @@ def validate(typed: dict[str, Any], cls: type = TrainConfig) -> tuple[Any | None
     """(the config, {}) when the page's values build; else (None, each problem by field name)."""
     values = values_from_form(cls, typed)
     found = schema.problems(cls, values)
-    return (None, found) if found else (schema.build(cls, values), {})
+    return (None, {name: page_problem(name, message) for name, message in found.items()}) if found else (
+        schema.build(cls, values), {})
+
+
+def page_problem(name: str, message: str) -> str:
+    """A field's problem as the page shows it beside the field: what is allowed, in the page's words (the field
+    and its value are on screen); a cross-field rule keeps its field's label."""
+    allowed = re.match(rf"{re.escape(name)}=.* is not allowed: (.*)$", message, re.S)
+    if allowed:
+        text = allowed.group(1)
+        if text.startswith("required;"):
+            return "required"
+        return page_words(text)
+    return page_words(message)
+
+
+def command_line(values: dict[str, Any], cls: type = TrainConfig) -> str:
+    """The `dreambooth train` command that runs these values (those that differ from the defaults)."""
+    hints = typing.get_type_hints(cls)
+    args = ["dreambooth", "train"]
+    for name, f in schema.fields(cls).items():
+        if name not in values:
+            continue
+        value, default = values[name], None if f.default is dataclasses.MISSING else f.default
+        if isinstance(value, str) and typing.get_origin(schema.base_type(hints[name])[0]) is list:
+            value = value.split()
+        if value is None or value == default or (isinstance(default, Path) and str(value) == str(default)):
+            continue
+        if isinstance(value, bool) or str(value).lower() in ("true", "false"):
+            truthy = value is True or str(value).lower() == "true"
+            if truthy != bool(default):
+                args.append(f"--{name}" if truthy else f"--no-{name}")
+            continue
+        args += [f"--{name}", *(str(v) for v in value)] if isinstance(value, list | tuple) else [f"--{name}",
+                                                                                                 str(value)]
+    return shlex.join(args)

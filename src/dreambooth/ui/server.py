@@ -5,21 +5,24 @@ run, a gallery, an evaluation, an export) is a process of its own, so a request 
 from __future__ import annotations
 
 import dataclasses
+import io
 import ipaddress
 import json
 import logging
 import mimetypes
 import os
+import re
 import shutil
 import socket
 import threading
 import webbrowser
+import zipfile
 from functools import partial
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlparse
+from urllib.parse import parse_qs, quote, unquote, urlparse
 
 from .. import schema
 from ..config import TrainConfig
@@ -49,7 +52,30 @@ def bundled_models() -> list[dict[str, str]]:
     from ..toy.demo import BUNDLED_MODELS
 
     return [{"label": f"toy model ({'DDPM, UNet' if family == 'sd' else 'rectified flow, SD3'})",
-             "path": str(path), "family": family} for family, path in BUNDLED_MODELS.items()]
+             "path": str(path), "family": family, "toy": True} for family, path in BUNDLED_MODELS.items()]
+
+
+def toy_family(model: str) -> str | None:
+    """The family of a bundled toy model named by `model`; None for any other model."""
+    from ..toy.demo import BUNDLED_MODELS
+
+    for family, path in BUNDLED_MODELS.items():
+        if model and Path(model).expanduser().resolve() == path.resolve():
+            return family
+    return None
+
+
+def presets(model: str) -> dict[str, dict[str, Any]]:
+    """What the page pre-fills for a model, by method: its measured recipe (a toy model's own file, else the
+    toy recipe of its family), with the step count it was measured at."""
+    from ..recipes import read_recipe
+    from ..toy.measure import toy_recipe
+
+    found = read_recipe(model)
+    family = toy_family(model)
+    if not found and family is not None:
+        found = {"full": toy_recipe(family), "lora": toy_recipe(family, lora=True)}
+    return found
 
 
 class App:
@@ -63,15 +89,22 @@ class App:
 
     # GET /api/setup
     def setup(self, _: dict) -> dict[str, Any]:
-        from ..toy.measure import toy_train_settings
         from ..toy.subjects import SUBJECTS
 
         models = bundled_models()
         return {"workspace": str(self.ws.root), "models": models,
                 "toy_subjects": [{"name": n, "cls": s.cls} for n, s in SUBJECTS.items()],
-                "presets": {m["path"]: {"full": toy_train_settings(m["family"]),
-                                        "lora": toy_train_settings(m["family"], lora=True)} for m in models},
+                "presets": {m["path"]: presets(m["path"]) for m in models},
                 "fields": [dataclasses.asdict(f) for f in form.form_fields()]}
+
+    # POST /api/presets {model}: the recipe a typed model folder carries
+    def model_presets(self, body: dict) -> dict[str, Any]:
+        return {"presets": presets(str(body.get("model") or "").strip())}
+
+    # POST /api/command {values}: the command line that runs these settings
+    def command(self, body: dict) -> dict[str, Any]:
+        values = form.values_from_form(TrainConfig, self._values(body))
+        return {"command": form.command_line(values)}
 
     # POST /api/upload {files: [{name, data}], resolution}
     def upload(self, body: dict) -> dict[str, Any]:
@@ -191,13 +224,18 @@ class App:
     def evaluate(self, body: dict, name: str) -> dict[str, Any]:
         folder = self.ws.checked_run(name)
         cfg = self.ws.run_view(name)["config"] or {}
-        backend = str(body.get("backend") or "dreambench")
+        base = str(cfg.get("pretrained_model_name_or_path") or "")
+        backend = str(body.get("backend") or ("toy" if toy_family(base) else "dreambench"))
+        which = str(body.get("which") or "tuned")
+        if which not in ("tuned", "base"):
+            raise DreamBoothError("evaluate the fine-tuned model or its base model")
         real = str(cfg.get("instance_data_dir") or "")
         if backend != "toy" and real and not self.ws.inside(Path(real)):  # a path from the run's own files
             raise DreamBoothError(f"run {name}'s photos folder {real} is outside the workspace; the page does not "
                                   "read it")
-        out = self.ws.new_output("evaluations", name)
-        config: dict[str, Any] = {"model": str(folder), "output_dir": str(out), "backend": backend}
+        out = self.ws.new_output("evaluations", f"{name}-{which}")
+        model = str(folder) if which == "tuned" else base
+        config: dict[str, Any] = {"model": model, "output_dir": str(out), "backend": backend}
         if not cfg.get("identifier"):  # typed into the prompt only: the word the prompts share
             from ..identifier import infer_identifier
 
@@ -213,10 +251,21 @@ class App:
 
     # GET /api/jobs/<id>
     def job(self, _: dict, job_id: str) -> dict[str, Any]:
-        view = self.ws.job_view(self.ws.job(job_id))
+        job = self.ws.job(job_id)
+        view = self.ws.job_view(job)
         if view["command"] == "evaluate" and view["status"] == "done":
             view["report"] = json.loads((Path(view["output"]) / "report.json").read_text())
+        if view["command"] == "generate" and view["status"] == "done":  # each image with the prompt it shows
+            prompts = job.config.get("prompt") or []
+            view["images"] = [{"url": url, "prompt": prompts[int(url.rsplit("/", 1)[1][:2])]}
+                              for url in view["files"] if re.match(r"\d\d-", url.rsplit("/", 1)[1])
+                              and int(url.rsplit("/", 1)[1][:2]) < len(prompts)]
         return view
+
+    # GET /api/runs/<name>/log?offset=N: the console output of the run's training process
+    def log(self, body: dict, name: str) -> dict[str, Any]:
+        self.ws.run_folder(name)
+        return self.ws.run_log(name, int(body.get("offset") or 0))
 
     # GET /api/templates?class_noun=&identifier=&live=
     def templates(self, body: dict) -> dict[str, Any]:
@@ -235,16 +284,14 @@ class App:
 
     def _sampling(self, folder: Path) -> dict[str, Any]:
         """A toy model's run samples the way the toy model does (its sampler, steps, guidance)."""
-        from ..toy.demo import BUNDLED_MODELS
         from ..toy.measure import toy_sampling
 
         cfg = self.ws.run_view(folder.name)["config"] or {}
-        base = str(cfg.get("pretrained_model_name_or_path") or "")
-        for family, path in BUNDLED_MODELS.items():
-            if Path(base).resolve() == path.resolve():
-                sampler, steps, guidance = toy_sampling(family)
-                return {"sampler": sampler, "num_inference_steps": steps, "guidance_scale": guidance}
-        return {}
+        family = toy_family(str(cfg.get("pretrained_model_name_or_path") or ""))
+        if family is None:
+            return {}
+        sampler, steps, guidance = toy_sampling(family)
+        return {"sampler": sampler, "num_inference_steps": steps, "guidance_scale": guidance}
 
 
 def _truthy(value: Any) -> bool:
@@ -270,11 +317,11 @@ class RequestError(Exception):
 ROUTES = {  # (method, first path part after /api/, has a name) -> App method
     ("GET", "setup"): "setup", ("POST", "upload"): "upload", ("POST", "identifiers"): "identifiers",
     ("POST", "validate"): "validate", ("POST", "train"): "train", ("GET", "runs"): "runs",
-    ("GET", "templates"): "templates",
+    ("GET", "templates"): "templates", ("POST", "presets"): "model_presets", ("POST", "command"): "command",
 }
 NAMED = {("GET", "runs", ""): "run", ("POST", "runs", "stop"): "stop", ("POST", "runs", "resume"): "resume",
          ("POST", "runs", "gallery"): "gallery", ("POST", "runs", "export"): "export",
-         ("POST", "runs", "evaluate"): "evaluate", ("GET", "jobs", ""): "job"}
+         ("POST", "runs", "evaluate"): "evaluate", ("GET", "jobs", ""): "job", ("GET", "runs", "log"): "log"}
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -306,7 +353,10 @@ class Handler(BaseHTTPRequestHandler):
                     raise KeyError(url.path)
                 return self._file(path)
             if method == "GET" and parts[0] == "files":
-                return self._file(self.app.ws.file("/".join(parts[1:])))
+                relative = "/".join(parts[1:])
+                if "download" in parse_qs(url.query, keep_blank_values=True):  # a file, or a folder zipped
+                    return self._download(self.app.ws.download(relative))
+                return self._file(self.app.ws.file(relative))
             if not parts or parts[0] != "api" or len(parts) < 2:
                 raise KeyError(url.path)
             body = {k: v[-1] for k, v in parse_qs(url.query).items()}
@@ -389,14 +439,33 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
-    def _file(self, path: Path) -> None:
+    def _download(self, path: Path) -> None:
+        if path.is_file():
+            return self._file(path, attachment=True)
+        self.send_response(HTTPStatus.OK)  # a folder: zipped as it streams (stored, not compressed: weights do
+        self.send_header("Content-Type", "application/zip")  # not compress), the connection's end is its end
+        self.send_header("Content-Disposition", _attachment(f"{path.name}.zip"))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        with zipfile.ZipFile(_Unseekable(self.wfile), "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for file in sorted(p for p in path.rglob("*") if p.is_file() and self.app.ws.inside(p)):
+                archive.write(file, f"{path.name}/{file.relative_to(path).as_posix()}")
+        self.close_connection = True
+
+    def _file(self, path: Path, attachment: bool = False) -> None:
         with open(path, "rb") as f:
             self.send_response(HTTPStatus.OK)
             self.send_header("Content-Type", mimetypes.guess_type(path.name)[0] or "application/octet-stream")
             self.send_header("Content-Length", str(os.fstat(f.fileno()).st_size))
+            if attachment:
+                self.send_header("Content-Disposition", _attachment(path.name))
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
             shutil.copyfileobj(f, self.wfile)  # streamed: a run's weights are not read into memory
+
+
+def _attachment(name: str) -> str:
+    return f"attachment; filename*=UTF-8''{quote(name)}"
 
 
 def _host_port(text: str) -> tuple[str, int | None] | None:
@@ -476,3 +545,21 @@ def serve(config: UIConfig | dict | None = None, **overrides: Any) -> None:
         server.serve_forever()
     finally:
         server.server_close()
+
+
+class _Unseekable(io.RawIOBase):
+    """A socket stream for zipfile: written in order, never sought (zipfile then writes data descriptors)."""
+
+    def __init__(self, stream: Any):
+        self.stream, self.written = stream, 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.stream.write(data)
+        self.written += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.written

@@ -236,6 +236,8 @@ class Workspace:
             view["message"] = plain(self.console_line(job) or self._silent(job))
         if status == "done":
             view["files"] = [self.url(p) for p in self.outputs(job.output)]
+            if job.output.exists() and self.inside(job.output):  # the whole output (a folder: zipped)
+                view["download"] = self.url(job.output) + "?download"
         return view
 
     def console_line(self, job: Job) -> str | None:
@@ -448,6 +450,30 @@ class Workspace:
         if not path.is_relative_to(self.root) or not path.is_file():
             raise KeyError(relative)
         return path
+
+    def download(self, relative: str) -> Path:
+        """A file or a folder under the workspace to download (a folder is zipped); nothing outside it."""
+        path = (self.root / relative).resolve()
+        if not path.is_relative_to(self.root) or path == self.root or not path.exists():
+            raise KeyError(relative)
+        return path
+
+    def run_log(self, run: str, offset: int = 0) -> dict[str, Any]:
+        """The console output of the run's latest training process from byte `offset` (at most 64 kB at a time;
+        progress bars' carriage returns become new lines), and where the next read starts."""
+        job = self._last_job(run)
+        if job is None:
+            return {"text": "", "offset": 0}
+        path = self.root / "jobs" / f"{job.id}.log"
+        try:
+            with open(path, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                start = max(0, min(offset, size), size - (1 << 16) if offset == 0 else 0)
+                f.seek(start)
+                data = f.read(1 << 16)
+        except OSError:
+            return {"text": "", "offset": 0}
+        return {"text": data.decode(errors="replace").replace("\r", "\n"), "offset": start + len(data)}
 
     def new_output(self, kind: str, hint: str, suffix: str = "") -> Path:
         """A fresh path under galleries/, evaluations/ or exports/ (never one that exists or was handed out)."""

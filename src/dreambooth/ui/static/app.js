@@ -3,7 +3,8 @@
 // run view that tails the run's events.jsonl (GET /api/runs/<name>?offset=N) once a second.
 
 const $ = (id) => document.getElementById(id);
-const state = { setup: null, run: null, offset: 0, losses: [], timer: null, viewing: 0, preset: null };
+const state = { setup: null, run: null, offset: 0, losses: [], timer: null, viewing: 0, preset: null, logOffset: 0,
+                config: null, classStarted: null };
 
 async function api(method, path, body) {
   const res = await fetch(path, { method, headers: { "Content-Type": "application/json" },
@@ -49,12 +50,32 @@ function buildForm(fields) {
   let group = null;
   for (const f of fields) {
     const target = f.advanced ? advanced : basic;
-    if (f.advanced && f.group !== group) { group = f.group; advanced.append(el("h4", { text: group })); }
-    const label = el("label", { for: `f-${f.name}`, text: f.name });
-    const cell = el("div", {}, fieldInput(f), el("span", { class: "help", text: f.help }),
-                    el("span", { class: "error", id: `e-${f.name}` }));
-    target.append(label, cell);
+    if (f.advanced && f.group !== group) {
+      group = f.group;
+      advanced.append(el("h4", { class: "group", "data-group": group, text: group }));
+    }
+    const input = fieldInput(f);
+    input.addEventListener("input", () => { $(`e-${f.name}`).textContent = ""; });  // fixed: its error goes
+    input.addEventListener("change", () => { $(`e-${f.name}`).textContent = ""; });
+    const row = el("div", { class: "field", "data-group": f.group,
+                            "data-search": `${f.label} ${f.name} ${f.help}`.toLowerCase() },
+                   el("label", { for: `f-${f.name}`, text: f.label, title: f.name }),
+                   el("div", {}, input, el("span", { class: "help", text: f.help }),
+                      el("span", { class: "error", id: `e-${f.name}` })));
+    if (f.name === "use_lora") row.classList.add("hidden");  // the LoRA / full fine-tune choice above sets it
+    target.append(row);
   }
+}
+
+function searchAdvanced() {
+  const words = $("advanced-search").value.toLowerCase().split(/\s+/).filter(Boolean);
+  const shown = new Set();
+  for (const row of document.querySelectorAll("#advanced-fields .field")) {
+    const hit = words.every((w) => row.dataset.search.includes(w));
+    row.classList.toggle("hidden", !hit);
+    if (hit) shown.add(row.dataset.group);
+  }
+  for (const h of document.querySelectorAll("#advanced-fields h4.group")) h.hidden = !shown.has(h.dataset.group);
 }
 
 function setField(name, value) {
@@ -64,6 +85,7 @@ function setField(name, value) {
 }
 
 function formValues() {
+  setField("use_lora", mode() === "lora");
   const values = {};
   for (const input of document.querySelectorAll("#basic [name], #advanced-fields [name]")) {
     if (input.type === "checkbox") {
@@ -74,32 +96,42 @@ function formValues() {
   return values;
 }
 
+function mode() { return document.querySelector("input[name=mode]:checked").value; }
+
 function showProblems(problems) {
   for (const node of document.querySelectorAll(".fields .error")) node.textContent = "";
+  const unplaced = [];
   for (const [name, message] of Object.entries(problems || {})) {
     const node = $(`e-${name}`);
-    if (node) node.textContent = message;
+    if (node) node.textContent = message; else unplaced.push(message);  // a rule of several fields
     if (node && node.closest("#advanced")) $("advanced").open = true;
   }
-  const first = Object.keys(problems || {})[0];
-  if (first && $(`f-${first}`)) $(`f-${first}`).scrollIntoView({ block: "center" });
+  const first = Object.keys(problems || {}).find((name) => $(`f-${name}`));
+  if (first) $(`f-${first}`).scrollIntoView({ block: "center" });
+  return unplaced;
 }
 
 function currentModel() {
   return $("model-path").value.trim() || $("model-choice").value;
 }
 
-function applyPresets() {
+async function applyPresets() {
   const model = currentModel();
   for (const k of Object.keys(state.preset || {})) {  // the previous model's preset goes back to the defaults
     const f = state.setup.fields.find((x) => x.name === k);
     if (f) setField(k, f.kind === "bool" ? f.default : "");
   }
   setField("pretrained_model_name_or_path", model);
-  const lora = document.querySelector("input[name=mode]:checked").value === "lora";
-  setField("use_lora", lora);
-  state.preset = (state.setup.presets[model] || {})[lora ? "lora" : "full"] || {};
+  setField("use_lora", mode() === "lora");
+  let presets = state.setup.presets[model];
+  if (presets === undefined && model) {  // a typed model folder may carry its own measured recipe
+    presets = (await api("POST", "/api/presets", { model }).catch(() => ({ presets: {} }))).presets;
+    state.setup.presets[model] = presets;
+  }
+  state.preset = (presets || {})[mode()] || {};
   for (const [k, v] of Object.entries(state.preset)) setField(k, v);
+  $("preset-note").textContent = Object.keys(state.preset).length
+    ? `pre-filled with this model's measured ${mode() === "lora" ? "LoRA" : "full fine-tune"} recipe` : "";
 }
 
 // ---- photos --------------------------------------------------------------------------------------------------
@@ -155,6 +187,8 @@ function useIdentifier(token, noun) {
   setField("class_prompt", `a ${noun}`);
   setField("with_prior_preservation", true);  // a class prompt is prior preservation's: the two go together
   setField("validation_prompt", `a ${token} ${noun}`);
+  for (const name of ["identifier", "instance_prompt", "class_prompt", "with_prior_preservation"])
+    $(`e-${name}`).textContent = "";
   for (const b of document.querySelectorAll(".suggestion")) b.classList.toggle("primary", b.textContent === token);
 }
 
@@ -164,7 +198,11 @@ async function start() {
   $("start").disabled = true;
   try {
     const res = await api("POST", "/api/train", { values: formValues() });
-    if (res.problems) { showProblems(res.problems); $("start-error").textContent = "fix the fields marked"; return; }
+    if (res.problems) {
+      const unplaced = showProblems(res.problems);
+      $("start-error").textContent = unplaced.length ? unplaced.join("; ") : "fix the fields marked";
+      return;
+    }
     showProblems({});
     openRun(res.run);
     loadRuns().catch(() => {});
@@ -172,12 +210,14 @@ async function start() {
 }
 
 function openRun(name) {
-  state.run = name; state.offset = 0; state.losses = []; state.viewing += 1;
+  state.run = name; state.offset = 0; state.losses = []; state.viewing += 1; state.logOffset = 0;
+  state.config = null; state.classStarted = null;
   $("run").hidden = false; $("after").hidden = true;
   $("run-name").textContent = name;
   for (const id of ["validations", "gallery", "eval-report", "eval-grids", "exports"]) $(id).replaceChildren();
-  $("gallery-prompts").value = "";
-  for (const id of ["step-text", "eta", "class-progress", "run-message", "gallery-status", "eval-status"])
+  $("gallery-prompts").value = ""; $("log").textContent = ""; $("run-command-text").hidden = true;
+  for (const id of ["step-text", "eta", "class-progress", "run-message", "gallery-status", "eval-status", "phase",
+                    "phase-detail"])
     $(id).textContent = "";
   $("progress").value = 0;
   drawLoss();
@@ -193,14 +233,18 @@ async function poll(viewing) {
     const res = await api("GET", `/api/runs/${encodeURIComponent(state.run)}?offset=${state.offset}`);
     if (viewing !== state.viewing) return;
     state.offset = res.offset;
+    if (res.config && !state.config) { state.config = res.config; fitEvaluation(res.config); }
     for (const e of res.events) onEvent(e);
     drawLoss();
+    if ($("log-pane").open) await readLog(viewing);
     const status = $("run-status");
     status.textContent = res.status; status.className = `badge ${res.status}`;
     if (res.message) $("run-message").textContent = res.message;
     if (res.class_images_on_disk !== undefined && res.config) {
-      $("class-progress").textContent = `class images ${res.class_images_on_disk}/${res.config.num_class_images}`;
+      showClassImages(res.class_images_on_disk, res.config.num_class_images);
     }
+    if (res.status === "running" && !$("phase").textContent) $("phase").textContent = "starting";
+    if (["failed", "stopped", "interrupted"].includes(res.status)) $("phase").textContent = res.status;
     $("stop").disabled = res.status !== "running";
     $("resume").disabled = !["stopped", "interrupted", "failed"].includes(res.status);
     if (res.status === "finished") { $("after").hidden = false; fillGalleryDefaults(res.config); }
@@ -212,10 +256,23 @@ async function poll(viewing) {
   }
 }
 
+function showClassImages(done, total) {
+  const now = Date.now() / 1000;
+  if (state.classStarted === null || done === 0) state.classStarted = { time: now, done };
+  $("class-progress").textContent = `class images ${done}/${total}`;
+  $("phase").textContent = "making class images";
+  const rate = (done - state.classStarted.done) / Math.max(now - state.classStarted.time, 1e-3);
+  $("phase-detail").textContent = `${done}/${total}` + (rate > 0 && done < total
+    ? ` · ETA ${formatSeconds((total - done) / rate)}` : "");
+}
+
 function onEvent(e) {
-  if (e.event === "class_images") $("class-progress").textContent = `class images ${e.done}/${e.total}`;
+  if (e.event === "phase") { $("phase").textContent = e.name; $("phase-detail").textContent = ""; }
+  if (e.event === "class_images") showClassImages(e.done, e.total);
+  if (e.event === "start") { $("phase").textContent = "training"; $("phase-detail").textContent = ""; }
   if (e.event === "start" && e.resumed_from) state.losses = state.losses.filter((p) => p[0] <= e.step);
   if (e.event === "step") {
+    if ($("phase").textContent !== "training") { $("phase").textContent = "training"; $("phase-detail").textContent = ""; }
     $("progress").max = e.max_train_steps; $("progress").value = e.step;
     $("step-text").textContent = `step ${e.step}/${e.max_train_steps}`;
     $("eta").textContent = e.eta_s === null || e.eta_s === undefined ? "" : `ETA ${formatSeconds(e.eta_s)}`;
@@ -225,11 +282,15 @@ function onEvent(e) {
   }
   if (e.event === "validation" && e.url) {
     $("validations").prepend(el("figure", {}, el("img", { src: e.url, class: "validation", alt: `step ${e.step}` }),
-                                el("figcaption", { text: `step ${e.step}` })));
+                                el("figcaption", { text: `step ${e.step}${e.prompt ? `: “${e.prompt}”` : ""} ` },
+                                   el("a", { href: `${e.url}?download`, text: "download" }))));
   }
   if (e.event === "stopped") $("run-message").textContent = `stopped at step ${e.step}; resume continues it`;
   if (e.event === "error") $("run-message").textContent = `${e.message} (${e.kept || ""})`;
-  if (e.event === "finish") { $("eta").textContent = ""; $("step-text").textContent = `done: ${e.step} steps`; }
+  if (e.event === "finish") {
+    $("eta").textContent = ""; $("step-text").textContent = `done: ${e.step} steps`;
+    $("phase").textContent = "finished"; $("phase-detail").textContent = "";
+  }
 }
 
 function formatSeconds(s) {
@@ -238,14 +299,68 @@ function formatSeconds(s) {
     : s >= 60 ? `${Math.floor(s / 60)} min ${s % 60} s` : `${s} s`;
 }
 
-function drawLoss() {
+function drawLoss() {  // the plot area is x 50..430, y 10..120 of the SVG's 440 x 150
   const pts = state.losses;
   const line = $("loss-curve").querySelector("polyline");
-  if (pts.length < 2) { line.setAttribute("points", ""); return; }
+  const ticks = { "loss-y-max": "", "loss-y-min": "", "loss-x-min": "", "loss-x-max": "" };
+  if (pts.length < 2) {
+    line.setAttribute("points", "");
+    for (const [id, text] of Object.entries(ticks)) $(id).textContent = text;
+    return;
+  }
   let [x0, x1, y0, y1] = [Infinity, -Infinity, Infinity, -Infinity];
   for (const [x, y] of pts) { x0 = Math.min(x0, x); x1 = Math.max(x1, x); y0 = Math.min(y0, y); y1 = Math.max(y1, y); }
   line.setAttribute("points", pts.map(([x, y]) =>
-    `${((x - x0) / (x1 - x0 || 1)) * 400},${115 - ((y - y0) / (y1 - y0 || 1)) * 110}`).join(" "));
+    `${(50 + ((x - x0) / (x1 - x0 || 1)) * 380).toFixed(1)},${(120 - ((y - y0) / (y1 - y0 || 1)) * 110).toFixed(1)}`)
+    .join(" "));
+  Object.assign(ticks, { "loss-y-max": y1.toPrecision(3), "loss-y-min": y0.toPrecision(3), "loss-x-min": x0,
+                         "loss-x-max": x1 });
+  for (const [id, text] of Object.entries(ticks)) $(id).textContent = String(text);
+}
+
+async function readLog(viewing) {
+  const res = await api("GET", `/api/runs/${encodeURIComponent(state.run)}/log?offset=${state.logOffset}`);
+  if (viewing !== state.viewing) return;
+  state.logOffset = res.offset;
+  const pre = $("log");
+  const end = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+  pre.textContent = (pre.textContent + res.text.replace(/\n{2,}/g, "\n")).slice(-200000);
+  if (end) pre.scrollTop = pre.scrollHeight;  // follows the end unless the reader scrolled up
+}
+
+async function showCommand(values, target) {
+  try {
+    const res = await api("POST", "/api/command", { values });
+    target.textContent = res.command;
+    target.hidden = false;
+  } catch (e) { target.textContent = e.message; target.hidden = false; }
+}
+
+function saveSettings() {
+  const blob = new Blob([JSON.stringify(formValues(), null, 2)], { type: "application/json" });
+  const a = el("a", { href: URL.createObjectURL(blob), download: "dreambooth-settings.json" });
+  document.body.append(a); a.click(); a.remove();
+}
+
+function loadValues(values) {
+  for (const f of state.setup.fields) {
+    if (!(f.name in values)) setField(f.name, f.kind === "bool" ? f.default : "");
+    else setField(f.name, Array.isArray(values[f.name]) ? values[f.name].join(", ") : values[f.name]);
+  }
+  document.querySelector(`input[name=mode][value=${values.use_lora ? "lora" : "full"}]`).checked = true;
+  showProblems({});
+}
+
+async function loadSettings(file) {
+  $("start-error").textContent = "";
+  try {
+    const values = JSON.parse(await file.text());
+    if (!values || typeof values !== "object" || Array.isArray(values)) throw new Error("not a settings file");
+    const known = new Set(state.setup.fields.map((f) => f.name));
+    const unknown = Object.keys(values).filter((k) => !known.has(k));
+    loadValues(Object.fromEntries(Object.entries(values).filter(([k]) => known.has(k))));
+    if (unknown.length) $("start-error").textContent = `ignored what this version does not know: ${unknown.join(", ")}`;
+  } catch (e) { $("start-error").textContent = `${file.name}: ${e.message}`; }
 }
 
 async function control(action) {
@@ -303,32 +418,51 @@ async function render() {
     let job = await api("POST", `/api/runs/${encodeURIComponent(state.run)}/gallery`,
                         { prompts, num_images: Number($("gallery-n").value) || 2 });
     job = await waitJob(job, $("gallery-status"));
-    for (const url of job.files || []) {
-      if (!url.endsWith(".png") || url.endsWith("grid.png")) continue;
-      $("gallery").append(el("figure", {}, el("img", { src: url, class: "gallery-image" })));
+    for (const image of job.images || []) {
+      $("gallery").append(el("figure", {}, el("img", { src: image.url, class: "gallery-image", alt: image.prompt }),
+                             el("figcaption", { text: image.prompt })));
+    }
+    if (job.download) {
+      $("gallery-status").append(" · ", el("a", { href: job.download, text: "download all (zip)" }));
     }
   } catch (e) { $("gallery-status").textContent = e.message; } finally { $("render").disabled = false; }
+}
+
+function fitEvaluation(config) {  // a toy model is judged by the toy judges; any other by DreamBench's metrics
+  const model = (state.setup.models || []).find((m) => m.path === config.pretrained_model_name_or_path);
+  $("eval-backend").value = model && model.toy ? "toy" : "dreambench";
+  $("eval-subject").hidden = !(model && model.toy);
 }
 
 async function evaluate() {
   $("eval-report").replaceChildren(); $("eval-grids").replaceChildren();
   $("evaluate").disabled = true;
+  const reports = {};
   try {
-    let job = await api("POST", `/api/runs/${encodeURIComponent(state.run)}/evaluate`,
-                        { backend: $("eval-backend").value, subject: $("eval-subject").value,
-                          images_per_prompt: $("eval-n").value });
-    job = await waitJob(job, $("eval-status"));
-    if (!job.report) return;
-    $("eval-report").append(el("tr", {}, el("th", { text: "metric" }), el("th", { text: "value" }),
-                                el("th", { text: "95% interval" }), el("th", { text: "what it measures" })));
-    for (const [name, m] of Object.entries(job.report.metrics)) {
-      $("eval-report").append(el("tr", {}, el("td", { text: name }), el("td", { text: m.value.toFixed(3) }),
-                                  el("td", { text: `${m.ci95[0].toFixed(3)} – ${m.ci95[1].toFixed(3)}` }),
-                                  el("td", { text: m.description || "" })));
+    for (const which of ["base", "tuned"]) {  // one after the other: each is a process that fills the CPU or GPU
+      let job = await api("POST", `/api/runs/${encodeURIComponent(state.run)}/evaluate`,
+                          { backend: $("eval-backend").value, subject: $("eval-subject").value,
+                            images_per_prompt: $("eval-n").value, which });
+      job = await waitJob(job, $("eval-status"));
+      if (!job.report) return;
+      reports[which] = job;
+      $("eval-status").textContent = which === "base" ? "base model measured; now the fine-tuned one" : "done";
     }
-    for (const url of job.files || []) {
-      if (url.includes("/grids/")) $("eval-grids").append(el("figure", {}, el("img", { src: url }),
-                                                           el("figcaption", { text: url.split("/").pop() })));
+    const fmt = (m) => (m ? `${m.value.toFixed(3)} (${m.ci95[0].toFixed(3)} – ${m.ci95[1].toFixed(3)})` : "–");
+    $("eval-report").append(el("tr", {}, el("th", { text: "metric" }), el("th", { text: "base model" }),
+                                el("th", { text: "fine-tuned" }), el("th", { text: "what it measures" })));
+    for (const [name, m] of Object.entries(reports.tuned.report.metrics)) {
+      $("eval-report").append(el("tr", {}, el("td", { text: name }),
+                                  el("td", { text: fmt(reports.base.report.metrics[name]) }),
+                                  el("td", { text: fmt(m) }), el("td", { text: m.description || "" })));
+    }
+    for (const which of ["base", "tuned"]) {
+      for (const url of reports[which].files || []) {
+        if (url.includes("/grids/")) {
+          $("eval-grids").append(el("figure", {}, el("img", { src: url }), el("figcaption", {
+            text: `${which === "base" ? "base model" : "fine-tuned"}: ${url.split("/").pop()}` })));
+        }
+      }
     }
   } catch (e) { $("eval-status").textContent = e.message; } finally { $("evaluate").disabled = false; }
 }
@@ -339,8 +473,12 @@ async function exportAs(format) {
   try {
     let job = await api("POST", `/api/runs/${encodeURIComponent(state.run)}/export`, { format });
     job = await waitJob(job, item);
-    if (job.status === "done") item.replaceChildren(`${format}: `, el("code", { class: "export-path",
-                                                                               text: job.output }));
+    if (job.status === "done") {
+      item.replaceChildren(`${format}: `, el("a", { class: "export-download", href: job.download,
+                                                    text: job.output.endsWith(".safetensors") ? "download"
+                                                      : "download (zip)" }),
+                           " · on the server: ", el("code", { class: "export-path", text: job.output }));
+    }
   } catch (e) { item.textContent = `${format}: ${e.message}`; }
 }
 
@@ -366,10 +504,18 @@ async function init() {
     $("eval-subject").append(el("option", { value: s.name, text: `toy subject: ${s.name} (${s.cls})` }));
   }
   buildForm(state.setup.fields);
-  applyPresets();
+  await applyPresets();
   $("model-choice").onchange = () => { $("model-path").value = ""; applyPresets(); };
   $("model-path").onchange = applyPresets;
   for (const r of document.querySelectorAll("input[name=mode]")) r.onchange = applyPresets;
+  $("advanced-search").oninput = searchAdvanced;
+  $("show-command").onclick = () => showCommand(formValues(), $("command"));
+  $("save-settings").onclick = saveSettings;
+  $("load-settings").onchange = () => { if ($("load-settings").files[0]) loadSettings($("load-settings").files[0]); };
+  $("run-command").onclick = () => showCommand(state.config || {}, $("run-command-text"));
+  $("reuse").onclick = () => { if (state.config) { loadValues({ ...state.config, output_dir: null });
+    $("run").hidden = true; $("setup").scrollIntoView(); } };
+  $("log-pane").ontoggle = () => { if ($("log-pane").open && state.run) readLog(state.viewing).catch(() => {}); };
   $("photos").onchange = () => upload();
   const drop = $("photo-drop");  // photos dropped anywhere on the box
   drop.ondragover = (e) => { e.preventDefault(); drop.classList.add("over"); };

@@ -85,3 +85,45 @@ def test_words_with_a_meaning_are_never_candidates(tmp_path):
                                     [*(w.lower() for w in meaningful), "sks", "qek", "zwx", "vyb", "xaq"])
     assert {w.lower() for w in meaningful} <= known_words()
     assert [c.token for c in candidates(tokenizer)] == ["xaq", "vyb", "zwx", "qek"]
+
+
+def clip_tokenizer(folder):
+    """CLIP's real tokenizer, built offline from its BPE merges as CLIP builds it: the 256 byte characters, each
+    also as a word end, then one token per merge, then the two special tokens (49,408 in all)."""
+    import gzip
+    import json
+    from pathlib import Path
+
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    data = Path(__file__).parent / "data" / "clip_bpe_simple_vocab_16e6.txt.gz"
+    with gzip.open(data, "rt", encoding="utf-8") as f:
+        merges = f.read().split("\n")[1:49152 - 256 - 2 + 1]
+    chars = list(bytes_to_unicode().values())
+    vocab = [*chars, *(c + "</w>" for c in chars), *("".join(m.split()) for m in merges),
+             "<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
+def test_on_clips_real_vocabulary_the_candidates_have_no_meaning(tmp_path):
+    """On the vocabulary SD's CLIP text encoders read: hundreds of candidates, each one whole token of 2-3 letters
+    from the rarest half, none an English word, abbreviation, class or prompt word, nor "sks"; and a word the
+    picker refuses is in that vocabulary as a single rare token (the refusal is what keeps it out, not luck)."""
+    from dreambooth.identifier import STOPWORDS, known_words
+
+    tokenizer = clip_tokenizer(tmp_path / "clip")
+    assert len(tokenizer) == 49408 and tokenizer.tokenize("a photo of sks dog") == [
+        "a</w>", "photo</w>", "of</w>", "sks</w>", "dog</w>"]
+    found = candidates(tokenizer)
+    words = [c.token for c in found]
+    assert len(words) >= 200
+    assert not set(words) & (known_words() | STOPWORDS | {"sks", "dog", "cat", "car", "toy", "box"})
+    assert all(2 <= len(w) <= 3 and w.isalpha() and len(tokenizer.tokenize(w)) == 1 for w in words)
+    assert all(c.token_id >= len(tokenizer) // 2 for c in found)
+    vocab = tokenizer.get_vocab()
+    refused = [w for w in known_words() if vocab.get(w + "</w>", 0) >= len(tokenizer) // 2]
+    assert len(refused) >= 100, refused  # real words sit in the rare half too: without the list they'd be offered

@@ -146,6 +146,19 @@ def test_a_run_from_the_page_stops_at_a_checkpoint_and_resumes_to_the_end(api):
     assert all(len(m["ci95"]) == 2 for m in job["report"]["metrics"].values())
     assert any("/grids/" in f for f in job["files"]) and job["output"].startswith(str(ws / "evaluations"))
 
+    # the base model, measured the same way beside it (it has no training config: the page names the identifier
+    # and the class noun from the run's prompt)
+    status, base = call(f"/api/runs/{run}/evaluate", {"subject": "circle", "images_per_prompt": 2, "class_images": 2,
+                                                       "which": "base"})
+    assert status == 200, base
+    end = time.time() + 480  # a loaded 2-core CPU
+    while base["status"] == "running" and time.time() < end:
+        time.sleep(0.5)
+        base = call(f"/api/jobs/{base['id']}")[1]
+    assert base["status"] == "done", base
+    assert set(base["report"]["metrics"]) == set(job["report"]["metrics"])
+    assert base["report"]["source"] == {"model": str(BUNDLED)}
+
 
 def test_a_reopened_workspace_shows_its_runs_as_their_files_say(tmp_path):
     """A page started again over an existing workspace (no jobs in memory) lists a failed run with its error, a

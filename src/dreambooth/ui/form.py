@@ -128,6 +128,8 @@ def command_line(values: dict[str, Any], cls: type = TrainConfig) -> str:
         value, default = values[name], None if f.default is dataclasses.MISSING else f.default
         if isinstance(value, str) and typing.get_origin(schema.base_type(hints[name])[0]) is list:
             value = value.split()
+        if isinstance(value, list | tuple) and isinstance(default, list | tuple):
+            value, default = list(value), list(default)
         if value is None or value == default or (isinstance(default, Path) and str(value) == str(default)):
             continue
         if isinstance(value, bool) or str(value).lower() in ("true", "false"):

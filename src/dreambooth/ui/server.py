@@ -236,10 +236,15 @@ class App:
         out = self.ws.new_output("evaluations", f"{name}-{which}")
         model = str(folder) if which == "tuned" else base
         config: dict[str, Any] = {"model": model, "output_dir": str(out), "backend": backend}
-        if not cfg.get("identifier"):  # typed into the prompt only: the word the prompts share
+        if not cfg.get("identifier") or which == "base":  # the base model has no training config to read it from
             from ..identifier import infer_identifier
 
-            config["identifier"] = infer_identifier(cfg.get("instance_prompt") or "", cfg.get("class_prompt"))
+            prompt = str(cfg.get("instance_prompt") or "")
+            token = cfg.get("identifier") or infer_identifier(prompt, cfg.get("class_prompt"))
+            config["identifier"] = token
+            words = prompt.split()
+            if which == "base" and token in words and words.index(token) + 1 < len(words):
+                config["class_noun"] = " ".join(words[words.index(token) + 1:])  # "a [V] dog" -> dog
         if config["backend"] == "toy":
             config["subject"] = str(body.get("subject") or "")
         else:

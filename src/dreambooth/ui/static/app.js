@@ -23,6 +23,13 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// what an empty box means on the page, where the option's default alone would mislead
+const PLACEHOLDERS = {
+  output_dir: "empty: a new folder under the workspace's runs/",
+  max_train_steps: "empty: one pass over the photos (set a number)",
+  class_data_dir: "empty: the workspace's class-images/ folder for this model and class",
+};
+
 // ---- the form ------------------------------------------------------------------------------------------------
 function fieldInput(f) {
   const id = `f-${f.name}`;
@@ -40,8 +47,8 @@ function fieldInput(f) {
   }
   const input = el("input", { type: f.kind === "int" || f.kind === "float" ? "number" : "text", id, name: f.name,
                               step: f.kind === "float" ? "any" : null });
-  input.placeholder = f.default === null || f.default === undefined ? (f.required ? "required" : "")
-    : Array.isArray(f.default) ? f.default.join(", ") : String(f.default);
+  input.placeholder = PLACEHOLDERS[f.name] || (f.default === null || f.default === undefined
+    ? (f.required ? "required" : "") : Array.isArray(f.default) ? f.default.join(", ") : String(f.default));
   return input;
 }
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from conftest import end_page
 from dreambooth.toy.demo import BUNDLED_MODELS
-from dreambooth.toy.measure import subject_scores
+from dreambooth.toy.measure import TOY_METHOD, subject_scores
 from dreambooth.toy.subjects import SUBJECTS
 from dreambooth.ui.server import UIConfig, make_server
 
@@ -94,7 +94,7 @@ def test_the_default_path_trains_a_subject_that_shows(browser, page, tmp_path, f
         box.clear()
         box.send_keys(value)
 
-    # the toy model of the family, with its measured recipe pre-filled (LoRA is the default method)
+    # the toy model of the family, with its measured recipe pre-filled and the method it recommends chosen
     Select(browser.find_element(By.ID, "model-choice")).select_by_value(str(BUNDLED_MODELS[family]))
     wait.until(lambda d: field("pretrained_model_name_or_path").get_attribute("value") == str(BUNDLED_MODELS[family]))
     assert field("resolution").get_attribute("value") == "32"
@@ -102,6 +102,8 @@ def test_the_default_path_trains_a_subject_that_shows(browser, page, tmp_path, f
     assert steps > 0 and field("train_text_encoder").is_selected()
     assert browser.find_element(By.CSS_SELECTOR, "label[for=f-pretrained_model_name_or_path]").text == "Base model"
     assert not field("use_lora").is_displayed()  # one LoRA control: the method choice above the form
+    method = browser.find_element(By.CSS_SELECTOR, "input[name=mode]:checked").get_attribute("value")
+    assert method == TOY_METHOD and "measured" in browser.find_element(By.ID, "preset-note").text
 
     # photos: previews as the trainer crops them
     subject = SUBJECTS["circle"]
@@ -169,8 +171,9 @@ def test_the_default_path_trains_a_subject_that_shows(browser, page, tmp_path, f
     score = float(subject_scores(images, subject).mean())
     assert score >= 0.8, f"the gallery's toy subject score is {score:.2f}"
 
-    # export: a download of the file ComfyUI and A1111 load
-    browser.find_element(By.CSS_SELECTOR, "button.export[data-format=kohya]").click()
+    # export: a download of the file ComfyUI and A1111 load (a LoRA file, or a full run's single checkpoint)
+    export = "kohya" if method == "lora" else "single-file"
+    browser.find_element(By.CSS_SELECTOR, f"button.export[data-format={export}]").click()
     link = long_wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#exports a.export-download")
                            or ("failed" in d.find_element(By.ID, "exports").text and d.find_element(By.ID, "exports")))
     assert isinstance(link, list), link.text

@@ -1,7 +1,8 @@
 """A base model's own DreamBooth recipe: the training options that were measured to work on it.
 
-A local model folder may hold `dreambooth_recipe.json`: {"full": {option: value}, "lora": {option: value}, "measured":
-"..."}, the options a full fine-tune and a LoRA run on this model start from (the bundled toy models ship one; `toy
+A local model folder may hold `dreambooth_recipe.json`: {"full": {option: value}, "lora": {option: value}, "method":
+"full" or "lora", "measured": "..."}, the options a full fine-tune and a LoRA run on this model start from, and the
+method measured to work best on it (the page pre-selects it) (the bundled toy models ship one; `toy
 pretrain` writes it). `train` (CLI, config file or Python keywords), the demo and the page's presets read it: every
 option the user did not give takes the recipe's value; what the user gives wins. Nothing else in the code knows
 which models have one.
@@ -25,6 +26,16 @@ def recipe_path(model: str | Path | None) -> Path | None:
         return None
     path = Path(model).expanduser() / RECIPE_FILE
     return path if path.is_file() else None
+
+
+def recommended_method(model: str | Path | None) -> str | None:
+    """The method the model's recipe recommends ("full" or "lora"), if it names one."""
+    path = recipe_path(model)
+    if path is None:
+        return None
+    read_recipe(model)  # a broken file is refused in one line
+    method = json.loads(path.read_text(encoding="utf-8")).get("method")
+    return method if method in METHODS else None
 
 
 def read_recipe(model: str | Path | None) -> dict[str, dict[str, Any]]:

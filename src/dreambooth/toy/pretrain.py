@@ -217,9 +217,10 @@ def pretrain(config: PretrainConfig | dict | str | Path | None = None, **overrid
 def write_recipe(out: Path, family: str) -> None:
     """The DreamBooth recipe a toy model carries (recipes.py): what `train`, the demo and the page start from."""
     from ..recipes import RECIPE_FILE
-    from .measure import TOY_RECIPE_MEASURED, toy_recipe
+    from .measure import TOY_METHOD, TOY_RECIPE_MEASURED, toy_recipe
 
-    recipe = {"full": toy_recipe(family), "lora": toy_recipe(family, lora=True), "measured": TOY_RECIPE_MEASURED}
+    recipe = {"full": toy_recipe(family), "lora": toy_recipe(family, lora=True), "method": TOY_METHOD,
+              "measured": TOY_RECIPE_MEASURED}
     write_text_atomic(out / RECIPE_FILE, json.dumps(recipe, indent=2) + "\n")
 
 

@@ -65,17 +65,18 @@ def toy_family(model: str) -> str | None:
     return None
 
 
-def presets(model: str) -> dict[str, dict[str, Any]]:
+def presets(model: str) -> dict[str, Any]:
     """What the page pre-fills for a model, by method: its measured recipe (a toy model's own file, else the
-    toy recipe of its family), with the step count it was measured at."""
-    from ..recipes import read_recipe
-    from ..toy.measure import toy_recipe
+    toy recipe of its family), with the step count it was measured at, and the method it recommends."""
+    from ..recipes import read_recipe, recommended_method
+    from ..toy.measure import TOY_METHOD, toy_recipe
 
-    found = read_recipe(model)
+    found: dict[str, Any] = dict(read_recipe(model))
     family = toy_family(model)
     if not found and family is not None:
-        found = {"full": toy_recipe(family), "lora": toy_recipe(family, lora=True)}
-    return found
+        return {"full": toy_recipe(family), "lora": toy_recipe(family, lora=True), "method": TOY_METHOD}
+    method = recommended_method(model)
+    return {**found, "method": method} if method else found
 
 
 class App:

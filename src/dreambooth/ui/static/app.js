@@ -122,7 +122,7 @@ function currentModel() {
   return $("model-path").value.trim() || $("model-choice").value;
 }
 
-async function applyPresets() {
+async function applyPresets(modelChanged = false) {
   const model = currentModel();
   for (const k of Object.keys(state.preset || {})) {  // the previous model's preset goes back to the defaults
     const f = state.setup.fields.find((x) => x.name === k);
@@ -135,10 +135,17 @@ async function applyPresets() {
     presets = (await api("POST", "/api/presets", { model }).catch(() => ({ presets: {} }))).presets;
     state.setup.presets[model] = presets;
   }
+  if (modelChanged && presets && presets.method) {  // the method measured to work best on this model
+    document.querySelector(`input[name=mode][value=${presets.method}]`).checked = true;
+    setField("use_lora", mode() === "lora");
+  }
   state.preset = (presets || {})[mode()] || {};
   for (const [k, v] of Object.entries(state.preset)) setField(k, v);
-  $("preset-note").textContent = Object.keys(state.preset).length
-    ? `pre-filled with this model's measured ${mode() === "lora" ? "LoRA" : "full fine-tune"} recipe` : "";
+  const named = mode() === "lora" ? "LoRA" : "full fine-tune";
+  $("preset-note").textContent = !Object.keys(state.preset).length ? ""
+    : presets.method && presets.method !== mode() ? `pre-filled with this model's ${named} recipe (measured weaker `
+      + `than its ${presets.method === "lora" ? "LoRA" : "full fine-tune"} one)`
+      : `pre-filled with this model's measured ${named} recipe`;
 }
 
 // ---- photos --------------------------------------------------------------------------------------------------
@@ -511,10 +518,10 @@ async function init() {
     $("eval-subject").append(el("option", { value: s.name, text: `toy subject: ${s.name} (${s.cls})` }));
   }
   buildForm(state.setup.fields);
-  await applyPresets();
-  $("model-choice").onchange = () => { $("model-path").value = ""; applyPresets(); };
-  $("model-path").onchange = applyPresets;
-  for (const r of document.querySelectorAll("input[name=mode]")) r.onchange = applyPresets;
+  await applyPresets(true);
+  $("model-choice").onchange = () => { $("model-path").value = ""; applyPresets(true); };
+  $("model-path").onchange = () => applyPresets(true);
+  for (const r of document.querySelectorAll("input[name=mode]")) r.onchange = () => applyPresets();
   $("advanced-search").oninput = searchAdvanced;
   $("show-command").onclick = () => showCommand(formValues(), $("command"));
   $("save-settings").onclick = saveSettings;

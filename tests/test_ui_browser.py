@@ -69,6 +69,9 @@ def page(tmp_path):
     end_page(server)
 
 
+# the whole recipe (100 class images, 400 steps) takes 2-4 minutes on an idle 2-core CPU and over 13 at load
+# average 10: the waits and the hang guard allow for a loaded machine
+@pytest.mark.hang_limit(2400)
 @pytest.mark.parametrize("family", list(BUNDLED_MODELS))
 def test_the_default_path_trains_a_subject_that_shows(browser, page, tmp_path, family):
     """What a newcomer does: pick the toy model, upload the toy subject's photos, type the class noun, take the first
@@ -82,7 +85,7 @@ def test_the_default_path_trains_a_subject_that_shows(browser, page, tmp_path, f
 
     url, workspace = page
     wait = WebDriverWait(browser, 30)
-    long_wait = WebDriverWait(browser, 800)  # class images, the recipe's steps and the save, on a loaded 2-core CPU
+    long_wait = WebDriverWait(browser, 2000)  # class images, the recipe's steps and the save, on a loaded CPU
     browser.get(url)
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
 

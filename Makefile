@@ -36,9 +36,10 @@ demo: $(STAMP)
 ui: $(STAMP)
 	$(BIN)/dreambooth ui $(UI_ARGS)
 
-# The README's screenshot of the page after a run (docs/ui.png), taken by the browser test.
+# The README's screenshots of the page after a run (docs/ui.png, docs/ui-600px.png), taken by the browser test.
 ui-screenshot: $(STAMP) browser
-	DREAMBOOTH_UI_SCREENSHOT=$(CURDIR)/docs/ui.png $(BIN)/python -m pytest -q tests/test_ui_browser.py
+	DREAMBOOTH_UI_SCREENSHOT=$(CURDIR)/docs/ui.png $(BIN)/python -m pytest -q \
+		"tests/test_ui_browser.py::test_the_default_path_trains_a_subject_that_shows[sd]"
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -n 2 -q tests

@@ -115,7 +115,7 @@ def test_python_api_rejects_unknown_keyword():
 
 def test_push_to_hub_is_refused_clearly(capsys):
     code = main(["train", *sum(([f"--{k}", v] for k, v in REQUIRED.items()), []), "--push_to_hub"])
-    assert code == 2 and "huggingface-cli upload" in capsys.readouterr().err
+    assert code == 2 and "hf upload" in capsys.readouterr().err
 
 
 def test_python_api_takes_a_config_file(tmp_path, base_args):

@@ -57,7 +57,10 @@ def test_reference_command_line_end_to_end(base_args, tiny_model, tmp_path):
     # the event stream (what `dreambooth ui` reads): class images, start, every step, the grids, the end
     events, _ = read_events(out / "events.jsonl")
     kinds = [e["event"] for e in events]
-    assert kinds[0] == "class_images" and kinds[-1] == "finish" and kinds.count("start") == 1
+    assert kinds[:2] == ["phase", "class_images"] and kinds[-1] == "finish" and kinds.count("start") == 1
+    phases = [e["name"] for e in events if e["event"] == "phase"]  # what the page names while nothing else moves
+    assert phases[0] == "loading the base model" and phases[-1] == "saving the result"
+    assert "rendering validation images" in phases
     assert events[kinds.index("start") - 1] | {"time": 0} == {"event": "class_images", "done": 4, "total": 4,
                                                               "folder": args["class_data_dir"], "time": 0}
     steps = [e for e in events if e["event"] == "step"]

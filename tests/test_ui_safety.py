@@ -113,8 +113,13 @@ class Page:
             time.sleep(0.1)
         raise AssertionError(f"run {run}: {state}")
 
-    def close(self) -> None:
-        end_page(self.server)
+    def close(self, end_runs: bool = True) -> None:
+        """The page goes; with `end_runs` the processes it started go too (a test leaves nothing running)."""
+        if end_runs:
+            end_page(self.server)
+        else:
+            self.server.shutdown()
+            self.server.server_close()
 
 
 @pytest.fixture
@@ -288,7 +293,7 @@ def test_a_restarted_page_stops_the_run_it_shows_running(tmp_path, monkeypatch):
         start_fake(first, "long", monkeypatch)
         first.wait("long", steps)
     finally:
-        first.close()  # the page goes; its run goes on
+        first.close(end_runs=False)  # the page goes; its run goes on
     again = Page(tmp_path / "ws")
     try:
         assert again.call("/api/runs/long")[1]["status"] == "running"

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+import sys
 
 import pytest
 from safetensors.torch import load_file
 
+from conftest import run_bounded
 from dreambooth.checkpoint import list_checkpoints, verify
 from test_distributed import launch_two
 
@@ -86,3 +89,15 @@ def test_a_killed_launcher_ends_its_processes(tiny_model, instance_dir, tmp_path
     assert proc.returncode != 0
     lines = errors(proc.stderr)
     assert len(lines) == 2 and all(re.search(r"the launcher of the run \(pid \d+\) ended", x) for x in lines), lines
+
+
+def test_one_line_is_one_write_so_processes_sharing_stderr_never_interleave(tmp_path):
+    """Unbuffered (python -u, as under the launchers and the page), print() writes a line and its newline apart:
+    two processes' errors could become one line. say() writes each line whole."""
+    script = ("import os, sys\nfrom dreambooth.errors import say\n"
+              "for i in range(300): say(f'dreambooth train: error: process {sys.argv[1]} line {i} ' + 'x' * 200)\n")
+    many = " ".join(f"{sys.executable} -u -c {shlex.quote(script)} {n} &" for n in range(4)) + " wait"
+    proc = run_bounded(["sh", "-c", many], 120, check=True)
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1200 and all(re.fullmatch(r"dreambooth train: error: process \d line \d+ x{200}", x)
+                                      for x in lines), [x for x in lines if not x.endswith("x" * 200)][:3]

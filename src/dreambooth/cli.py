@@ -13,7 +13,7 @@ from typing import Any
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported anywhere
 
 from . import schema  # noqa: E402
-from .errors import STOPPED_EXIT, DreamBoothError, Stopped  # noqa: E402
+from .errors import STOPPED_EXIT, DreamBoothError, Stopped, say  # noqa: E402
 
 log = logging.getLogger("dreambooth")
 
@@ -402,15 +402,15 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except Stopped as e:
         _close_progress_bars()
-        print(f"dreambooth {args.command}: {e}", file=sys.stderr)
+        say(f"dreambooth {args.command}: {e}")
         return STOPPED_EXIT
     except DreamBoothError as e:
         _close_progress_bars()
-        print(f"dreambooth {args.command}: error: {e}", file=sys.stderr)
+        say(f"dreambooth {args.command}: error: {e}")
         return 2
     except KeyboardInterrupt:
         _close_progress_bars()
-        print(f"dreambooth {args.command}: interrupted; completed checkpoints are kept", file=sys.stderr)
+        say(f"dreambooth {args.command}: interrupted; completed checkpoints are kept")
         return 130
 
 

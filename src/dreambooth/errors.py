@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 
 class DreamBoothError(Exception):
     """A problem with the user's input or environment, reported without a traceback."""
@@ -46,3 +49,20 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (its type name if it has none), cut to `limit` characters: what a
     one-line error quotes of a library's failure."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
+def say(line: str) -> None:
+    """Write one line to stderr in one write: the processes of a multi-process run share the launcher's stderr, and
+    unbuffered (python -u, PYTHONUNBUFFERED) a print is two writes, so two processes' lines could interleave into
+    one. A write below the pipe's atomic size (4 kB) reaches the reader whole."""
+    text = line.replace("\n", " ") + "\n"
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream without a file (captured, redirected in-process)
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        return
+    sys.stderr.flush()
+    data = text.encode(errors="replace")
+    while data:
+        data = data[os.write(fd, data):]

@@ -12,13 +12,12 @@ import json
 import os
 import signal
 import socket
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import DreamBoothError, first_line
+from .errors import DreamBoothError, first_line, say
 
 T = TypeVar("T")
 
@@ -149,8 +148,8 @@ class Peers:
             return
         if self._ended.wait(self.GRACE_S):
             return
-        print(f"dreambooth train: error: {self.error()} (ended after {self.GRACE_S:.0f} s of waiting for this "
-              "process's own cleanup)", file=sys.stderr, flush=True)
+        say(f"dreambooth train: error: {self.error()} (ended after {self.GRACE_S:.0f} s of waiting for this "
+            "process's own cleanup)")
         os._exit(FAILED_EXIT)
 
     def close(self) -> None:

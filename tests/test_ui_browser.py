@@ -201,6 +201,7 @@ def test_the_default_path_trains_a_subject_that_shows(browser, page, tmp_path, f
             ".join('dreambooth-workspace'); if (n.value && n.value.includes(root)) n.value = n.value.split(root)"
             ".join('dreambooth-workspace'); }", str(workspace))
         browser.set_window_size(600, browser.execute_script("return document.body.scrollHeight") + 40)
+        browser.execute_script("window.scrollTo(0, 0)")
         browser.save_screenshot(str(shot.with_name(shot.stem + "-600px.png")))
         browser.execute_script("document.getElementById('advanced').open = false; window.scrollTo(0, 0)")
         browser.set_window_size(1280, browser.execute_script("return document.body.scrollHeight") + 40)

@@ -3,7 +3,7 @@ loss that prior preservation adds up."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from diffusers.training_utils import compute_snr
@@ -66,3 +66,12 @@ def dreambooth_loss(per_example: torch.Tensor, is_prior: torch.Tensor, prior_los
     instance = per_example[~is_prior].mean()
     prior = per_example[is_prior].mean() if bool(is_prior.any()) else per_example.new_zeros(())
     return LossParts(instance + prior_loss_weight * prior, instance, prior)
+
+
+def loss_mask(batch: dict[str, Any], latents: torch.Tensor, background: float) -> torch.Tensor | None:
+    """--masked_loss: each example's mask at latent size (area-averaged), `background` where the mask is 0."""
+    if batch["masks"] is None:
+        return None
+    mask = torch.nn.functional.interpolate(to_device(batch["masks"], latents.device, torch.float32),
+                                           size=latents.shape[-2:], mode="area")
+    return background + (1 - background) * mask

@@ -36,14 +36,14 @@ from .files import write_text_atomic
 from .identifier import check_prompts_name_identifier, warn_about_identifier
 from .latent_cache import LatentCache
 from .lora import add_adapters, lora_targets, quantization
-from .loss import dreambooth_loss
+from .loss import dreambooth_loss, loss_mask
 from .noising import sample_latents
 from .objectives import OBJECTIVES, Keys, Objective
 from .optimizer import make_optimizer, trainable
 from .prior import ClassImages, ensure_class_images
 from .processes import PeerFailed, distributed_error, keep_till_exit
 from .quiet import quiet_libraries
-from .recipes import RECIPE_FILE, with_recipe
+from .recipes import under_recipe
 from .run import CONFIG_FILE, SUMMARY_FILE, Run, Signalled, determinism, identity, setup
 from .sharding import Sharding, check_processes, clip_mixed
 from .validation import render_validation
@@ -91,14 +91,10 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
         The run summary that is also written to `output_dir/run_summary.json`.
     """
     values = {**schema.values_of(config, TrainConfig), **overrides}
-    taken: dict[str, Any] = {}
     if not isinstance(config, TrainConfig):  # a built config has every option set: nothing is left to a recipe
-        values, taken = with_recipe(values)
+        values = under_recipe(values)
     cfg = schema.build(TrainConfig, values)
     quiet_libraries()
-    if taken:
-        log.info("the base model's recipe (%s) sets %s; options you give override it", RECIPE_FILE,
-                 ", ".join(f"{k}={v}" for k, v in taken.items()))
     evaluation = for_training(cfg) if cfg.eval else None  # a bad evaluation setting fails before training
     with determinism(cfg.deterministic):
         run = setup(cfg)
@@ -341,14 +337,6 @@ def conditioning(run: Run, parts: Parts, prompt_ids: torch.Tensor) -> dict[str, 
                                   parts.text_encoders)
     return {k: v[to_device(index, v.device)] for k, v in table.items()}
 
-
-def loss_mask(batch: dict[str, Any], latents: torch.Tensor, background: float) -> torch.Tensor | None:
-    """--masked_loss: each example's mask at latent size (area-averaged), `background` where the mask is 0."""
-    if batch["masks"] is None:
-        return None
-    mask = torch.nn.functional.interpolate(to_device(batch["masks"], latents.device, torch.float32),
-                                           size=latents.shape[-2:], mode="area")
-    return background + (1 - background) * mask
 
 
 def fit(run: Run, parts: Parts) -> None:

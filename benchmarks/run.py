@@ -86,7 +86,7 @@ def peak(args) -> dict:
 def _toy_setup(folder: Path) -> dict:
     from PIL import Image
 
-    from dreambooth.toy.demo import BUNDLED
+    from dreambooth.toy.models import TOY_MODELS
     from dreambooth.toy.subjects import SUBJECTS
     from dreambooth.toy.world import prompt
 
@@ -95,7 +95,7 @@ def _toy_setup(folder: Path) -> dict:
     inst.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(subject.instance_images(5, seed=0)):
         Image.fromarray(img).save(inst / f"{i}.png")
-    return dict(pretrained_model_name_or_path=str(BUNDLED), instance_data_dir=str(inst),
+    return dict(pretrained_model_name_or_path=str(TOY_MODELS["sd"].path), instance_data_dir=str(inst),
                 instance_prompt=prompt(subject.cls, identifier="jox"), with_prior_preservation=True,
                 class_prompt=prompt(subject.cls), class_data_dir=str(folder / "class"), num_class_images=50,
                 class_sampler="dpm++", class_inference_steps=20, class_guidance_scale=2.0, sample_batch_size=50,
@@ -161,16 +161,16 @@ def class_images(args) -> dict:
     import numpy as np
 
     from dreambooth.generation import open_pipeline, render
-    from dreambooth.toy.demo import BUNDLED
     from dreambooth.toy.judges import read
     from dreambooth.toy.measure import diversity
+    from dreambooth.toy.models import TOY_MODELS
     from dreambooth.toy.subjects import SUBJECTS
     from dreambooth.toy.world import prompt
 
     cls = next(iter(SUBJECTS.values())).cls
     rows = []
     for sampler, steps in [("pndm", 50), ("dpm++", 25), ("dpm++", 15), ("dpm++", 10), ("dpm++", 5)]:
-        pipe, dev = open_pipeline(str(BUNDLED), sampler, "auto", "auto")
+        pipe, dev = open_pipeline(str(TOY_MODELS["sd"].path), sampler, "auto", "auto")
         seeds = list(range(args.images))
         render(pipe, prompt(cls), seeds[:8], 8, dev, num_inference_steps=steps, guidance_scale=2.0)  # warm-up
         sync()

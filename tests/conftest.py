@@ -184,7 +184,7 @@ def to_argv(args: dict) -> list[str]:
     return argv
 
 
-@pytest.fixture(scope="module", params=["sd", "sdxl", "sd3", "flux"])
+@pytest.fixture(scope="module", params=list(TINY))  # every registered family (test_plugins checks TINY covers them)
 def tiny(request, tmp_path_factory):
     """(family name, its tiny pipeline folder), for every registered family (test_families checks the list)."""
     return request.param, TINY[request.param](tmp_path_factory.mktemp("models") / request.param)

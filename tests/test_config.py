@@ -65,7 +65,7 @@ def test_config_file_then_cli_overrides(tmp_path, suffix, text):
     cfg = schema.build(TrainConfig, values)
     assert cfg.learning_rate == 2e-6 and cfg.train_batch_size == 2
     args = parser().parse_args(["train", "--config", str(path), "--train_batch_size", "8"])
-    from dreambooth.cli import _values
+    from dreambooth.cli import values_of as _values
     cfg = schema.build(TrainConfig, _values(args))
     assert cfg.train_batch_size == 8 and cfg.learning_rate == 2e-6  # flag beats file, file beats default
 
@@ -91,7 +91,7 @@ def test_reference_command_line_parses():
         '--revision main --variant fp16 --enable_xformers_memory_efficient_attention --validation_scheduler '
         'DPMSolverMultistepScheduler'
     ).split()
-    from dreambooth.cli import _values
+    from dreambooth.cli import values_of as _values
     values = _values(parser().parse_args(argv))
     values.pop("enable_xformers_memory_efficient_attention")
     values["validation_sampler"] = "dpm++"

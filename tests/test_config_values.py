@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from dreambooth import schema
-from dreambooth.cli import _values, main, parser
+from dreambooth.cli import main, parser
+from dreambooth.cli import values_of as _values
 from dreambooth.config import TrainConfig
 from dreambooth.errors import ConfigError, DreamBoothError
 from dreambooth.families import FAMILIES

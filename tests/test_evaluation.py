@@ -16,8 +16,8 @@ from dreambooth.errors import DreamBoothError
 from dreambooth.evaluation import evaluate, metrics, protocol
 from dreambooth.evaluation.backbones import Clip, Dino
 from dreambooth.evaluation.lpips import load_lpips, pairwise_distances
-from dreambooth.toy.demo import BUNDLED, BUNDLED_MODELS
 from dreambooth.toy.measure import toy_options, toy_sampling
+from dreambooth.toy.models import TOY_MODELS
 from tiny import make_tiny_clip, make_tiny_dino, make_tiny_lpips
 
 METRICS = {"dino", "clip_i", "clip_t", "pres", "div"}
@@ -201,9 +201,9 @@ def test_evaluate_an_object_subject_without_lpips_skips_div_and_says_so(tiny_mod
     assert any("DIV was not computed" in n for n in report["notes"])
 
 
-@pytest.mark.parametrize("family", list(BUNDLED_MODELS))
+@pytest.mark.parametrize("family", list(TOY_MODELS))
 def test_evaluate_toy_backend_offline_on_the_bundled_model(tmp_path, capsys, family):
-    code = main(["evaluate", "--backend", "toy", "--subject", "circle", "--model", str(BUNDLED_MODELS[family]),
+    code = main(["evaluate", "--backend", "toy", "--subject", "circle", "--model", str(TOY_MODELS[family].path),
                  "--identifier",
                  "zq", "--images_per_prompt", "3", "--class_images", "4", "--num_inference_steps", "8",
                  "--output_dir", str(tmp_path / "toy")])
@@ -252,8 +252,8 @@ def test_evaluate_bad_input_is_one_line(args, message, tmp_path, capsys):
 def test_evaluate_keeps_a_folder_it_did_not_write(tmp_path, instance_dir, capsys):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    code = main(["evaluate", "--backend", "toy", "--subject", "circle", "--model", str(BUNDLED), "--identifier",
-                 "zq", "--output_dir", str(tmp_path / "mine")])
+    code = main(["evaluate", "--backend", "toy", "--subject", "circle", "--model", str(TOY_MODELS["sd"].path),
+                 "--identifier", "zq", "--output_dir", str(tmp_path / "mine")])
     assert code == 2 and "not written by `dreambooth evaluate`" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]

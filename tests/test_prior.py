@@ -67,10 +67,10 @@ def test_model_identity_follows_content_not_location(tiny_model, tmp_path):
 
     moved = tmp_path / "moved"
     shutil.copytree(tiny_model, moved)
-    assert model_identity(ModelSource(str(moved))) == model_identity(ModelSource(str(tiny_model)))
+    assert model_identity(ModelSource(str(moved)), "unet") == model_identity(ModelSource(str(tiny_model)), "unet")
     weights = next((moved / "unet").glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
-    assert model_identity(ModelSource(str(moved))) != model_identity(ModelSource(str(tiny_model)))
+    assert model_identity(ModelSource(str(moved)), "unet") != model_identity(ModelSource(str(tiny_model)), "unet")
 
 
 def test_out_of_memory_halves_the_class_image_batch(base_args, tmp_path, monkeypatch, caplog):

@@ -10,17 +10,17 @@ import pytest
 import dreambooth
 from dreambooth.errors import DreamBoothError
 from dreambooth.recipes import RECIPE_FILE, read_recipe, recommended_method, with_recipe
-from dreambooth.toy.demo import BUNDLED_MODELS
 from dreambooth.toy.measure import TOY_METHOD, toy_recipe
+from dreambooth.toy.models import TOY_MODELS
 
 
-@pytest.mark.parametrize("family", list(BUNDLED_MODELS))
+@pytest.mark.parametrize("family", list(TOY_MODELS))
 def test_each_bundled_toy_model_carries_the_toy_recipe_of_its_family(family):
     """The file the bundled model ships is what `toy pretrain` writes today (the two cannot drift apart), and each
     method's recipe is a full DreamBooth run at the toy's own 32 px with its step count."""
-    recipe = read_recipe(BUNDLED_MODELS[family])
+    recipe = read_recipe(TOY_MODELS[family].path)
     assert recipe == {"full": toy_recipe(family), "lora": toy_recipe(family, lora=True)}
-    assert recommended_method(BUNDLED_MODELS[family]) == TOY_METHOD == "full"
+    assert recommended_method(TOY_MODELS[family].path) == TOY_METHOD == "full"
     for method in ("full", "lora"):
         assert recipe[method]["resolution"] == 32 and recipe[method]["max_train_steps"] >= 1
         assert recipe[method]["train_text_encoder"] is True

@@ -10,8 +10,9 @@ from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from dreambooth.cli import main
-from dreambooth.toy.demo import BUNDLED_MODELS, demo
+from dreambooth.toy.demo import demo
 from dreambooth.toy.measure import load_toy, quality
+from dreambooth.toy.models import TOY_MODELS
 from dreambooth.toy.pretrain import pretrain
 
 # the SD3 toy's rise in this test's run on the CPU was 0.00 -> 0.89 (euler_a); half of it leaves room for other
@@ -27,9 +28,9 @@ NO_T5 = {"sd": {}, "sd3": {"text_encoder_3": None, "tokenizer_3": None}}  # how 
 DENOISERS = {"sd": "unet", "sd3": "transformer"}
 
 
-@pytest.mark.parametrize("family", list(BUNDLED_MODELS))
+@pytest.mark.parametrize("family", list(TOY_MODELS))
 def test_bundled_model_is_a_small_safetensors_pipeline(family):
-    model = BUNDLED_MODELS[family]
+    model = TOY_MODELS[family].path
     weights = sorted(model.glob("*/*.safetensors"))
     texts = {"sd": {"text_encoder"}, "sd3": {"text_encoder", "text_encoder_2"}}[family]  # no T5 in the SD3 toy
     assert {w.parent.name for w in weights} == {DENOISERS[family], "vae", *texts}
@@ -46,9 +47,9 @@ def test_bundled_model_is_a_small_safetensors_pipeline(family):
 POSITION_FLOOR = {"sd": 0.5, "sd3": 0.15}
 
 
-@pytest.mark.parametrize("family", list(BUNDLED_MODELS))
+@pytest.mark.parametrize("family", list(TOY_MODELS))
 def test_bundled_model_meets_a_reduced_quality_bar(family):
-    q = quality(load_toy(str(BUNDLED_MODELS[family])), per_prompt=4, triples=10, seed=1)
+    q = quality(load_toy(str(TOY_MODELS[family].path)), per_prompt=4, triples=10, seed=1)
     assert q.samples == 40
     assert min(q.named.values()) >= 0.7, q.lines()
     assert q.open_variety["position"] >= POSITION_FLOOR[family], q.lines()

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from conftest import end_page
-from dreambooth.toy.demo import BUNDLED_MODELS
 from dreambooth.toy.measure import TOY_METHOD, subject_scores
+from dreambooth.toy.models import TOY_MODELS
 from dreambooth.toy.subjects import SUBJECTS
 from dreambooth.ui.server import UIConfig, make_server
 
@@ -72,7 +72,7 @@ def page(tmp_path):
 # the whole recipe (100 class images, 400 steps) takes 2-4 minutes on an idle 2-core CPU and over 13 at load
 # average 10: the waits and the hang guard allow for a loaded machine
 @pytest.mark.hang_limit(2400)
-@pytest.mark.parametrize("family", list(BUNDLED_MODELS))
+@pytest.mark.parametrize("family", list(TOY_MODELS))
 def test_the_default_path_trains_a_subject_that_shows(browser, page, tmp_path, family):
     """What a newcomer does: pick the toy model, upload the toy subject's photos, type the class noun, take the first
     suggested identifier and Start with every pre-filled value. The run names its phases, its loss curve has axes,
@@ -98,8 +98,8 @@ def test_the_default_path_trains_a_subject_that_shows(browser, page, tmp_path, f
         box.send_keys(value)
 
     # the toy model of the family, with its measured recipe pre-filled and the method it recommends chosen
-    Select(browser.find_element(By.ID, "model-choice")).select_by_value(str(BUNDLED_MODELS[family]))
-    wait.until(lambda d: field("pretrained_model_name_or_path").get_attribute("value") == str(BUNDLED_MODELS[family]))
+    Select(browser.find_element(By.ID, "model-choice")).select_by_value(str(TOY_MODELS[family].path))
+    wait.until(lambda d: field("pretrained_model_name_or_path").get_attribute("value") == str(TOY_MODELS[family].path))
     assert field("resolution").get_attribute("value") == "32"
     steps = int(field("max_train_steps").get_attribute("value"))
     assert steps > 0 and field("train_text_encoder").is_selected()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import end_page
-from dreambooth.toy.demo import BUNDLED
+from dreambooth.toy.models import TOY_MODELS
 from dreambooth.ui.server import UIConfig, make_server
 from dreambooth.ui.workspace import Workspace, plain
 
@@ -190,7 +190,8 @@ def test_every_path_the_page_takes_stays_inside_the_workspace(tmp_path):
     photos = ws.root / "uploads" / "20240101-000000"
     run = ws.root / "runs" / "r1"
     good = {"output_dir": str(run), "instance_data_dir": str(photos), "logging_dir": "logs",
-            "class_data_dir": str(ws.root / "class-images" / "dog"), "pretrained_model_name_or_path": str(BUNDLED)}
+            "class_data_dir": str(ws.root / "class-images" / "dog"),
+            "pretrained_model_name_or_path": str(TOY_MODELS["sd"].path)}
     assert ws.path_problems(good) == {}
     for name, value, words in (
             ("logging_dir", str(tmp_path / "tb"), "log folder must be inside the workspace"),
@@ -221,7 +222,8 @@ def test_every_path_the_page_takes_stays_inside_the_workspace(tmp_path):
 
 
 def test_the_page_refuses_a_log_folder_outside_the_workspace(page, tmp_path):
-    values = {"pretrained_model_name_or_path": str(BUNDLED), "instance_data_dir": str(page.ws.root / "uploads"),
+    values = {"pretrained_model_name_or_path": str(TOY_MODELS["sd"].path),
+              "instance_data_dir": str(page.ws.root / "uploads"),
               "instance_prompt": "a qek circle", "logging_dir": str(tmp_path / "tb"), "report_to": "tensorboard"}
     status, res = page.call("/api/train", {"values": values})
     assert status == 200 and "log folder" in res["problems"]["logging_dir"], res

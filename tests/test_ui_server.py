@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import end_page
 from dreambooth.cli import parser
-from dreambooth.toy.demo import BUNDLED
+from dreambooth.toy.models import TOY_MODELS
 from dreambooth.ui.server import UIConfig, make_server
 
 
@@ -94,7 +94,7 @@ def test_a_run_from_the_page_stops_at_a_checkpoint_and_resumes_to_the_end(api):
     call, ws = api
     status, res = call("/api/upload", {"files": [{"name": f"p{i}.png", "data": png((200, 30 * i, 0), 32)}
                                                  for i in range(3)], "resolution": 32})
-    values = {"pretrained_model_name_or_path": str(BUNDLED), "instance_data_dir": res["folder"],
+    values = {"pretrained_model_name_or_path": str(TOY_MODELS["sd"].path), "instance_data_dir": res["folder"],
               "instance_prompt": "a qek circle", "identifier": "qek", "use_lora": True, "resolution": "32",
               "max_train_steps": "200",
               "learning_rate": "1e-3", "checkpointing_steps": "1000", "logging_steps": "1", "train_batch_size": "1",
@@ -153,7 +153,7 @@ def test_a_run_from_the_page_stops_at_a_checkpoint_and_resumes_to_the_end(api):
     # and the class noun from the run's prompt)
     base = evaluated("base")
     assert set(base["report"]["metrics"]) == set(job["report"]["metrics"])
-    assert base["report"]["source"] == {"model": str(BUNDLED)}
+    assert base["report"]["source"] == {"model": str(TOY_MODELS["sd"].path)}
 
 
 def test_a_reopened_workspace_shows_its_runs_as_their_files_say(tmp_path):

@@ -8,12 +8,14 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers is imported anywhere
 
 from . import schema  # noqa: E402
 from .errors import STOPPED_EXIT, DreamBoothError, Stopped, say  # noqa: E402
+from .registry import Registry  # noqa: E402
 
 log = logging.getLogger("dreambooth")
 
@@ -70,7 +72,7 @@ def _flags(p: argparse.ArgumentParser) -> list[str]:
 _chosen: list[argparse.ArgumentParser] = []  # the subcommand's parser, for the "did you mean" of a flag
 
 
-def _config_command(p: argparse.ArgumentParser, config: type, handler: Callable[[argparse.Namespace], int],
+def config_command(p: argparse.ArgumentParser, config: type, handler: Callable[[argparse.Namespace], int],
                     config_help: str = "A TOML, YAML or JSON file of options") -> argparse.ArgumentParser:
     """A subcommand whose flags come from a config schema, plus --config for a file of the same options."""
     p.add_argument("--config", help=config_help)
@@ -82,7 +84,7 @@ def _config_command(p: argparse.ArgumentParser, config: type, handler: Callable[
 def _add_train_parser(p: argparse.ArgumentParser) -> None:
     from .config import TrainConfig
 
-    _config_command(p, TrainConfig, _run_train, "A TOML, YAML or JSON file of options; flags given here override it")
+    config_command(p, TrainConfig, _run_train, "A TOML, YAML or JSON file of options; flags given here override it")
     compat = p.add_argument_group("accepted for compatibility with the reference script")
     for name in COMPAT_IGNORED:
         compat.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
@@ -98,13 +100,13 @@ def _add_train_parser(p: argparse.ArgumentParser) -> None:
 def _add_generate_parser(p: argparse.ArgumentParser) -> None:
     from .generation import GenerateConfig
 
-    _config_command(p, GenerateConfig, _run_generate)
+    config_command(p, GenerateConfig, _run_generate)
 
 
 def _add_evaluate_parser(p: argparse.ArgumentParser) -> None:
     from .evaluation import EvaluateConfig
 
-    _config_command(p, EvaluateConfig, _run_evaluate)
+    config_command(p, EvaluateConfig, _run_evaluate)
 
 
 def _add_evaluate_summary_parser(c: argparse.ArgumentParser) -> None:
@@ -116,59 +118,30 @@ def _add_evaluate_summary_parser(c: argparse.ArgumentParser) -> None:
 def _add_export_parser(p: argparse.ArgumentParser) -> None:
     from .export import ExportConfig
 
-    _config_command(p, ExportConfig, _run_export)
+    config_command(p, ExportConfig, _run_export)
 
 
 def _add_identifier_parser(p: argparse.ArgumentParser) -> None:
     from .identifier import IdentifierConfig
 
-    _config_command(p, IdentifierConfig, _run_identifier)
-
-
-def _add_demo_parser(p: argparse.ArgumentParser) -> None:
-    from .toy.demo import DemoConfig
-
-    _config_command(p, DemoConfig, _run_demo)
-
-
-def _add_reproduce_parser(p: argparse.ArgumentParser) -> None:
-    from .toy.ablations import ReproduceConfig
-
-    _config_command(p, ReproduceConfig, _run_reproduce)
+    config_command(p, IdentifierConfig, _run_identifier)
 
 
 def _add_ui_parser(p: argparse.ArgumentParser) -> None:
     from .ui.server import UIConfig
 
-    _config_command(p, UIConfig, _run_ui)
+    config_command(p, UIConfig, _run_ui)
 
 
-def _add_toy_parser(toy: argparse.ArgumentParser) -> None:
-    from .toy.pretrain import PretrainConfig
-
-    toy_sub = toy.add_subparsers(dest="toy_command", required=True)
-    _config_command(toy_sub.add_parser("pretrain", help="Train the toy base model from scratch (about 30 min on 2 "
-                                                        "CPU cores)"), PretrainConfig, _run_pretrain)
-    q = toy_sub.add_parser("quality", help="Measure a toy model on held-out prompts with the judges")
-    q.add_argument("--model", default=None, help="Pipeline folder (default: the bundled toy model of --family)")
-    q.add_argument("--family", default="sd", choices=["sd", "sd3"], help="Which bundled toy model (default: sd)")
-    q.add_argument("--per_prompt", type=int, default=12, help="Samples per held-out prompt")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--sampler", default=None, help="Sampler (default: the toy model's: dpm++ for sd, euler_a for sd3)")
-    q.add_argument("--num_inference_steps", type=int, default=None, help="Sampler steps (default: the toy model's, 20)")
-    q.add_argument("--guidance_scale", type=float, default=None,
-                   help="Guidance scale (default: the toy model's: 2.0 for sd, 2.5 for sd3)")
-    q.set_defaults(handler=_run_quality)
-
-
-def _values(args: argparse.Namespace) -> dict[str, Any]:
+def values_of(args: argparse.Namespace) -> dict[str, Any]:
     values = dict(schema.load_file(args.config)) if getattr(args, "config", None) else {}
-    values.update({k: v for k, v in vars(args).items() if k not in ("config", "handler", "command", "toy_command")})
+    values.update({k: v for k, v in vars(args).items()
+                   if k not in ("config", "handler", "command") and not k.endswith("_command")})
     return values
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    values = _values(args)
+    values = values_of(args)
     for name, why in COMPAT_IGNORED.items():
         if values.pop(name, None):
             log.info("--%s: accepted and not needed; %s", name, why)
@@ -201,7 +174,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_generate(args: argparse.Namespace) -> int:
     from .generation import generate
 
-    paths = generate(_values(args))
+    paths = generate(values_of(args))
     print(f"wrote {len(paths) - 1} image(s) and {paths[-1]}")
     return 0
 
@@ -210,7 +183,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
     from .evaluation.evaluate import summary_lines
 
-    report = evaluate(_values(args))
+    report = evaluate(values_of(args))
     print("\n".join(summary_lines(report)))
     print(f"report: {report['settings']['output_dir']}/report.md")
     return 0
@@ -237,7 +210,7 @@ def _run_evaluate_summary(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     from .export import export
 
-    print(f"wrote {export(_values(args))}")
+    print(f"wrote {export(values_of(args))}")
     return 0
 
 
@@ -245,7 +218,7 @@ def _run_identifier(args: argparse.Namespace) -> int:
     from . import identifier as ident
     from .families import ModelSource, get_family
 
-    cfg = schema.build(ident.IdentifierConfig, _values(args))
+    cfg = schema.build(ident.IdentifierConfig, values_of(args))
     source = ModelSource(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
     tokenizer, text_encoder = get_family(source).load_text(source)
     text_encoder.eval()
@@ -278,7 +251,7 @@ def _run_identifier(args: argparse.Namespace) -> int:
 def _run_ui(args: argparse.Namespace) -> int:
     from .ui.server import UIConfig, serve
 
-    cfg = schema.build(UIConfig, _values(args))
+    cfg = schema.build(UIConfig, values_of(args))
     try:
         serve(cfg)
     except OSError as e:
@@ -289,78 +262,49 @@ def _run_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    from .toy.demo import demo
-
-    demo(_values(args))
-    return 0
-
-
-def _run_reproduce(args: argparse.Namespace) -> int:
-    from .toy.ablations import reproduce
-
-    reproduce(_values(args))
-    return 0
-
-
-def _run_pretrain(args: argparse.Namespace) -> int:
-    from .toy.pretrain import pretrain
-
-    out = pretrain(_values(args))
-    print(f"toy model written to {out}")
-    return 0
-
-
-def _run_quality(args: argparse.Namespace) -> int:
-    from .toy.demo import toy_model
-    from .toy.measure import load_toy, quality
-
-    q = quality(load_toy(toy_model(args.family, args.model)), per_prompt=args.per_prompt, seed=args.seed,
-                sampler=args.sampler, steps=args.num_inference_steps, guidance=args.guidance_scale)
-    print("\n".join(q.lines()))
-    print("quality bar (>= 90% per named attribute, open attributes vary):", "met" if q.passes() else "NOT met")
-    return 0 if q.passes() else 1
-
-
 def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 
 
-# name: (one-line help, description, builder of its flags, extra add_parser arguments). Only the command being run
-# has its flags built (each imports its config, some of them torch): `dreambooth --help` imports none of them.
-COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None], dict[str, Any]]] = {
-    "train": ("DreamBooth fine-tuning", "Fine-tune a model on a subject.", _add_train_parser,
-              dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)),
-    "generate": ("Render prompts from a trained model",
-                 "Render prompts from a trained output, a checkpoint, or any SD pipeline folder.",
-                 _add_generate_parser, {}),
-    "evaluate": ("Score a model with the paper's metrics on the DreamBench prompts",
-                 "Sample the DreamBench prompts (or the toy protocol) with fixed seeds, score DINO, CLIP-I, CLIP-T, "
-                 "PRES and DIV with bootstrap intervals, and write report.json, report.md and a grid per prompt.",
-                 _add_evaluate_parser, {}),
-    "evaluate-summary": ("Pool several evaluation reports (e.g. all DreamBench subjects)",
-                         "Pool the per-image scores of several report.json files of one backend into one figure per "
-                         "metric with a bootstrap 95%% interval, and list each subject's values.",
-                         _add_evaluate_summary_parser, {}),
-    "export": ("Write a run's result for other tools (kohya LoRA, merged pipeline)",
-               "Export a LoRA run to the kohya/AUTOMATIC1111 format, or fuse it into the base model as a full "
-               "pipeline.", _add_export_parser, {}),
-    "identifier": ("Find or check a rare-token identifier",
-                   "List rare tokens that are no word the model knows, ranked by how weak their prior is for a "
-                   "class noun, or check a chosen identifier.", _add_identifier_parser, {}),
-    "demo": ("DreamBooth a toy subject into the bundled toy model and measure it",
-             "Offline, CPU-sized: fine-tune the bundled toy model on one toy subject with prior preservation; write "
-             "before/after grids and print the metrics.", _add_demo_parser, {}),
-    "reproduce": ("Re-run the paper's ablations on the toy world (prior preservation, class noun, images)",
-                  "Offline, CPU-sized: train every variant of each study for every toy subject and seed, score them "
-                  "with the toy judges, and write tables beside the paper's numbers and a plot (about 35 min on 2 "
-                  "CPU cores; --quick: about a minute).", _add_reproduce_parser, {}),
-    "toy": ("The toy world: pretrain or measure its base model", "The toy world: pretrain or measure its base model.",
-            _add_toy_parser, {}),
-    "ui": ("The DreamBooth flow in a browser (a local web page)",
-           "Serve a page on 127.0.0.1: upload photos, pick an identifier, train (each run in its own process), "
-           "watch progress, render a gallery, evaluate, export.", _add_ui_parser, {}),
-}
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its one-line help, its description, the builder of its flags (run only for the command being
+    run: each imports its config, some of them torch, so `dreambooth --help` imports none of them) and extra
+    `add_parser` arguments."""
+
+    name: str
+    short: str
+    description: str
+    build: Callable[[argparse.ArgumentParser], None]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# the subcommands, by name; plug-ins add theirs (the toy world: demo, reproduce, toy), loaded when first read
+COMMANDS: Registry[Command] = Registry("command", plugins="dreambooth.commands")
+command = COMMANDS.register()
+for _entry in (
+    Command("train", "DreamBooth fine-tuning", "Fine-tune a model on a subject.", _add_train_parser,
+            dict(formatter_class=argparse.ArgumentDefaultsHelpFormatter, argument_default=argparse.SUPPRESS)),
+    Command("generate", "Render prompts from a trained model",
+            "Render prompts from a trained output, a checkpoint, or any SD pipeline folder.", _add_generate_parser),
+    Command("evaluate", "Score a model with the paper's metrics on the DreamBench prompts",
+            "Sample the DreamBench prompts (or the toy protocol) with fixed seeds, score DINO, CLIP-I, CLIP-T, PRES "
+            "and DIV with bootstrap intervals, and write report.json, report.md and a grid per prompt.",
+            _add_evaluate_parser),
+    Command("evaluate-summary", "Pool several evaluation reports (e.g. all DreamBench subjects)",
+            "Pool the per-image scores of several report.json files of one backend into one figure per metric with "
+            "a bootstrap 95%% interval, and list each subject's values.", _add_evaluate_summary_parser),
+    Command("export", "Write a run's result for other tools (kohya LoRA, merged pipeline)",
+            "Export a LoRA run to the kohya/AUTOMATIC1111 format, or fuse it into the base model as a full "
+            "pipeline.", _add_export_parser),
+    Command("identifier", "Find or check a rare-token identifier",
+            "List rare tokens that are no word the model knows, ranked by how weak their prior is for a class noun, "
+            "or check a chosen identifier.", _add_identifier_parser),
+    Command("ui", "The DreamBooth flow in a browser (a local web page)",
+            "Serve a page on 127.0.0.1: upload photos, pick an identifier, train (each run in its own process), "
+            "watch progress, render a gallery, evaluate, export.", _add_ui_parser),
+):
+    command(_entry)
 
 
 def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -370,11 +314,11 @@ def parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     wanted = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
     _chosen.clear()
-    for name, (short, description, build, extra) in COMMANDS.items():
-        command = sub.add_parser(name, help=short, description=description, **extra)
+    for name, cmd in COMMANDS.items():
+        made = sub.add_parser(name, help=cmd.short, description=cmd.description, **cmd.extra)
         if argv is None or name == wanted:
-            build(command)
-            _chosen.append(command)
+            cmd.build(made)
+            _chosen.append(made)
     return p
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from . import schema
 from .errors import ConfigError
+from .families.help import family_help, option_default, shown
 from .objectives import WEIGHTING_SCHEMES
 from .sampling import sampler_names
 from .schema import at_least, between, in_unit_interval, option, positive
@@ -60,7 +62,7 @@ def _family_choices() -> list[str]:
 
 
 @dataclasses.dataclass
-class TrainConfig:
+class TrainConfig(schema.Validated):
     # model
     pretrained_model_name_or_path: str = option(help="Base model: a diffusers pipeline folder or a hub id",
                                                 group="model")
@@ -103,11 +105,13 @@ class TrainConfig:
         None, "Precision of class-image generation (default: fp16 on GPU, fp32 on CPU)", choices=PRIOR_PRECISIONS,
         group="data",
     )
-    class_sampler: str | None = option(None, "Sampler for class images (default: the family's, dpm++ for SD/SDXL, "
-                                       "euler for SD3/Flux)", choices=sampler_names, group="data")
+    class_sampler: str | None = option(None, family_help(
+        "Sampler for class images (default: the family's: {})", lambda f: f.default_sampler),
+        choices=sampler_names, group="data")
     class_inference_steps: int = option(25, "Sampler steps for class images", check=at_least(1), group="data")
-    class_guidance_scale: float | None = option(None, "Guidance scale for class images (default: the family's, "
-                                                "7.5 SD/SDXL, 7.0 SD3, 3.5 Flux)", check=at_least(0), group="data")
+    class_guidance_scale: float | None = option(None, family_help(
+        "Guidance scale for class images (default: the family's: {})", lambda f: f.default_guidance),
+        check=at_least(0), group="data")
     class_negative_prompt: str | None = option(None, "Negative prompt for class images", group="data")
     caption_extension: str | None = option(None, "Per-image captions: a file with this extension beside each "
                                            "instance image (e.g. .txt) holds its prompt, with [V] (or the "
@@ -118,8 +122,9 @@ class TrainConfig:
                                group="data")
     mask_background_weight: float = option(0.0, "With --masked_loss: the loss weight outside the mask (0: the "
                                            "background is not learnt at all)", check=between(0, 1), group="data")
-    resolution: int | None = option(None, "Training resolution in pixels (default: the family's: 512 for SD and "
-                                    "Flux, 1024 for SDXL and SD3)", check=_multiple_of_8, group="data")
+    resolution: int | None = option(None, family_help(
+        "Training resolution in pixels (default: the family's: {})", lambda f: f.default_resolution),
+        check=_multiple_of_8, group="data")
     center_crop: bool = option(False, "Centre-crop instead of random-crop after resizing", group="data")
     random_flip: bool = option(False, "Randomly flip training images horizontally", group="data")
     dataloader_num_workers: int = option(0, "Data-loading worker processes", check=at_least(0), group="data")
@@ -148,10 +153,10 @@ class TrainConfig:
                                               "max-autotune-no-cudagraphs"), group="training")
     cache_latents: bool = option(True, "Encode each training view (image, crop, flip) with the frozen VAE once and "
                                  "reuse it; --no-cache_latents encodes every step", group="training")
-    learning_rate: float | None = option(None, "Peak learning rate (default: the reference scripts' for the method: "
-                                         f"{FULL_LEARNING_RATE:g} for full fine-tuning; with --use_lora the "
-                                         "family's: 5e-4 for SD 1.x/2.x, 1e-4 for SDXL, SD3 and Flux)",
-                                         check=_learning_rate, group="training")
+    learning_rate: float | None = option(None, family_help(
+        f"Peak learning rate (default: the reference scripts' for the method: {shown(FULL_LEARNING_RATE)} for full "
+        "fine-tuning; with --use_lora the family's: {})", lambda f: f.lora_learning_rate),
+        check=_learning_rate, group="training")
     scale_lr: bool = option(False, "Multiply the lr by processes x accumulation x batch size", group="training")
     lr_scheduler: str = option("constant", "Learning-rate schedule", choices=LR_SCHEDULERS, group="training")
     lr_warmup_steps: int = option(500, "Warm-up steps (schedules *_with_warmup, linear, cosine, ...)",
@@ -171,10 +176,10 @@ class TrainConfig:
     prodigy_decouple: bool = option(True, "Prodigy: AdamW-style decoupled weight decay", group="training")
     prodigy_use_bias_correction: bool = option(True, "Prodigy: Adam's bias correction", group="training")
     prodigy_safeguard_warmup: bool = option(True, "Prodigy: no step-size growth during warm-up", group="training")
-    adam_weight_decay_text_encoder: float | None = option(None, "Weight decay of the text encoders (default: "
-                                                          "1e-3 for SDXL, SD3 and Flux as in their reference "
-                                                          "scripts; --adam_weight_decay for SD)", check=at_least(0),
-                                                          group="training")
+    adam_weight_decay_text_encoder: float | None = option(None, family_help(
+        "Weight decay of the text encoders (default: the family's reference script's: {})",
+        lambda f: f.text_encoder_weight_decay if f.text_encoder_weight_decay is not None
+        else "--adam_weight_decay"), check=at_least(0), group="training")
     mixed_precision: str | None = option(None, "Mixed precision (default: accelerate's config)", choices=PRECISIONS,
                                          group="training")
     allow_tf32: bool = option(False, "Allow TF32 matmuls on Ampere+ GPUs", group="training")
@@ -219,18 +224,19 @@ class TrainConfig:
                                      group="ema")
 
     # rectified flow (SD3, Flux); refused for the other families
-    weighting_scheme: str | None = option(None, "How sigma is drawn and losses weighted (default: the family's: "
-                                          "logit_normal for SD3, none for Flux)", choices=WEIGHTING_SCHEMES,
-                                          group="flow")
+    weighting_scheme: str | None = option(None, family_help(
+        "How sigma is drawn and losses weighted (default: the family's: {})", option_default("weighting_scheme")),
+        choices=WEIGHTING_SCHEMES, group="flow")
     logit_mean: float = option(0.0, "Mean of the logit-normal sigma density", group="flow")
     logit_std: float = option(1.0, "Standard deviation of the logit-normal sigma density", check=positive,
                               group="flow")
     mode_scale: float = option(1.29, "Scale of the `mode` sigma density", group="flow")
-    precondition_outputs: bool | None = option(None, "Read the model's output as a prediction of the clean latents "
-                                               "(SD3's preconditioning; default: on for SD3, off for Flux)",
-                                               group="flow")
-    max_sequence_length: int | None = option(None, "T5 tokens per prompt (default: 77 for SD3, 512 for Flux)",
-                                             check=at_least(1), group="flow")
+    precondition_outputs: bool | None = option(None, family_help(
+        "Read the model's output as a prediction of the clean latents (SD3's preconditioning; default: the "
+        "family's: {})", option_default("precondition_outputs")), group="flow")
+    max_sequence_length: int | None = option(None, family_help(
+        "T5 tokens per prompt (default: the family's: {})", option_default("max_sequence_length")),
+        check=at_least(1), group="flow")
     guidance_scale: float | None = option(None, "Flux dev: the guidance value the transformer is given while "
                                           "training (default 3.5)", check=at_least(0), group="flow")
 
@@ -247,15 +253,16 @@ class TrainConfig:
     use_dora: bool = option(False, "Weight-decomposed LoRA (DoRA)", group="lora")
     lora_target_modules: list[str] | None = option(None, "Denoiser modules that get adapters (default: the "
                                                    "family's; SD: to_k to_q to_v to_out.0)", group="lora")
-    lora_blocks: list[int] | None = option(None, "Only these transformer blocks get adapters (SD3, Flux: "
-                                           "transformer_blocks.N; default: all)", group="lora")
+    lora_blocks: list[int] | None = option(None, family_help(
+        "Only these numbered blocks get adapters (default: all; the families that have them: {})",
+        lambda f: f"{f.lora_block_list[0]}.N" if f.lora_block_list else None), group="lora")
     text_encoder_lora_target_modules: list[str] = option(("q_proj", "k_proj", "v_proj", "out_proj"),
                                                          "Text-encoder modules that get adapters "
                                                          "(with --train_text_encoder)", group="lora")
-    text_encoder_lr: float | None = option(None, "Learning rate of the text encoders (default: 5e-6 for "
-                                           "SDXL, SD3 and Flux as in their reference scripts; --learning_rate for "
-                                           "SD and with Prodigy)",
-                                           check=_learning_rate, group="lora")
+    text_encoder_lr: float | None = option(None, family_help(
+        "Learning rate of the text encoders (default: the family's reference script's: {}; --learning_rate with "
+        "Prodigy)", lambda f: f.text_encoder_learning_rate if f.text_encoder_learning_rate is not None
+        else "--learning_rate"), check=_learning_rate, group="lora")
 
     save_precision: str = option("fp32", "Precision of the saved pipeline's weights (fp16/bf16: half the size; "
                                  "LoRA adapters and checkpoints stay fp32)", choices=("fp32", "fp16", "bf16"),

@@ -9,6 +9,16 @@ from typing import Any
 
 import torch
 
+# the one table of precision names (--mixed_precision, --save_precision, --prior_generation_precision, export and
+# generate --precision) to dtypes; "no" and "fp32" both mean full precision
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def reduced_dtype(precision: str | None) -> torch.dtype | None:
+    """The half-precision dtype a precision name asks for, None for full precision (or none named)."""
+    dtype = DTYPES.get(precision) if precision else None
+    return None if dtype is None or dtype == torch.float32 else dtype
+
 
 def to_device(t: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A host tensor on `device` (and in `dtype`). To a GPU it goes through pinned memory and is not waited for: a

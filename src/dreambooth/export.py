@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from . import schema
+from .devices import DTYPES
 from .errors import DataError, DreamBoothError
 from .files import staged
 from .lora import LORA_WEIGHTS, is_lora_output
@@ -43,7 +44,6 @@ class ExportConfig:
     precision: str = option("fp32", "Precision of the written weights", choices=("fp32", "fp16", "bf16"))
 
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def export(config: ExportConfig | dict | str | Path | None = None, **overrides: Any) -> Path:

@@ -16,18 +16,19 @@ import torch
 
 from . import schema
 from .data import derive_seed
+from .devices import DTYPES
 from .errors import ConfigError, DataError, DreamBoothError, first_line, is_out_of_memory
 from .families import ModelSource, family_of, get_family
+from .families.help import family_help, option_default
 from .files import save_image_atomic
 from .grid import make_grid
 from .lora import LORA_WEIGHTS, is_lora_output
 from .outputs import OutputFolder
 from .quiet import quiet_libraries
-from .sampling import make_scheduler, resolve_sampler, sampler_names
+from .sampling import family_sampler, resolve_sampler, sampler_names
 from .schema import at_least, option
 
 log = logging.getLogger("dreambooth")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclasses.dataclass
@@ -41,15 +42,15 @@ class GenerateConfig:
     num_images: int = option(4, "Images per prompt", check=at_least(1))
     seed: int = option(0, "Seed; image i of a prompt uses a seed derived from (seed, i)")
     num_inference_steps: int = option(25, "Sampler steps", check=at_least(1))
-    guidance_scale: float | None = option(None, "Guidance scale (default: the family's: 7.5 SD/SDXL, 7.0 SD3, 3.5 "
-                                         "Flux)", check=at_least(0))
-    sampler: str | None = option(None, "Sampler (default: the model family's: dpm++ for SD/SDXL, euler for SD3/Flux)",
-                                 choices=sampler_names)
+    guidance_scale: float | None = option(None, family_help(
+        "Guidance scale (default: the family's: {})", lambda f: f.default_guidance), check=at_least(0))
+    sampler: str | None = option(None, family_help(
+        "Sampler (default: the model family's: {})", lambda f: f.default_sampler), choices=sampler_names)
     height: int | None = option(None, "Image height (default: the model's)", check=at_least(8))
     width: int | None = option(None, "Image width (default: the model's)", check=at_least(8))
-    max_sequence_length: int | None = option(None, "SD3/Flux: T5 tokens per prompt, at most 512 (default: as the "
-                                             "model was trained (its train_config.json), else 77 for SD3, 512 for "
-                                             "Flux)",
+    max_sequence_length: int | None = option(None, family_help(
+        "T5 tokens per prompt, at most 512 (default: as the model was trained (its train_config.json), else the "
+        "family's: {})", option_default("max_sequence_length")),
                                              check=at_least(1))
     batch_size: int = option(4, "Images per forward pass", check=at_least(1))
     precision: str = option("auto", "Weights precision: auto = fp16 on GPU, fp32 on CPU",
@@ -207,7 +208,7 @@ def open_pipeline(model: str, sampler: str | None, precision: str = "auto", devi
         raise ConfigError("precision", "fp16", "fp16 needs a GPU; use fp32 or bf16 on CPU")
     pipe = load_for_inference(model, dtype, lora, lora_scale).to(dev)
     family = family_of(pipe)
-    pipe.scheduler = make_scheduler(resolve_sampler(sampler, family), pipe.scheduler.config, family.sampler_kind)
+    _, pipe.scheduler = family_sampler(family, sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe, dev
 

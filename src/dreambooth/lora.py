@@ -89,13 +89,15 @@ def is_lora_output(folder: Path) -> bool:
 
 def lora_targets(cfg: Any, family: ModelFamily, config: Any) -> list[str]:
     """The denoiser modules that get adapters: --lora_target_modules (or the family's), in every block or in the
-    --lora_blocks given (`transformer_blocks.N`: SD3's joint blocks, Flux's double blocks)."""
+    --lora_blocks given (numbers in the family's `lora_block_list`, e.g. SD3's joint blocks, Flux's double
+    blocks)."""
     modules = list(cfg.lora_target_modules or family.default_lora_targets)
-    if cfg.lora_blocks is None:
+    if cfg.lora_blocks is None or family.lora_block_list is None:
         return modules
-    blocks = config.get("num_layers", 0)
+    attribute, count_key = family.lora_block_list
+    blocks = config.get(count_key, 0)
     wrong = [b for b in cfg.lora_blocks if not 0 <= b < blocks]
     if wrong:
         raise ConfigError("lora_blocks", cfg.lora_blocks, f"block numbers 0..{blocks - 1} of this model's "
-                          "transformer_blocks")
-    return [f"transformer_blocks.{b}.{m}" for b in cfg.lora_blocks for m in modules]
+                          f"{attribute}")
+    return [f"{attribute}.{b}.{m}" for b in cfg.lora_blocks for m in modules]

@@ -12,23 +12,25 @@ from .data import keyed_generator
 from .devices import to_device
 
 
+def example_generators(seed: int, what: str, positions: torch.Tensor, is_prior: torch.Tensor
+                       ) -> list[torch.Generator]:
+    """One generator per example of a batch, keyed by (seed, what is drawn, instance or class, the example's
+    position in its stream): the only way the training draws anything at random."""
+    return [keyed_generator(seed, what, "class" if prior else "instance", int(pos))
+            for pos, prior in zip(positions.tolist(), is_prior.tolist())]
+
+
 def keyed_normal(seed: int, positions: torch.Tensor, is_prior: torch.Tensor, shape: tuple[int, ...], what: str
                  ) -> torch.Tensor:
     """One standard-normal tensor of `shape` per example, drawn from that example's own generator."""
-    draws = [
-        torch.randn(shape, generator=keyed_generator(seed, what, "class" if prior else "instance", int(pos)))
-        for pos, prior in zip(positions.tolist(), is_prior.tolist())
-    ]
-    return torch.stack(draws)
+    return torch.stack([torch.randn(shape, generator=g)
+                        for g in example_generators(seed, what, positions, is_prior)])
 
 
 def keyed_timesteps(seed: int, positions: torch.Tensor, is_prior: torch.Tensor, num_train_timesteps: int
                     ) -> torch.Tensor:
-    return torch.tensor([
-        int(torch.randint(0, num_train_timesteps, (), generator=keyed_generator(
-            seed, "timestep", "class" if prior else "instance", int(pos))))
-        for pos, prior in zip(positions.tolist(), is_prior.tolist())
-    ])
+    return torch.tensor([int(torch.randint(0, num_train_timesteps, (), generator=g))
+                         for g in example_generators(seed, "timestep", positions, is_prior)])
 
 
 def sample_latents(mean: torch.Tensor, std: torch.Tensor, seed: int, positions: torch.Tensor, is_prior: torch.Tensor

@@ -22,10 +22,9 @@ from typing import Any, ClassVar
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-from .data import keyed_generator
 from .devices import to_device
 from .loss import diffusion_target, min_snr_weights, per_example_mse
-from .noising import keyed_normal, noise_batch
+from .noising import example_generators, keyed_normal, noise_batch
 from .registry import Registry
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (noisy latents, time values) -> prediction
@@ -41,13 +40,13 @@ class Keys:
     is_prior: torch.Tensor
 
     def generators(self, what: str) -> list[torch.Generator]:
-        return [keyed_generator(self.seed, what, "class" if prior else "instance", int(pos))
-                for pos, prior in zip(self.positions.tolist(), self.is_prior.tolist())]
+        return example_generators(self.seed, what, self.positions, self.is_prior)
 
 
 class Objective(ABC):
     name: ClassVar[str]
     options: ClassVar[tuple[str, ...]]  # the TrainConfig fields it reads (others of its kind are refused)
+    sampler_kind: ClassVar[str]  # the samplers that invert it (sampling.SAMPLERS): "ddpm" or "flow"
 
     @classmethod
     @abstractmethod
@@ -82,6 +81,7 @@ OBJECTIVES: Registry[type[Objective]] = Registry("objective")
 @OBJECTIVES.register()
 class DDPM(Objective):
     name = "ddpm"
+    sampler_kind = "ddpm"
     options = ("prediction_type", "snr_gamma", "offset_noise", "offset_noise_strength")
 
     def __init__(self, scheduler: Any, snr_gamma: float | None = None, offset_noise: float = 0.0):
@@ -108,6 +108,7 @@ class DDPM(Objective):
 @OBJECTIVES.register()
 class RectifiedFlow(Objective):
     name = "rectified_flow"
+    sampler_kind = "flow"
     options = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "precondition_outputs")
 
     def __init__(self, scheduler: Any, weighting_scheme: str = "none", logit_mean: float = 0.0,

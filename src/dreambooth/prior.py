@@ -26,19 +26,18 @@ from tqdm.auto import tqdm
 from .compilation import compile_blocks
 from .config import TrainConfig
 from .data import derive_seed, scan_folder
-from .devices import lent
+from .devices import DTYPES, lent
 from .errors import DreamBoothError, is_out_of_memory
 from .events import Events
 from .families import Components, ModelFamily, ModelSource, model_identity
 from .files import save_image_atomic, write_text_atomic
 from .processes import decided_once
-from .sampling import make_scheduler, resolve_sampler
+from .sampling import family_sampler, resolve_sampler
 
 log = logging.getLogger("dreambooth")
 
 MANIFEST = "dreambooth_manifest.json"
 GENERATED_RE = re.compile(r"^class-([0-9a-f]{10})-(\d{5})\.png$")
-DTYPES = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -67,7 +66,7 @@ def class_settings(cfg: TrainConfig, family: ModelFamily, source: ModelSource, d
     return {
         "prompt": cfg.class_prompt,
         "negative_prompt": cfg.class_negative_prompt,
-        "model": model_identity(source),
+        "model": model_identity(source, family.denoiser_name),
         "sampler": resolve_sampler(cfg.class_sampler, family, "class_sampler"),
         "steps": cfg.class_inference_steps,
         "guidance_scale": guidance,
@@ -179,7 +178,7 @@ def _generate(cfg: TrainConfig, family: ModelFamily, source: ModelSource, folder
 
 def _sample(cfg: TrainConfig, family: ModelFamily, pipe: Any, folder: Path, digest: str, indices: list[int],
             settings: dict[str, Any], accelerator, events: Events) -> None:
-    pipe.scheduler = make_scheduler(settings["sampler"], pipe.scheduler.config, family.sampler_kind)
+    _, pipe.scheduler = family_sampler(family, settings["sampler"], pipe.scheduler.config)
     cuda = accelerator.device.type == "cuda"
     batch_size = BatchSize(cfg.sample_batch_size, cuda)
     bar = tqdm(total=len(indices), desc="class images", unit="img", disable=not accelerator.is_local_main_process)

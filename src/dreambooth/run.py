@@ -188,8 +188,9 @@ def _differences(a: dict, b: dict, keys) -> list[str]:
     return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in keys if a[k] != b[k]]
 
 
-def resolve_resume(cfg: TrainConfig, output: OutputFolder) -> Path | None:
-    """Which checkpoint to resume from; refuse to mix two runs in one output folder or to replace a finished one."""
+def resolve_resume(cfg: TrainConfig, output: OutputFolder) -> tuple[Path | None, int | None]:
+    """Which checkpoint to resume from, and the seed it ran with (the run keeps it when --seed is not given);
+    refuse to mix two runs in one output folder or to replace a finished one."""
     out = Path(cfg.output_dir)
     mine = identity(schema.to_dict(cfg))
     checkpoints = list_checkpoints(out)
@@ -212,28 +213,27 @@ def resolve_resume(cfg: TrainConfig, output: OutputFolder) -> Path | None:
         if finished:
             raise CheckpointError(f"output dir {out} holds a finished run, which is not replaced; choose a new "
                                   "--output_dir (or delete the folder)")
-        return None
+        return None, None
     ckpt = find_checkpoint(out, cfg.resume_from_checkpoint)
     if ckpt is None:
         if finished:
             raise CheckpointError(f"output dir {out} holds a finished run without checkpoints, so there is nothing "
                                   "to resume and it is not replaced; choose a new --output_dir")
         log.info("no checkpoint in %s yet: starting a new run", out)
-        return None
+        return None, None
     previous = checkpoint_config(ckpt)
     saved = checkpoint_identity(ckpt)  # resolved when it was saved: the same run from any working directory
     diff = _differences(saved if saved is not None else identity(previous), mine, IDENTITY)
     if diff:
         raise CheckpointError(f"checkpoint {ckpt} is from another run ({'; '.join(diff)}); resume with the same "
                               "settings or choose a new --output_dir")
-    if cfg.seed is None:
-        cfg.seed = previous["seed"]
-    now = json.loads(json.dumps(schema.to_dict(cfg)))  # as train_config.json holds it (tuples become lists)
+    seed = previous["seed"] if cfg.seed is None else cfg.seed
+    now = json.loads(json.dumps({**schema.to_dict(cfg), "seed": seed}))  # as train_config.json holds it
     skip = {"resume_from_checkpoint", "device"}
     changed = _differences(previous, now, [k for k in previous if k not in IDENTITY and k not in skip])
     if changed:
         log.warning("resuming %s with changed settings: %s", ckpt.name, "; ".join(changed))
-    return ckpt
+    return ckpt, seed
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -297,16 +297,7 @@ def setup(cfg: TrainConfig) -> Run:
                          cfg.pretrained_vae_model_name_or_path)
     family = get_family(source, cfg.family)
     cfg.check_family(family)
-    if cfg.resolution is None:
-        cfg.resolution = family.default_resolution
-    if cfg.learning_rate is None:  # the method's (and with LoRA the family's), as the reference scripts
-        cfg.learning_rate = (1.0 if cfg.optimizer == "prodigy" else family.lora_learning_rate if cfg.use_lora
-                             else FULL_LEARNING_RATE)
-    if cfg.train_text_encoder and cfg.optimizer != "prodigy":  # Prodigy: one step size, its own
-        if cfg.text_encoder_lr is None:
-            cfg.text_encoder_lr = family.text_encoder_learning_rate
-        if cfg.adam_weight_decay_text_encoder is None:
-            cfg.adam_weight_decay_text_encoder = family.text_encoder_weight_decay
+    cfg = schema.derive(cfg, **family_defaults(cfg, family))
     companions = (cfg.caption_extension,) if cfg.caption_extension else ()
     instance = scan_folder(Path(cfg.instance_data_dir), "instance", cfg.resolution, companions=companions)
     if not instance.images:
@@ -337,7 +328,8 @@ def setup(cfg: TrainConfig) -> Run:
                 "tokenizer (--tokenizer_name)": cfg.tokenizer_name})
     output.check()  # fails fast, before the Accelerator; checked again under the folder's lock
     accelerator = make_accelerator(cfg)
-    resume_from = _open_on_main(cfg, output, accelerator)
+    resume_from, seed = _open_on_main(cfg, output, accelerator)
+    cfg = schema.derive(cfg, seed=seed)  # what train_config.json records: the seed a resumed run keeps
     try:
         set_seed(cfg.seed)
         peers = Peers(accelerator) if accelerator.num_processes > 1 else None
@@ -351,23 +343,41 @@ def setup(cfg: TrainConfig) -> Run:
     return run
 
 
-def _open_on_main(cfg: TrainConfig, output: OutputFolder, accelerator: Accelerator) -> Path | None:
+def family_defaults(cfg: TrainConfig, family: ModelFamily) -> dict[str, Any]:
+    """The options left unset whose defaults depend on the model's family (and the method), as the reference
+    scripts set them: resolution, learning rate, the text encoders' rate and weight decay."""
+    derived: dict[str, Any] = {}
+    if cfg.resolution is None:
+        derived["resolution"] = family.default_resolution
+    if cfg.learning_rate is None:  # the method's (and with LoRA the family's), as the reference scripts
+        derived["learning_rate"] = (1.0 if cfg.optimizer == "prodigy" else family.lora_learning_rate
+                                    if cfg.use_lora else FULL_LEARNING_RATE)
+    if cfg.train_text_encoder and cfg.optimizer != "prodigy":  # Prodigy: one step size, its own
+        if cfg.text_encoder_lr is None:
+            derived["text_encoder_lr"] = family.text_encoder_learning_rate
+        if cfg.adam_weight_decay_text_encoder is None:
+            derived["adam_weight_decay_text_encoder"] = family.text_encoder_weight_decay
+    return derived
+
+
+def _open_on_main(cfg: TrainConfig, output: OutputFolder, accelerator: Accelerator
+                  ) -> tuple[Path | None, int]:
     """The main process locks the folder and decides whether and where the run resumes; the others share its
     outcome and its seed (a refusal stops them all, in one line each)."""
 
     def decide() -> dict[str, Any]:
         try:
             output.open()
-            resume_from = resolve_resume(cfg, output)
+            resume_from, seed = resolve_resume(cfg, output)
         except BaseException:
             output.close()  # the lock, and the folder if this run made it
             raise
-        seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
+        if seed is None:
+            seed = cfg.seed if cfg.seed is not None else random.SystemRandom().randrange(2**31)
         return {"resume_from": None if resume_from is None else str(resume_from), "seed": seed}
 
     decided = decided_once(accelerator, decide)
-    cfg.seed = decided["seed"]
     if not accelerator.is_main_process:
         output.attach()
-    return None if decided["resume_from"] is None else Path(decided["resume_from"])
+    return None if decided["resume_from"] is None else Path(decided["resume_from"]), decided["seed"]
 

@@ -108,3 +108,10 @@ def make_scheduler(name: str, base_config: Any, kind: str = "ddpm") -> Any:
     """A sampler `name` configured like the model's own scheduler (betas or shift, prediction type, timesteps)."""
     cls, overrides = SAMPLERS[kind][LEGACY_NAMES.get(name, name)]
     return cls.from_config(base_config, **overrides)
+
+
+def family_sampler(family: Any, name: str | None, base_config: Any, field: str = "sampler") -> tuple[str, Any]:
+    """(the sampler's name, its scheduler) for a family's model whose own scheduler config is `base_config`: the
+    one named (refused in one line if it does not fit the family), else the family's default."""
+    name = resolve_sampler(name, family, field)
+    return name, make_scheduler(name, base_config, family.sampler_kind)

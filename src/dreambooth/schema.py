@@ -32,7 +32,7 @@ NUMBERS: dict[type, tuple[str, Any]] = {int: ("an integer", int | str), float: (
 
 def option(
     default: Any = REQUIRED,
-    help: str = "",
+    help: str | Callable[[], str] = "",
     *,
     choices: Iterable[str] | Callable[[], Iterable[str]] | None = None,
     check: Callable[[Any], str | None] | None = None,
@@ -42,7 +42,8 @@ def option(
 ) -> Any:
     """Declare a config field; `check(value)` returns an explanation of what is allowed, or None when fine;
     `aliases` are further command-line flags for it (e.g. "--model"); `path`: its text is a path (see
-    `holds_path`) though neither its type nor its name says so."""
+    `holds_path`) though neither its type nor its name says so; `help` may be a function, for text made from a
+    registry (e.g. each model family's default) when help is shown."""
     meta = {"help": help, "choices": choices, "check": check, "group": group, "aliases": aliases, "path": path}
     if default is REQUIRED:
         return dataclasses.field(default=None, metadata={**meta, "required": True})
@@ -63,6 +64,12 @@ def positive(v: Any) -> str | None:
 
 def in_unit_interval(v: Any) -> str | None:
     return None if v is None or 0 <= v < 1 else "must be in [0, 1)"
+
+
+def help_of(f: dataclasses.Field) -> str:
+    """A field's help text (made now, if it is made from a registry)."""
+    text = f.metadata.get("help", "")
+    return text() if callable(text) else text
 
 
 def fields(cls: type) -> dict[str, dataclasses.Field]:
@@ -170,8 +177,35 @@ def _missing(name: str) -> ConfigError:
     return ConfigError(name, None, f"required; pass --{name} or set `{name}` in the config file")
 
 
+class Validated:
+    """A config class whose instances refuse assignment once `build` (or `derive`) has checked them: what was
+    validated is what runs. A value a run works out later (a default that needs the model's family, the seed drawn)
+    goes into a new config made by `derive`, which is checked again."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_validated"):
+            raise dataclasses.FrozenInstanceError(
+                f"{type(self).__name__} was validated and is frozen: make a changed copy with "
+                f"schema.derive(config, {name}=...)")
+        super().__setattr__(name, value)
+
+
+def _frozen(config: T) -> T:
+    if isinstance(config, Validated):
+        object.__setattr__(config, "_validated", True)
+    return config
+
+
+def derive(config: T, **changes: Any) -> T:
+    """A checked, frozen copy of a built config with some values changed (those a run works out itself)."""
+    changed = dataclasses.replace(config, **changes)
+    check(changed)
+    return _frozen(changed)
+
+
 def build(cls: type[T], values: Mapping[str, Any]) -> T:
-    """Build and check a config from plain values (config file, CLI or Python keywords)."""
+    """Build and check a config from plain values (config file, CLI or Python keywords); a `Validated` config
+    comes back frozen."""
     known = fields(cls)
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -184,7 +218,7 @@ def build(cls: type[T], values: Mapping[str, Any]) -> T:
             raise _missing(name)
     config = cls(**kwargs)
     check(config)
-    return config
+    return _frozen(config)
 
 
 def problems(cls: type, values: Mapping[str, Any]) -> dict[str, str]:
@@ -327,7 +361,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
         base, _ = base_type(hints[name])
         flags = [f"--{name}", *f.metadata.get("aliases", ())]
-        help_text = f.metadata.get("help", "")
+        help_text = help_of(f)
         if f.metadata.get("required"):
             help_text += " (required)"
         elif f.default not in (None, False, dataclasses.MISSING):

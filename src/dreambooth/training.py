@@ -25,7 +25,7 @@ from .compilation import compile_blocks
 from .config import TrainConfig
 from .data import DreamBoothDataset, StepBatchSampler, collate
 from .data.dataset import CLASS_PROMPT, INSTANCE_PROMPT
-from .devices import cast_as_loaded, park, to_device
+from .devices import cast_as_loaded, park, reduced_dtype, to_device
 from .ema import EMA_FOLDER, Ema
 from .errors import DreamBoothError, Stopped, first_line, is_out_of_memory
 from .evaluation import evaluate
@@ -49,8 +49,6 @@ from .sharding import Sharding, check_processes, clip_mixed
 from .validation import render_validation
 
 log = logging.getLogger("dreambooth")
-WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-SAVE_DTYPES = {"fp32": None, **WEIGHT_DTYPES}  # fp32: each module as the base and the training left it
 
 
 @dataclass
@@ -95,11 +93,12 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
         values = under_recipe(values)
     cfg = schema.build(TrainConfig, values)
     quiet_libraries()
-    evaluation = for_training(cfg) if cfg.eval else None  # a bad evaluation setting fails before training
     with determinism(cfg.deterministic):
-        run = setup(cfg)
+        run = setup(cfg)  # run.cfg: this config with what the run works out (family defaults, the seed)
         # the folder locked till the end; errors say what's kept; SIGTERM in the loop stops at a checkpoint
-        with run.output, run.stop, reported(run), memory_errors(cfg, run.kept), peer_errors(run):
+        with run.output, run.stop, reported(run), memory_errors(run.cfg, run.kept), peer_errors(run):
+            # a bad evaluation setting fails before any model loads (at the training resolution, now known)
+            evaluation = for_training(run.cfg) if cfg.eval else None
             parts = build(run)
             try:
                 fit(run, parts)
@@ -116,8 +115,8 @@ def train(config: TrainConfig | dict | str | Path | None = None, **overrides: An
             if run.accelerator.num_processes > 1:
                 keep_till_exit(parts)
             del parts
-            if evaluation is not None and run.accelerator.is_main_process:  # the resolution is known now
-                summary["evaluation"] = evaluate(for_training(cfg))["metrics"]
+            if evaluation is not None and run.accelerator.is_main_process:
+                summary["evaluation"] = evaluate(evaluation)["metrics"]
                 write_text_atomic(Path(cfg.output_dir) / SUMMARY_FILE, json.dumps(summary, indent=2))
             run.events.emit("finish", step=summary["steps"], summary=summary)  # after the evaluation, if any
     return summary
@@ -182,12 +181,52 @@ def memory_errors(cfg: TrainConfig, kept: Callable[[], str]) -> Iterator[None]:
 
 def build(run: Run) -> Parts:
     """Class images, models, data, optimizer and schedule; restores a checkpoint when resuming."""
+    cfg, acc, family = run.cfg, run.accelerator, run.family
+    c, class_images = load_models(run)
+    weight_dtype = reduced_dtype(acc.mixed_precision) or torch.float32
+    trained_names = trained_text_encoders(cfg, family, c.text_encoders)
+    encoders = [c.text_encoders[n] for n in trained_names]
+    input_ids, encoded, prompt_ids = encode_prompts(run, c, trained_names, weight_dtype)
+    cond = None if encoders else encoded
+    denoiser, base = place_models(run, c, encoders, encoded, weight_dtype)
+    objective = OBJECTIVES[family.objective].from_config(c.noise_scheduler, cfg, family.option_defaults)
+
+    if cfg.torch_compile:  # block by block, in place (compilation.py): the first steps compile
+        count = sum(compile_blocks(m, cfg.torch_compile_mode) for m in [denoiser, *encoders])
+        log.info("--torch_compile: %d repeated blocks compile on their first call (mode %s)", count,
+                 cfg.torch_compile_mode)
+
+    # resuming: the weights now, into the unsharded modules; the optimizer's state once it exists
+    trained = trained_modules(run, denoiser, c.text_encoders)
+    if run.resume_from is not None:
+        check_processes(load_checkpoint(run.resume_from, trained, None, acc.process_index), acc.num_processes)
+    sharding = (Sharding.apply(denoiser, family, cfg, acc, reduced_dtype(acc.mixed_precision))
+                if cfg.fsdp else None)
+
+    dataset, max_train_steps, validation_every, per_step = make_dataset(run, class_images, prompt_ids)
+    optimizer, lr_scheduler = optimization(cfg, denoiser, encoders, per_step, max_train_steps)
+    parts = Parts(c, denoiser, dict(c.text_encoders), objective, optimizer, lr_scheduler, dataset, class_images,
+                  cond, input_ids, weight_dtype, max_train_steps, validation_every,
+                  LatentCache(c.vae, cfg.cache_latents), base, Ema(trained, cfg) if cfg.use_ema else None, sharding,
+                  CheckpointWriter(cfg.checkpoint_in_background, patience_s=cfg.ddp_timeout))
+    if run.resume_from is not None:
+        restore_state(run, parts)
+    if sharding is None:
+        parts.denoiser, *prepared, parts.optimizer = acc.prepare(denoiser, *encoders, optimizer)
+    else:  # sharded already: accelerate would wrap it in DDP
+        *prepared, parts.optimizer = acc.prepare(*encoders, optimizer) if encoders else (acc.prepare(optimizer),)
+    parts.text_encoders.update(zip(trained_names, prepared))
+    return parts
+
+
+def load_models(run: Run) -> tuple[Components, ClassImages | None]:
+    """The base model's parts and, with prior preservation, the class images; then the output folder is the run's.
+    One load serves both: missing class images are sampled by the loaded parts, lent to the GPU in the generation
+    dtype and given back untouched. Not with a quantized denoiser (it cannot be lent) or another tokenizer (class
+    images are the model's own): generation then loads its own pipeline first, freed before training's loads."""
     cfg, acc = run.cfg, run.accelerator
     run.events.emit("phase", name="loading the base model")
-    # one load serves both: missing class images are sampled by the loaded parts, lent to the GPU in the generation
-    # dtype and given back untouched. Not with a quantized denoiser (it cannot be lent) or another tokenizer (class
-    # images are the model's own): generation then loads its own pipeline first, freed before training's loads.
-    quantized = quantization(cfg, WEIGHT_DTYPES.get(acc.mixed_precision))
+    quantized = quantization(cfg, reduced_dtype(acc.mixed_precision))
     one_load = quantized is None and cfg.tokenizer_name is None
     prior = cfg.with_prior_preservation and cfg.class_data_dir is not None
     class_images = (ensure_class_images(cfg, run.family, run.source, acc, run.events)
@@ -197,14 +236,15 @@ def build(run: Run) -> Parts:
     if prior and one_load:
         class_images = ensure_class_images(cfg, run.family, run.source, acc, run.events, loaded=c)
     run.claim()  # the inputs loaded: from here on the output folder is this run's
-    base_model = cfg.with_prior_preservation and cfg.prior_target == "base_model"
+    return c, class_images
 
-    # text: prompts encoded once; the frozen encoders (T5-XXL alone ~9.5 GB) leave the GPU before the denoiser
-    # arrives, their part of the conditioning cached
-    family, denoiser = run.family, c.denoiser
-    weight_dtype = WEIGHT_DTYPES.get(acc.mixed_precision, torch.float32)
-    trained_names = trained_text_encoders(cfg, family, c.text_encoders)
-    encoders = [c.text_encoders[n] for n in trained_names]
+
+def encode_prompts(run: Run, c: Components, trained_names: list[str], weight_dtype: torch.dtype
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[int]]:
+    """Prompts encoded once: (token ids, the untouched encoders' conditioning, each instance image's prompt row).
+    The frozen encoders (T5-XXL alone ~9.5 GB) then leave the GPU before the denoiser arrives, their part of the
+    conditioning cached."""
+    cfg, acc, family = run.cfg, run.accelerator, run.family
     for name, encoder in c.text_encoders.items():
         full = name in trained_names and not cfg.use_lora  # fully trained weights stay fp32; T5's fp32 parts too
         cast_as_loaded(encoder.requires_grad_(False), acc.device, torch.float32 if full else weight_dtype).eval()
@@ -216,19 +256,25 @@ def build(run: Run) -> Parts:
     with torch.no_grad():
         encoded = family.encode(c, input_ids, cfg)  # the untouched encoders: also the base model's conditioning
         warn_about_identifier(cfg, c)  # (measured with the text encoder, before it leaves the GPU)
-    cond = None if encoders else encoded
     for name, encoder in c.text_encoders.items():
         if name not in trained_names:
             park(encoder)
+    return input_ids, encoded, prompt_ids
 
-    # model
+
+def place_models(run: Run, c: Components, encoders: list[torch.nn.Module], encoded: dict[str, torch.Tensor],
+                 weight_dtype: torch.dtype) -> tuple[torch.nn.Module, BaseModel | None]:
+    """The frozen VAE, the frozen base model (--prior_target base_model) and the trained modules on their devices,
+    in their dtypes, in training mode: LoRA adapters added (base weights frozen in the compute dtype or quantized,
+    adapters in fp32) or every weight trained."""
+    cfg, acc, family, denoiser = run.cfg, run.accelerator, run.family, c.denoiser
     c.vae.requires_grad_(False).to(acc.device, family.vae_dtype(c, weight_dtype)).eval()
     base = None
-    if base_model:
+    if cfg.with_prior_preservation and cfg.prior_target == "base_model":
         class_cond = {k: v[CLASS_PROMPT:CLASS_PROMPT + 1].detach() for k, v in encoded.items()}
         base = (BaseModel.adapters_off(class_cond) if cfg.use_lora else  # before any weight trains or resumes
                 BaseModel.frozen_copy(denoiser, acc.device, weight_dtype, cfg.offload_base_model, class_cond))
-    if cfg.use_lora:  # base weights frozen in the compute dtype (or quantized), adapters trained in fp32
+    if cfg.use_lora:
         if cfg.quantize_base != "none":
             from peft import prepare_model_for_kbit_training
 
@@ -253,21 +299,15 @@ def build(run: Run) -> Parts:
         denoiser.enable_gradient_checkpointing()
         for encoder in encoders:
             encoder.gradient_checkpointing_enable()
-    objective = OBJECTIVES[family.objective].from_config(c.noise_scheduler, cfg, family.option_defaults)
+    return denoiser, base
 
-    if cfg.torch_compile:  # block by block, in place (compilation.py): the first steps compile
-        count = sum(compile_blocks(m, cfg.torch_compile_mode) for m in [denoiser, *encoders])
-        log.info("--torch_compile: %d repeated blocks compile on their first call (mode %s)", count,
-                 cfg.torch_compile_mode)
 
-    # resuming: the weights now, into the unsharded modules; the optimizer's state once it exists
-    trained = trained_modules(run, denoiser, c.text_encoders)
-    if run.resume_from is not None:
-        check_processes(load_checkpoint(run.resume_from, trained, None, acc.process_index), acc.num_processes)
-    sharding = (Sharding.apply(denoiser, family, cfg, acc, WEIGHT_DTYPES.get(acc.mixed_precision))
-                if cfg.fsdp else None)
-
-    # data; the base model's target needs no class images: without them the instance images are its inputs
+def make_dataset(run: Run, class_images: ClassImages | None, prompt_ids: list[int]
+                 ) -> tuple[DreamBoothDataset, int, int, int]:
+    """The keyed dataset, and (max train steps, validation interval in steps, examples per optimizer step). The
+    base model's target needs no class images: without them the instance images are its inputs."""
+    cfg, acc = run.cfg, run.accelerator
+    base_model = cfg.with_prior_preservation and cfg.prior_target == "base_model"
     class_paths = class_images.paths if class_images else run.instance.images if base_model else None
     dataset = DreamBoothDataset(run.instance.images, class_paths, cfg.resolution, cfg.seed, cfg.center_crop,
                                 cfg.random_flip, prompt_ids, run.instance.masks)
@@ -281,8 +321,13 @@ def build(run: Run) -> Parts:
     max_train_steps = cfg.max_train_steps or cfg.num_train_epochs * steps_per_epoch
     validation_every = (cfg.validation_steps if cfg.validation_epochs is None
                         else cfg.validation_epochs * steps_per_epoch)
+    return dataset, max_train_steps, validation_every, per_step
 
-    # optimizer and schedule
+
+def optimization(cfg: TrainConfig, denoiser: torch.nn.Module, encoders: list[torch.nn.Module], per_step: int,
+                 max_train_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """The optimizer (the denoiser's group, one group per trained text encoder with its rate and decay) and the
+    learning-rate schedule."""
     scale = per_step if cfg.scale_lr else 1
     groups = [{"params": trainable(denoiser), "lr": cfg.learning_rate * scale}]
     text_decay = {} if cfg.adam_weight_decay_text_encoder is None else {
@@ -294,25 +339,22 @@ def build(run: Run) -> Parts:
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=max_train_steps, num_cycles=cfg.lr_num_cycles,
                                  power=cfg.lr_power)
-    parts = Parts(c, denoiser, dict(c.text_encoders), objective, optimizer, lr_scheduler, dataset, class_images,
-                  cond, input_ids, weight_dtype, max_train_steps, validation_every,
-                  LatentCache(c.vae, cfg.cache_latents), base, Ema(trained, cfg) if cfg.use_ema else None, sharding,
-                  CheckpointWriter(cfg.checkpoint_in_background, patience_s=cfg.ddp_timeout))
-    if run.resume_from is not None:
-        state = load_checkpoint(run.resume_from, {}, optimizer, acc.process_index, sharded=sharding is not None)
-        if parts.ema is not None:
-            parts.ema.load(run.resume_from)
-        lr_scheduler.load_state_dict(state.pop("lr_scheduler"))
-        if acc.scaler is not None and state.get("grad_scaler"):
-            acc.scaler.load_state_dict(state.pop("grad_scaler"))
-        parts.state.update(state)
-        log.info("resumed from %s at step %d", run.resume_from, state["step"])
-    if sharding is None:
-        parts.denoiser, *prepared, parts.optimizer = acc.prepare(denoiser, *encoders, optimizer)
-    else:  # sharded already: accelerate would wrap it in DDP
-        *prepared, parts.optimizer = acc.prepare(*encoders, optimizer) if encoders else (acc.prepare(optimizer),)
-    parts.text_encoders.update(zip(trained_names, prepared))
-    return parts
+    return optimizer, lr_scheduler
+
+
+def restore_state(run: Run, parts: Parts) -> None:
+    """Resuming: the optimizer, EMA, schedule, gradient scaler and counters of the checkpoint (its weights were
+    loaded into the modules before sharding)."""
+    acc = run.accelerator
+    state = load_checkpoint(run.resume_from, {}, parts.optimizer, acc.process_index,
+                            sharded=parts.sharding is not None)
+    if parts.ema is not None:
+        parts.ema.load(run.resume_from)
+    parts.lr_scheduler.load_state_dict(state.pop("lr_scheduler"))
+    if acc.scaler is not None and state.get("grad_scaler"):
+        acc.scaler.load_state_dict(state.pop("grad_scaler"))
+    parts.state.update(state)
+    log.info("resumed from %s at step %d", run.resume_from, state["step"])
 
 
 def trained_text_encoders(cfg: TrainConfig, family: ModelFamily, present) -> list[str]:
@@ -535,7 +577,7 @@ def save_result(run: Run, parts: Parts, out: Path, denoiser: torch.nn.Module) ->
         run.family.save_lora(denoiser, modules or None, out)
     else:
         run.family.save(parts.components, denoiser, unwrapped(acc, parts.text_encoders), out,
-                        SAVE_DTYPES[run.cfg.save_precision])
+                        reduced_dtype(run.cfg.save_precision))  # fp32: each module as the base and training left it
 
 
 def finish(run: Run, parts: Parts) -> dict[str, Any]:

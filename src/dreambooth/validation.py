@@ -12,15 +12,15 @@ from .data import derive_seed
 from .devices import unparked
 from .families import Components, ModelFamily
 from .grid import make_grid
-from .sampling import make_scheduler, resolve_sampler
+from .sampling import family_sampler
 
 
 @torch.no_grad()
 def render_validation(family: ModelFamily, components: Components, denoiser, text_encoders: dict, cfg: TrainConfig,
                       step: int, accelerator) -> Path:
     """Render cfg.num_validation_images for the validation prompt; save and log them as one grid."""
-    name = resolve_sampler(cfg.validation_sampler, family, "validation_sampler")
-    scheduler = make_scheduler(name, components.noise_scheduler.config, family.sampler_kind)
+    _, scheduler = family_sampler(family, cfg.validation_sampler, components.noise_scheduler.config,
+                                  "validation_sampler")
     encoders = {k: accelerator.unwrap_model(m) for k, m in text_encoders.items()}
     pipe = family.pipeline(components, accelerator.unwrap_model(denoiser), encoders, scheduler)
     device = accelerator.device

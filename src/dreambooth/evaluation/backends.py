@@ -2,7 +2,7 @@
 
 A backend turns a subject into prompt cases and scores images as per-unit values (one per image, or for DIV one
 per prompt); `evaluate` turns those into the report. `dreambench` scores with the paper's learned metrics
-(DINO, CLIP-I, CLIP-T, PRES, DIV); `toy` scores toy-world images with the toy world's analytic judges.
+(DINO, CLIP-I, CLIP-T, PRES, DIV); plug-ins add more (the toy world's `toy`, in toy/backend.py).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import DreamBoothError
+from ..errors import ConfigError, DreamBoothError
+from ..identifier import class_noun_after
 from ..registry import Registry
 from . import metrics, protocol
 
@@ -53,6 +54,39 @@ class Backend:
     class_images: ClassVar[int]
     sampling: ClassVar[dict[str, Any]]  # default sampler, num_inference_steps, guidance_scale
     references: ClassVar[dict[str, dict[str, float]]] = {}
+    reads_real_images: ClassVar[bool] = True  # scores against the subject's photos (--real_images)
+
+    @classmethod
+    def create(cls, cfg: Any, real: Sequence[Image.Image]) -> Backend:
+        """The backend for an EvaluateConfig and the subject's real images."""
+        from ..generation import resolve_device
+
+        return cls(real, cfg, resolve_device(cfg.device))
+
+    @classmethod
+    def check_subject(cls, name: str | None) -> None:
+        """Refuse (ConfigError) a --subject this backend does not know; None: named by --class_noun instead."""
+        if name is not None and name not in protocol.subjects():
+            raise ConfigError("subject", name, "a DreamBench subject (e.g. dog, backpack, teapot), or leave it out "
+                              "and pass --class_noun")
+
+    @classmethod
+    def subject(cls, cfg: Any, identifier: str, prompt: str | None) -> Subject:
+        """The subject evaluated: --subject (a DreamBench name) or --class_noun, else the noun after the identifier
+        in the prompt the model was trained with."""
+        bench = protocol.subjects().get(cfg.subject) if cfg.subject else None
+        noun = cfg.class_noun or (bench.class_noun if bench else None) or (
+            class_noun_after(prompt, identifier) if prompt else None)
+        if not noun:
+            raise ConfigError("class_noun", None, "required: pass --class_noun (or --subject with a DreamBench name)")
+        live = cfg.live if cfg.live is not None else bool(bench and bench.live)
+        return Subject(cfg.subject, noun, identifier, live)
+
+    @classmethod
+    def default_real(cls, cfg: Any) -> list[Image.Image]:
+        """The real images when --real_images is not given (or a one-line refusal)."""
+        raise ConfigError("real_images", None, f"required by the {cls.name} backend: a folder of the subject's "
+                          "photos")
 
     def sampling_for(self, family: str | None) -> dict[str, Any]:
         """The default sampling settings for a model of this family (None: images read, not sampled)."""
@@ -78,7 +112,8 @@ class Backend:
         return []
 
 
-BACKENDS: Registry[type[Backend]] = Registry("evaluation backend")
+# plug-ins add theirs (the toy world: `toy`), loaded when first read
+BACKENDS: Registry[type[Backend]] = Registry("evaluation backend", plugins="dreambooth.evaluation_backends")
 register = BACKENDS.register()
 
 
@@ -150,83 +185,3 @@ class DreamBench(Backend):
         if self.lpips is None:
             notes.append("DIV was not computed: pass --lpips_weights with AlexNet LPIPS weights in safetensors.")
         return notes
-
-
-@register
-class Toy(Backend):
-    """Toy-world subjects scored by the analytic judges; the same report, offline and in seconds."""
-
-    name = "toy"
-    metrics = {
-        "subject": Metric("subject fidelity: the judge's subject score of each image", "higher", "image",
-                          "DINO / CLIP-I"),
-        "prompt": Metric("prompt fidelity: share of images showing the class and every attribute the prompt names",
-                         "higher", "image", "CLIP-T"),
-        "pres": Metric("prior preservation: subject score of bare class-prompt images", "lower", "image", "PRES"),
-        "div": Metric("diversity: mean share of attributes (colour, background, size, position) in which two "
-                      "images of one prompt differ", "higher", "prompt", "DIV"),
-        "leak": Metric("background leak: share of images of prompts that name no background that show one of the "
-                       "backgrounds of the subject's instance images (2 of the 5; 0.4 if the background were free)",
-                       "lower", "image"),
-    }
-    images_per_prompt = 16
-    class_images = 32
-    sampling: ClassVar[dict[str, Any]] = {}  # per family: sampling_for
-
-    def __init__(self, subject_name: str):
-        from ..toy.subjects import SUBJECTS
-
-        self.subject = SUBJECTS[subject_name]
-
-    def sampling_for(self, family: str | None) -> dict[str, Any]:
-        """The toy world's own settings for the toy model of that family; a family with no toy model (Flux,
-        SDXL) samples with its own sampler and guidance, as `generate` does, at the toy world's step count (the SD
-        toy's sampler may not even fit it: dpm++ is no flow sampler)."""
-        from ..toy.measure import STEPS, TOY_SAMPLING, toy_options, toy_sampling
-
-        family = family or "sd"  # images read back, not sampled: the settings are only recorded
-        if family not in TOY_SAMPLING:
-            return {"sampler": None, "num_inference_steps": STEPS, "guidance_scale": None}
-        sampler, steps, guidance = toy_sampling(family)
-        return {"sampler": sampler, "num_inference_steps": steps, "guidance_scale": guidance,
-                **toy_options(family)}
-
-    def cases(self, subject: Subject) -> list[Case]:
-        """Prompts name the subject by the noun it was trained with (which may be wrong or empty, as in the class-noun
-        ablation); the judges always hold images to the subject's true class."""
-        from ..toy.world import BACKGROUNDS, SIZES, prompt
-
-        cls, noun, v = self.subject.cls, subject.class_noun, subject.identifier
-        out = [Case(prompt(noun, background=bg, identifier=v), "recontextualization", prompt(cls, background=bg),
-                    {"background": bg}) for bg in BACKGROUNDS]
-        out += [Case(prompt(noun, size=s, identifier=v), "property modification", prompt(cls, size=s), {"size": s})
-                for s in SIZES]
-        return out
-
-    def class_prompt(self, subject: Subject) -> str:
-        from ..toy.world import prompt
-
-        return prompt(subject.class_noun)
-
-    def score(self, case: Case, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
-        from ..toy.judges import read
-        from ..toy.measure import diversity, subject_scores
-
-        arrays = [np.asarray(img.convert("RGB")) for img in images]
-        readings = [read(a) for a in arrays]
-        hits = [r.cls == self.subject.cls and all(getattr(r, k) == v for k, v in case.named.items())
-                for r in readings]
-        scores = {"subject": subject_scores(arrays, self.subject), "prompt": np.array(hits, dtype=np.float64),
-                  "div": np.array([diversity(readings)])}
-        if "background" not in case.named:
-            scores["leak"] = np.array([r.background in self.subject.contexts for r in readings], dtype=np.float64)
-        return scores
-
-    def score_class(self, images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
-        from ..toy.measure import subject_scores
-
-        return {"pres": subject_scores([np.asarray(img.convert("RGB")) for img in images], self.subject)}
-
-    def notes(self) -> list[str]:
-        return ["Toy backend: the toy world's analytic judges stand in for the learned metrics (see each metric's "
-                "`analogue_of`); figures are comparable between toy runs, not with DreamBench's."]

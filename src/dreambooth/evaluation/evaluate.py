@@ -19,12 +19,12 @@ from PIL import Image
 from .. import schema
 from ..data import derive_seed, open_rgb, scan_folder
 from ..errors import ConfigError, DataError
+from ..families.help import family_help, option_default
 from ..files import save_image_atomic, write_text_atomic
 from ..identifier import class_noun_after, infer_identifier
 from ..outputs import OutputFolder
 from ..sampling import sampler_names
 from ..schema import at_least, option
-from . import protocol
 from .backbones import CLIP_DEFAULT, DINO_DEFAULT
 from .backends import BACKENDS, Backend, Case, Subject
 from .report import build_report, write_report
@@ -64,9 +64,9 @@ class EvaluateConfig:
     negative_prompt: str | None = option(None, "Negative prompt", group="sampling")
     resolution: int | None = option(None, "Image size to sample (default: the pipeline's; `train --eval`: the "
                                     "training resolution)", check=at_least(8), group="sampling")
-    max_sequence_length: int | None = option(None, "SD3/Flux: T5 tokens per prompt, at most 512 (default: as the "
-                                             "model was trained, else the backend's, else 77 for SD3, 512 for "
-                                             "Flux)", check=at_least(1), group="sampling")
+    max_sequence_length: int | None = option(None, family_help(
+        "T5 tokens per prompt, at most 512 (default: as the model was trained, else the backend's, else the "
+        "family's: {})", option_default("max_sequence_length")), check=at_least(1), group="sampling")
     batch_size: int = option(8, "Images per forward pass", check=at_least(1), group="sampling")
     precision: str = option("auto", "Sampling precision: auto = fp16 on GPU, fp32 on CPU",
                             choices=("auto", "fp32", "fp16", "bf16"), group="sampling")
@@ -87,15 +87,7 @@ class EvaluateConfig:
         if (self.model is None) == (self.images_dir is None):
             raise ConfigError("model", self.model, "pass exactly one of --model (sample it) or --images_dir "
                                                    "(images already sampled)")
-        if self.backend == "toy":
-            from ..toy.subjects import SUBJECTS
-
-            if self.subject not in SUBJECTS:
-                raise ConfigError("subject", self.subject, "the toy backend needs a toy subject: "
-                                  + ", ".join(SUBJECTS))
-        elif self.subject is not None and self.subject not in protocol.subjects():
-            raise ConfigError("subject", self.subject, "a DreamBench subject (e.g. dog, backpack, teapot), or leave "
-                              "it out and pass --class_noun")
+        BACKENDS[self.backend].check_subject(self.subject)
 
 
 def evaluate(config: EvaluateConfig | dict | str | Path | None = None, **overrides: Any) -> dict[str, Any]:
@@ -139,10 +131,10 @@ def _evaluate(cfg: EvaluateConfig, out: OutputFolder, started: float) -> dict[st
     defaults = backend.sampling_for(family.name if family else None)
     sampling = {k: getattr(cfg, k) if getattr(cfg, k) is not None else v for k, v in defaults.items()}
     if family is not None:  # the backend's (or the family's) sampler and guidance, now that the family is known
-        from ..sampling import make_scheduler, resolve_sampler
+        from ..sampling import family_sampler
 
-        sampling["sampler"] = resolve_sampler(sampling["sampler"], family)
-        sampler[0].scheduler = make_scheduler(sampling["sampler"], sampler[0].scheduler.config, family.sampler_kind)
+        sampling["sampler"], sampler[0].scheduler = family_sampler(family, sampling["sampler"],
+                                                                   sampler[0].scheduler.config)
         if sampling["guidance_scale"] is None:
             sampling["guidance_scale"] = family.default_guidance
         options = sampling_options(str(cfg.model), cfg.max_sequence_length, sampling.get("max_sequence_length"))
@@ -205,27 +197,12 @@ def resolve_subject(cfg: EvaluateConfig) -> Subject:
     if not identifier:
         raise ConfigError("identifier", None, "required: the [V] word the model was trained with (it could not be "
                           "read from the model's train_config.json)")
-    if cfg.backend == "toy":
-        from ..toy.subjects import SUBJECTS
-
-        toy = SUBJECTS[cfg.subject]  # --class_noun names it otherwise ("" for none), as the model was trained
-        return Subject(toy.name, toy.cls if cfg.class_noun is None else cfg.class_noun, identifier)
-    bench = protocol.subjects().get(cfg.subject) if cfg.subject else None
-    noun = cfg.class_noun or (bench.class_noun if bench else None) or (
-        class_noun_after(prompt, identifier) if prompt else None)
-    if not noun:
-        raise ConfigError("class_noun", None, "required: pass --class_noun (or --subject with a DreamBench name)")
-    live = cfg.live if cfg.live is not None else bool(bench and bench.live)
-    return Subject(cfg.subject, noun, identifier, live)
+    return BACKENDS[cfg.backend].subject(cfg, identifier, prompt)
 
 
 def load_real(cfg: EvaluateConfig) -> list[Image.Image]:
     if cfg.real_images is None:
-        if cfg.backend == "toy":  # the judges know the subject; its instance images only fill the grids
-            from ..toy.subjects import SUBJECTS
-
-            return [Image.fromarray(a) for a in SUBJECTS[cfg.subject].instance_images(5, seed=cfg.seed)]
-        raise ConfigError("real_images", None, "required by the dreambench backend: a folder of the subject's photos")
+        return BACKENDS[cfg.backend].default_real(cfg)
     folder = scan_folder(Path(cfg.real_images), "real-image")
     if not folder.images:
         raise DataError(f"--real_images {cfg.real_images} holds no images; pass the folder of the subject's photos")
@@ -233,11 +210,7 @@ def load_real(cfg: EvaluateConfig) -> list[Image.Image]:
 
 
 def make_backend(cfg: EvaluateConfig, real: list[Image.Image]) -> Backend:
-    if cfg.backend == "toy":
-        return BACKENDS["toy"](cfg.subject)
-    from ..generation import resolve_device
-
-    return BACKENDS[cfg.backend](real, cfg, resolve_device(cfg.device))
+    return BACKENDS[cfg.backend].create(cfg, real)
 
 
 def sample_all(cfg: EvaluateConfig, sampler: tuple[Any, Any], cases: list[Case], class_job: tuple[str, int], n: int,

@@ -8,7 +8,7 @@ from ..objectives import Denoise
 from ..registry import Registry
 from .base import Components, ModelFamily, ModelSource, model_identity, read_model_index
 
-FAMILIES: Registry[type[ModelFamily]] = Registry("model family")
+FAMILIES: Registry[type[ModelFamily]] = Registry("model family", plugins="dreambooth.families")  # + plug-ins'
 register = FAMILIES.register()
 
 

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import ModelError, first_line
-from ..objectives import Denoise
+from ..objectives import OBJECTIVES, Denoise
 
 
 @dataclass
@@ -82,7 +82,6 @@ class ModelFamily(ABC):
     options: ClassVar[tuple[str, ...]] = ()  # TrainConfig fields only this family reads (e.g. Flux's guidance_scale)
     option_defaults: ClassVar[dict[str, Any]] = {}  # its values of those (and of its objective's) left unset
     unsupported_options: ClassVar[tuple[str, ...]] = ()  # TrainConfig fields its pipeline would ignore
-    sampler_kind: ClassVar[str]  # which samplers fit (sampling.SAMPLERS): "ddpm" or "flow"
     default_sampler: ClassVar[str]
     default_guidance: ClassVar[float]  # for class images, validation, generate and evaluate
     default_lora_targets: ClassVar[tuple[str, ...]]  # denoiser modules that get adapters by default
@@ -93,6 +92,19 @@ class ModelFamily(ABC):
     # --fsdp: the denoiser's attributes whose blocks (each child of a ModuleList, or the module itself) are sharded
     # one by one, so that only one block's full weights exist at a time
     shard_blocks: ClassVar[tuple[str, ...]]
+    # --lora_blocks: (the denoiser's attribute holding its blocks, the config key of their count); a family that
+    # lists "lora_blocks" in its options must set it
+    lora_block_list: ClassVar[tuple[str, str] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "lora_blocks" in getattr(cls, "options", ()) and cls.lora_block_list is None:
+            raise TypeError(f"{cls.__name__} reads --lora_blocks but sets no lora_block_list")
+
+    @property
+    def sampler_kind(self) -> str:
+        """Which samplers fit (sampling.SAMPLERS): its objective's ("ddpm" or "flow")."""
+        return OBJECTIVES[self.objective].sampler_kind
 
     def option(self, cfg: Any, name: str) -> Any:
         """A TrainConfig option this family reads: the user's value, else the family's default."""
@@ -170,9 +182,11 @@ class ModelFamily(ABC):
                   output_dir: Path) -> None:
         self.lora_file(denoiser, text_encoders)(output_dir)
 
-    @abstractmethod
     def single_file_state(self, pipe: Any) -> dict[str, torch.Tensor]:
-        """The pipeline's weights in the original single-file layout that A1111 / ComfyUI load."""
+        """The pipeline's weights in the original single-file layout that A1111 / ComfyUI load (a family whose
+        models have no such layout leaves this as it is: the export is refused in one line)."""
+        raise ModelError(f"{self.name} models have no single-file layout here; use --format merged (a diffusers "
+                         "folder ComfyUI and diffusers load)")
 
     def vae_dtype(self, c: Components, weight_dtype: torch.dtype) -> torch.dtype:
         """The dtype the frozen VAE encodes in under mixed precision."""
@@ -212,11 +226,11 @@ def read_model_index(source: ModelSource) -> dict[str, Any]:
                          "check the id, your network, or pass a local folder") from None
 
 
-def model_identity(source: ModelSource) -> dict[str, Any]:
-    """A cheap fingerprint of the base model: changes when its denoiser's weights change, not when it is moved."""
+def model_identity(source: ModelSource, part: str) -> dict[str, Any]:
+    """A cheap fingerprint of the base model: changes when its denoiser's weights (the pipeline folder `part`, the
+    family's denoiser_name) change, not when it is moved."""
     ident: dict[str, Any] = {"model": source.name_or_path, "revision": source.revision, "variant": source.variant}
     if source.is_local:
-        part = "unet" if (source.path / "unet").is_dir() else "transformer"
         weights = sorted((source.path / part).glob("*.safetensors"))
         h = hashlib.sha256()
         for path in weights:

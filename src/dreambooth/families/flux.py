@@ -36,12 +36,12 @@ class Flux(DiffusersFamily):
     resolution_multiple = 16  # latents are packed 2x2
     objective = "rectified_flow"
     options = ("max_sequence_length", "guidance_scale", "lora_blocks")
+    lora_block_list = ("transformer_blocks", "num_layers")  # its double-stream blocks
     # guidance_scale: the value the dev transformer is told while training (the reference's default)
     option_defaults = {"weighting_scheme": "none", "precondition_outputs": False, "max_sequence_length": 512,
                        "guidance_scale": 3.5}
     unsupported_options = ("class_negative_prompt",)  # FluxPipeline ignores it without true CFG
     t5_part = T5_PART
-    sampler_kind = "flow"
     default_sampler = "euler"
     default_guidance = 3.5
     default_lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",

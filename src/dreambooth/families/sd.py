@@ -31,7 +31,6 @@ class StableDiffusion(DiffusersFamily):
     default_resolution = 512
     lora_learning_rate = 5e-4  # --use_lora without --learning_rate: the reference LoRA script's
     objective = "ddpm"
-    sampler_kind = "ddpm"
     default_sampler = "dpm++"
     default_guidance = 7.5
     default_lora_targets = ("to_k", "to_q", "to_v", "to_out.0")

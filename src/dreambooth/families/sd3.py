@@ -37,10 +37,10 @@ class StableDiffusion3(DiffusersFamily):
     resolution_multiple = 16  # the transformer patches latents 2x2
     objective = "rectified_flow"
     options = ("max_sequence_length", "lora_blocks")
+    lora_block_list = ("transformer_blocks", "num_layers")  # its joint blocks
     # the reference script's: its T5 length is 77 (the pipeline's own default is 256)
     option_defaults = {"weighting_scheme": "logit_normal", "precondition_outputs": True, "max_sequence_length": 77}
     t5_part = T5_PART
-    sampler_kind = "flow"
     default_sampler = "euler"
     default_guidance = 7.0
     default_lora_targets = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",

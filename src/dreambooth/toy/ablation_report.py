@@ -18,6 +18,7 @@ from ..evaluation.metrics import t_interval
 from ..files import write_text_atomic
 from ..outputs import OutputFolder, check_output_file
 from .ablations import QUICK, STUDIES, Job, ReproduceConfig, studies_of, variant_name
+from .models import TOY_MODELS
 
 TITLE = "# DreamBooth's ablations, reproduced on the toy world"  # the first line: how a table of ours is recognised
 SOFTWARE = "dreambooth reproduce"  # the plot's PNG metadata, likewise
@@ -117,14 +118,12 @@ def markdown(summary: dict[str, Any], plot: str | None) -> str:
     units = summary["units"]
     toy = BACKENDS["toy"].metrics
     shown = [m for m in NAMES if any(m in st["metrics"] for st in summary["studies"].values())]
-    base = {"sd": [], "sd3": ["On the bundled SD3-architecture toy model (`SD3Transformer2DModel`, rectified flow; "
-                              "[ablations.md](ablations.md) holds the DDPM toy model's tables).", ""]}
     beyond = [] if any(st.get("paper_study", True) for st in summary["studies"].values()) else [
         "Beyond the paper: what today's trainers add to DreamBooth, measured on the same toy world and recipe as "
         "[ablations.md](ablations.md). A claim *holds* when the interval of its difference excludes zero on the "
         "claimed side.", ""]
     lines = [
-        TITLE, "", *beyond, *base.get(s.get("family", "sd"), []),
+        TITLE, "", *beyond, *TOY_MODELS[s.get("family", next(iter(TOY_MODELS)))].docs_intro,
         "Made by:", "", "```", summary["command"], "```", "",
         f"{summary['runs']} training runs of "
         + (f"{s['steps_per_image']} steps per instance image" if s.get("steps_per_image")
@@ -224,7 +223,7 @@ def docs_targets(docs_dir: Path, family: str = "sd", name: str | None = None) ->
     """ablations.md and ablations.png (ablations-sd3.* for the SD3 toy; `name`.* when given) in --docs_dir, refused
     (before any run) if either exists and was not written by `reproduce`: the table by its title, the plot by its
     PNG metadata (or, from before that, by the table beside it)."""
-    stem = name or ("ablations" if family == "sd" else f"ablations-{family}")
+    stem = name or f"ablations{TOY_MODELS[family].stem_suffix}"
     md, png = Path(docs_dir) / f"{stem}.md", Path(docs_dir) / f"{stem}.png"
 
     def md_ours(path: Path) -> bool:

@@ -33,6 +33,7 @@ from ..files import write_text_atomic
 from ..outputs import OutputFolder
 from ..schema import at_least, option, positive
 from .measure import toy_train_settings
+from .models import TOY_MODELS, family_help
 from .subjects import SUBJECTS, Subject
 from .world import CLASSES, prompt
 
@@ -197,7 +198,7 @@ class ReproduceConfig:
     docs_dir: Path | None = option(None, "Also write the tables (ablations.md, or ablations-sd3.md) and plot here")
     docs_name: str | None = option(None, "Name of the tables and plot in --docs_dir, without extension (default: "
                                    "ablations, or ablations-sd3)")
-    family: str = option("sd", "Which bundled toy model: sd (DDPM) or sd3 (rectified flow)", choices=("sd", "sd3"))
+    family: str = option("sd", family_help(), choices=lambda: list(TOY_MODELS))
     studies: list[str] | None = option(None, "Studies to run (default: the paper's studies of the family; "
                                        "prior_target, ema and masked_loss go beyond the paper and run when named)",
                                        choices=lambda: list(STUDIES))
@@ -441,7 +442,7 @@ def reproduce(config: ReproduceConfig | dict | str | Path | None = None, **overr
                               "`dreambooth toy pretrain` wrote")
     if cfg.docs_dir is not None:
         docs_targets(cfg.docs_dir, cfg.family, cfg.docs_name)  # refused now, not after the runs
-    out = cfg.output_dir or Path("reproduce" if cfg.family == "sd" else f"reproduce-{cfg.family}")
+    out = cfg.output_dir or Path(f"reproduce{TOY_MODELS[cfg.family].stem_suffix}")
     with OutputFolder(out, "reproduce", models={"--model": model}) as folder:
         identifiers = {name: pick_identifier(model, SUBJECTS[name].cls) for name in cfg.subjects}  # the model loads
         folder.claim()

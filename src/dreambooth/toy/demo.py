@@ -19,7 +19,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .. import schema
-from ..errors import DreamBoothError
 from ..files import write_text_atomic
 from ..outputs import OutputFolder
 from ..schema import at_least, option, positive
@@ -32,13 +31,11 @@ from .measure import (
     subject_scores,
     toy_recipe,
 )
+from .models import TOY_MODELS, family_help
 from .subjects import SUBJECTS, Subject
 from .world import prompt
 
 log = logging.getLogger("dreambooth")
-BUNDLED = Path(__file__).parent / "model"
-# the bundled toy models by family: the DDPM one (SD architecture) and the flow-matching one (SD3 architecture)
-BUNDLED_MODELS = {"sd": BUNDLED, "sd3": Path(__file__).parent / "model-sd3"}
 # the fine-tuning learning rate each toy model's DreamBooth recipe uses
 MARKER = "demo.json"  # a folder holding this was written by the demo, which may replace it
 
@@ -47,8 +44,7 @@ MARKER = "demo.json"  # a folder holding this was written by the demo, which may
 class DemoConfig:
     subject: str = option("circle", "Toy subject to DreamBooth", choices=lambda: list(SUBJECTS))
     output_dir: Path = option(Path("dreambooth-demo"), "Where the grids, report, images and model go")
-    family: str = option("sd", "Which bundled toy model: sd (DDPM, UNet) or sd3 (rectified flow, transformer)",
-                         choices=lambda: list(BUNDLED_MODELS))
+    family: str = option("sd", family_help(), choices=lambda: list(TOY_MODELS))
     model: str | None = option(None, "Base model (default: the bundled toy model of --family)")
     identifier: str | None = option(None, "Identifier [V] (default: the rarest-prior token the model offers)")
     use_lora: bool = option(False, "Train LoRA adapters instead of the full model (the toy's LoRA recipe)")
@@ -169,13 +165,7 @@ def demo(config: DemoConfig | dict | str | Path | None = None, **overrides: Any)
 def toy_model(family: str, model: str | None) -> str:
     """The model a toy command uses: the one given, else the bundled toy model of the family (refused in one line
     if the package lacks it)."""
-    if model is not None:
-        return model
-    bundled = BUNDLED_MODELS[family]
-    if not (bundled / "model_index.json").is_file():
-        raise DreamBoothError(f"the bundled {family} toy model is missing from {bundled}; reinstall the package or "
-                              f"run `dreambooth toy pretrain --family {family} --output_dir DIR` and pass --model DIR")
-    return str(bundled)
+    return model if model is not None else TOY_MODELS[family].folder_or_error()
 
 
 def _demo(cfg: DemoConfig, model: str, folder: OutputFolder, started: float) -> dict[str, Any]:

@@ -14,21 +14,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import derive_seed
-from ..sampling import make_scheduler
 from .judges import IS_SUBJECT, Reading, read, subject_score
+from .models import TOY_MODELS
 from .subjects import Subject
 from .world import SIZES, Scene, held_out_triples, prompt, random_scene
 
-SAMPLER, STEPS, GUIDANCE = "dpm++", 20, 2.0  # the toy world's default sampling settings (the DDPM toy model)
-# per model family: (sampler, steps, guidance) the toy models sample with; the SD3 toy is a flow-matching model
-TOY_SAMPLING = {"sd": (SAMPLER, STEPS, GUIDANCE), "sd3": ("euler_a", 20, 2.5)}
-# per model family: the training options the toy model was pretrained with, which every DreamBooth run on it and
-# every pipeline call uses too. The SD3 toy has no T5: its prompt is the CLIP tokens and one zero token in place of
-# T5's (not SD3's 77, which would be 93 of its 157 tokens per joint block and 1.6x the step time, for no signal)
-TOY_OPTIONS: dict[str, dict[str, Any]] = {"sd": {}, "sd3": {"max_sequence_length": 1}}
-
-
-TOY_LEARNING_RATES = {"sd": 2e-4, "sd3": 2e-4}  # full fine-tuning of a toy model
 TOY_LORA_LEARNING_RATE = 1e-3  # LoRA's low-rank updates take a larger step, as in the reference scripts
 # the DreamBooth recipe of a toy model beyond its fixed settings, by method: measured to reach the demo's subject
 # fidelity (>= 0.8 on the toy judge) in its step count, by the command below (figures in the README)
@@ -46,13 +36,15 @@ TOY_RECIPE: dict[str, dict[str, Any]] = {
 
 
 def toy_sampling(family: str) -> tuple[str, int, float]:
-    """How a toy model of this family samples (class images, the demo, the judges' measurements)."""
-    return TOY_SAMPLING.get(family, TOY_SAMPLING["sd"])
+    """How a toy model of this family samples (class images, the demo, the judges' measurements); a family with no
+    toy model, as the first toy model does."""
+    return (TOY_MODELS.get(family) or next(iter(TOY_MODELS.values()))).sampling
 
 
 def toy_options(family: str) -> dict[str, Any]:
     """The training options a toy model of this family was pretrained with (DreamBooth and sampling use them)."""
-    return dict(TOY_OPTIONS.get(family, {}))
+    model = TOY_MODELS.get(family)
+    return dict(model.options) if model is not None else {}
 
 
 def toy_train_settings(family: str, lora: bool = False) -> dict[str, Any]:
@@ -62,7 +54,7 @@ def toy_train_settings(family: str, lora: bool = False) -> dict[str, Any]:
     return dict(class_sampler=sampler, class_inference_steps=steps, class_guidance_scale=guidance,
                 sample_batch_size=50, resolution=32, center_crop=True,
                 random_flip=False,  # a flip changes a two-tone subject
-                learning_rate=TOY_LORA_LEARNING_RATE if lora else TOY_LEARNING_RATES.get(family, 2e-4),
+                learning_rate=TOY_LORA_LEARNING_RATE if lora else TOY_MODELS[family].learning_rate,
                 lr_scheduler="constant", lr_warmup_steps=0, mixed_precision="no", **toy_options(family))
 
 
@@ -83,13 +75,12 @@ def sample(pipe, prompts: Sequence[str], n: int, seed: int = 0, steps: int | Non
     steps and guidance default to the toy world's for the pipeline's family. `progress`: the name of a bar that
     moves with every denoising step of every batch."""
     from ..families import family_of
-    from ..sampling import resolve_sampler
+    from ..sampling import family_sampler
 
     family = family_of(pipe)
     default_sampler, default_steps, default_guidance = toy_sampling(family.name)
-    sampler = resolve_sampler(sampler, family) if sampler else default_sampler
     steps, guidance = steps or default_steps, default_guidance if guidance is None else guidance
-    pipe.scheduler = make_scheduler(sampler, pipe.scheduler.config, family.sampler_kind)
+    _, pipe.scheduler = family_sampler(family, sampler or default_sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     extra = family.pipeline_kwargs(SimpleNamespace(**toy_options(family.name)))
     jobs = [(p, i) for p in range(len(prompts)) for i in range(n)]

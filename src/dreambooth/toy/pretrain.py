@@ -32,20 +32,19 @@ from .. import schema
 from ..files import write_text_atomic
 from ..outputs import OutputFolder
 from ..schema import at_least, option, positive
+from .models import TOY_MODELS, family_help
 from .tokenizer import write_toy_tokenizer
 from .world import COLOURS, SIZE, Scene, caption, held_out_triples, random_scene, render, with_pattern
 
 log = logging.getLogger("dreambooth")
 
 
-DENOISER_STEPS = {"sd": 4500, "sd3": 4000}  # the shipped models' step counts
 
 
 @dataclasses.dataclass
 class PretrainConfig:
     output_dir: Path = option(Path("toy-model"), "Where the pipeline folder is written")
-    family: str = option("sd", "sd: the DDPM toy model (UNet; trains its own VAE); sd3: the flow-matching one (an "
-                         "SD3 transformer on the bundled toy VAE)", choices=("sd", "sd3"))
+    family: str = option("sd", family_help("Which toy model"), choices=lambda: list(TOY_MODELS))
     seed: int = option(0, "Seed of everything: weights, renders, captions, noise")
     layers: int = option(6, "sd3: joint transformer blocks", check=at_least(1))
     patch_size: int = option(2, "sd3: latent pixels per token side (2, as SD3's)", check=at_least(1))
@@ -208,7 +207,7 @@ def pretrain(config: PretrainConfig | dict | str | Path | None = None, **overrid
     """Train and save the toy base model; returns the pipeline folder."""
     cfg = schema.build(PretrainConfig, {**schema.values_of(config, PretrainConfig), **overrides})
     if cfg.unet_steps is None:  # each family's default fits the 45-minute budget on the 2-core CPU
-        cfg = dataclasses.replace(cfg, unet_steps=DENOISER_STEPS[cfg.family])
+        cfg = dataclasses.replace(cfg, unet_steps=TOY_MODELS[cfg.family].pretrain_steps)
     with OutputFolder(cfg.output_dir, "toy pretrain") as folder:  # no inputs to load: claimed at once
         folder.claim()
         return _pretrain(cfg, folder.path)
@@ -226,13 +225,7 @@ def write_recipe(out: Path, family: str) -> None:
 
 def _pretrain(cfg: PretrainConfig, out: Path) -> Path:
     """Train the family's toy model into `out`, then record how (pretrain.json)."""
-    if cfg.family == "sd3":
-        from .demo import BUNDLED
-        from .pretrain_flow import pretrain_sd3
-
-        info = pretrain_sd3(cfg, out, BUNDLED)
-    else:
-        info = pretrain_sd(cfg, out)
+    info = TOY_MODELS[cfg.family].pretrain_function()(cfg, out)
     info = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in schema.to_dict(cfg).items()}, **info,
             "torch_threads": torch.get_num_threads()}
     write_text_atomic(out / "pretrain.json", json.dumps(info, indent=2) + "\n")

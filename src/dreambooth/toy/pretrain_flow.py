@@ -109,3 +109,10 @@ def pretrain_sd3(cfg: Any, out: Path, vae_from: Path) -> dict[str, Any]:
                                     text_encoder_3=None, tokenizer_3=None)
     pipe.save_pretrained(out, safe_serialization=True)
     return {"minutes": round((time.time() - started) / 60, 1), "scaling_factor": scaling}
+
+
+def pretrain_on_toy_vae(cfg: Any, out: Path) -> dict[str, Any]:
+    """The SD3 toy model, on the DDPM toy model's VAE (the first toy model's)."""
+    from .models import TOY_MODELS
+
+    return pretrain_sd3(cfg, out, next(iter(TOY_MODELS.values())).path)

@@ -78,7 +78,7 @@ def form_fields(cls: type = TrainConfig, basic: dict[str, str] | tuple[str, ...]
             kind = "list" if typing.get_origin(base) is list else KINDS.get(base, "text")
         default = None if f.default is dataclasses.MISSING else f.default
         out.append(Field(name, label_of(name), kind, str(default) if isinstance(default, Path) else default,
-                         f.metadata["help"], tuple(choices) if choices is not None else None, f.metadata["group"],
+                         schema.help_of(f), tuple(choices) if choices is not None else None, f.metadata["group"],
                          f.metadata["required"], name not in basic))
     return out
 

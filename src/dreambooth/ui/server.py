@@ -25,8 +25,10 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlparse
 
 from .. import schema
+from ..bundled import BUNDLED, bundled_at
 from ..config import TrainConfig
 from ..errors import DreamBoothError
+from ..evaluation.backends import BACKENDS
 from ..schema import between, option
 from . import form
 from .workspace import InUse, Workspace, lock_holder, slug
@@ -48,33 +50,19 @@ class UIConfig:
     open_browser: bool = option(False, "Open the page in the default browser")
 
 
-def bundled_models() -> list[dict[str, str]]:
-    from ..toy.demo import BUNDLED_MODELS
-
-    return [{"label": f"toy model ({'DDPM, UNet' if family == 'sd' else 'rectified flow, SD3'})",
-             "path": str(path), "family": family, "toy": True} for family, path in BUNDLED_MODELS.items()]
-
-
-def toy_family(model: str) -> str | None:
-    """The family of a bundled toy model named by `model`; None for any other model."""
-    from ..toy.demo import BUNDLED_MODELS
-
-    for family, path in BUNDLED_MODELS.items():
-        if model and Path(model).expanduser().resolve() == path.resolve():
-            return family
-    return None
+def bundled_models() -> list[dict[str, Any]]:
+    """The page's model list: the models that come with the package and its plug-ins, each with the evaluation
+    backend that fits it and the subjects that backend knows."""
+    return [{"label": m.label, "path": str(m.path), "family": m.family, "evaluation": m.evaluation or "dreambench",
+             "subjects": [{"name": n, "cls": c} for n, c in m.subjects]} for m in BUNDLED.values()]
 
 
 def presets(model: str) -> dict[str, Any]:
-    """What the page pre-fills for a model, by method: its measured recipe (a toy model's own file, else the
-    toy recipe of its family), with the step count it was measured at, and the method it recommends."""
+    """What the page pre-fills for a model, by method: its measured recipe (the model folder's own file), with the
+    step count it was measured at, and the method it recommends."""
     from ..recipes import read_recipe, recommended_method
-    from ..toy.measure import TOY_METHOD, toy_recipe
 
     found: dict[str, Any] = dict(read_recipe(model))
-    family = toy_family(model)
-    if not found and family is not None:
-        return {"full": toy_recipe(family), "lora": toy_recipe(family, lora=True), "method": TOY_METHOD}
     method = recommended_method(model)
     return {**found, "method": method} if method else found
 
@@ -90,11 +78,8 @@ class App:
 
     # GET /api/setup
     def setup(self, _: dict) -> dict[str, Any]:
-        from ..toy.subjects import SUBJECTS
-
         models = bundled_models()
         return {"workspace": str(self.ws.root), "models": models,
-                "toy_subjects": [{"name": n, "cls": s.cls} for n, s in SUBJECTS.items()],
                 "presets": {m["path"]: presets(m["path"]) for m in models},
                 "fields": [dataclasses.asdict(f) for f in form.form_fields()]}
 
@@ -226,12 +211,16 @@ class App:
         folder = self.ws.checked_run(name)
         cfg = self.ws.run_view(name)["config"] or {}
         base = str(cfg.get("pretrained_model_name_or_path") or "")
-        backend = str(body.get("backend") or ("toy" if toy_family(base) else "dreambench"))
+        bundled = bundled_at(base)
+        backend = str(body.get("backend") or (bundled and bundled.evaluation) or "dreambench")
+        if backend not in BACKENDS:
+            raise DreamBoothError(f"there is no evaluation backend {backend!r}; pick one of the list")
         which = str(body.get("which") or "tuned")
         if which not in ("tuned", "base"):
             raise DreamBoothError("evaluate the fine-tuned model or its base model")
         real = str(cfg.get("instance_data_dir") or "")
-        if backend != "toy" and real and not self.ws.inside(Path(real)):  # a path from the run's own files
+        reads_real = BACKENDS[backend].reads_real_images
+        if reads_real and real and not self.ws.inside(Path(real)):  # a path from the run's own files
             raise DreamBoothError(f"run {name}'s photos folder {real} is outside the workspace; the page does not "
                                   "read it")
         out = self.ws.new_output("evaluations", f"{name}-{which}")
@@ -246,10 +235,10 @@ class App:
             words = prompt.split()
             if which == "base" and token in words and words.index(token) + 1 < len(words):
                 config["class_noun"] = " ".join(words[words.index(token) + 1:])  # "a [V] dog" -> dog
-        if config["backend"] == "toy":
-            config["subject"] = str(body.get("subject") or "")
-        else:
+        if reads_real:
             config["real_images"] = real or None
+        else:  # a backend that knows its subjects (the toy judges)
+            config["subject"] = str(body.get("subject") or "")
         for key in ("images_per_prompt", "class_images"):  # empty: the backend's own counts
             if str(body.get(key) or "").strip():
                 config[key] = int(body[key])
@@ -289,15 +278,10 @@ class App:
         return {k: v for k, v in values.items() if k in known}
 
     def _sampling(self, folder: Path) -> dict[str, Any]:
-        """A toy model's run samples the way the toy model does (its sampler, steps, guidance)."""
-        from ..toy.measure import toy_sampling
-
+        """A bundled model's run samples the way that model does (e.g. a toy model: its sampler, steps, guidance)."""
         cfg = self.ws.run_view(folder.name)["config"] or {}
-        family = toy_family(str(cfg.get("pretrained_model_name_or_path") or ""))
-        if family is None:
-            return {}
-        sampler, steps, guidance = toy_sampling(family)
-        return {"sampler": sampler, "num_inference_steps": steps, "guidance_scale": guidance}
+        bundled = bundled_at(str(cfg.get("pretrained_model_name_or_path") or ""))
+        return dict(bundled.sampling) if bundled is not None else {}
 
 
 def _truthy(value: Any) -> bool:

@@ -442,10 +442,12 @@ async function render() {
   } catch (e) { $("gallery-status").textContent = e.message; } finally { $("render").disabled = false; }
 }
 
-function fitEvaluation(config) {  // a toy model is judged by the toy judges; any other by DreamBench's metrics
+function fitEvaluation(config) {  // a bundled model is judged by its own backend (a toy model: the toy judges)
   const model = (state.setup.models || []).find((m) => m.path === config.pretrained_model_name_or_path);
-  $("eval-backend").value = model && model.toy ? "toy" : "dreambench";
-  $("eval-subject").hidden = !(model && model.toy);
+  $("eval-backend").value = model ? model.evaluation : "dreambench";
+  const subjects = model ? model.subjects : [];
+  $("eval-subject").replaceChildren(...subjects.map((s) => el("option", { value: s.name, text: `subject: ${s.name} (${s.cls})` })));
+  $("eval-subject").hidden = !subjects.length;
 }
 
 async function evaluate() {
@@ -514,9 +516,6 @@ async function init() {
   state.setup = await api("GET", "/api/setup");
   $("workspace").textContent = `workspace: ${state.setup.workspace}`;
   for (const m of state.setup.models) $("model-choice").append(el("option", { value: m.path, text: m.label }));
-  for (const s of state.setup.toy_subjects) {
-    $("eval-subject").append(el("option", { value: s.name, text: `toy subject: ${s.name} (${s.cls})` }));
-  }
   buildForm(state.setup.fields);
   await applyPresets(true);
   $("model-choice").onchange = () => { $("model-path").value = ""; applyPresets(true); };

@@ -56,13 +56,15 @@ def test_mixed_precision_trains_on_cuda(base_args, tiny_model, tmp_path, precisi
 def test_fused_adamw_on_cuda(base_args, monkeypatch, lora):
     """All trained parameters on the GPU in fp32 (full, or LoRA adapters under bf16): the fused kernel."""
     made = []
-    real = training.make_optimizer
+    from dreambooth import parts
+
+    real = parts.make_optimizer
 
     def spy(cfg, groups):
         made.append(real(cfg, groups))
         return made[-1]
 
-    monkeypatch.setattr(training, "make_optimizer", spy)
+    monkeypatch.setattr(parts, "make_optimizer", spy)
     extra = dict(use_lora=True, mixed_precision="bf16", learning_rate=1e-2) if lora else {}
     dreambooth.train(**base_args(device="cuda", max_train_steps=2, **NO_PRIOR, **extra))
     assert made and made[0].defaults["fused"] is True

@@ -239,3 +239,25 @@ def test_every_registered_family_has_a_tiny_model_for_the_family_suite():
     from tiny import TINY
 
     assert set(TINY) == set(FAMILIES), "a new family needs its tiny builder in tests/tiny.py (TINY)"
+
+
+def test_the_toy_world_has_no_import_circles():
+    """Counting the imports inside functions too: a circle between two toy modules means one concern in two."""
+    graph = {}
+    for path, tree in modules():
+        if TOY in path.parents:
+            name = "dreambooth.toy." + path.stem
+            graph[name] = {m for m in imported(path, tree) if m.startswith("dreambooth.toy.")
+                           and m.count(".") == 2 and m != name}
+    found = []
+
+    def visit(node, trail):
+        for nxt in sorted(graph.get(node, ())):
+            if nxt in trail:
+                found.append(" -> ".join([*trail[trail.index(nxt):], nxt]))
+            elif nxt in graph:
+                visit(nxt, [*trail, nxt])
+
+    for start in graph:
+        visit(start, [start])
+    assert found == []

@@ -50,7 +50,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_reproduce(args: argparse.Namespace) -> int:
-    from .ablations import reproduce
+    from .reproduce import reproduce
 
     reproduce(values_of(args))
     return 0

@@ -24,6 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 from ..families import FAMILIES, Components, ModelSource
 from ..objectives import OBJECTIVES, Keys
 from .measure import toy_options
+from .pretrain import EMA, encode_all, lr_factor, update
 from .tokenizer import write_toy_tokenizer
 from .world import SIZE, caption, held_out_triples, random_scene
 
@@ -57,7 +58,6 @@ def build_sd3_models(vocab_size: int, layers: int, patch_size: int) -> tuple[
 
 def pretrain_sd3(cfg: Any, out: Path, vae_from: Path) -> dict[str, Any]:
     """Train and save the SD3 toy pipeline into `out`; returns what pretrain.json records."""
-    from .pretrain import EMA, encode_all, lr_factor, update
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

@@ -51,12 +51,12 @@ class DemoConfig:
     max_train_steps: int | None = option(None, "Fine-tuning steps (default: the toy recipe's, 400)",
                                          check=at_least(1))
     learning_rate: float | None = option(None, "Fine-tuning learning rate (default: the toy recipe's, 2e-4; with "
-                                         "--use_lora 1e-3)", check=positive)
+                                         "--use_lora 5e-3)", check=positive)
     train_batch_size: int | None = option(None, "Instance images per step (as many class images join them; "
                                           "default: the toy recipe's, 4)", check=at_least(1))
     num_class_images: int | None = option(None, "Class images for prior preservation (default: the toy recipe's, "
                                           "100)", check=at_least(1))
-    rank: int | None = option(None, "LoRA rank (with --use_lora; default: 4)", check=at_least(1))
+    rank: int | None = option(None, "LoRA rank (with --use_lora; default: the toy recipe's, 8)", check=at_least(1))
     prior_loss_weight: float = option(1.0, "Lambda of the prior-preservation loss", check=at_least(0))
     with_prior_preservation: bool = option(True, "Use the prior-preservation loss")
     train_text_encoder: bool = option(True, "Also fine-tune the text encoder (binds the untrained identifier)")

@@ -471,7 +471,7 @@ def test_lora_base_prediction_is_the_adapter_free_models(tiny):
     from dreambooth.base_model import BaseModel
     from dreambooth.config import TrainConfig
     from dreambooth.lora import add_adapters
-    from dreambooth.training import lora_targets
+    from dreambooth.lora import lora_targets
 
     family_name, model = tiny
     family = FAMILIES[family_name]()

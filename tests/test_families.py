@@ -26,11 +26,17 @@ LORA = dict(use_lora=True, rank=4, learning_rate=1e-2)
 NO_PRIOR = dict(with_prior_preservation=False, class_prompt=None, class_data_dir=None)
 
 
+def trains_te(tiny) -> bool:
+    """--train_text_encoder where the family trains one (Flux.2 klein's and Z-Image's language models never are:
+    the option is refused for them)."""
+    return bool(FAMILIES[tiny[0]].trained_text_encoders)
+
+
 def render(pipe, **kwargs) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     if "max_sequence_length" in type(pipe).__call__.__code__.co_varnames:
         kwargs.setdefault("max_sequence_length", T5_TOKENS)
-    return pipe("a photo of zwx dog", num_inference_steps=2, height=64, width=64, output_type="np",
+    return pipe(prompt="a photo of zwx dog", num_inference_steps=2, height=64, width=64, output_type="np",
                 generator=torch.Generator().manual_seed(0), **kwargs).images[0]
 
 
@@ -75,6 +81,12 @@ def pipeline_encoding(family: str, pipe, prompts: list[str]) -> dict[str, torch.
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False,
                                                   max_sequence_length=T5_TOKENS)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+    if family == "flux2_klein":
+        embeds, _ = pipe.encode_prompt(prompts, max_sequence_length=T5_TOKENS)
+        return {"encoder_hidden_states": embeds}
+    if family == "z_image":  # one unpadded sequence per prompt: ours are padded, with a mask of the prompt's
+        embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=T5_TOKENS)
+        return {"cap_feats": embeds}
     embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, max_sequence_length=T5_TOKENS)
     return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
@@ -95,6 +107,10 @@ def test_encodes_as_the_pipeline_does(tiny, tmp_path, without_t5):
         ours = family.encode(c, family.tokenize(c, prompts, cfg), cfg)
         pipe = family.pipeline(c, c.denoiser, c.text_encoders, c.noise_scheduler)
         theirs = pipeline_encoding(family_name, pipe, prompts)
+    if "cap_mask" in ours:  # Z-Image: the prompt's own positions of our padded states are the pipeline's
+        ours = {"cap_feats": [feats[keep] for feats, keep in zip(ours["cap_feats"], ours.pop("cap_mask"))]}
+        assert [t.shape for t in ours["cap_feats"]] == [t.shape for t in theirs["cap_feats"]]
+        ours, theirs = ({"cap_feats": torch.cat(x["cap_feats"])} for x in (ours, theirs))
     assert ours.keys() == theirs.keys()
     for key in ours:  # the same modules on the same inputs, batched alike: equal to float rounding
         assert torch.allclose(ours[key], theirs[key], atol=1e-6), key
@@ -106,6 +122,11 @@ def captured_call(family: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor,
         return args[0], args[1]
     if family == "sd3":
         return kwargs["hidden_states"], kwargs["timestep"]
+    if family == "flux2_klein":  # (N, H*W, C) -> (N, C, H, W) over the 4x4 grid of 2x2 patches of 8x8 latents
+        packed = kwargs["hidden_states"]
+        return packed.permute(0, 2, 1).reshape(packed.shape[0], -1, 4, 4), kwargs["timestep"] * 1000
+    if family == "z_image":  # a list of (C, 1, H, W), time as 1 - t
+        return torch.stack(args[0]).squeeze(2), 1000 - args[1] * 1000
     from diffusers import FluxPipeline
 
     return FluxPipeline._unpack_latents(kwargs["hidden_states"], 64, 64, 8), kwargs["timestep"] * 1000
@@ -133,9 +154,10 @@ def test_the_denoiser_is_called_as_the_pipeline_calls_it(tiny, monkeypatch):
     monkeypatch.setattr(type(denoiser), "forward", spy)
     cfg = SimpleNamespace(max_sequence_length=T5_TOKENS, guidance_scale=2.0, resolution=64)
     extra = {"max_sequence_length": T5_TOKENS} if family.t5_part else {}
-    with torch.no_grad():  # guidance 2 is Flux's guidance input; the others run without CFG at 1
-        pipe("a photo of zwx dog", num_inference_steps=1, height=64, width=64, output_type="latent",
-             guidance_scale=2.0 if family_name == "flux" else 1.0, generator=torch.Generator().manual_seed(0), **extra)
+    with torch.no_grad():  # guidance 2 is Flux's guidance input; the others run without CFG at 1 (Z-Image: at 0)
+        pipe(prompt="a photo of zwx dog", num_inference_steps=1, height=64, width=64, output_type="latent",
+             guidance_scale={"flux": 2.0, "z_image": 0.0}.get(family_name, 1.0),
+             generator=torch.Generator().manual_seed(0), **extra)
         args, kwargs, theirs = seen[0]
         noisy, t = captured_call(family_name, args, kwargs)
         cond = family.encode(c, family.tokenize(c, ["a photo of zwx dog"], cfg), cfg)
@@ -145,6 +167,10 @@ def test_the_denoiser_is_called_as_the_pipeline_calls_it(tiny, monkeypatch):
         from diffusers import FluxPipeline
 
         theirs = FluxPipeline._unpack_latents(theirs, 64, 64, 8)
+    if family_name == "flux2_klein":
+        theirs = theirs.permute(0, 2, 1).reshape(theirs.shape[0], -1, 4, 4)
+    if family_name == "z_image":  # the pipeline negates the output before its scheduler step
+        theirs = -torch.stack(theirs).squeeze(2)
     assert ours.shape == theirs.shape
     assert torch.allclose(ours, theirs, atol=1e-5)  # the same modules and inputs: float rounding apart
 
@@ -225,7 +251,7 @@ def test_class_images_from_the_training_load_equal_those_of_a_pipeline_loaded_fo
 def test_full_run_with_prior_trains_what_it_should_and_renders(family_args, tiny, tmp_path):
     family_name, model = tiny
     family = FAMILIES[family_name]
-    args = family_args(train_text_encoder=True, max_train_steps=2, checkpointing_steps=2,
+    args = family_args(train_text_encoder=trains_te(tiny), max_train_steps=2, checkpointing_steps=2,
                        validation_prompt="a photo of zwx dog", validation_steps=2, num_validation_images=1,
                        validation_inference_steps=2)
     assert main(["train", *to_argv(args)]) == 0
@@ -251,7 +277,7 @@ def test_full_run_with_prior_trains_what_it_should_and_renders(family_args, tiny
 def test_resume_is_exact(family_args, tiny, tmp_path, monkeypatch):
     family = FAMILIES[tiny[0]]
     straight_and_resumed(family_args, tmp_path, monkeypatch, 2, max_train_steps=4, checkpointing_steps=2,
-                         train_text_encoder=True, **NO_PRIOR)
+                         train_text_encoder=trains_te(tiny), **NO_PRIOR)
     for part in (family.denoiser_name, *family.trained_text_encoders):  # one device, the same computations
         assert same(weights(tmp_path / "straight", part), weights(tmp_path / "stopped", part)), part
 
@@ -262,7 +288,7 @@ def lora_run(family_args, tiny, tmp_path):
     if tiny[0] == "flux":  # diffusers' kohya-Flux reader hard-codes Flux-dev's widths for the single blocks' fused
         # linear1, so the tiny model's round trip adapts the double blocks; test_kohya_flux_layout covers linear1
         targets = {"lora_target_modules": [f"transformer_blocks.0.{m}" for m in FAMILIES["flux"].default_lora_targets]}
-    dreambooth.train(**family_args(**LORA, train_text_encoder=True, max_train_steps=2, **targets))
+    dreambooth.train(**family_args(**LORA, train_text_encoder=trains_te(tiny), max_train_steps=2, **targets))
     return tmp_path / "out"
 
 
@@ -283,12 +309,31 @@ def test_lora_run_loads_in_diffusers_and_exports(lora_run, tiny, tmp_path, capsy
     # fused weights: W + BA summed once instead of added per call, float rounding apart
     assert np.allclose(render(family.pipeline_class.from_pretrained(merged)), after, atol=1e-4)
 
+    # the file ComfyUI loads: every adapter with the `.alpha` ComfyUI reads its strength from (the run's lora_alpha)
+    comfy = tmp_path / "comfyui.safetensors"
+    assert main(["export", "--model", str(lora_run), "--format", "comfyui", "--output", str(comfy)]) == 0
+    comfy_state = load_file(comfy)
+    alphas = {k.removesuffix(".alpha"): v for k, v in comfy_state.items() if k.endswith(".alpha")}
+    saved = json.loads((lora_run / "train_config.json").read_text())
+    downs = {k.rsplit(".", 2)[0]: v for k, v in comfy_state.items() if k.endswith((".lora_A.weight",
+                                                                                  ".lora_down.weight"))}
+    scale = (saved["lora_alpha"] or saved["rank"]) / saved["rank"]
+    # ComfyUI scales by alpha / the down matrix's rows (Flux's fused q, k, v: 3 x rank rows and 3 x alpha)
+    assert alphas and all(float(v) / downs[m].shape[0] == scale for m, v in alphas.items())
+    ups = [k for k in comfy_state if k.endswith((".lora_B.weight", ".lora_up.weight"))]
+    assert sorted(k.rsplit(".", 2)[0] for k in ups) == sorted(alphas)  # one alpha per adapted module
+
     kohya = tmp_path / "kohya.safetensors"
     code = main(["export", "--model", str(lora_run), "--format", "kohya", "--output", str(kohya)])
-    if family_name == "sd3":  # no kohya layout exists; the diffusers file is what UIs load
+    from dreambooth.families.base import ModelFamily
+
+    if family.kohya_lora is ModelFamily.kohya_lora:  # no kohya layout (SD3, Flux.2, Z-Image): ComfyUI reads the
+        # diffusers file's names itself, so the ComfyUI file is the run's own tensors with the alphas added
         assert code == 2 and "no kohya layout" in capsys.readouterr().err and not kohya.exists()
+        assert {k: v for k, v in comfy_state.items() if not k.endswith(".alpha")}.keys() == keys
         return
     assert code == 0
+    assert load_file(kohya).keys() == comfy_state.keys()  # where a kohya layout exists, ComfyUI's file is it
     assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in load_file(kohya))
     converted = base_pipeline(model)
     converted.load_lora_weights(str(kohya.parent), weight_name=kohya.name)
@@ -321,9 +366,15 @@ def flux_width_shim(monkeypatch):
 def test_single_file_export_round_trips_through_from_single_file(family_args, tiny, tmp_path, flux_width_shim):
     family_name, model = tiny
     family = FAMILIES[family_name]
+    from dreambooth.families.base import ModelFamily
+
     dreambooth.train(**family_args(max_train_steps=1, **NO_PRIOR))
     out = tmp_path / "model.safetensors"
-    assert main(["export", "--model", str(tmp_path / "out"), "--format", "single-file", "--output", str(out)]) == 0
+    code = main(["export", "--model", str(tmp_path / "out"), "--format", "single-file", "--output", str(out)])
+    if family.single_file_state is ModelFamily.single_file_state:  # not written yet (Flux.2, Z-Image): refused
+        assert code == 2 and not out.exists()
+        return
+    assert code == 0
     trained = family.pipeline_class.from_pretrained(tmp_path / "out")
     denoiser = getattr(trained, family.denoiser_name)
     back = type(denoiser).from_single_file(str(out), config=str(tmp_path / "out"), subfolder=family.denoiser_name,
@@ -410,7 +461,8 @@ def test_kohya_flux_layout_fuses_qkv_and_keeps_the_scale():
     assert out[f"{linear1}.lora_up.weight"][3 * width:].abs().sum() == 0
 
 
-REFERENCE_FLAGS = {  # the SD3 / Flux README command lines of diffusers' examples/dreambooth, on a tiny model
+REFERENCE_FLAGS = {  # the SD3 / Flux / Flux.2 klein / Z-Image README command lines of diffusers'
+    # examples/dreambooth (but --push_to_hub, wandb, 8-bit Adam: GPU only), on a tiny model
     "sd3": ["--mixed_precision", "bf16", "--instance_prompt", "a photo of sks dog", "--train_batch_size", "1",
             "--gradient_accumulation_steps", "2", "--learning_rate", "4e-4", "--lr_scheduler", "constant",
             "--lr_warmup_steps", "0", "--validation_prompt", "A photo of sks dog in a bucket",
@@ -421,6 +473,16 @@ REFERENCE_FLAGS = {  # the SD3 / Flux README command lines of diffusers' example
              "--learning_rate", "1.", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
              "--validation_prompt", "A photo of sks dog in a bucket", "--validation_epochs", "1",
              "--max_sequence_length", "16", "--upcast_before_saving"],
+    "flux2_klein": ["--do_fp8_training", "--gradient_checkpointing", "--cache_latents", "--instance_prompt",
+                    "a photo of sks dog", "--train_batch_size", "1", "--guidance_scale", "1",
+                    "--gradient_accumulation_steps", "2", "--optimizer", "adamW", "--learning_rate", "1e-4",
+                    "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--validation_prompt",
+                    "A photo of sks dog in a bucket", "--validation_epochs", "1", "--max_sequence_length", "16"],
+    "z_image": ["--mixed_precision", "bf16", "--gradient_checkpointing", "--cache_latents", "--instance_prompt",
+                "a photo of sks dog", "--train_batch_size", "1", "--guidance_scale", "5.0",
+                "--gradient_accumulation_steps", "2", "--optimizer", "adamW", "--learning_rate", "1e-4",
+                "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--validation_prompt",
+                "A photo of sks dog in a bucket", "--validation_epochs", "1", "--max_sequence_length", "16"],
 }
 
 
@@ -470,8 +532,7 @@ def test_lora_base_prediction_is_the_adapter_free_models(tiny):
     from dreambooth import schema
     from dreambooth.base_model import BaseModel
     from dreambooth.config import TrainConfig
-    from dreambooth.lora import add_adapters
-    from dreambooth.lora import lora_targets
+    from dreambooth.lora import add_adapters, lora_targets
 
     family_name, model = tiny
     family = FAMILIES[family_name]()
@@ -490,7 +551,8 @@ def test_lora_base_prediction_is_the_adapter_free_models(tiny):
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     batch = {"original_sizes": torch.tensor([[64, 64]] * 3), "crop_top_lefts": torch.zeros(3, 2, dtype=torch.long)}
     rows = torch.tensor([False, True, True])  # one instance example, two class examples
-    noisy = torch.randn(2, c.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    noisy = family.normalize_latents(c, torch.randn(2, c.vae.config.latent_channels, 8, 8,
+                                                   generator=torch.Generator().manual_seed(0)))  # (Flux.2: 2x2 patches)
     t = torch.tensor([500, 20]) if family.objective == "ddpm" else torch.tensor([500.0, 20.0])
     cond = {k: v.expand(2, *v.shape[1:]) for k, v in class_cond.items()}
     sliced = {k: v[rows] for k, v in batch.items()}
@@ -510,7 +572,7 @@ def test_base_model_target_starts_at_the_models_own_prediction(family_args, tiny
     from dreambooth.events import read_events
 
     args = family_args(prior_target="base_model", class_data_dir=None, max_train_steps=3, logging_steps=1,
-                       train_text_encoder=True, **(LORA if lora else {}))
+                       train_text_encoder=trains_te(tiny), **(LORA if lora else {}))
     summary = dreambooth.train(**args)
     steps = [e for e in read_events(tmp_path / "out" / "events.jsonl")[0] if e["event"] == "step"]
     # the same weights on the same inputs; only the batch's size differs (4 rows vs the 2 class rows): float
@@ -538,7 +600,7 @@ def test_captions_masks_and_ema_train_every_family(family_args, tiny, tmp_path, 
         mask[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 255
         Image.fromarray(mask).save(folder / f"{image.stem}-masklabel.png")
     args = family_args(instance_data_dir=str(folder), caption_extension=".txt", masked_loss=True, use_ema=True,
-                       train_text_encoder=True, max_train_steps=2, **(LORA if lora else {}))
+                       train_text_encoder=trains_te(tiny), max_train_steps=2, **(LORA if lora else {}))
     summary = dreambooth.train(**args)
     out = tmp_path / "out"
     assert summary["num_instance_images"] == 4 and summary["ema"]["folder"] == "ema"
@@ -564,15 +626,29 @@ def test_without_a_learning_rate_the_method_and_family_default_is_used_and_repor
     from dreambooth.families import FAMILIES
 
     args = family_args(max_train_steps=1, use_lora=lora, with_prior_preservation=False, class_prompt=None,
-                       class_data_dir=None, train_text_encoder=True)
+                       class_data_dir=None, train_text_encoder=trains_te(tiny))
     del args["learning_rate"]
     summary = dreambooth.train(**args)
     expected = FAMILIES[tiny[0]].lora_learning_rate if lora else FULL_LEARNING_RATE
     assert summary["learning_rate"] == expected
-    assert expected == ({"sd": 5e-4, "sdxl": 1e-4, "sd3": 1e-4, "flux": 1e-4}[tiny[0]] if lora else 5e-6)
+    assert expected == ({"sd": 5e-4, "sdxl": 1e-4, "sd3": 1e-4, "flux": 1e-4, "flux2_klein": 1e-4,
+                         "z_image": 1e-4}[tiny[0]] if lora else 5e-6)
     # the text encoders as in the reference scripts: SDXL, SD3 and Flux at 5e-6 with weight decay 1e-3, SD with
     # the denoiser's rate and decay
     saved = json.loads((Path(args["output_dir"]) / "train_config.json").read_text())
-    reference = tiny[0] != "sd"
+    reference = tiny[0] in ("sdxl", "sd3", "flux")  # (klein and Z-Image train no text encoder)
     assert saved["text_encoder_lr"] == (5e-6 if reference else None)
     assert saved["adam_weight_decay_text_encoder"] == (1e-3 if reference else None)
+
+
+def test_comfyui_alphas_carry_a_custom_lora_alpha():
+    """ComfyUI takes the strength from `.alpha` / rank only: a run trained at lora_alpha 8, rank 4 must say 8."""
+    from dreambooth.errors import DataError
+    from dreambooth.lora_formats import with_alphas
+
+    state = {"transformer.layers.0.attention.to_q.lora_A.weight": torch.zeros(4, 6),
+             "transformer.layers.0.attention.to_q.lora_B.weight": torch.zeros(6, 4)}
+    out = with_alphas(state, 8.0)
+    assert float(out["transformer.layers.0.attention.to_q.alpha"]) == 8.0 and len(out) == 3
+    with pytest.raises(DataError, match="not a LoRA tensor"):
+        with_alphas({**state, "transformer.x.dora_scale": torch.zeros(1)}, 8.0)

@@ -236,5 +236,98 @@ def make_tiny_lpips(path: Path, layout: str = "torchvision", seed: int = 0) -> P
     return path
 
 
+QWEN_WORDS = COMMON + RARE + ["user", "assistant", "system"]
+# A Qwen3-style chat template: the user turn, the assistant's opening, and the empty thinking block that
+# enable_thinking=False adds (as Qwen3's own template does)
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def write_qwen_tokenizer(folder: Path, max_length: int = 64):
+    """A byte-level BPE tokenizer like Qwen2/Qwen3's (every test word one token, anything else by bytes) with its
+    chat special tokens and a chat template, built offline."""
+    from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    merges: list[tuple[str, str]] = []
+    for word in QWEN_WORDS:
+        for start in ("\u0120" + word, word):  # after a space, and at the start of a line
+            pieces = list(start)
+            while len(pieces) > 1:
+                if (pieces[0], pieces[1]) not in merges:
+                    merges.append((pieces[0], pieces[1]))
+                vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+                pieces = [pieces[0] + pieces[1]] + pieces[2:]
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>", model_max_length=max_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def qwen3_encoder(vocab_size: int, layers: int = 2, causal_lm: bool = False, width: int = 32):
+    """A tiny Qwen3 text encoder (the model alone, or with its LM head as Flux.2 klein ships it)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    config = Qwen3Config(vocab_size=vocab_size, hidden_size=width, intermediate_size=37, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                         tie_word_embeddings=False)
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
+
+
+def make_tiny_flux2_klein(folder: Path, seed: int = 0, distilled: bool = False) -> Path:
+    """A tiny Flux.2 klein pipeline: a Qwen3 causal LM (28 layers, so the pipeline's hidden layers 9, 18 and 27
+    exist) whose three states side by side condition 1 double + 1 single block over 2x2-patchified latents; the
+    Flux.2 VAE with batch-norm statistics (random, so the normalisation is exercised); dynamic shifting."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+
+    torch.manual_seed(seed)
+    tokenizer = write_qwen_tokenizer(folder.parent / f"{folder.name}-tok")
+    text_encoder = qwen3_encoder(len(tokenizer), layers=28, causal_lm=True, width=16)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
+                             norm_num_groups=4, sample_size=64)
+    vae.bn.running_mean.normal_(0, 0.2)
+    vae.bn.running_var.uniform_(0.5, 2.0)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=False)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=distilled)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_tiny_z_image(folder: Path, seed: int = 0) -> Path:
+    """A tiny Z-Image pipeline: a Qwen3 model (its penultimate states, padding dropped, condition the
+    single-stream transformer: 1 block and 1 refiner of each kind over 2x2 patches), a Flux-style VAE with shift and
+    scale, the static shift of the Turbo checkpoint."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    tokenizer = write_qwen_tokenizer(folder.parent / f"{folder.name}-tok")
+    text_encoder = qwen3_encoder(len(tokenizer), layers=2)
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32,
+                                           n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32,
+                                           axes_dims=[4, 6, 6])
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False)
+    pipe = ZImagePipeline(scheduler=scheduler, vae=flow_vae(0.1159, 0.3611), text_encoder=text_encoder,
+                          tokenizer=tokenizer, transformer=transformer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 # every registered family's tiny pipeline: the family-agnostic tests run over this table
-TINY = {"sd": make_tiny_sd, "sdxl": make_tiny_sdxl, "sd3": make_tiny_sd3, "flux": make_tiny_flux}
+TINY = {"sd": make_tiny_sd, "sdxl": make_tiny_sdxl, "sd3": make_tiny_sd3, "flux": make_tiny_flux,
+        "flux2_klein": make_tiny_flux2_klein, "z_image": make_tiny_z_image}

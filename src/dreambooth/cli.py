@@ -25,6 +25,9 @@ COMPAT_IGNORED = {
     "set_grads_to_none": "gradients are always set to None",
     "pre_compute_text_embeddings": "a frozen text encoder's prompt embeddings are always computed once",
     "upcast_before_saving": "trained weights are kept, and saved, in fp32",
+    # the Flux.2 klein README's: torchao fp8 linear layers are not implemented here
+    "do_fp8_training": "fp8 training is not implemented; the run trains in --mixed_precision (bf16 on a GPU that "
+                       "has it) and --use_lora keeps memory low",
 }
 COMPAT_REFUSED = {
     "dataset_name": "pass the subject's photos as a local folder with --instance_data_dir",
@@ -144,8 +147,10 @@ def _run_train(args: argparse.Namespace) -> int:
     values = values_of(args)
     for name, why in COMPAT_IGNORED.items():
         if values.pop(name, None):
-            log.info("--%s: accepted and not needed; %s", name, why)
+            log.info("--%s: accepted; %s", name, why)
     values.pop("local_rank", None)
+    if isinstance(values.get("optimizer"), str):  # the reference scripts read "AdamW" / "adamW" as adamw
+        values["optimizer"] = values["optimizer"].lower()
     for name, fix in COMPAT_REFUSED.items():
         if values.pop(name, None):
             raise DreamBoothError(f"--{name} is not supported: {fix}")

@@ -379,6 +379,9 @@ class TrainConfig(schema.Validated):
             if getattr(self, name) is not None:
                 raise ConfigError(name, getattr(self, name), f"{family.name} models' pipeline does not use it; "
                                   "remove it")
+        if self.train_text_encoder and not family.trained_text_encoders:
+            raise ConfigError("train_text_encoder", True, f"{family.name} models train no text encoder here (their "
+                              "language model stays frozen, as in the reference scripts); remove it")
         reads = {*family.options, *OBJECTIVES[family.objective].options}
         scoped = {opt for kind in (*FAMILIES.values(), *OBJECTIVES.values()) for opt in kind.options}
         defaults = {f.name: f.default for f in dataclasses.fields(self)}

@@ -47,14 +47,26 @@ def kept_in_fp32(module: torch.nn.Module, dtype: torch.dtype) -> tuple[str, ...]
     return tuple(names)
 
 
-def _place(sub: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> None:
-    """A submodule's own parameters and buffers on `device`, the floating ones in `dtype` (each a new tensor)."""
+def _place(sub: torch.nn.Module, device: torch.device | str, dtype: torch.dtype, computed_kept: bool = False
+           ) -> None:
+    """A submodule's own parameters and buffers on `device`, the floating ones in `dtype` (each a new tensor);
+    with `computed_kept`, buffers computed at init rather than stored (non-persistent: a Qwen3 rotary embedding's
+    fp32 `inv_freq`) keep their dtype, as transformers' `from_pretrained(dtype=...)` leaves them."""
     for p in sub._parameters.values():
         if p is not None:
             p.data = p.data.to(device, dtype if p.is_floating_point() else None)
+    computed = sub._non_persistent_buffers_set if computed_kept else ()
     for k, b in sub._buffers.items():
         if b is not None:
-            sub._buffers[k] = b.to(device, dtype if b.is_floating_point() else None)
+            sub._buffers[k] = b.to(device, dtype if b.is_floating_point() and k not in computed else None)
+
+
+def _computed_buffers_kept(module: torch.nn.Module) -> bool:
+    """Whether loading this model in a dtype leaves its computed buffers as they are (transformers models do;
+    diffusers casts the whole model)."""
+    from transformers import PreTrainedModel
+
+    return isinstance(module, PreTrainedModel)
 
 
 def _dtype_of(prefix: str, kept: tuple[str, ...], dtype: torch.dtype) -> torch.dtype:
@@ -73,11 +85,11 @@ def lent(modules: list[torch.nn.Module], device: torch.device | str, dtype: torc
     own: list[tuple[torch.nn.Module, dict[str, torch.Tensor], dict[str, Any]]] = []
     try:
         for module in modules:
-            kept = kept_in_fp32(module, dtype)
+            kept, computed = kept_in_fp32(module, dtype), _computed_buffers_kept(module)
             for prefix, sub in module.named_modules():
                 params = {k: p.data for k, p in sub._parameters.items() if p is not None}
                 own.append((sub, params, dict(sub._buffers)))
-                _place(sub, device, _dtype_of(prefix, kept, dtype))
+                _place(sub, device, _dtype_of(prefix, kept, dtype), computed)
         yield
     finally:
         for sub, params, buffers in reversed(own):  # a tied parameter gets its first-seen (own) tensor
@@ -136,7 +148,7 @@ def unparked(modules, device: torch.device | str) -> Iterator[None]:
 def cast_as_loaded(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
     """`module` on `device` in `dtype` as `from_pretrained(dtype=...)` would load it: the parts the model keeps in
     fp32 (T5's `wo` layers under fp16) stay fp32, integer tensors keep their type."""
-    kept = kept_in_fp32(module, dtype)
+    kept, computed = kept_in_fp32(module, dtype), _computed_buffers_kept(module)
     for prefix, sub in module.named_modules():  # tensor by tensor: the fp32 model never wholly on the device
-        _place(sub, device, _dtype_of(prefix, kept, dtype))
+        _place(sub, device, _dtype_of(prefix, kept, dtype), computed)
     return module

@@ -5,6 +5,8 @@
   (`lora_unet_*`, `lora_te_*` or `lora_te1_*` / `lora_te2_*`), Flux (Black Forest Labs' fused `double_blocks` /
   `single_blocks` names, CLIP-L as `lora_te1_*`), with `.lora_down`/`.lora_up`/`.alpha`: the single file UIs put in
   their `loras` folder. SD3 has none: its diffusers LoRA file is what ComfyUI loads.
+- `comfyui`: the LoRA file ComfyUI loads at the trained strength: the kohya layout where one exists, else (SD3,
+  Flux.2, Z-Image) the diffusers names ComfyUI maps itself, with the `.alpha` tensors it reads the strength from.
 - `merged`: a LoRA run's adapters fused into the base weights, saved as a full diffusers pipeline.
 - `single-file`: a full fine-tune (or a fused LoRA run, or any supported pipeline) in the original layout: SD/SDXL
   checkpoints (UNet, VAE, text encoders), Stability's SD3 file (MMDiT, VAE, CLIP-L/G, T5), Black Forest Labs' Flux
@@ -39,7 +41,7 @@ class ExportConfig:
     model: str = option(help="A run's output folder (or one of its checkpoint-N folders); single-file also takes "
                         "any SD/SDXL pipeline folder")
     format: str = option(help="What to write", choices=lambda: list(EXPORTERS))
-    output: Path = option(help="The file (kohya, single-file) or folder (merged) to write; must not exist yet")
+    output: Path = option(help="The file (kohya, comfyui, single-file) or folder (merged) to write; must not exist yet")
     lora_scale: float = option(1.0, "Strength the LoRA is fused at (merged, single-file)", check=at_least(0))
     precision: str = option("fp32", "Precision of the written weights", choices=("fp32", "fp16", "bf16"))
 
@@ -86,22 +88,39 @@ def run_family(folder: Path) -> str | None:
 
 @exporter("kohya")
 def export_kohya(cfg: ExportConfig) -> Path:
+    return _write_lora(cfg, comfyui=False)
+
+
+@exporter("comfyui")
+def export_comfyui(cfg: ExportConfig) -> Path:
+    """The LoRA file ComfyUI loads at the trained strength: the kohya layout where the family has one (SD, SDXL,
+    Flux), else the diffusers names ComfyUI maps itself (SD3, Flux.2, Z-Image) with an `.alpha` per module."""
+    return _write_lora(cfg, comfyui=True)
+
+
+def _write_lora(cfg: ExportConfig, comfyui: bool) -> Path:
     from safetensors.torch import load_file, save_file
 
     from .families import FAMILIES, ModelSource, get_family
+    from .families.base import ModelFamily
+    from .lora_formats import with_alphas
 
     folder = _lora_run(cfg)
     out = Path(cfg.output)
     if out.suffix != ".safetensors":
-        raise DreamBoothError(f"--output {out} must be a .safetensors file for --format kohya")
+        raise DreamBoothError(f"--output {out} must be a .safetensors file for --format {cfg.format}")
     train = json.loads((folder / "train_config.json").read_text())
     if train.get("use_dora"):
-        raise DreamBoothError("--format kohya writes plain LoRA, and this run trained DoRA (its magnitudes would be "
-                              "lost); use the run's pytorch_lora_weights.safetensors, or --format merged")
+        raise DreamBoothError(f"--format {cfg.format} writes plain LoRA, and this run trained DoRA (its magnitudes "
+                              "would be lost); use the run's pytorch_lora_weights.safetensors, or --format merged")
     alpha = train.get("lora_alpha") or train.get("rank")
     source = ModelSource(train["pretrained_model_name_or_path"], train.get("revision"), train.get("variant"))
     family = FAMILIES[run_family(folder)]() if run_family(folder) else get_family(source)
-    state = family.kohya_lora(load_file(folder / LORA_WEIGHTS), alpha, train.get("rank"), source)
+    state = load_file(folder / LORA_WEIGHTS)
+    if comfyui and type(family).kohya_lora is ModelFamily.kohya_lora:
+        state = with_alphas(state, alpha)
+    else:
+        state = family.kohya_lora(state, alpha, train.get("rank"), source)
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(train.get("rank")),
                 "ss_network_alpha": str(alpha), "ss_base_model": str(train.get("pretrained_model_name_or_path"))}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import re
@@ -220,8 +221,9 @@ def render(pipe, prompt: str, seeds: list[int], batch_size: int, device: torch.d
     images = []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start : start + batch_size]
-        images += pipe([prompt] * len(chunk), negative_prompt=[negative_prompt] * len(chunk) if negative_prompt
-                       else None, generator=[torch.Generator(device).manual_seed(s) for s in chunk], **kwargs).images
+        negative = {"negative_prompt": [negative_prompt] * len(chunk)} if negative_prompt else {}
+        images += pipe(prompt=[prompt] * len(chunk), **negative,
+                       generator=[torch.Generator(device).manual_seed(s) for s in chunk], **kwargs).images
     return images
 
 
@@ -242,6 +244,9 @@ def generate(config: GenerateConfig | dict | str | Path | None = None, **overrid
         pipe, device = open_pipeline(cfg.model, cfg.sampler, cfg.precision, cfg.device, cfg.lora, cfg.lora_scale)
         out.claim()
         family = family_of(pipe)
+        if cfg.negative_prompt and "negative_prompt" not in inspect.signature(pipe.__call__).parameters:
+            raise ConfigError("negative_prompt", cfg.negative_prompt, f"{type(pipe).__name__} takes no negative "
+                              "prompt; remove it")
         guidance = cfg.guidance_scale if cfg.guidance_scale is not None else family.default_guidance
         settings = {"negative_prompt": cfg.negative_prompt, "steps": cfg.num_inference_steps, "model": cfg.model,
                     "sampler": resolve_sampler(cfg.sampler, family), "guidance_scale": guidance}

@@ -105,11 +105,20 @@ def unknown_word(tokenizer, word: str) -> str | None:
 def prior_shift(tokenizer, text_encoder, words: list[str], class_noun: str, batch_size: int = 64) -> list[float]:
     """For each word: 1 - cosine(pooled("a word class"), pooled("a class")) under the text encoder."""
     def pooled(prompts: list[str]) -> torch.Tensor:
-        ids = tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                        return_tensors="pt").input_ids.to(text_encoder.device)
-        out = text_encoder(ids)  # CLIPTextModel pools; CLIPTextModelWithProjection (SD3's) projects its pool
-        pooled = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.text_embeds
-        return pooled.float()
+        # CLIP pads to its 77 tokens; a language model's tokenizer (Qwen3: 131,072) to the longest prompt
+        length = tokenizer.model_max_length if tokenizer.model_max_length <= 512 else None
+        enc = tokenizer(prompts, padding="max_length" if length else "longest", truncation=length is not None,
+                        max_length=length, return_tensors="pt")
+        ids, mask = enc.input_ids.to(text_encoder.device), enc.attention_mask.to(text_encoder.device)
+        # (right padding behind causal attention: the prompt's own states do not depend on the mask)
+        out = text_encoder(ids, output_hidden_states=True)
+        # CLIPTextModel pools; CLIPTextModelWithProjection (SD3's) projects its pool; a language model (Flux.2,
+        # Z-Image) pools nothing: the mean of its last hidden states over the prompt's tokens
+        for name in ("pooler_output", "text_embeds"):
+            if getattr(out, name, None) is not None:
+                return getattr(out, name).float()
+        last = out.hidden_states[-1].float()
+        return (last * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
 
     reference = pooled([f"a {class_noun}"])
     shifts: list[float] = []

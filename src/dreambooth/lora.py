@@ -91,7 +91,8 @@ def lora_targets(cfg: Any, family: ModelFamily, config: Any) -> list[str]:
     """The denoiser modules that get adapters: --lora_target_modules (or the family's), in every block or in the
     --lora_blocks given (numbers in the family's `lora_block_list`, e.g. SD3's joint blocks, Flux's double
     blocks)."""
-    modules = list(cfg.lora_target_modules or family.default_lora_targets)
+    defaults = family.default_lora_targets if cfg.lora_blocks is not None else family.lora_defaults(config)
+    modules = list(cfg.lora_target_modules or defaults)
     if cfg.lora_blocks is None or family.lora_block_list is None:
         return modules
     attribute, count_key = family.lora_block_list

@@ -121,3 +121,21 @@ def kohya_flux(state: dict[str, torch.Tensor], alpha: float, rank: int, widths: 
         out[f"{target}.alpha"] = torch.tensor(float(alpha))
         done.add(path)
     return out
+
+
+def with_alphas(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """A diffusers LoRA file's tensors (`<module>.lora_A.weight` / `.lora_B.weight`) with a `<module>.alpha`
+    beside each module: ComfyUI reads the diffusers names of SD3, Flux.2 and Z-Image itself but takes the strength
+    from `.alpha` alone (never from the file's metadata), so without it an adapter trained with lora_alpha != rank
+    loads at rank / lora_alpha times its strength. (diffusers refuses `.alpha` in its own format: the run's file
+    keeps none.)"""
+    out = dict(state)
+    for key in state:
+        if key.endswith(".lora_A.weight"):
+            out[key.removesuffix(".lora_A.weight") + ".alpha"] = torch.tensor(float(alpha))
+    unknown = [k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if unknown:
+        raise DataError(f"{unknown[0]} is not a LoRA tensor of a diffusers LoRA file; export the run's own "
+                        "pytorch_lora_weights.safetensors")
+    return out
+

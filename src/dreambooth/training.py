@@ -186,7 +186,8 @@ def fit(run: Run, parts: Parts) -> None:
             keys = Keys(cfg.seed, batch["positions"], batch["is_prior"])
             with torch.no_grad():
                 mean, std = parts.latents.moments(batch["pixel_values"], batch["views"])
-                latents = sample_latents(mean, std, keys.seed, keys.positions, keys.is_prior)
+                latents = mean if run.family.latent_mode else sample_latents(mean, std, keys.seed, keys.positions,
+                                                                             keys.is_prior)
                 latents = run.family.normalize_latents(c, latents).float()
 
             # the family's objective: noise, denoise and score each example (class examples against the frozen

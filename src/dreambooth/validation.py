@@ -31,7 +31,7 @@ def render_validation(family: ModelFamily, components: Components, denoiser, tex
     denoiser.eval()
     with accelerator.autocast(), unparked(encoders.values(), device):
         images = pipe(
-            [cfg.validation_prompt] * cfg.num_validation_images, generator=generators,
+            prompt=[cfg.validation_prompt] * cfg.num_validation_images, generator=generators,
             num_inference_steps=cfg.validation_inference_steps, guidance_scale=guidance,
             **family.pipeline_kwargs(cfg),
         ).images

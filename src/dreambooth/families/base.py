@@ -95,6 +95,7 @@ class ModelFamily(ABC):
     # --lora_blocks: (the denoiser's attribute holding its blocks, the config key of their count); a family that
     # lists "lora_blocks" in its options must set it
     lora_block_list: ClassVar[tuple[str, str] | None] = None
+    latent_mode: ClassVar[bool] = False  # trains on the VAE posterior's mode (Flux.2, Z-Image), not a sample of it
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -105,6 +106,11 @@ class ModelFamily(ABC):
     def sampler_kind(self) -> str:
         """Which samplers fit (sampling.SAMPLERS): its objective's ("ddpm" or "flow")."""
         return OBJECTIVES[self.objective].sampler_kind
+
+    def lora_defaults(self, config: Any) -> list[str]:
+        """The denoiser modules that get adapters without --lora_target_modules, for a denoiser of this config
+        (a family whose reference names modules per block adds them here)."""
+        return list(self.default_lora_targets)
 
     def option(self, cfg: Any, name: str) -> Any:
         """A TrainConfig option this family reads: the user's value, else the family's default."""

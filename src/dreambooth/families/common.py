@@ -36,6 +36,15 @@ def loading(source: ModelSource, part: str):
         raise ModelError(f"cannot load {part} of {source.name_or_path}: {first}; {hint}") from None
 
 
+def chat_template_ids(tokenizer: Any, prompts: list[str], length: int, enable_thinking: bool) -> torch.Tensor:
+    """Token ids of each prompt as the user turn of a chat model's template, the assistant's turn opened (Qwen3
+    text encoders: Flux.2 klein with thinking off, Z-Image with it on), padded or cut to `length` tokens."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True, enable_thinking=enable_thinking)
+             for p in prompts]
+    return tokenizer(texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+
+
 @dataclass(frozen=True)
 class TextPart:
     """One (tokenizer, text encoder) pair of a pipeline, by its folder names; `optional` parts (SD3's T5) may be

@@ -97,7 +97,7 @@ def sample(pipe, prompts: Sequence[str], n: int, seed: int = 0, steps: int | Non
     with bar:
         for start in batches:
             chunk = jobs[start : start + batch_size]
-            images = pipe([prompts[p] for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
+            images = pipe(prompt=[prompts[p] for p, _ in chunk], num_inference_steps=steps, guidance_scale=guidance,
                           generator=[torch.Generator().manual_seed(derive_seed(seed, i)) for _, i in chunk],
                           output_type="np", callback_on_step_end=moved, **extra).images
             for (p, _), img in zip(chunk, images):

@@ -1,0 +1,117 @@
+"""Flux.2 klein (4B / 9B): a rectified-flow transformer (`Flux2Transformer2DModel`: double- and single-stream
+blocks) over latents patchified 2x2, normalised by the VAE's batch-norm statistics and packed into a sequence with
+4-axis positional ids; the conditioning is three hidden layers of a Qwen3 language model side by side, read from
+its chat template. The base checkpoints sample with true CFG; the distilled ones (`is_distilled`) without."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from transformers import Qwen3ForCausalLM
+
+from ..devices import to_device
+from . import register
+from .base import Components, Denoise, read_model_index
+from .common import DiffusersFamily, TextPart, chat_template_ids
+
+# the hidden layers Flux2KleinPipeline conditions on; the reference script's default ([10, 20, 30]) differs from
+# the pipeline's (diffusers issue #13445), and a model trained on other layers than it samples with draws noise
+OUT_LAYERS = (9, 18, 27)
+
+
+@register
+class Flux2Klein(DiffusersFamily):
+    name = "flux2_klein"
+    pipeline_classes = ("Flux2KleinPipeline",)
+    pipeline_class = Flux2KleinPipeline
+    denoiser_name = "transformer"
+    shard_blocks = ("transformer_blocks", "single_transformer_blocks")
+    denoiser_class = Flux2Transformer2DModel
+    vae_class = AutoencoderKLFlux2
+    scheduler_class = FlowMatchEulerDiscreteScheduler
+    text_parts = (TextPart("tokenizer", "text_encoder", Qwen3ForCausalLM),)
+    default_resolution = 512  # the reference script's default
+    lora_learning_rate = 1e-4  # the reference LoRA script's
+    resolution_multiple = 16  # latents are patchified 2x2
+    objective = "rectified_flow"
+    options = ("max_sequence_length", "guidance_scale", "lora_blocks")
+    lora_block_list = ("transformer_blocks", "num_layers")  # its double-stream blocks
+    # guidance_scale: what a guidance-distilled transformer (guidance_embeds) is told while training; klein's have
+    # no guidance input, so it is read only where one exists (the reference script's rule)
+    option_defaults = {"weighting_scheme": "none", "precondition_outputs": False, "max_sequence_length": 512,
+                       "guidance_scale": 3.5}
+    unsupported_options = ("class_negative_prompt",)  # Flux2KleinPipeline takes no negative prompt
+    t5_part = "text_encoder"  # its prompts are --max_sequence_length tokens (the chat template included)
+    latent_mode = True  # the reference encodes the posterior's mode
+    default_sampler = "euler"
+    default_guidance = 4.0  # the pipeline's (true CFG on the base checkpoints; the distilled ones ignore it)
+    # the reference script's: attention projections of the double blocks, the fused qkv+MLP input and the output
+    # of each single block (added per block by `lora_defaults`)
+    default_lora_targets = ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj")
+    trained_text_encoders = ()  # the Qwen3 language model stays frozen (the reference trains none)
+    render_at_training_size = True  # the pipeline's default size is 1024
+
+    def lora_defaults(self, config: Any) -> list[str]:
+        blocks = config.get("num_single_layers", 0)
+        return [*self.default_lora_targets, *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(blocks))]
+
+    def tokenize(self, c: Components, prompts: list[str], cfg: Any) -> dict[str, torch.Tensor]:
+        """As `Flux2KleinPipeline._get_qwen3_prompt_embeds`: each prompt as a user turn of the chat template
+        (thinking off), padded to --max_sequence_length tokens."""
+        return {"text_encoder": chat_template_ids(c.tokenizer, prompts, self.option(cfg, "max_sequence_length"),
+                                                  enable_thinking=False)}
+
+    def encode(self, c: Components, input_ids: dict[str, torch.Tensor], cfg: Any,
+               text_encoders: dict[str, torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
+        """Hidden layers 9, 18 and 27 of the language model (padding masked), side by side per token."""
+        encoder = {**c.text_encoders, **(text_encoders or {})}["text_encoder"]
+        pad = c.tokenizer.pad_token_id
+
+        def states(ids: torch.Tensor) -> torch.Tensor:
+            ids = to_device(ids, encoder.device)
+            out = encoder(input_ids=ids, attention_mask=(ids != pad).long(), output_hidden_states=True,
+                          use_cache=False)
+            layers = torch.stack([out.hidden_states[k] for k in OUT_LAYERS], dim=1)
+            n, k, length, width = layers.shape
+            return layers.permute(0, 2, 1, 3).reshape(n, length, k * width)
+
+        return {"encoder_hidden_states": self.frozen_states(c, "text_encoder", input_ids["text_encoder"], states)}
+
+    def normalize_latents(self, c: Components, latents: torch.Tensor) -> torch.Tensor:
+        """Patchified 2x2, then standardised by the VAE's batch-norm statistics (as `_encode_vae_image`)."""
+        latents = Flux2KleinPipeline._patchify_latents(latents)
+        bn = c.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + c.vae.config.batch_norm_eps).to(latents.device,
+                                                                                              latents.dtype)
+        return (latents - mean) / std
+
+    def denoiser_call(self, c: Components, denoiser: torch.nn.Module, cond: dict[str, torch.Tensor],
+                      batch: dict[str, Any], cfg: Any) -> Denoise:
+        """Pack the patchified latents into a sequence with their (t, h, w, l) ids, the text with its own, pass
+        the timestep as a fraction of 1000 (and the guidance where the transformer has that input), unpack."""
+        states = cond["encoder_hidden_states"]
+        text_ids = Flux2KleinPipeline._prepare_text_ids(states).to(states.device)
+        config = denoiser.config
+
+        def denoise(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            n, channels, height, width = noisy.shape
+            image_ids = Flux2KleinPipeline._prepare_latent_ids(noisy).to(noisy.device)
+            guidance = None
+            if config.guidance_embeds:
+                guidance = torch.full((n,), float(self.option(cfg, "guidance_scale")), device=noisy.device)
+            pred = denoiser(hidden_states=Flux2KleinPipeline._pack_latents(noisy), timestep=timesteps / 1000,
+                            guidance=guidance, encoder_hidden_states=states, txt_ids=text_ids, img_ids=image_ids,
+                            return_dict=False)[0]
+            return pred.permute(0, 2, 1).reshape(n, channels, height, width)  # the inverse of _pack_latents
+
+        return denoise
+
+    def pipeline(self, c: Components, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
+                 scheduler: Any) -> Any:
+        """With the base model's `is_distilled` (no CFG for distilled checkpoints, as loading it gives)."""
+        pipe = super().pipeline(c, denoiser, text_encoders, scheduler)
+        pipe.register_to_config(is_distilled=bool(read_model_index(c.source).get("is_distilled", False)))
+        return pipe

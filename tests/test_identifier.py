@@ -127,3 +127,20 @@ def test_on_clips_real_vocabulary_the_candidates_have_no_meaning(tmp_path):
     vocab = tokenizer.get_vocab()
     refused = [w for w in known_words() if vocab.get(w + "</w>", 0) >= len(tokenizer) // 2]
     assert len(refused) >= 100, refused  # real words sit in the rare half too: without the list they'd be offered
+
+
+def test_a_byte_level_vocabulary_gets_candidates_and_measured_priors(tmp_path, capsys):
+    """Qwen3's byte-level BPE (Flux.2 klein, Z-Image) marks a word by the space before it ("Ġzwx"), not CLIP's
+    "</w>" after it: its rare whole words are the candidates, one token each as they occur in a prompt, ranked by
+    the language model's prior (the mean of its last states: it pools nothing)."""
+    from tiny import make_tiny_z_image
+
+    model = make_tiny_z_image(tmp_path / "z")
+    tokenizer, encoder = load(model)
+    found = [c.token for c in candidates(tokenizer)]
+    assert set(RARE) <= set(found) and not {"dog", "photo", "a"} & set(found)
+    assert check(tokenizer, encoder, "zwx", "dog").pieces == ["zwx"]
+    assert len(check(tokenizer, encoder, "zwxqek", "dog").pieces) > 1
+    assert main(["identifier", "--model", str(model), "--class_noun", "dog", "--top", "3"]) == 0
+    listed = capsys.readouterr().out
+    assert sum(word in listed for word in found) >= 3

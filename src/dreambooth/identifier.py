@@ -35,7 +35,35 @@ class IdentifierConfig:
 # Identifiers known to carry a strong prior in popular checkpoints, whatever our measurement says.
 KNOWN_BAD = {"sks": "in Stable Diffusion 1.x/2.x 'sks' draws a rifle (SKS carbine) into images"}
 STOPWORDS = {"a", "an", "the", "of", "photo", "picture", "image", "in", "on", "with", "and", "my", "our", "style"}
-WORD_END = "</w>"
+WORD_END = "</w>"  # CLIP's BPE marks a word's last piece
+WORD_START = "\u0120"  # byte-level BPE (Qwen3: Flux.2 klein, Z-Image) marks a piece that follows a space: "Ġ"
+
+
+def _in_prompt(tokenizer, word: str) -> str:
+    """`word` as it occurs inside a prompt: after a space, which a byte-level BPE folds into the word's first piece
+    ("a zwx dog" -> "Ġzwx"); CLIP's pre-tokenizer drops the space."""
+    return " " + word if _byte_level(tokenizer) else word
+
+
+def _whole(tokenizer, text: str) -> str:
+    """The vocabulary piece of `text` as a whole word."""
+    return WORD_START + text if _byte_level(tokenizer) else text + WORD_END
+
+
+@functools.lru_cache(maxsize=8)
+def _byte_level(tokenizer) -> bool:
+    """A byte-level BPE without word-end pieces (CLIP's vocabulary holds "Ġ" too, as one of its 256 byte
+    characters, but marks words by "</w>")."""
+    vocab = tokenizer.get_vocab()
+    return not any(p.endswith(WORD_END) for p in vocab) and any(p.startswith(WORD_START) and len(p) > 1
+                                                               for p in vocab)
+
+
+def _text_of(piece: str) -> str | None:
+    """The word a whole-word vocabulary piece spells, or None for a piece inside a word."""
+    if piece.endswith(WORD_END):
+        return piece.removesuffix(WORD_END)
+    return piece.removeprefix(WORD_START) if piece.startswith(WORD_START) else None
 
 
 @dataclass
@@ -64,7 +92,7 @@ def candidates(tokenizer, max_chars: int = 3, rarest_fraction: float = 0.5, min_
     meaning = known_words() | STOPWORDS | set(KNOWN_BAD)
     found = []
     for piece, token_id in vocab.items():
-        text = piece.removesuffix(WORD_END) if piece.endswith(WORD_END) else None
+        text = _text_of(piece)
         if text is None or token_id < cutoff or not (min_chars <= len(text) <= max_chars):
             continue
         if text.isascii() and text.isalpha() and text.lower() not in meaning and count_tokens(tokenizer, text) == 1:
@@ -73,8 +101,8 @@ def candidates(tokenizer, max_chars: int = 3, rarest_fraction: float = 0.5, min_
 
 
 def tokens_of(tokenizer, word: str) -> list[str]:
-    ids = tokenizer(word, add_special_tokens=False).input_ids
-    return [t.removesuffix(WORD_END) for t in tokenizer.convert_ids_to_tokens(ids)]
+    ids = tokenizer(_in_prompt(tokenizer, word), add_special_tokens=False).input_ids
+    return [t.removesuffix(WORD_END).removeprefix(WORD_START) for t in tokenizer.convert_ids_to_tokens(ids)]
 
 
 def read_past(tokenizer, text: str, word: str, length: int) -> bool:
@@ -88,13 +116,14 @@ def read_past(tokenizer, text: str, word: str, length: int) -> bool:
 
 
 def count_tokens(tokenizer, word: str) -> int:
-    return len(tokenizer(word, add_special_tokens=False).input_ids)
+    return len(tokenizer(_in_prompt(tokenizer, word), add_special_tokens=False).input_ids)
 
 
 def unknown_word(tokenizer, word: str) -> str | None:
     """Why `word` (a class noun) is not one token of the vocabulary, or None when it is."""
     pieces = tokens_of(tokenizer, word)
-    if len(pieces) == 1 and tokenizer.convert_tokens_to_ids(pieces[0] + WORD_END) != tokenizer.unk_token_id:
+    if len(pieces) == 1 and tokenizer.convert_tokens_to_ids(_whole(tokenizer, pieces[0])) not in (
+            tokenizer.unk_token_id, None):
         return None
     return (f"class noun {word!r} is not a word of this model's vocabulary: it splits into {len(pieces)} tokens "
             f"({' + '.join(pieces)}), so the text encoder may not know it and the priors measured against it mean "

@@ -87,6 +87,9 @@ def pipeline_encoding(family: str, pipe, prompts: list[str]) -> dict[str, torch.
     if family == "z_image":  # one unpadded sequence per prompt: ours are padded, with a mask of the prompt's
         embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=T5_TOKENS)
         return {"cap_feats": embeds}
+    if family == "qwen_image":  # padded to the batch's longest prompt; no mask where none is padded
+        embeds, mask = pipe.encode_prompt(prompts, max_sequence_length=T5_TOKENS)
+        return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
     embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, max_sequence_length=T5_TOKENS)
     return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
@@ -111,6 +114,12 @@ def test_encodes_as_the_pipeline_does(tiny, tmp_path, without_t5):
         ours = {"cap_feats": [feats[keep] for feats, keep in zip(ours["cap_feats"], ours.pop("cap_mask"))]}
         assert [t.shape for t in ours["cap_feats"]] == [t.shape for t in theirs["cap_feats"]]
         ours, theirs = ({"cap_feats": torch.cat(x["cap_feats"])} for x in (ours, theirs))
+    if "encoder_hidden_states_mask" in ours:  # Qwen-Image: ours padded to one length, zero past each prompt
+        length = theirs["encoder_hidden_states"].shape[1]
+        assert not ours["encoder_hidden_states_mask"][:, length:].any()
+        assert not ours["encoder_hidden_states"][:, length:].any()
+        ours = {k: v[:, :length] for k, v in ours.items()}
+        assert theirs["encoder_hidden_states_mask"] is not None  # the two prompts' lengths differ
     assert ours.keys() == theirs.keys()
     for key in ours:  # the same modules on the same inputs, batched alike: equal to float rounding
         assert torch.allclose(ours[key], theirs[key], atol=1e-6), key
@@ -127,6 +136,11 @@ def captured_call(family: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor,
         return packed.permute(0, 2, 1).reshape(packed.shape[0], -1, 4, 4), kwargs["timestep"] * 1000
     if family == "z_image":  # a list of (C, 1, H, W), time as 1 - t
         return torch.stack(args[0]).squeeze(2), 1000 - args[1] * 1000
+    if family == "qwen_image":  # packed 2x2 into (N, H*W/4, 4C), the frame axis dropped
+        from diffusers import QwenImagePipeline
+
+        return QwenImagePipeline._unpack_latents(kwargs["hidden_states"], 64, 64, 8).squeeze(2), \
+            kwargs["timestep"] * 1000
     from diffusers import FluxPipeline
 
     return FluxPipeline._unpack_latents(kwargs["hidden_states"], 64, 64, 8), kwargs["timestep"] * 1000
@@ -171,6 +185,10 @@ def test_the_denoiser_is_called_as_the_pipeline_calls_it(tiny, monkeypatch):
         theirs = theirs.permute(0, 2, 1).reshape(theirs.shape[0], -1, 4, 4)
     if family_name == "z_image":  # the pipeline negates the output before its scheduler step
         theirs = -torch.stack(theirs).squeeze(2)
+    if family_name == "qwen_image":
+        from diffusers import QwenImagePipeline
+
+        theirs = QwenImagePipeline._unpack_latents(theirs, 64, 64, 8).squeeze(2)
     assert ours.shape == theirs.shape
     assert torch.allclose(ours, theirs, atol=1e-5)  # the same modules and inputs: float rounding apart
 
@@ -461,7 +479,7 @@ def test_kohya_flux_layout_fuses_qkv_and_keeps_the_scale():
     assert out[f"{linear1}.lora_up.weight"][3 * width:].abs().sum() == 0
 
 
-REFERENCE_FLAGS = {  # the SD3 / Flux / Flux.2 klein / Z-Image README command lines of diffusers'
+REFERENCE_FLAGS = {  # the SD3 / Flux / Flux.2 klein / Z-Image / Qwen-Image README command lines of diffusers'
     # examples/dreambooth (but --push_to_hub, wandb, 8-bit Adam: GPU only), on a tiny model
     "sd3": ["--mixed_precision", "bf16", "--instance_prompt", "a photo of sks dog", "--train_batch_size", "1",
             "--gradient_accumulation_steps", "2", "--learning_rate", "4e-4", "--lr_scheduler", "constant",
@@ -483,6 +501,10 @@ REFERENCE_FLAGS = {  # the SD3 / Flux / Flux.2 klein / Z-Image README command li
                 "--gradient_accumulation_steps", "2", "--optimizer", "adamW", "--learning_rate", "1e-4",
                 "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--validation_prompt",
                 "A photo of sks dog in a bucket", "--validation_epochs", "1", "--max_sequence_length", "16"],
+    "qwen_image": ["--mixed_precision", "bf16", "--instance_prompt", "a photo of sks dog", "--train_batch_size", "1",
+                   "--gradient_accumulation_steps", "4", "--learning_rate", "2e-4", "--lr_scheduler", "constant",
+                   "--lr_warmup_steps", "0", "--validation_prompt", "A photo of sks dog in a bucket",
+                   "--validation_epochs", "1"],  # (its --max_sequence_length: the default, 512)
 }
 
 
@@ -551,7 +573,8 @@ def test_lora_base_prediction_is_the_adapter_free_models(tiny):
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     batch = {"original_sizes": torch.tensor([[64, 64]] * 3), "crop_top_lefts": torch.zeros(3, 2, dtype=torch.long)}
     rows = torch.tensor([False, True, True])  # one instance example, two class examples
-    noisy = family.normalize_latents(c, torch.randn(2, c.vae.config.latent_channels, 8, 8,
+    channels = getattr(c.vae.config, "latent_channels", None) or c.vae.config.z_dim  # (Qwen-Image's: z_dim)
+    noisy = family.normalize_latents(c, torch.randn(2, channels, 8, 8,
                                                    generator=torch.Generator().manual_seed(0)))  # (Flux.2: 2x2 patches)
     t = torch.tensor([500, 20]) if family.objective == "ddpm" else torch.tensor([500.0, 20.0])
     cond = {k: v.expand(2, *v.shape[1:]) for k, v in class_cond.items()}
@@ -632,7 +655,7 @@ def test_without_a_learning_rate_the_method_and_family_default_is_used_and_repor
     expected = FAMILIES[tiny[0]].lora_learning_rate if lora else FULL_LEARNING_RATE
     assert summary["learning_rate"] == expected
     assert expected == ({"sd": 5e-4, "sdxl": 1e-4, "sd3": 1e-4, "flux": 1e-4, "flux2_klein": 1e-4,
-                         "z_image": 1e-4}[tiny[0]] if lora else 5e-6)
+                         "z_image": 1e-4, "qwen_image": 1e-4}[tiny[0]] if lora else 5e-6)
     # the text encoders as in the reference scripts: SDXL, SD3 and Flux at 5e-6 with weight decay 1e-3, SD with
     # the denoiser's rate and decay
     saved = json.loads((Path(args["output_dir"]) / "train_config.json").read_text())

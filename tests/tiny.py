@@ -245,22 +245,23 @@ QWEN_CHAT_TEMPLATE = (
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
 
-def write_qwen_tokenizer(folder: Path, max_length: int = 64):
+def write_qwen_tokenizer(folder: Path, max_length: int = 64, leading: tuple[str, ...] = ()):
     """A byte-level BPE tokenizer like Qwen2/Qwen3's (every test word one token, anything else by bytes) with its
-    chat special tokens and a chat template, built offline."""
+    chat special tokens and a chat template, built offline. `leading`: pieces (a word after a space written with
+    its "\u0120") made single tokens by merges ranked before all others, so no test word's merge splits them."""
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
     merges: list[tuple[str, str]] = []
-    for word in QWEN_WORDS:
-        for start in ("\u0120" + word, word):  # after a space, and at the start of a line
-            pieces = list(start)
-            while len(pieces) > 1:
-                if (pieces[0], pieces[1]) not in merges:
-                    merges.append((pieces[0], pieces[1]))
-                vocab.setdefault(pieces[0] + pieces[1], len(vocab))
-                pieces = [pieces[0] + pieces[1]] + pieces[2:]
+    starts = [*leading, *(s for word in QWEN_WORDS for s in ("\u0120" + word, word))]  # after a space, at a start
+    for start in starts:
+        pieces = list(start)
+        while len(pieces) > 1:
+            if (pieces[0], pieces[1]) not in merges:
+                merges.append((pieces[0], pieces[1]))
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
                                pad_token="<|endoftext|>", model_max_length=max_length)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]})
@@ -328,6 +329,52 @@ def make_tiny_z_image(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+# the words of QwenImagePipeline's system prompt: each one token, as in Qwen2.5's vocabulary, so that the 34
+# tokens the pipeline drops are that system turn exactly
+QWEN_IMAGE_WORDS = ("Describe", *("\u0120" + w for w in (
+    "image", "by", "detailing", "color", "shape", "size", "texture", "quantity", "text", "spatial", "relationships",
+    "objects", "and", "background")))
+
+
+def make_tiny_qwen_image(folder: Path, seed: int = 0) -> Path:
+    """A tiny Qwen-Image pipeline: Qwen2.5-VL (2 text layers, a 1-block vision tower it never uses for prompts)
+    whose last states condition 1 dual-stream block over 2x2-packed latents; the video-shaped VAE (8x, 4 channels)
+    with per-channel latent mean and std (not 0 and 1, so the standardisation is exercised); the released
+    checkpoints' exponential dynamic shift."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = write_qwen_tokenizer(folder.parent / f"{folder.name}-tok", leading=QWEN_IMAGE_WORDS)
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 1, 1]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
+                  fullatt_block_indexes=[0])
+    text_encoder = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, False, False], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                 latents_std=[1.5, 0.8, 2.0, 1.1])
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                              axes_dims_rope=(4, 6, 6))
+    # the released scheduler also has shift_terminal=0.02, with which the pipeline samples NaN in a single step (the
+    # stretch divides by zero); the tests sample in one step
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                base_image_seq_len=256, max_image_seq_len=8192,
+                                                time_shift_type="exponential")
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 # every registered family's tiny pipeline: the family-agnostic tests run over this table
 TINY = {"sd": make_tiny_sd, "sdxl": make_tiny_sdxl, "sd3": make_tiny_sd3, "flux": make_tiny_flux,
-        "flux2_klein": make_tiny_flux2_klein, "z_image": make_tiny_z_image}
+        "flux2_klein": make_tiny_flux2_klein, "z_image": make_tiny_z_image, "qwen_image": make_tiny_qwen_image}

@@ -215,14 +215,15 @@ def open_pipeline(model: str, sampler: str | None, precision: str = "auto", devi
 
 
 @torch.no_grad()
-def render(pipe, prompt: str, seeds: list[int], batch_size: int, device: torch.device,
+def render(pipe, prompt: str, seeds: list[int], batch_size: int, device: torch.device, guidance_scale: float,
            negative_prompt: str | None = None, **kwargs: Any) -> list:
     """One image per seed for `prompt`; image i depends only on seeds[i], not on the batch it falls in."""
+    family = family_of(pipe)
     images = []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start : start + batch_size]
-        negative = {"negative_prompt": [negative_prompt] * len(chunk)} if negative_prompt else {}
-        images += pipe(prompt=[prompt] * len(chunk), **negative,
+        guidance = family.guidance(guidance_scale, len(chunk), negative_prompt)
+        images += pipe(prompt=[prompt] * len(chunk), **guidance,
                        generator=[torch.Generator(device).manual_seed(s) for s in chunk], **kwargs).images
     return images
 
@@ -254,8 +255,8 @@ def generate(config: GenerateConfig | dict | str | Path | None = None, **overrid
         all_images = []
         for p_index, prompt in enumerate(cfg.prompt):
             seeds = [derive_seed(cfg.seed, i) for i in range(cfg.num_images)]
-            images = render(pipe, prompt, seeds, cfg.batch_size, device, negative_prompt=cfg.negative_prompt,
-                            num_inference_steps=cfg.num_inference_steps, guidance_scale=guidance,
+            images = render(pipe, prompt, seeds, cfg.batch_size, device, guidance,
+                            negative_prompt=cfg.negative_prompt, num_inference_steps=cfg.num_inference_steps,
                             height=cfg.height, width=cfg.width, **extra)
             for i, (seed, img) in enumerate(zip(seeds, images)):
                 path = out.entry(f"{p_index:02d}-{slug(prompt)}-{i:03d}.png")

@@ -9,16 +9,25 @@ cached run draws the latents an uncached one would, up to the VAE's float roundi
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
 from .devices import to_device
 
 
+def _latent_dist(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dist = vae.encode(pixels).latent_dist
+    return dist.mean, dist.std
+
+
 class LatentCache:
-    def __init__(self, vae: torch.nn.Module, enabled: bool = True, max_views: int = 4096):
+    def __init__(self, vae: torch.nn.Module, enabled: bool = True, max_views: int = 4096,
+                 posterior: Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None):
+        """`posterior(vae, pixels) -> (mean, std)`: the family's encoding (ModelFamily.posterior; default: the
+        VAE's latent_dist as it is)."""
         self.vae, self.enabled, self.max_views = vae, enabled, max_views
+        self.posterior = posterior or _latent_dist
         self.store: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
         self.encoded = 0  # images that went through the VAE
         self.hits = 0  # images served from the cache
@@ -31,14 +40,13 @@ class LatentCache:
         skips decoding those)."""
         if not self.enabled:
             self.encoded += len(views)
-            dist = self.vae.encode(self._to_vae(pixels)).latent_dist
-            return dist.mean, dist.std
+            return self.posterior(self.vae, self._to_vae(pixels))
         missing = list(dict.fromkeys(v for v in views if v not in self.store))  # a view twice in a batch: once
         fresh: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
         for view in missing:  # one at a time: a view's moments must not depend on the batch it first came in
             i = views.index(view)
-            dist = self.vae.encode(self._to_vae(pixels[i].unsqueeze(0))).latent_dist
-            fresh[view] = (dist.mean[0], dist.std[0])
+            mean, std = self.posterior(self.vae, self._to_vae(pixels[i].unsqueeze(0)))
+            fresh[view] = (mean[0], std[0])
         if missing:
             self.encoded += len(missing)
             room = self.max_views - len(self.store)

@@ -88,7 +88,8 @@ def build(run: Run) -> Parts:
     optimizer, lr_scheduler = optimization(cfg, denoiser, encoders, per_step, max_train_steps)
     parts = Parts(c, denoiser, dict(c.text_encoders), objective, optimizer, lr_scheduler, dataset, class_images,
                   cond, input_ids, weight_dtype, max_train_steps, validation_every,
-                  LatentCache(c.vae, cfg.cache_latents), base, Ema(trained, cfg) if cfg.use_ema else None, sharding,
+                  LatentCache(c.vae, cfg.cache_latents, posterior=family.posterior), base,
+                  Ema(trained, cfg) if cfg.use_ema else None, sharding,
                   CheckpointWriter(cfg.checkpoint_in_background, patience_s=cfg.ddp_timeout))
     if run.resume_from is not None:
         restore_state(run, parts)

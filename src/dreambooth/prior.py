@@ -192,12 +192,10 @@ def _sample(cfg: TrainConfig, family: ModelFamily, pipe: Any, folder: Path, dige
             generators = [torch.Generator(accelerator.device).manual_seed(image_seed(digest, i)) for i in batch]
             try:
                 with batch_size.measure(len(batch)), torch.no_grad():
-                    negative = {"negative_prompt": [cfg.class_negative_prompt] * len(batch)} \
-                        if cfg.class_negative_prompt else {}  # (not every pipeline takes one: Flux.2 klein)
+                    guidance = family.guidance(settings["guidance_scale"], len(batch), cfg.class_negative_prompt)
                     images = pipe(
-                        prompt=[cfg.class_prompt] * len(batch), **negative,
-                        num_inference_steps=cfg.class_inference_steps, guidance_scale=settings["guidance_scale"],
-                        **settings.get("pipeline", {}),
+                        prompt=[cfg.class_prompt] * len(batch), num_inference_steps=cfg.class_inference_steps,
+                        **guidance, **settings.get("pipeline", {}),
                         generator=generators,
                     ).images
             except (RuntimeError, MemoryError) as e:

@@ -32,7 +32,7 @@ def render_validation(family: ModelFamily, components: Components, denoiser, tex
     with accelerator.autocast(), unparked(encoders.values(), device):
         images = pipe(
             prompt=[cfg.validation_prompt] * cfg.num_validation_images, generator=generators,
-            num_inference_steps=cfg.validation_inference_steps, guidance_scale=guidance,
+            num_inference_steps=cfg.validation_inference_steps, **family.guidance(guidance, cfg.num_validation_images),
             **family.pipeline_kwargs(cfg),
         ).images
     denoiser.train(was_training)

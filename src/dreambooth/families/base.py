@@ -112,6 +112,17 @@ class ModelFamily(ABC):
         (a family whose reference names modules per block adds them here)."""
         return list(self.default_lora_targets)
 
+    def posterior(self, vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the frozen VAE's posterior for images (N, 3, H, W), as (N, C, h, w) latents (a family
+        whose VAE has a frame axis adds and drops it here)."""
+        dist = vae.encode(pixels).latent_dist
+        return dist.mean, dist.std
+
+    def guidance(self, scale: float, count: int, negative_prompt: str | None = None) -> dict[str, Any]:
+        """The pipeline call's guidance keywords for `count` prompts: the scale and (when given) the negative
+        prompt, as `guidance_scale` and `negative_prompt` for most pipelines."""
+        return {"guidance_scale": scale, **({"negative_prompt": [negative_prompt] * count} if negative_prompt else {})}
+
     def option(self, cfg: Any, name: str) -> Any:
         """A TrainConfig option this family reads: the user's value, else the family's default."""
         value = getattr(cfg, name, None)

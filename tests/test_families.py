@@ -81,7 +81,7 @@ def pipeline_encoding(family: str, pipe, prompts: list[str]) -> dict[str, torch.
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, prompts, prompts, do_classifier_free_guidance=False,
                                                   max_sequence_length=T5_TOKENS)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-    if family == "flux2_klein":
+    if family in ("flux2_klein", "flux2"):
         embeds, _ = pipe.encode_prompt(prompts, max_sequence_length=T5_TOKENS)
         return {"encoder_hidden_states": embeds}
     if family == "z_image":  # one unpadded sequence per prompt: ours are padded, with a mask of the prompt's
@@ -131,7 +131,7 @@ def captured_call(family: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor,
         return args[0], args[1]
     if family == "sd3":
         return kwargs["hidden_states"], kwargs["timestep"]
-    if family == "flux2_klein":  # (N, H*W, C) -> (N, C, H, W) over the 4x4 grid of 2x2 patches of 8x8 latents
+    if family in ("flux2_klein", "flux2"):  # (N, H*W, C) -> (N, C, H, W): the 4x4 grid of 2x2 patches of 8x8 latents
         packed = kwargs["hidden_states"]
         return packed.permute(0, 2, 1).reshape(packed.shape[0], -1, 4, 4), kwargs["timestep"] * 1000
     if family == "z_image":  # a list of (C, 1, H, W), time as 1 - t
@@ -170,7 +170,7 @@ def test_the_denoiser_is_called_as_the_pipeline_calls_it(tiny, monkeypatch):
     extra = {"max_sequence_length": T5_TOKENS} if family.t5_part else {}
     with torch.no_grad():  # guidance 2 is Flux's guidance input; the others run without CFG at 1 (Z-Image: at 0)
         pipe(prompt="a photo of zwx dog", num_inference_steps=1, height=64, width=64, output_type="latent",
-             guidance_scale={"flux": 2.0, "z_image": 0.0}.get(family_name, 1.0),
+             guidance_scale={"flux": 2.0, "flux2": 2.0, "z_image": 0.0}.get(family_name, 1.0),
              generator=torch.Generator().manual_seed(0), **extra)
         args, kwargs, theirs = seen[0]
         noisy, t = captured_call(family_name, args, kwargs)
@@ -181,7 +181,7 @@ def test_the_denoiser_is_called_as_the_pipeline_calls_it(tiny, monkeypatch):
         from diffusers import FluxPipeline
 
         theirs = FluxPipeline._unpack_latents(theirs, 64, 64, 8)
-    if family_name == "flux2_klein":
+    if family_name in ("flux2_klein", "flux2"):
         theirs = theirs.permute(0, 2, 1).reshape(theirs.shape[0], -1, 4, 4)
     if family_name == "z_image":  # the pipeline negates the output before its scheduler step
         theirs = -torch.stack(theirs).squeeze(2)
@@ -437,18 +437,17 @@ def test_options_a_family_does_not_read_are_refused(base_args, tmp_path, capsys,
 
 def test_flux_is_told_the_training_guidance(family_args, tiny, monkeypatch):
     family_name, _ = tiny
-    if family_name != "flux":
-        pytest.skip("the guidance embedding is Flux-dev's")
-    from diffusers import FluxTransformer2DModel
-
+    if family_name not in ("flux", "flux2"):
+        pytest.skip("the guidance embedding is Flux.1-dev's and Flux.2-dev's")
+    transformer = FAMILIES[family_name].denoiser_class
     seen = []
-    forward = FluxTransformer2DModel.forward
+    forward = transformer.forward
 
     def spy(self, *args, **kwargs):
         seen.append(kwargs["guidance"])
         return forward(self, *args, **kwargs)
 
-    monkeypatch.setattr(FluxTransformer2DModel, "forward", spy)
+    monkeypatch.setattr(transformer, "forward", spy)
     dreambooth.train(**family_args(max_train_steps=1, guidance_scale=2.5, **NO_PRIOR))
     assert seen and all(torch.equal(g, torch.full_like(g, 2.5)) for g in seen)
 
@@ -479,7 +478,7 @@ def test_kohya_flux_layout_fuses_qkv_and_keeps_the_scale():
     assert out[f"{linear1}.lora_up.weight"][3 * width:].abs().sum() == 0
 
 
-REFERENCE_FLAGS = {  # the SD3 / Flux / Flux.2 klein / Z-Image / Qwen-Image README command lines of diffusers'
+REFERENCE_FLAGS = {  # the SD3 / Flux / Flux.2 klein and dev / Z-Image / Qwen-Image README command lines of diffusers'
     # examples/dreambooth (but --push_to_hub, wandb, 8-bit Adam: GPU only), on a tiny model
     "sd3": ["--mixed_precision", "bf16", "--instance_prompt", "a photo of sks dog", "--train_batch_size", "1",
             "--gradient_accumulation_steps", "2", "--learning_rate", "4e-4", "--lr_scheduler", "constant",
@@ -505,6 +504,11 @@ REFERENCE_FLAGS = {  # the SD3 / Flux / Flux.2 klein / Z-Image / Qwen-Image READ
                    "--gradient_accumulation_steps", "4", "--learning_rate", "2e-4", "--lr_scheduler", "constant",
                    "--lr_warmup_steps", "0", "--validation_prompt", "A photo of sks dog in a bucket",
                    "--validation_epochs", "1"],  # (its --max_sequence_length: the default, 512)
+    "flux2": ["--do_fp8_training", "--gradient_checkpointing", "--remote_text_encoder", "--cache_latents",
+              "--instance_prompt", "a photo of sks dog", "--train_batch_size", "1", "--guidance_scale", "1",
+              "--gradient_accumulation_steps", "4", "--optimizer", "prodigy", "--learning_rate", "1.",
+              "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100", "--validation_prompt",
+              "A photo of sks dog in a bucket", "--validation_epochs", "1", "--max_sequence_length", "16"],
 }
 
 
@@ -655,7 +659,7 @@ def test_without_a_learning_rate_the_method_and_family_default_is_used_and_repor
     expected = FAMILIES[tiny[0]].lora_learning_rate if lora else FULL_LEARNING_RATE
     assert summary["learning_rate"] == expected
     assert expected == ({"sd": 5e-4, "sdxl": 1e-4, "sd3": 1e-4, "flux": 1e-4, "flux2_klein": 1e-4,
-                         "z_image": 1e-4, "qwen_image": 1e-4}[tiny[0]] if lora else 5e-6)
+                         "z_image": 1e-4, "qwen_image": 1e-4, "flux2": 1e-4}[tiny[0]] if lora else 5e-6)
     # the text encoders as in the reference scripts: SDXL, SD3 and Flux at 5e-6 with weight decay 1e-3, SD with
     # the denoiser's rate and decay
     saved = json.loads((Path(args["output_dir"]) / "train_config.json").read_text())

@@ -245,11 +245,10 @@ QWEN_CHAT_TEMPLATE = (
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
 
 
-def write_qwen_tokenizer(folder: Path, max_length: int = 64, leading: tuple[str, ...] = ()):
-    """A byte-level BPE tokenizer like Qwen2/Qwen3's (every test word one token, anything else by bytes) with its
-    chat special tokens and a chat template, built offline. `leading`: pieces (a word after a space written with
-    its "\u0120") made single tokens by merges ranked before all others, so no test word's merge splits them."""
-    from transformers import Qwen2Tokenizer
+def byte_level_bpe(leading: tuple[str, ...] = ()) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of a byte-level BPE in which every test word is one token, after a space and at the start of a
+    line; anything else goes by bytes. `leading`: pieces (a word after a space written with its "\u0120") made
+    single tokens by merges ranked before all others, so no test word's merge splits them."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
@@ -262,6 +261,15 @@ def write_qwen_tokenizer(folder: Path, max_length: int = 64, leading: tuple[str,
                 merges.append((pieces[0], pieces[1]))
             vocab.setdefault(pieces[0] + pieces[1], len(vocab))
             pieces = [pieces[0] + pieces[1]] + pieces[2:]
+    return vocab, merges
+
+
+def write_qwen_tokenizer(folder: Path, max_length: int = 64, leading: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer like Qwen2/Qwen3's (every test word one token, anything else by bytes) with its
+    chat special tokens and a chat template, built offline."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = byte_level_bpe(leading)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
                                pad_token="<|endoftext|>", model_max_length=max_length)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]})
@@ -375,6 +383,60 @@ def make_tiny_qwen_image(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+# Mistral Small 3.1's chat template as Flux2Pipeline reads it: a system prompt, then the user turn (message contents
+# as lists of text blocks, as the pipeline's format_input writes them)
+MISTRAL_CHAT_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{%- set text = message['content'] if message['content'] is string else message['content'][0]['text'] %}"
+    "{%- if message['role'] == 'system' %}{{- '[SYSTEM_PROMPT]' + text + '[/SYSTEM_PROMPT]' }}"
+    "{%- elif message['role'] == 'user' %}{{- '[INST]' + text + '[/INST]' }}"
+    "{%- else %}{{- text + eos_token }}{%- endif %}{%- endfor %}")
+
+
+def make_tiny_flux2(folder: Path, seed: int = 0) -> Path:
+    """A tiny Flux.2 [dev] pipeline: Mistral3 (31 text layers, so the pipeline's hidden layers 10, 20 and 30 exist,
+    and a 1-block Pixtral vision tower it never uses for prompts) with a byte-level BPE tokenizer and Mistral's chat
+    template (a tokenizer in place of the PixtralProcessor, which needs torchvision); the transformer with its
+    guidance input; the Flux.2 VAE with random batch-norm statistics."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen2Tokenizer
+
+    torch.manual_seed(seed)
+    vocab, merges = byte_level_bpe()
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token="<s>", eos_token="</s>",
+                               pad_token="<pad>", model_max_length=64)
+    # the pipeline's system prompt as one token (about 30 in Mistral's vocabulary), so that the tests' short
+    # --max_sequence_length still holds the prompt after it
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[INST]", "[/INST]", "[SYSTEM_PROMPT]",
+                                                                "[/SYSTEM_PROMPT]", "[IMG]", SYSTEM_MESSAGE]})
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder.parent / f"{folder.name}-tok")
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=31,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+                sliding_window=None, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
+                  image_size=16, patch_size=4)
+    text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=1, vision_feature_layer=-1))
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
+                             norm_num_groups=4, sample_size=64)
+    vae.bn.running_mean.normal_(0, 0.2)
+    vae.bn.running_var.uniform_(0.5, 2.0)
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
+                                          guidance_embeds=True)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                         transformer=transformer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 # every registered family's tiny pipeline: the family-agnostic tests run over this table
 TINY = {"sd": make_tiny_sd, "sdxl": make_tiny_sdxl, "sd3": make_tiny_sd3, "flux": make_tiny_flux,
-        "flux2_klein": make_tiny_flux2_klein, "z_image": make_tiny_z_image, "qwen_image": make_tiny_qwen_image}
+        "flux2_klein": make_tiny_flux2_klein, "z_image": make_tiny_z_image, "qwen_image": make_tiny_qwen_image,
+        "flux2": make_tiny_flux2}

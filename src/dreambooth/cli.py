@@ -28,6 +28,9 @@ COMPAT_IGNORED = {
     # the Flux.2 klein README's: torchao fp8 linear layers are not implemented here
     "do_fp8_training": "fp8 training is not implemented; the run trains in --mixed_precision (bf16 on a GPU that "
                        "has it) and --use_lora keeps memory low",
+    # the Flux.2 [dev] README's: a hosted endpoint encodes the prompts there; here the local text encoder encodes
+    # each prompt once and leaves the GPU (the same conditioning, no network)
+    "remote_text_encoder": "prompts are encoded once by the local text encoder, which then leaves the GPU",
 }
 COMPAT_REFUSED = {
     "dataset_name": "pass the subject's photos as a local folder with --instance_data_dir",

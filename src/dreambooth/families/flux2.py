@@ -1,24 +1,29 @@
-"""Flux.2 klein (4B / 9B): a rectified-flow transformer (`Flux2Transformer2DModel`: double- and single-stream
-blocks) over latents patchified 2x2, normalised by the VAE's batch-norm statistics and packed into a sequence with
-4-axis positional ids; the conditioning is three hidden layers of a Qwen3 language model side by side, read from
-its chat template. The base checkpoints sample with true CFG; the distilled ones (`is_distilled`) without."""
+"""Flux.2: a rectified-flow transformer (`Flux2Transformer2DModel`: double- and single-stream blocks) over latents
+patchified 2x2, normalised by the VAE's batch-norm statistics and packed into a sequence with 4-axis positional ids;
+the conditioning is three hidden layers of a language model side by side, read from its chat template. klein (4B /
+9B): Qwen3; its base checkpoints sample with true CFG, the distilled ones (`is_distilled`) without. dev: Mistral
+Small 3.1 under a system prompt, and a guidance-distilled transformer told the guidance value."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
-from transformers import Qwen3ForCausalLM
+from diffusers import (
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Pipeline,
+    Flux2Transformer2DModel,
+)
+from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+from transformers import Mistral3ForConditionalGeneration, Qwen3ForCausalLM
 
 from ..devices import to_device
+from ..errors import ModelError
 from . import register
 from .base import Components, Denoise, read_model_index
 from .common import DiffusersFamily, TextPart, chat_template_ids
-
-# the hidden layers Flux2KleinPipeline conditions on; the reference script's default ([10, 20, 30]) differs from
-# the pipeline's (diffusers issue #13445), and a model trained on other layers than it samples with draws noise
-OUT_LAYERS = (9, 18, 27)
 
 
 @register
@@ -52,6 +57,9 @@ class Flux2Klein(DiffusersFamily):
     default_lora_targets = ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj")
     trained_text_encoders = ()  # the Qwen3 language model stays frozen (the reference trains none)
     render_at_training_size = True  # the pipeline's default size is 1024
+    # the hidden layers Flux2KleinPipeline conditions on; the reference script's default ([10, 20, 30]) differs from
+    # the pipeline's (diffusers issue #13445), and a model trained on other layers than it samples with draws noise
+    out_layers = (9, 18, 27)
 
     def lora_defaults(self, config: Any) -> list[str]:
         blocks = config.get("num_single_layers", 0)
@@ -65,7 +73,7 @@ class Flux2Klein(DiffusersFamily):
 
     def encode(self, c: Components, input_ids: dict[str, torch.Tensor], cfg: Any,
                text_encoders: dict[str, torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
-        """Hidden layers 9, 18 and 27 of the language model (padding masked), side by side per token."""
+        """Its `out_layers` of the language model (padding masked), side by side per token."""
         encoder = {**c.text_encoders, **(text_encoders or {})}["text_encoder"]
         pad = c.tokenizer.pad_token_id
 
@@ -73,7 +81,7 @@ class Flux2Klein(DiffusersFamily):
             ids = to_device(ids, encoder.device)
             out = encoder(input_ids=ids, attention_mask=(ids != pad).long(), output_hidden_states=True,
                           use_cache=False)
-            layers = torch.stack([out.hidden_states[k] for k in OUT_LAYERS], dim=1)
+            layers = torch.stack([out.hidden_states[k] for k in self.out_layers], dim=1)
             n, k, length, width = layers.shape
             return layers.permute(0, 2, 1, 3).reshape(n, length, k * width)
 
@@ -115,3 +123,33 @@ class Flux2Klein(DiffusersFamily):
         pipe = super().pipeline(c, denoiser, text_encoders, scheduler)
         pipe.register_to_config(is_distilled=bool(read_model_index(c.source).get("is_distilled", False)))
         return pipe
+
+
+@register
+class Flux2Dev(Flux2Klein):
+    """Flux.2 [dev]: klein's transformer, VAE and training, conditioned on Mistral Small 3.1 (hidden layers 10, 20
+    and 30, the pipeline's and the reference's) under the pipeline's system prompt; guidance-distilled: the
+    transformer is told --guidance_scale while training and the guidance value while sampling (no true CFG)."""
+
+    name = "flux2"
+    pipeline_classes = ("Flux2Pipeline",)
+    pipeline_class = Flux2Pipeline
+    text_parts = (TextPart("tokenizer", "text_encoder", Mistral3ForConditionalGeneration),)
+    out_layers = (10, 20, 30)
+    default_guidance = 4.0  # the pipeline's guidance value
+    trained_text_encoders = ()  # Mistral stays frozen (the reference trains none)
+
+    def tokenize(self, c: Components, prompts: list[str], cfg: Any) -> dict[str, torch.Tensor]:
+        """As `Flux2Pipeline._get_mistral_3_small_prompt_embeds`: the pipeline's system prompt and each prompt as a
+        user turn of the chat template, padded to --max_sequence_length tokens."""
+        if getattr(c.tokenizer, "chat_template", None) is None:
+            raise ModelError(f"the tokenizer of {c.source.name_or_path} has no chat template (Flux.2 [dev] reads "
+                             "prompts through Mistral's); use the model's own tokenizer/ folder")
+        return {"text_encoder": c.tokenizer.apply_chat_template(
+            format_input(prompts), add_generation_prompt=False, tokenize=True, return_dict=True,
+            return_tensors="pt", padding="max_length", truncation=True,
+            max_length=self.option(cfg, "max_sequence_length"))["input_ids"]}
+
+    def pipeline(self, c: Components, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
+                 scheduler: Any) -> Any:
+        return DiffusersFamily.pipeline(self, c, denoiser, text_encoders, scheduler)

@@ -90,6 +90,9 @@ def pipeline_encoding(family: str, pipe, prompts: list[str]) -> dict[str, torch.
     if family == "qwen_image":  # padded to the batch's longest prompt; no mask where none is padded
         embeds, mask = pipe.encode_prompt(prompts, max_sequence_length=T5_TOKENS)
         return {"encoder_hidden_states": embeds, "encoder_hidden_states_mask": mask}
+    if family == "krea2":
+        embeds, mask = pipe.encode_prompt(prompts, max_sequence_length=T5_TOKENS)
+        return {"encoder_hidden_states": embeds, "encoder_attention_mask": mask}
     embeds, pooled, _ = pipe.encode_prompt(prompts, prompts, max_sequence_length=T5_TOKENS)
     return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
@@ -136,7 +139,7 @@ def captured_call(family: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor,
         return packed.permute(0, 2, 1).reshape(packed.shape[0], -1, 4, 4), kwargs["timestep"] * 1000
     if family == "z_image":  # a list of (C, 1, H, W), time as 1 - t
         return torch.stack(args[0]).squeeze(2), 1000 - args[1] * 1000
-    if family == "qwen_image":  # packed 2x2 into (N, H*W/4, 4C), the frame axis dropped
+    if family in ("qwen_image", "krea2"):  # packed 2x2 into (N, H*W/4, 4C), the frame axis dropped
         from diffusers import QwenImagePipeline
 
         return QwenImagePipeline._unpack_latents(kwargs["hidden_states"], 64, 64, 8).squeeze(2), \
@@ -170,7 +173,7 @@ def test_the_denoiser_is_called_as_the_pipeline_calls_it(tiny, monkeypatch):
     extra = {"max_sequence_length": T5_TOKENS} if family.t5_part else {}
     with torch.no_grad():  # guidance 2 is Flux's guidance input; the others run without CFG at 1 (Z-Image: at 0)
         pipe(prompt="a photo of zwx dog", num_inference_steps=1, height=64, width=64, output_type="latent",
-             guidance_scale={"flux": 2.0, "flux2": 2.0, "z_image": 0.0}.get(family_name, 1.0),
+             guidance_scale={"flux": 2.0, "flux2": 2.0, "z_image": 0.0, "krea2": 0.0}.get(family_name, 1.0),
              generator=torch.Generator().manual_seed(0), **extra)
         args, kwargs, theirs = seen[0]
         noisy, t = captured_call(family_name, args, kwargs)
@@ -185,7 +188,7 @@ def test_the_denoiser_is_called_as_the_pipeline_calls_it(tiny, monkeypatch):
         theirs = theirs.permute(0, 2, 1).reshape(theirs.shape[0], -1, 4, 4)
     if family_name == "z_image":  # the pipeline negates the output before its scheduler step
         theirs = -torch.stack(theirs).squeeze(2)
-    if family_name == "qwen_image":
+    if family_name in ("qwen_image", "krea2"):
         from diffusers import QwenImagePipeline
 
         theirs = QwenImagePipeline._unpack_latents(theirs, 64, 64, 8).squeeze(2)
@@ -509,6 +512,11 @@ REFERENCE_FLAGS = {  # the SD3 / Flux / Flux.2 klein and dev / Z-Image / Qwen-Im
               "--gradient_accumulation_steps", "4", "--optimizer", "prodigy", "--learning_rate", "1.",
               "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100", "--validation_prompt",
               "A photo of sks dog in a bucket", "--validation_epochs", "1", "--max_sequence_length", "16"],
+    "krea2": ["--mixed_precision", "bf16", "--instance_prompt", "a photo of sks dog", "--train_batch_size", "1",
+              "--gradient_checkpointing", "--cache_latents", "--rank", "32", "--lora_alpha", "32", "--optimizer",
+              "adamW", "--learning_rate", "3e-4", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+              "--validation_model_path", "krea/Krea-2-Turbo", "--validation_prompt", "a photo of sks dog",
+              "--validation_epochs", "1", "--max_sequence_length", "16"],
 }
 
 
@@ -523,8 +531,9 @@ def test_reference_command_lines_train_and_resume(tiny, tmp_path, instance_dir, 
             "--class_inference_steps", "2", "--num_validation_images", "1", "--validation_inference_steps", "1",
             *REFERENCE_FLAGS[family_name], *(["--use_lora", "--rank", "4"] if lora else [])]
     flags = [*argv, "--checkpointing_steps", "1"]
-    if not lora:  # --lora_layers / --lora_blocks mean nothing without LoRA: refused in one line
-        flags = [a for i, a in enumerate(flags) if not (a.startswith("--lora_") or flags[i - 1].startswith("--lora_"))]
+    if not lora:  # --lora_layers / --lora_blocks / --rank mean nothing without LoRA: refused in one line
+        lora_only = ("--lora_", "--rank")
+        flags = [a for i, a in enumerate(flags) if not (a.startswith(lora_only) or flags[i - 1].startswith(lora_only))]
     assert main([*flags, "--max_train_steps", "2", "--output_dir", str(tmp_path / "stopped")]) == 0
     assert main([*flags, "--max_train_steps", "3", "--output_dir", str(tmp_path / "stopped"),
                  "--resume_from_checkpoint", "latest"]) == 0
@@ -659,7 +668,7 @@ def test_without_a_learning_rate_the_method_and_family_default_is_used_and_repor
     expected = FAMILIES[tiny[0]].lora_learning_rate if lora else FULL_LEARNING_RATE
     assert summary["learning_rate"] == expected
     assert expected == ({"sd": 5e-4, "sdxl": 1e-4, "sd3": 1e-4, "flux": 1e-4, "flux2_klein": 1e-4,
-                         "z_image": 1e-4, "qwen_image": 1e-4, "flux2": 1e-4}[tiny[0]] if lora else 5e-6)
+                         "z_image": 1e-4, "qwen_image": 1e-4, "flux2": 1e-4, "krea2": 3e-4}[tiny[0]] if lora else 5e-6)
     # the text encoders as in the reference scripts: SDXL, SD3 and Flux at 5e-6 with weight decay 1e-3, SD with
     # the denoiser's rate and decay
     saved = json.loads((Path(args["output_dir"]) / "train_config.json").read_text())

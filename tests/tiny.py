@@ -339,7 +339,7 @@ def make_tiny_z_image(folder: Path, seed: int = 0) -> Path:
 
 # the words of QwenImagePipeline's system prompt: each one token, as in Qwen2.5's vocabulary, so that the 34
 # tokens the pipeline drops are that system turn exactly
-QWEN_IMAGE_WORDS = ("Describe", *("\u0120" + w for w in (
+QWEN_IMAGE_WORDS = ("Describe", "assistant", *("\u0120" + w for w in (
     "image", "by", "detailing", "color", "shape", "size", "texture", "quantity", "text", "spatial", "relationships",
     "objects", "and", "background")))
 
@@ -379,6 +379,44 @@ def make_tiny_qwen_image(folder: Path, seed: int = 0) -> Path:
                                                 time_shift_type="exponential")
     pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                              transformer=transformer)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_tiny_krea2(folder: Path, seed: int = 0) -> Path:
+    """A tiny Krea 2 pipeline: Qwen3-VL (4 text layers, 3 of them tapped; a 1-block vision tower it never uses for
+    prompts) with a tokenizer that splits the template as Qwen's does (34 prefix and 5 suffix tokens, which the
+    pipeline counts on), 1 transformer block with one layer-wise and one refiner text-fusion block; Qwen-Image's
+    video VAE with per-channel mean and std; the dynamic shift of the Raw checkpoint."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        Krea2Pipeline,
+        Krea2Transformer2DModel,
+    )
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    torch.manual_seed(seed)
+    tokenizer = write_qwen_tokenizer(folder.parent / f"{folder.name}-tok", leading=QWEN_IMAGE_WORDS)
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
+                rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [2, 1, 1],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
+                  deepstack_visual_indexes=[0], patch_size=4, num_position_embeddings=16)
+    text_encoder = Qwen3VLModel(Qwen3VLConfig(text_config=text, vision_config=vision))
+    transformer = Krea2Transformer2DModel(
+        in_channels=16, num_layers=1, attention_head_dim=8, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=32, timestep_embed_dim=8, text_hidden_dim=16, num_text_layers=3, text_num_attention_heads=2,
+        text_num_key_value_heads=1, text_intermediate_size=16, num_layerwise_text_blocks=1, num_refiner_text_blocks=1,
+        axes_dims_rope=(4, 2, 2))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, False, False], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                 latents_std=[1.5, 0.8, 2.0, 1.1])
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=6400)
+    pipe = Krea2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                         transformer=transformer, text_encoder_select_layers=(1, 2, 4))
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -439,4 +477,4 @@ def make_tiny_flux2(folder: Path, seed: int = 0) -> Path:
 # every registered family's tiny pipeline: the family-agnostic tests run over this table
 TINY = {"sd": make_tiny_sd, "sdxl": make_tiny_sdxl, "sd3": make_tiny_sd3, "flux": make_tiny_flux,
         "flux2_klein": make_tiny_flux2_klein, "z_image": make_tiny_z_image, "qwen_image": make_tiny_qwen_image,
-        "flux2": make_tiny_flux2}
+        "flux2": make_tiny_flux2, "krea2": make_tiny_krea2}

@@ -31,7 +31,11 @@ COMPAT_IGNORED = {
     # the Flux.2 [dev] README's: a hosted endpoint encodes the prompts there; here the local text encoder encodes
     # each prompt once and leaves the GPU (the same conditioning, no network)
     "remote_text_encoder": "prompts are encoded once by the local text encoder, which then leaves the GPU",
+    # the Krea 2 README's (a value: the Turbo checkpoint): validation here renders with the model being trained
+    "validation_model_path": "validation grids render with the model being trained (sample the Turbo checkpoint "
+                             "with `dreambooth generate --model <Turbo> --lora <run>` after training)",
 }
+COMPAT_VALUED = ("validation_model_path",)  # of COMPAT_IGNORED: flags that take a value
 COMPAT_REFUSED = {
     "dataset_name": "pass the subject's photos as a local folder with --instance_data_dir",
     "push_to_hub": "upload the output folder with `hf upload` instead",
@@ -93,7 +97,8 @@ def _add_train_parser(p: argparse.ArgumentParser) -> None:
     config_command(p, TrainConfig, _run_train, "A TOML, YAML or JSON file of options; flags given here override it")
     compat = p.add_argument_group("accepted for compatibility with the reference script")
     for name in COMPAT_IGNORED:
-        compat.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
+        kind = {} if name in COMPAT_VALUED else {"action": "store_true"}
+        compat.add_argument(f"--{name}", **kind, help=argparse.SUPPRESS)
     for name in ("push_to_hub",):
         compat.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
     for name in ("hub_token", "hub_model_id", "class_labels_conditioning", "dataset_name", "lora_layers"):

@@ -252,12 +252,14 @@ def generate(config: GenerateConfig | dict | str | Path | None = None, **overrid
         settings = {"negative_prompt": cfg.negative_prompt, "steps": cfg.num_inference_steps, "model": cfg.model,
                     "sampler": resolve_sampler(cfg.sampler, family), "guidance_scale": guidance}
         extra = family.pipeline_kwargs(sampling_options(cfg.model, cfg.max_sequence_length))  # SD3's T5 length
+        # the pipeline's own default size where none is given (not every pipeline takes None: Krea 2)
+        size = {k: v for k, v in (("height", cfg.height), ("width", cfg.width)) if v is not None}
         all_images = []
         for p_index, prompt in enumerate(cfg.prompt):
             seeds = [derive_seed(cfg.seed, i) for i in range(cfg.num_images)]
             images = render(pipe, prompt, seeds, cfg.batch_size, device, guidance,
                             negative_prompt=cfg.negative_prompt, num_inference_steps=cfg.num_inference_steps,
-                            height=cfg.height, width=cfg.width, **extra)
+                            **size, **extra)
             for i, (seed, img) in enumerate(zip(seeds, images)):
                 path = out.entry(f"{p_index:02d}-{slug(prompt)}-{i:03d}.png")
                 save_image_atomic(img, path, pnginfo=_pnginfo({"prompt": prompt, "seed": seed, **settings}))

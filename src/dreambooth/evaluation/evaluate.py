@@ -223,8 +223,9 @@ def sample_all(cfg: EvaluateConfig, sampler: tuple[Any, Any], cases: list[Case],
 
     pipe, device = sampler
     extra = {k: v for k, v in sampling.items() if k not in ("sampler", "num_inference_steps", "guidance_scale")}
+    size = {"height": cfg.resolution, "width": cfg.resolution} if cfg.resolution else {}  # else the pipeline's
     kwargs = {"num_inference_steps": sampling["num_inference_steps"], "guidance_scale": sampling["guidance_scale"],
-              "negative_prompt": cfg.negative_prompt, "height": cfg.resolution, "width": cfg.resolution,
+              "negative_prompt": cfg.negative_prompt, **size,
               **extra}  # the family's pipeline arguments, resolved in _evaluate (e.g. SD3's T5 length)
     jobs = [(f"{i:02d}", c.prompt, n) for i, c in enumerate(cases)]
     jobs.append((CLASS_FOLDER, *class_job))

@@ -39,7 +39,7 @@ def family_of(pipe) -> ModelFamily:
     return family
 
 
-from . import flux, flux2, qwen_image, sd, sd3, sdxl, z_image  # noqa: E402,F401  (each registers itself)
+from . import flux, flux2, krea2, qwen_image, sd, sd3, sdxl, z_image  # noqa: E402,F401  (each registers itself)
 
 __all__ = ["FAMILIES", "Components", "Denoise", "ModelFamily", "ModelSource", "family_of", "get_family",
            "model_identity", "register"]

@@ -22,15 +22,31 @@ from . import register
 from .base import Components, Denoise
 from .common import DiffusersFamily, TextPart
 
-# QwenImagePipeline's prompt template and the number of its leading (system turn) tokens it drops from the states
-TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
-            "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
-            "<|im_start|>assistant\n")
+# QwenImagePipeline's prompt template (Krea 2's too) and the number of its leading (system turn) tokens dropped
+# from the states
+PREFIX = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+          "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n")
+SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 DROPPED = 34
 
 
+class VideoVAELatents:
+    """The latents of Qwen-Image's video VAE (`AutoencoderKLQwenImage`, which Krea 2 shares): each image encoded as
+    one frame, standardised per channel by the VAE's latents_mean and latents_std (the pipelines' decode undoes it)."""
+
+    def posterior(self, vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = vae.encode(pixels.unsqueeze(2)).latent_dist
+        return dist.mean.squeeze(2), dist.std.squeeze(2)
+
+    def normalize_latents(self, c: Components, latents: torch.Tensor) -> torch.Tensor:
+        config = c.vae.config
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        return (latents - mean) / std
+
+
 @register
-class QwenImage(DiffusersFamily):
+class QwenImage(VideoVAELatents, DiffusersFamily):
     name = "qwen_image"
     pipeline_classes = ("QwenImagePipeline",)
     pipeline_class = QwenImagePipeline
@@ -67,7 +83,7 @@ class QwenImage(DiffusersFamily):
         """Each prompt in the pipeline's template, padded to the system turn plus --max_sequence_length tokens
         (the language model is causal: what follows a token never changes its state, so this cut keeps the
         states the pipeline keeps)."""
-        texts = [TEMPLATE.format(p) for p in prompts]
+        texts = [PREFIX + p + SUFFIX for p in prompts]
         length = DROPPED + self.option(cfg, "max_sequence_length")
         return {"text_encoder": c.tokenizer(texts, padding="max_length", max_length=length, truncation=True,
                                             return_tensors="pt").input_ids}
@@ -89,18 +105,6 @@ class QwenImage(DiffusersFamily):
         mask = (ids != pad).long()[:, DROPPED:]
         return {"encoder_hidden_states": self.frozen_states(c, "text_encoder", ids, states),
                 "encoder_hidden_states_mask": mask}
-
-    def posterior(self, vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The VAE reads a video: each image as one frame."""
-        dist = vae.encode(pixels.unsqueeze(2)).latent_dist
-        return dist.mean.squeeze(2), dist.std.squeeze(2)
-
-    def normalize_latents(self, c: Components, latents: torch.Tensor) -> torch.Tensor:
-        """Standardised per channel by the VAE's latents_mean and latents_std (the pipeline's decode undoes it)."""
-        config = c.vae.config
-        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-        return (latents - mean) / std
 
     def denoiser_call(self, c: Components, denoiser: torch.nn.Module, cond: dict[str, torch.Tensor],
                       batch: dict[str, Any], cfg: Any) -> Denoise:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import dreambooth
 from conftest import T5_TOKENS, to_argv
 from dreambooth.cli import main
-from dreambooth.families import FAMILIES, ModelSource, get_family
+from dreambooth.families import FAMILIES, ModelFamily, ModelSource, get_family
 from dreambooth.generation import load_for_inference
 from dreambooth.registry import Registry
 from test_resume import straight_and_resumed
@@ -291,8 +291,8 @@ def test_full_run_with_prior_trains_what_it_should_and_renders(family_args, tiny
     assert np.isfinite(render(family.pipeline_class.from_pretrained(out))).all()
     for source in (out, out / "checkpoint-2"):  # the output and a checkpoint on its own
         assert main(["generate", "--model", str(source), "--prompt", "a photo of zwx dog", "--num_images", "1",
-                     "--num_inference_steps", "2", "--device", "cpu", "--output_dir",
-                     str(tmp_path / f"samples-{source.name}")]) == 0
+                     "--num_inference_steps", "2", "--device", "cpu", "--height", "64", "--width", "64",
+                     "--output_dir", str(tmp_path / f"samples-{source.name}")]) == 0
 
 
 def test_resume_is_exact(family_args, tiny, tmp_path, monkeypatch):
@@ -688,3 +688,39 @@ def test_comfyui_alphas_carry_a_custom_lora_alpha():
     assert float(out["transformer.layers.0.attention.to_q.alpha"]) == 8.0 and len(out) == 3
     with pytest.raises(DataError, match="not a LoRA tensor"):
         with_alphas({**state, "transformer.x.dora_scale": torch.zeros(1)}, 8.0)
+
+
+# What ComfyUI's LoRA loader maps for the families whose `--format comfyui` file keeps diffusers' module names
+# (`transformer.<module>`), read from its comfy/lora.py `model_lora_keys_unet` and comfy/utils.py converters
+# (`flux_to_diffusers`, `z_image_to_diffusers`, `mmdit_to_diffusers`, `krea2_to_diffusers`; Qwen-Image keeps
+# diffusers' names): every Linear module of the real-size transformer, but for Flux.2 the timestep/guidance
+# embedders and the modulation layers, which its Flux converter has no entry for (their adapters would be skipped
+# with "lora key not loaded").
+FLUX2_UNMAPPED = ("time_guidance_embed.", "modulation")
+COMFYUI_UNMAPPED = {"sd3": (), "z_image": (), "qwen_image": (), "krea2": (), "flux2": FLUX2_UNMAPPED,
+                    "flux2_klein": FLUX2_UNMAPPED}
+
+
+@pytest.mark.parametrize("family_name", [n for n, f in FAMILIES.items() if f.kohya_lora is ModelFamily.kohya_lora])
+def test_comfyui_maps_every_module_a_real_size_export_adapts(family_name):
+    """The real-size transformer (its diffusers default config, on the meta device: no weights), the modules the
+    default LoRA targets adapt there (peft's own matching), and the keys --format comfyui writes for them: each one
+    names a module ComfyUI maps, with its `.alpha`."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from dreambooth.lora_formats import with_alphas
+
+    assert family_name in COMFYUI_UNMAPPED, "read how ComfyUI maps this family's LoRA keys and add it above"
+    family = FAMILIES[family_name]()
+    with torch.device("meta"):
+        model = family.denoiser_class()
+    linear = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    config = LoraConfig(target_modules=family.lora_defaults(model.config))
+    adapted = {name for name in linear if check_target_module_exists(config, name)}
+    assert len(adapted) >= model.config.get("num_layers", 1)  # every block at least
+    state = {f"{family.denoiser_name}.{m}.lora_{x}.weight": torch.zeros(1) for m in adapted for x in "AB"}
+    exported = with_alphas(state, 4.0)
+    modules = {k.removeprefix("transformer.").rsplit(".", 1)[0] for k in exported if k.endswith(".alpha")}
+    mapped = {n for n in linear if not any(part in n for part in COMFYUI_UNMAPPED[family_name])}
+    assert modules == adapted and modules <= mapped, sorted(modules - mapped)[:5]

@@ -181,7 +181,7 @@ def minimal_family():
         load_options = {"safety_checker": None, "requires_safety_checker": False}
         optional_parts = ("feature_extractor",)
         default_resolution = 64
-        lora_learning_rate = 3e-4
+        lora_learning_rate = 7e-4
         objective = "ddpm"
         default_sampler = "ddim"
         default_guidance = 5.0
@@ -215,13 +215,13 @@ def test_a_new_family_registers_trains_resumes_and_exports_through_the_generic_p
 
     name = registered_family.name
     help_text = schema.help_of(schema.fields(Fresh)["learning_rate"])
-    assert f"3e-4 for {name}" in help_text  # its defaults appear in --help with no help text edited
+    assert f"7e-4 for {name}" in help_text  # its defaults appear in --help with no help text edited
     args = minimal_args(tmp_path, tiny_model, instance_dir, family=name, use_lora=True, checkpointing_steps=1,
                         learning_rate=None, resolution=None, with_prior_preservation=True,
                         class_prompt="a photo of dog", class_data_dir=str(tmp_path / "class"), num_class_images=2,
                         class_inference_steps=2)
     straight = dreambooth.train(**{**args, "output_dir": str(tmp_path / "straight")})
-    assert straight["family"] == name and straight["learning_rate"] == 3e-4 and straight["steps"] == 2
+    assert straight["family"] == name and straight["learning_rate"] == 7e-4 and straight["steps"] == 2
     dreambooth.train(**{**args, "max_train_steps": 1})
     resumed = dreambooth.train(**args, resume_from_checkpoint="latest")
     assert resumed["resumed_from"] and resumed["steps"] == 2

@@ -384,6 +384,18 @@ def flux_width_shim(monkeypatch):
     monkeypatch.setattr(sfu, "torch", Torch())
 
 
+# names only the original layouts have (ComfyUI's): fused q, k, v; BFL's and Krea's module names; Qwen-Image's
+# original names are diffusers' own
+FLUX2_ORIGINAL = {"double_blocks.0.img_attn.qkv.weight", "double_blocks.0.txt_attn.norm.query_norm.scale",
+                  "single_blocks.0.linear1.weight", "final_layer.adaLN_modulation.1.weight", "img_in.weight"}
+ORIGINAL_KEYS = {"flux2": FLUX2_ORIGINAL, "flux2_klein": FLUX2_ORIGINAL,
+                 "z_image": {"layers.0.attention.qkv.weight", "layers.0.attention.out.weight",
+                             "final_layer.linear.weight", "x_embedder.weight"},
+                 "krea2": {"blocks.0.attn.wq.weight", "blocks.0.attn.gate.weight", "blocks.0.mod.lin", "first.weight",
+                           "txtfusion.projector.weight", "last.modulation.lin", "txtmlp.0.scale"},
+                 "qwen_image": {"transformer_blocks.0.attn.to_q.weight", "img_in.weight"}}
+
+
 def test_single_file_export_round_trips_through_from_single_file(family_args, tiny, tmp_path, flux_width_shim):
     family_name, model = tiny
     family = FAMILIES[family_name]
@@ -396,6 +408,9 @@ def test_single_file_export_round_trips_through_from_single_file(family_args, ti
         assert code == 2 and not out.exists()
         return
     assert code == 0
+    if family_name in ORIGINAL_KEYS:  # the transformer alone, in its original names (diffusers would read its own)
+        written = load_file(out)
+        assert ORIGINAL_KEYS[family_name] <= written.keys(), sorted(written)[:8]
     trained = family.pipeline_class.from_pretrained(tmp_path / "out")
     denoiser = getattr(trained, family.denoiser_name)
     back = type(denoiser).from_single_file(str(out), config=str(tmp_path / "out"), subfolder=family.denoiser_name,

@@ -6,11 +6,12 @@
   `single_blocks` names, CLIP-L as `lora_te1_*`), with `.lora_down`/`.lora_up`/`.alpha`: the single file UIs put in
   their `loras` folder. SD3 has none: its diffusers LoRA file is what ComfyUI loads.
 - `comfyui`: the LoRA file ComfyUI loads at the trained strength: the kohya layout where one exists, else (SD3,
-  Flux.2, Z-Image) the diffusers names ComfyUI maps itself, with the `.alpha` tensors it reads the strength from.
+  Flux.2, Z-Image, Qwen-Image, Krea 2) the diffusers names ComfyUI maps itself, with the `.alpha` tensors it reads
+  the strength from.
 - `merged`: a LoRA run's adapters fused into the base weights, saved as a full diffusers pipeline.
 - `single-file`: a full fine-tune (or a fused LoRA run, or any supported pipeline) in the original layout: SD/SDXL
-  checkpoints (UNet, VAE, text encoders), Stability's SD3 file (MMDiT, VAE, CLIP-L/G, T5), Black Forest Labs' Flux
-  transformer file.
+  checkpoints (UNet, VAE, text encoders), Stability's SD3 file (MMDiT, VAE, CLIP-L/G, T5), the original transformer
+  files of Flux.1, Flux.2, Z-Image, Qwen-Image and Krea 2.
 """
 
 from __future__ import annotations

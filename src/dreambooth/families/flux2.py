@@ -25,6 +25,53 @@ from . import register
 from .base import Components, Denoise, read_model_index
 from .common import DiffusersFamily, TextPart, chat_template_ids
 
+# diffusers -> the original (BFL) names of Flux.2's transformer, the inverse of diffusers'
+# convert_flux2_transformer_checkpoint_to_diffusers; q, k and v of each double block are fused back into one qkv
+TOP_LEVEL = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+             "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+             "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+             "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+             "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+             "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+             "single_stream_modulation.linear": "single_stream_modulation.lin",
+             "norm_out.linear": "final_layer.adaLN_modulation.1"}
+DOUBLE_BLOCK = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                "attn.to_out.0": "img_attn.proj", "ff.linear_in": "img_mlp.0", "ff.linear_out": "img_mlp.2",
+                "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
+                "attn.to_add_out": "txt_attn.proj", "ff_context.linear_in": "txt_mlp.0",
+                "ff_context.linear_out": "txt_mlp.2"}
+SINGLE_BLOCK = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2", "attn.norm_q": "norm.query_norm",
+                "attn.norm_k": "norm.key_norm"}
+FUSED = {("attn.to_q", "attn.to_k", "attn.to_v"): "img_attn.qkv",
+         ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"): "txt_attn.qkv"}
+
+
+def original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Flux.2 transformer's diffusers state dict in the original layout ComfyUI loads (RMS-norm weights as
+    `.scale`, the final modulation as (shift, scale))."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module, param = key.rsplit(".", 1)
+        block, _, rest = module.partition(".")
+        index, _, inner = rest.partition(".")
+        if block == "transformer_blocks" and any(inner in group for group in FUSED):
+            group = next(g for g in FUSED if inner in g)
+            if inner == group[0]:
+                out[f"double_blocks.{index}.{FUSED[group]}.{param}"] = torch.cat(
+                    [state[f"transformer_blocks.{index}.{m}.{param}"] for m in group])
+            continue
+        if block == "transformer_blocks":
+            name = f"double_blocks.{index}.{DOUBLE_BLOCK[inner]}"
+        elif block == "single_transformer_blocks":
+            name = f"single_blocks.{index}.{SINGLE_BLOCK[inner]}"
+        else:
+            name = TOP_LEVEL[module]
+        if module == "norm_out.linear":  # diffusers keeps (scale, shift)
+            value = torch.cat(value.chunk(2, dim=0)[::-1])
+        out[f"{name}.{'scale' if name.endswith('_norm') else param}"] = value
+    return out
+
 
 @register
 class Flux2Klein(DiffusersFamily):
@@ -60,6 +107,11 @@ class Flux2Klein(DiffusersFamily):
     # the hidden layers Flux2KleinPipeline conditions on; the reference script's default ([10, 20, 30]) differs from
     # the pipeline's (diffusers issue #13445), and a model trained on other layers than it samples with draws noise
     out_layers = (9, 18, 27)
+
+    def single_file_state(self, pipe: Any) -> dict[str, torch.Tensor]:
+        """The transformer alone in the original layout (ComfyUI's Load Diffusion Model; diffusers'
+        `from_single_file` reads it back)."""
+        return original_layout(pipe.transformer.state_dict())
 
     def lora_defaults(self, config: Any) -> list[str]:
         blocks = config.get("num_single_layers", 0)

@@ -24,6 +24,34 @@ SUFFIX_TOKENS = 5  # "<|im_end|>\n<|im_start|>assistant\n" in Qwen's vocabulary 
 SELECT_LAYERS = (2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35)
 
 
+# diffusers -> the original names of Krea 2's transformer (the inverse of diffusers'
+# convert_krea2_transformer_checkpoint_to_diffusers): whole names first, then prefixes, then names inside blocks
+WHOLE = {"txt_in.norm.weight": "txtmlp.0.scale", "final_layer.norm.weight": "last.norm.scale",
+         "final_layer.scale_shift_table": "last.modulation.lin"}
+PREFIXES = (("img_in.", "first."), ("time_embed.linear_1.", "tmlp.0."), ("time_embed.linear_2.", "tmlp.2."),
+            ("time_mod_proj.", "tproj.1."), ("txt_in.linear_1.", "txtmlp.1."), ("txt_in.linear_2.", "txtmlp.3."),
+            ("text_fusion.", "txtfusion."), ("transformer_blocks.", "blocks."), ("final_layer.linear.", "last.linear."))
+IN_BLOCKS = ((".attn.to_q.", ".attn.wq."), (".attn.to_k.", ".attn.wk."), (".attn.to_v.", ".attn.wv."),
+             (".attn.to_out.0.", ".attn.wo."), (".attn.to_gate.", ".attn.gate."),
+             (".attn.norm_q.weight", ".attn.qknorm.qnorm.scale"), (".attn.norm_k.weight", ".attn.qknorm.knorm.scale"),
+             (".ff.", ".mlp."), (".norm1.weight", ".prenorm.scale"), (".norm2.weight", ".postnorm.scale"),
+             (".scale_shift_table", ".mod.lin"))
+
+
+def original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        name = WHOLE.get(key)
+        if name is None:
+            name = next((old + key[len(new):] for new, old in PREFIXES if key.startswith(new)), key)
+            for new, old in IN_BLOCKS:
+                name = name.replace(new, old)
+        if key.startswith("transformer_blocks.") and key.endswith(".scale_shift_table"):
+            value = value.reshape(-1)  # the original keeps a block's six modulation vectors flat
+        out[name] = value
+    return out
+
+
 def pipeline_config(source: ModelSource) -> dict[str, Any]:
     """The pipeline's own settings, as its model_index.json records them."""
     index = read_model_index(source)
@@ -61,6 +89,11 @@ class Krea2(VideoVAELatents, DiffusersFamily):
     trained_text_encoders = ()  # Qwen3-VL stays frozen (the reference trains none)
     render_at_training_size = True  # the pipeline's default size is 1024
     upcast_vae_in_fp16 = False
+
+    def single_file_state(self, pipe: Any) -> dict[str, torch.Tensor]:
+        """The transformer alone in the original layout (ComfyUI's Load Diffusion Model; diffusers'
+        `from_single_file` reads it back)."""
+        return original_layout(pipe.transformer.state_dict())
 
     def tokenize(self, c: Components, prompts: list[str], cfg: Any) -> dict[str, torch.Tensor]:
         """As `Krea2Pipeline.get_text_hidden_states`: the template's prefix and the prompt padded so that, with the

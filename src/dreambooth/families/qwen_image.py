@@ -72,6 +72,11 @@ class QwenImage(VideoVAELatents, DiffusersFamily):
     render_at_training_size = True  # the pipeline's default size is 1024
     upcast_vae_in_fp16 = False  # its VAE config has no force_upcast
 
+    def single_file_state(self, pipe: Any) -> dict[str, torch.Tensor]:
+        """The transformer alone: its original layout is diffusers' own names (ComfyUI's Load Diffusion Model and
+        diffusers' `from_single_file` read them as they are)."""
+        return dict(pipe.transformer.state_dict())
+
     def guidance(self, scale: float, count: int, negative_prompt: str | None = None) -> dict[str, Any]:
         """True CFG, which QwenImagePipeline applies only with a negative prompt: " " where none is given (the
         model card's), none at a scale of 1 or less."""

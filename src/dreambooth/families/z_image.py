@@ -16,6 +16,27 @@ from . import register
 from .base import Components, Denoise
 from .common import DiffusersFamily, TextPart, chat_template_ids
 
+# diffusers -> the original names of Z-Image's transformer (the inverse of diffusers'
+# convert_z_image_transformer_checkpoint_to_diffusers); each attention's q, k and v are fused back into one qkv
+RENAMES = (("all_final_layer.2-1.", "final_layer."), ("all_x_embedder.2-1.", "x_embedder."),
+           (".attention.to_out.0.", ".attention.out."), (".attention.norm_k.", ".attention.k_norm."),
+           (".attention.norm_q.", ".attention.q_norm."))
+
+
+def original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith((".attention.to_k.weight", ".attention.to_v.weight")):
+            continue  # fused with to_q
+        if key.endswith(".attention.to_q.weight"):
+            stem = key.removesuffix(".to_q.weight")
+            out[f"{stem}.qkv.weight"] = torch.cat([state[f"{stem}.to_{x}.weight"] for x in "qkv"])
+            continue
+        for new, old in RENAMES:
+            key = key.replace(new, old)
+        out[key] = value
+    return out
+
 
 @register
 class ZImage(DiffusersFamily):
@@ -43,6 +64,11 @@ class ZImage(DiffusersFamily):
     default_lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
     trained_text_encoders = ()  # the Qwen3 model stays frozen (the reference trains none)
     render_at_training_size = True  # the pipeline's default size is 1024
+
+    def single_file_state(self, pipe: Any) -> dict[str, torch.Tensor]:
+        """The transformer alone in the original layout (ComfyUI's Load Diffusion Model; diffusers'
+        `from_single_file` reads it back)."""
+        return original_layout(pipe.transformer.state_dict())
 
     def tokenize(self, c: Components, prompts: list[str], cfg: Any) -> dict[str, torch.Tensor]:
         """As `ZImagePipeline._encode_prompt`: each prompt as a user turn of the chat template (thinking on),

@@ -16,7 +16,8 @@ import torch
 from .devices import to_device
 
 
-def _latent_dist(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def vae_posterior(vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of a VAE's posterior for images (N, 3, H, W): what most families encode (ModelFamily.posterior)."""
     dist = vae.encode(pixels).latent_dist
     return dist.mean, dist.std
 
@@ -27,7 +28,7 @@ class LatentCache:
         """`posterior(vae, pixels) -> (mean, std)`: the family's encoding (ModelFamily.posterior; default: the
         VAE's latent_dist as it is)."""
         self.vae, self.enabled, self.max_views = vae, enabled, max_views
-        self.posterior = posterior or _latent_dist
+        self.posterior = posterior or vae_posterior
         self.store: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
         self.encoded = 0  # images that went through the VAE
         self.hits = 0  # images served from the cache

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import ModelError, first_line
+from ..latent_cache import vae_posterior
 from ..objectives import OBJECTIVES, Denoise
 
 
@@ -115,8 +116,7 @@ class ModelFamily(ABC):
     def posterior(self, vae: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of the frozen VAE's posterior for images (N, 3, H, W), as (N, C, h, w) latents (a family
         whose VAE has a frame axis adds and drops it here)."""
-        dist = vae.encode(pixels).latent_dist
-        return dist.mean, dist.std
+        return vae_posterior(vae, pixels)
 
     def guidance(self, scale: float, count: int, negative_prompt: str | None = None) -> dict[str, Any]:
         """The pipeline call's guidance keywords for `count` prompts: the scale and (when given) the negative

@@ -118,6 +118,38 @@ def test_push_to_hub_is_refused_clearly(capsys):
     assert code == 2 and "hf upload" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag, words", [("--image_column image", "local folder"),
+                                          ("--dataset_config_name x", "local folder"),
+                                          ("--caption_column text", "--caption_extension")])
+def test_hub_dataset_flags_of_the_reference_scripts_are_refused_clearly(flag, words, capsys):
+    code = main(["train", *sum(([f"--{k}", v] for k, v in REQUIRED.items()), []), *flag.split()])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and err.count("\n") == 1
+
+
+def test_the_newer_reference_scripts_flags_are_accepted_and_said(base_args, caplog):
+    """The Flux.2 / Krea 2 scripts' flags that change nothing here run, each with a line saying what happens
+    instead; --validation_num_inference_steps is our --validation_inference_steps."""
+    import json
+    import logging
+    from pathlib import Path
+
+    from conftest import to_argv
+
+    args = base_args(max_train_steps=1, validation_prompt="a zwx dog", validation_steps=1, num_validation_images=1)
+    extra = ["--offload", "--fsdp_text_encoder", "--skip_final_inference", "--enable_npu_flash_attention",
+             "--cache_dir", "/nowhere", "--final_validation_prompt", "a zwx dog", "--validation_num_inference_steps",
+             "2"]
+    with caplog.at_level(logging.INFO, logger="dreambooth"):
+        assert main(["train", *to_argv(args), *extra]) == 0
+    said = caplog.text
+    assert all(f"--{name}: accepted" in said for name in ("offload", "fsdp_text_encoder", "skip_final_inference",
+                                                          "enable_npu_flash_attention", "cache_dir",
+                                                          "final_validation_prompt"))
+    saved = json.loads((Path(args["output_dir"]) / "train_config.json").read_text())
+    assert saved["validation_inference_steps"] == 2
+
+
 def test_python_api_takes_a_config_file(tmp_path, base_args):
     import json
 
@@ -164,3 +196,21 @@ def test_base_model_target_needs_no_class_folder():
     cfg = schema.build(TrainConfig, {**REQUIRED, "with_prior_preservation": True, "class_prompt": "a dog",
                                      "prior_target": "base_model"})
     assert cfg.class_data_dir is None
+
+
+@pytest.mark.parametrize("spec, expected", [('{"load_in_4bit": true, "bnb_4bit_quant_type": "nf4"}', "nf4"),
+                                            ('{"load_in_8bit": true}', "int8"),
+                                            ('{"load_in_4bit": true}', None), ("not json", None)])
+def test_a_reference_bnb_config_file_is_read_as_quantize_base(spec, expected, tmp_path):
+    """The reference scripts' --bnb_quantization_config_path (their README's nf4 JSON) is our --quantize_base;
+    anything else is refused in one line that names what to pass."""
+    from dreambooth.cli import quantization_of
+    from dreambooth.errors import DreamBoothError
+
+    path = tmp_path / "bnb.json"
+    path.write_text(spec)
+    if expected is None:
+        with pytest.raises(DreamBoothError, match="--quantize_base"):
+            quantization_of(str(path))
+    else:
+        assert quantization_of(str(path)) == expected

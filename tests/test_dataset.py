@@ -138,3 +138,18 @@ def test_a_mask_gets_the_same_crop_and_flip_as_its_image_and_captions_their_prom
     assert batch["masks"].shape == (4, 1, 48, 48) and bool((batch["masks"][2:] == 1).all())  # class rows: ones
     assert batch["prompt_ids"][2:].tolist() == [CLASS_PROMPT] * 2
     assert collate([DreamBoothDataset(paths, None, 48, seed=3)[0]])["masks"] is None
+
+
+def test_caption_dropout_swaps_instance_prompts_for_the_empty_one_by_position(tmp_path):
+    """--caption_dropout p: about p of the instance examples carry the empty prompt's id, the same ones for the same
+    seed and position (a resumed run draws them again); class examples keep the class prompt."""
+    inst, cls = make_images(tmp_path / "i", n=3), make_images(tmp_path / "c", n=3, seed=1)
+    paths = (sorted(inst.iterdir()), sorted(cls.iterdir()))
+    ds = DreamBoothDataset(*paths, resolution=32, seed=3, caption_dropout=0.5, empty_prompt_id=9)
+    again = DreamBoothDataset(*paths, resolution=32, seed=3, caption_dropout=0.5, empty_prompt_id=9)
+    prompts = [ds[p]["instance"]["prompt"] for p in range(200)]
+    assert prompts == [again[p]["instance"]["prompt"] for p in range(200)]
+    assert set(prompts) == {0, 9} and 70 <= prompts.count(9) <= 130  # 200 keyed draws at 0.5 (fixed by the seed)
+    assert {ds[p]["class"]["prompt"] for p in range(50)} == {1}
+    plain = DreamBoothDataset(*paths, resolution=32, seed=3)
+    assert {plain[p]["instance"]["prompt"] for p in range(200)} == {0}

@@ -739,3 +739,32 @@ def test_comfyui_maps_every_module_a_real_size_export_adapts(family_name):
     modules = {k.removeprefix("transformer.").rsplit(".", 1)[0] for k in exported if k.endswith(".alpha")}
     mapped = {n for n in linear if not any(part in n for part in COMFYUI_UNMAPPED[family_name])}
     assert modules == adapted and modules <= mapped, sorted(modules - mapped)[:5]
+
+
+@pytest.mark.parametrize("family_name", ["flux2_klein", "flux2"])
+def test_flux2_reads_the_chosen_text_encoder_layers_in_training_and_sampling(family_name, instance_dir, tmp_path,
+                                                                            capsys):
+    """--text_encoder_out_layers (the reference scripts' flag): the encoding is the pipeline's for those layers, the
+    class-image and validation pipelines are told them, and a count the transformer cannot read is refused."""
+    from types import SimpleNamespace
+
+    family = FAMILIES[family_name]()
+    model = TINY[family_name](tmp_path / family_name)
+    c = family.load(ModelSource(str(model)))
+    cfg = SimpleNamespace(max_sequence_length=T5_TOKENS, text_encoder_out_layers=[1, 2, 3])
+    pipe = family.pipeline(c, c.denoiser, c.text_encoders, c.noise_scheduler)
+    with torch.no_grad():
+        ours = family.encode(c, family.tokenize(c, ["a photo of zwx dog"], cfg), cfg)["encoder_hidden_states"]
+        theirs, _ = pipe.encode_prompt(["a photo of zwx dog"], max_sequence_length=T5_TOKENS,
+                                       text_encoder_out_layers=(1, 2, 3))
+        default, _ = pipe.encode_prompt(["a photo of zwx dog"], max_sequence_length=T5_TOKENS)
+    assert torch.allclose(ours, theirs, atol=1e-6) and not torch.allclose(ours, default, atol=1e-3)
+    assert family.pipeline_kwargs(cfg)["text_encoder_out_layers"] == (1, 2, 3)
+    defaults = family.option_defaults["text_encoder_out_layers"]
+    assert family.pipeline_kwargs()["text_encoder_out_layers"] == tuple(defaults)
+    argv = ["train", "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(instance_dir),
+            "--instance_prompt", "a zwx dog", "--output_dir", str(tmp_path / "out"), "--device", "cpu",
+            "--resolution", "64", "--max_sequence_length", str(T5_TOKENS), "--text_encoder_out_layers", "1", "2"]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert "reads 3 of its text encoder's" in err and "Traceback" not in err

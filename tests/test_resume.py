@@ -50,9 +50,9 @@ def straight_and_resumed(make_args, tmp_path, monkeypatch, at_step: int, **commo
 
 @pytest.mark.parametrize("extra", [
     {},
-    {"train_text_encoder": True, "gradient_accumulation_steps": 2, "train_batch_size": 1},
+    {"train_text_encoder": True, "gradient_accumulation_steps": 2, "train_batch_size": 1, "caption_dropout": 0.5},
     {"deterministic": True},
-], ids=["unet", "text-encoder+accumulation", "deterministic"])
+], ids=["unet", "text-encoder+accumulation+caption-dropout", "deterministic"])
 def test_resume_is_exact(base_args, tmp_path, monkeypatch, extra):
     """On one device the resumed run repeats the straight run's computations exactly (same kernels, same batches,
     latents encoded per view), so weights and optimizer state are bit-identical."""

@@ -34,8 +34,15 @@ COMPAT_IGNORED = {
     # the Krea 2 README's (a value: the Turbo checkpoint): validation here renders with the model being trained
     "validation_model_path": "validation grids render with the model being trained (sample the Turbo checkpoint "
                              "with `dreambooth generate --model <Turbo> --lora <run>` after training)",
+    # the Flux.2 / Z-Image / Qwen-Image / Krea 2 scripts'
+    "offload": "the frozen VAE and text encoders are on the GPU only while they encode",
+    "fsdp_text_encoder": "the text encoders are frozen and encode each prompt once; --fsdp shards the denoiser",
+    "skip_final_inference": "no final inference runs after training (validation grids and --eval do)",
+    "enable_npu_flash_attention": "PyTorch SDPA attention is used",
+    "cache_dir": "models load from the Hugging Face cache (HF_HOME sets where)",
+    "final_validation_prompt": "no final inference runs after training; `dreambooth generate` renders any prompt",
 }
-COMPAT_VALUED = ("validation_model_path",)  # of COMPAT_IGNORED: flags that take a value
+COMPAT_VALUED = ("validation_model_path", "cache_dir", "final_validation_prompt")  # COMPAT_IGNORED taking a value
 COMPAT_REFUSED = {
     "dataset_name": "pass the subject's photos as a local folder with --instance_data_dir",
     "push_to_hub": "upload the output folder with `hf upload` instead",
@@ -43,6 +50,9 @@ COMPAT_REFUSED = {
     "hub_model_id": "upload the output folder with `hf upload` instead",
     "class_labels_conditioning": "only needed for DeepFloyd IF, which is not supported",
     "validation_images": "only needed for image-to-image pipelines, which are not supported",
+    "dataset_config_name": "pass the subject's photos as a local folder with --instance_data_dir",
+    "image_column": "pass the subject's photos as a local folder with --instance_data_dir",
+    "caption_column": "give captions as text files beside the photos (--caption_extension .txt)",
 }
 
 
@@ -101,10 +111,14 @@ def _add_train_parser(p: argparse.ArgumentParser) -> None:
         compat.add_argument(f"--{name}", **kind, help=argparse.SUPPRESS)
     for name in ("push_to_hub",):
         compat.add_argument(f"--{name}", action="store_true", help=argparse.SUPPRESS)
-    for name in ("hub_token", "hub_model_id", "class_labels_conditioning", "dataset_name", "lora_layers"):
+    for name in ("hub_token", "hub_model_id", "class_labels_conditioning", "dataset_name", "lora_layers",
+                 "dataset_config_name", "image_column", "caption_column"):
         compat.add_argument(f"--{name}", help=argparse.SUPPRESS)
     compat.add_argument("--validation_images", nargs="+", help=argparse.SUPPRESS)
+    compat.add_argument("--bnb_quantization_config_path", help=argparse.SUPPRESS)  # -> --quantize_base
     compat.add_argument("--validation_scheduler", dest="validation_sampler", help=argparse.SUPPRESS)
+    compat.add_argument("--validation_num_inference_steps", dest="validation_inference_steps", type=int,
+                        help=argparse.SUPPRESS)  # the Krea 2 script's name
     compat.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
 
 
@@ -151,6 +165,24 @@ def values_of(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def quantization_of(path: str) -> str:
+    """The --quantize_base a reference script's --bnb_quantization_config_path JSON asks for: nf4 or int8."""
+    import json
+    from pathlib import Path
+
+    try:
+        spec = json.loads(Path(path).expanduser().read_text())
+    except (OSError, ValueError) as e:
+        raise DreamBoothError(f"--bnb_quantization_config_path {path}: cannot read it as JSON ({e}); pass "
+                              "--quantize_base nf4 or int8 instead") from None
+    if isinstance(spec, dict) and spec.get("load_in_4bit") and spec.get("bnb_4bit_quant_type", "fp4") == "nf4":
+        return "nf4"
+    if isinstance(spec, dict) and spec.get("load_in_8bit"):
+        return "int8"
+    raise DreamBoothError(f"--bnb_quantization_config_path {path}: only 4-bit nf4 or 8-bit is supported "
+                          "(load_in_4bit with bnb_4bit_quant_type \"nf4\", or load_in_8bit); or pass --quantize_base")
+
+
 def _run_train(args: argparse.Namespace) -> int:
     values = values_of(args)
     for name, why in COMPAT_IGNORED.items():
@@ -162,6 +194,9 @@ def _run_train(args: argparse.Namespace) -> int:
     for name, fix in COMPAT_REFUSED.items():
         if values.pop(name, None):
             raise DreamBoothError(f"--{name} is not supported: {fix}")
+    bnb = values.pop("bnb_quantization_config_path", None)
+    if bnb is not None:
+        values["quantize_base"] = quantization_of(bnb)
     for name, ours in (("lora_layers", "lora_target_modules"), ("lora_blocks", "lora_blocks")):
         given = values.pop(name, None)
         if given is not None:  # the SD3/Flux scripts' comma lists ("12,13"); ours are space-separated

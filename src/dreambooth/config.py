@@ -61,6 +61,10 @@ def _family_choices() -> list[str]:
     return ["auto", *FAMILIES]
 
 
+def layer_numbers(v: list[int] | None) -> str | None:
+    return None if v is None or (v and min(v) >= 0) else "must be one or more layer numbers (0 or more)"
+
+
 @dataclasses.dataclass
 class TrainConfig(schema.Validated):
     # model
@@ -113,6 +117,9 @@ class TrainConfig(schema.Validated):
         "Guidance scale for class images (default: the family's: {})", lambda f: f.default_guidance),
         check=at_least(0), group="data")
     class_negative_prompt: str | None = option(None, "Negative prompt for class images", group="data")
+    caption_dropout: float = option(0.0, "Probability that an instance example trains with the empty prompt "
+                                    "instead of its own (drawn per example from the seed; the Flux.2 klein and "
+                                    "Krea 2 scripts' option)", check=in_unit_interval, group="data")
     caption_extension: str | None = option(None, "Per-image captions: a file with this extension beside each "
                                            "instance image (e.g. .txt) holds its prompt, with [V] (or the "
                                            "identifier itself) where the subject is named; images without one use "
@@ -237,6 +244,9 @@ class TrainConfig(schema.Validated):
     max_sequence_length: int | None = option(None, family_help(
         "T5 tokens per prompt (default: the family's: {})", option_default("max_sequence_length")),
         check=at_least(1), group="flow")
+    text_encoder_out_layers: list[int] | None = option(None, family_help(
+        "The language model's hidden layers read side by side per token, for training and sampling alike (default: "
+        "the family's: {})", option_default("text_encoder_out_layers")), check=layer_numbers, group="flow")
     guidance_scale: float | None = option(None, "Flux dev: the guidance value the transformer is given while "
                                           "training (default 3.5)", check=at_least(0), group="flow")
 

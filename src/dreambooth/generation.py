@@ -126,9 +126,12 @@ def check_sequence_length(model: str, length: int | None) -> None:
 
 def sampling_options(model: str, max_sequence_length: int | None, fallback: int | None = None) -> SimpleNamespace:
     """The run options a pipeline call reads (`family.pipeline_kwargs`): the T5 length is the flag's, else the one
-    the model was trained with (its train_config.json), else `fallback`, else the family's default."""
-    length = max_sequence_length or trained_config(model).get("max_sequence_length") or fallback
-    return SimpleNamespace(max_sequence_length=length)
+    the model was trained with (its train_config.json), else `fallback`, else the family's default; the text
+    encoder's layers are the ones it was trained with."""
+    trained = trained_config(model)
+    length = max_sequence_length or trained.get("max_sequence_length") or fallback
+    # a Flux.2 model samples with the hidden layers it was trained on
+    return SimpleNamespace(max_sequence_length=length, text_encoder_out_layers=trained.get("text_encoder_out_layers"))
 
 
 def load_for_inference(model: str, dtype: torch.dtype, lora: list[str] | None = None,

@@ -67,7 +67,7 @@ def build(run: Run) -> Parts:
     weight_dtype = reduced_dtype(acc.mixed_precision) or torch.float32
     trained_names = trained_text_encoders(cfg, family, c.text_encoders)
     encoders = [c.text_encoders[n] for n in trained_names]
-    input_ids, encoded, prompt_ids = encode_prompts(run, c, trained_names, weight_dtype)
+    input_ids, encoded, prompt_ids, empty_id = encode_prompts(run, c, trained_names, weight_dtype)
     cond = None if encoders else encoded
     denoiser, base = place_models(run, c, encoders, encoded, weight_dtype)
     objective = OBJECTIVES[family.objective].from_config(c.noise_scheduler, cfg, family.option_defaults)
@@ -84,7 +84,7 @@ def build(run: Run) -> Parts:
     sharding = (Sharding.apply(denoiser, family, cfg, acc, reduced_dtype(acc.mixed_precision))
                 if cfg.fsdp else None)
 
-    dataset, max_train_steps, validation_every, per_step = make_dataset(run, class_images, prompt_ids)
+    dataset, max_train_steps, validation_every, per_step = make_dataset(run, class_images, prompt_ids, empty_id)
     optimizer, lr_scheduler = optimization(cfg, denoiser, encoders, per_step, max_train_steps)
     parts = Parts(c, denoiser, dict(c.text_encoders), objective, optimizer, lr_scheduler, dataset, class_images,
                   cond, input_ids, weight_dtype, max_train_steps, validation_every,
@@ -122,8 +122,9 @@ def load_models(run: Run) -> tuple[Components, ClassImages | None]:
 
 
 def encode_prompts(run: Run, c: Components, trained_names: list[str], weight_dtype: torch.dtype
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[int]]:
-    """Prompts encoded once: (token ids, the untouched encoders' conditioning, each instance image's prompt row).
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[int], int | None]:
+    """Prompts encoded once: (token ids, the untouched encoders' conditioning, each instance image's prompt row,
+    the empty prompt's row with --caption_dropout).
     The frozen encoders (T5-XXL alone ~9.5 GB) then leave the GPU before the denoiser arrives, their part of the
     conditioning cached."""
     cfg, acc, family = run.cfg, run.accelerator, run.family
@@ -132,6 +133,9 @@ def encode_prompts(run: Run, c: Components, trained_names: list[str], weight_dty
         cast_as_loaded(encoder.requires_grad_(False), acc.device, torch.float32 if full else weight_dtype).eval()
     captions = list(dict.fromkeys(t for t in run.instance.captions or [] if t is not None))
     prompts = [cfg.instance_prompt, cfg.class_prompt or cfg.instance_prompt, *captions]
+    empty_id = None
+    if cfg.caption_dropout > 0:  # the prompt a dropped caption trains with
+        prompts, empty_id = [*prompts, ""], len(prompts)
     prompt_ids = [INSTANCE_PROMPT if t is None else 2 + captions.index(t)
                   for t in run.instance.captions or [None] * len(run.instance.images)]
     input_ids = family.tokenize(c, prompts, cfg)
@@ -141,7 +145,7 @@ def encode_prompts(run: Run, c: Components, trained_names: list[str], weight_dty
     for name, encoder in c.text_encoders.items():
         if name not in trained_names:
             park(encoder)
-    return input_ids, encoded, prompt_ids
+    return input_ids, encoded, prompt_ids, empty_id
 
 
 def place_models(run: Run, c: Components, encoders: list[torch.nn.Module], encoded: dict[str, torch.Tensor],
@@ -184,7 +188,7 @@ def place_models(run: Run, c: Components, encoders: list[torch.nn.Module], encod
     return denoiser, base
 
 
-def make_dataset(run: Run, class_images: ClassImages | None, prompt_ids: list[int]
+def make_dataset(run: Run, class_images: ClassImages | None, prompt_ids: list[int], empty_id: int | None = None
                  ) -> tuple[DreamBoothDataset, int, int, int]:
     """The keyed dataset, and (max train steps, validation interval in steps, examples per optimizer step). The
     base model's target needs no class images: without them the instance images are its inputs."""
@@ -192,7 +196,7 @@ def make_dataset(run: Run, class_images: ClassImages | None, prompt_ids: list[in
     base_model = cfg.with_prior_preservation and cfg.prior_target == "base_model"
     class_paths = class_images.paths if class_images else run.instance.images if base_model else None
     dataset = DreamBoothDataset(run.instance.images, class_paths, cfg.resolution, cfg.seed, cfg.center_crop,
-                                cfg.random_flip, prompt_ids, run.instance.masks)
+                                cfg.random_flip, prompt_ids, run.instance.masks, cfg.caption_dropout, empty_id)
     per_step = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
     if per_step > 2 * dataset.epoch_length:
         log.warning("one optimizer step takes %d examples, %.0f passes over the %d training images: "

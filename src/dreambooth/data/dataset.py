@@ -110,7 +110,14 @@ class DreamBoothDataset(Dataset):
         random_flip: bool = False,
         instance_prompt_ids: Sequence[int] | None = None,
         instance_masks: Sequence[Image.Image] | None = None,
+        caption_dropout: float = 0.0,
+        empty_prompt_id: int | None = None,
     ):
+        """`caption_dropout`: the probability that an instance example trains with the empty prompt (its id:
+        `empty_prompt_id`) instead of its own, drawn per position from the seed (a resumed run draws the same)."""
+        if caption_dropout > 0 and empty_prompt_id is None:
+            raise ValueError("caption_dropout needs the empty prompt's id")
+        self.caption_dropout, self.empty_prompt_id = caption_dropout, empty_prompt_id
         self.instance_images = list(instance_images)
         self.instance_prompt_ids = list(instance_prompt_ids or [INSTANCE_PROMPT] * len(self.instance_images))
         # (size, mask resized once): the resized size depends on the image's size only; each view is a cut of it
@@ -144,6 +151,9 @@ class DreamBoothDataset(Dataset):
             return random.Random(derive_seed(self.seed, "augment", kind, position))
 
         labels = {"prompt": self.instance_prompt_ids[index] if kind == "instance" else CLASS_PROMPT, "mask": None}
+        if kind == "instance" and self.caption_dropout > 0 and \
+                random.Random(derive_seed(self.seed, "caption_dropout", position)).random() < self.caption_dropout:
+            labels["prompt"] = self.empty_prompt_id
         if kind == "instance" and self.instance_masks is not None:
             mask_size, mask = self.instance_masks[index]
             plan = crop_plan(*mask_size, self.resolution, self.center_crop, self.random_flip, rng())

@@ -88,12 +88,15 @@ class Flux2Klein(DiffusersFamily):
     lora_learning_rate = 1e-4  # the reference LoRA script's
     resolution_multiple = 16  # latents are patchified 2x2
     objective = "rectified_flow"
-    options = ("max_sequence_length", "guidance_scale", "lora_blocks")
+    options = ("max_sequence_length", "guidance_scale", "lora_blocks", "text_encoder_out_layers")
     lora_block_list = ("transformer_blocks", "num_layers")  # its double-stream blocks
     # guidance_scale: what a guidance-distilled transformer (guidance_embeds) is told while training; klein's have
-    # no guidance input, so it is read only where one exists (the reference script's rule)
+    # no guidance input, so it is read only where one exists (the reference script's rule).
+    # text_encoder_out_layers: the hidden layers Flux2KleinPipeline conditions on; the reference script's default
+    # ([10, 20, 30]) differs from the pipeline's (diffusers issue #13445), and a model trained on other layers than
+    # it samples with draws noise: whatever is chosen, class images and validation sample with it too
     option_defaults = {"weighting_scheme": "none", "precondition_outputs": False, "max_sequence_length": 512,
-                       "guidance_scale": 3.5}
+                       "guidance_scale": 3.5, "text_encoder_out_layers": [9, 18, 27]}
     unsupported_options = ("class_negative_prompt",)  # Flux2KleinPipeline takes no negative prompt
     t5_part = "text_encoder"  # its prompts are --max_sequence_length tokens (the chat template included)
     latent_mode = True  # the reference encodes the posterior's mode
@@ -104,9 +107,13 @@ class Flux2Klein(DiffusersFamily):
     default_lora_targets = ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj")
     trained_text_encoders = ()  # the Qwen3 language model stays frozen (the reference trains none)
     render_at_training_size = True  # the pipeline's default size is 1024
-    # the hidden layers Flux2KleinPipeline conditions on; the reference script's default ([10, 20, 30]) differs from
-    # the pipeline's (diffusers issue #13445), and a model trained on other layers than it samples with draws noise
-    out_layers = (9, 18, 27)
+
+    def pipeline_kwargs(self, cfg: Any = None) -> dict[str, Any]:
+        """Its pipelines read the same hidden layers the run trained on."""
+        return {**super().pipeline_kwargs(cfg), "text_encoder_out_layers": self.out_layers(cfg)}
+
+    def out_layers(self, cfg: Any) -> tuple[int, ...]:
+        return tuple(self.option(cfg, "text_encoder_out_layers"))
 
     def single_file_state(self, pipe: Any) -> dict[str, torch.Tensor]:
         """The transformer alone in the original layout (ComfyUI's Load Diffusion Model; diffusers'
@@ -125,17 +132,24 @@ class Flux2Klein(DiffusersFamily):
 
     def encode(self, c: Components, input_ids: dict[str, torch.Tensor], cfg: Any,
                text_encoders: dict[str, torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
-        """Its `out_layers` of the language model (padding masked), side by side per token."""
+        """--text_encoder_out_layers of the language model (padding masked), side by side per token."""
         encoder = {**c.text_encoders, **(text_encoders or {})}["text_encoder"]
         pad = c.tokenizer.pad_token_id
+        layers = self.out_layers(cfg)
+        text = encoder.config.get_text_config()
+        wanted = c.denoiser.config.joint_attention_dim // text.hidden_size  # layers the transformer reads
+        if max(layers) > text.num_hidden_layers or len(layers) != wanted:
+            raise ModelError(f"--text_encoder_out_layers {' '.join(map(str, layers))}: {c.source.name_or_path}'s "
+                             f"transformer reads {wanted} of its text encoder's {text.num_hidden_layers} layers; "
+                             f"pass {wanted} layer numbers up to {text.num_hidden_layers}")
 
         def states(ids: torch.Tensor) -> torch.Tensor:
             ids = to_device(ids, encoder.device)
             out = encoder(input_ids=ids, attention_mask=(ids != pad).long(), output_hidden_states=True,
                           use_cache=False)
-            layers = torch.stack([out.hidden_states[k] for k in self.out_layers], dim=1)
-            n, k, length, width = layers.shape
-            return layers.permute(0, 2, 1, 3).reshape(n, length, k * width)
+            stacked = torch.stack([out.hidden_states[k] for k in layers], dim=1)
+            n, k, length, width = stacked.shape
+            return stacked.permute(0, 2, 1, 3).reshape(n, length, k * width)
 
         return {"encoder_hidden_states": self.frozen_states(c, "text_encoder", input_ids["text_encoder"], states)}
 
@@ -187,7 +201,7 @@ class Flux2Dev(Flux2Klein):
     pipeline_classes = ("Flux2Pipeline",)
     pipeline_class = Flux2Pipeline
     text_parts = (TextPart("tokenizer", "text_encoder", Mistral3ForConditionalGeneration),)
-    out_layers = (10, 20, 30)
+    option_defaults = {**Flux2Klein.option_defaults, "text_encoder_out_layers": [10, 20, 30]}
     default_guidance = 4.0  # the pipeline's guidance value
     trained_text_encoders = ()  # Mistral stays frozen (the reference trains none)
 

@@ -153,3 +153,13 @@ def test_caption_dropout_swaps_instance_prompts_for_the_empty_one_by_position(tm
     assert {ds[p]["class"]["prompt"] for p in range(50)} == {1}
     plain = DreamBoothDataset(*paths, resolution=32, seed=3)
     assert {plain[p]["instance"]["prompt"] for p in range(200)} == {0}
+
+
+def test_repeats_show_each_instance_image_that_many_times_per_epoch(tmp_path):
+    inst = make_images(tmp_path / "i", n=3)
+    ds = DreamBoothDataset(sorted(inst.iterdir()), None, resolution=32, seed=0, repeats=4)
+    assert len(ds) == ds.epoch_length == 12
+    seen = [ds.instance_order[p] % 3 for p in range(12)]
+    assert sorted(seen) == [0] * 4 + [1] * 4 + [2] * 4
+    once = DreamBoothDataset(sorted(inst.iterdir()), None, resolution=32, seed=0)
+    assert len(once) == 3 and sorted(once.instance_order[p] for p in range(3)) == [0, 1, 2]

@@ -117,6 +117,9 @@ class TrainConfig(schema.Validated):
         "Guidance scale for class images (default: the family's: {})", lambda f: f.default_guidance),
         check=at_least(0), group="data")
     class_negative_prompt: str | None = option(None, "Negative prompt for class images", group="data")
+    repeats: int = option(1, "Times each instance photo appears per epoch (as the reference scripts' option; "
+                          "epochs, --num_train_epochs and --validation_epochs count in these)", check=at_least(1),
+                          group="data")
     caption_dropout: float = option(0.0, "Probability that an instance example trains with the empty prompt "
                                     "instead of its own (drawn per example from the seed; the Flux.2 klein and "
                                     "Krea 2 scripts' option)", check=in_unit_interval, group="data")

@@ -196,7 +196,8 @@ def make_dataset(run: Run, class_images: ClassImages | None, prompt_ids: list[in
     base_model = cfg.with_prior_preservation and cfg.prior_target == "base_model"
     class_paths = class_images.paths if class_images else run.instance.images if base_model else None
     dataset = DreamBoothDataset(run.instance.images, class_paths, cfg.resolution, cfg.seed, cfg.center_crop,
-                                cfg.random_flip, prompt_ids, run.instance.masks, cfg.caption_dropout, empty_id)
+                                cfg.random_flip, prompt_ids, run.instance.masks, cfg.caption_dropout, empty_id,
+                                cfg.repeats)
     per_step = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
     if per_step > 2 * dataset.epoch_length:
         log.warning("one optimizer step takes %d examples, %.0f passes over the %d training images: "

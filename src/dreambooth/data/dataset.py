@@ -112,9 +112,11 @@ class DreamBoothDataset(Dataset):
         instance_masks: Sequence[Image.Image] | None = None,
         caption_dropout: float = 0.0,
         empty_prompt_id: int | None = None,
+        repeats: int = 1,
     ):
         """`caption_dropout`: the probability that an instance example trains with the empty prompt (its id:
-        `empty_prompt_id`) instead of its own, drawn per position from the seed (a resumed run draws the same)."""
+        `empty_prompt_id`) instead of its own, drawn per position from the seed (a resumed run draws the same).
+        `repeats`: each instance image appears that many times per epoch (the reference scripts' --repeats)."""
         if caption_dropout > 0 and empty_prompt_id is None:
             raise ValueError("caption_dropout needs the empty prompt's id")
         self.caption_dropout, self.empty_prompt_id = caption_dropout, empty_prompt_id
@@ -128,7 +130,8 @@ class DreamBoothDataset(Dataset):
         self.class_images = list(class_images or [])
         self.resolution, self.seed = resolution, seed
         self.center_crop, self.random_flip = center_crop, random_flip
-        self.instance_order = Shuffled(len(self.instance_images), seed, "instance")
+        self.repeats = repeats
+        self.instance_order = Shuffled(len(self.instance_images) * repeats, seed, "instance")
         self.class_order = Shuffled(len(self.class_images), seed, "class") if self.class_images else None
         # Few instance images: decode once. Class images can number hundreds: decode on demand.
         self._instance_cache = [open_rgb(p) for p in self.instance_images]
@@ -138,8 +141,8 @@ class DreamBoothDataset(Dataset):
 
     @property
     def epoch_length(self) -> int:
-        """Examples per epoch, as the reference script counts it: max(#instance, #class)."""
-        return max(len(self.instance_images), len(self.class_images))
+        """Examples per epoch, as the reference script counts it: max(#instance x repeats, #class)."""
+        return max(len(self.instance_images) * self.repeats, len(self.class_images))
 
     def __len__(self) -> int:  # positions are unbounded; this is one epoch
         return self.epoch_length
@@ -174,7 +177,8 @@ class DreamBoothDataset(Dataset):
                 "view": (kind, index, *top_left, flipped), **labels}
 
     def __getitem__(self, position: int) -> dict:
-        item = {"position": position, "instance": self._example("instance", self.instance_order[position], position)}
+        index = self.instance_order[position] % len(self.instance_images)  # (repeated images: the same image)
+        item = {"position": position, "instance": self._example("instance", index, position)}
         if self.class_order is not None:
             item["class"] = self._example("class", self.class_order[position], position)
         return item

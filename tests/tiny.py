@@ -288,20 +288,12 @@ def qwen3_encoder(vocab_size: int, layers: int = 2, causal_lm: bool = False, wid
     return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
 
 
-def make_tiny_flux2_klein(folder: Path, seed: int = 0, distilled: bool = False) -> Path:
-    """A tiny Flux.2 klein pipeline: a Qwen3 causal LM (28 layers, so the pipeline's hidden layers 9, 18 and 27
-    exist) whose three states side by side condition 1 double + 1 single block over 2x2-patchified latents; the
-    Flux.2 VAE with batch-norm statistics (random, so the normalisation is exercised); dynamic shifting."""
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
+def flux2_parts(guidance_embeds: bool) -> dict:
+    """The tiny Flux.2 VAE (random batch-norm statistics, so the normalisation is exercised), transformer (1 double
+    + 1 single block over 2x2-patchified latents, three width-16 text layers side by side) and dynamic-shift
+    scheduler that klein and dev share."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
 
-    torch.manual_seed(seed)
-    tokenizer = write_qwen_tokenizer(folder.parent / f"{folder.name}-tok")
-    text_encoder = qwen3_encoder(len(tokenizer), layers=28, causal_lm=True, width=16)
     vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
                              norm_num_groups=4, sample_size=64)
     vae.bn.running_mean.normal_(0, 0.2)
@@ -309,11 +301,32 @@ def make_tiny_flux2_klein(folder: Path, seed: int = 0, distilled: bool = False) 
     transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
                                           timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
-                                          guidance_embeds=False)
+                                          guidance_embeds=guidance_embeds)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                              transformer=transformer, is_distilled=distilled)
+    return {"vae": vae, "transformer": transformer, "scheduler": scheduler}
+
+
+def qwen_image_vae():
+    """Qwen-Image's video VAE, tiny (8x, 4 channels), with a per-channel latent mean and std that are not 0 and 1
+    (so the standardisation is exercised); Krea 2 shares it."""
+    from diffusers import AutoencoderKLQwenImage
+
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                  temperal_downsample=[False, False, False], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                                  latents_std=[1.5, 0.8, 2.0, 1.1])
+
+
+def make_tiny_flux2_klein(folder: Path, seed: int = 0, distilled: bool = False) -> Path:
+    """A tiny Flux.2 klein pipeline: a Qwen3 causal LM (28 layers, so the pipeline's hidden layers 9, 18 and 27
+    exist) and the parts klein and dev share (`flux2_parts`)."""
+    from diffusers import Flux2KleinPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = write_qwen_tokenizer(folder.parent / f"{folder.name}-tok")
+    text_encoder = qwen3_encoder(len(tokenizer), layers=28, causal_lm=True, width=16)
+    pipe = Flux2KleinPipeline(text_encoder=text_encoder, tokenizer=tokenizer, is_distilled=distilled,
+                              **flux2_parts(guidance_embeds=False))
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
@@ -349,12 +362,7 @@ def make_tiny_qwen_image(folder: Path, seed: int = 0) -> Path:
     whose last states condition 1 dual-stream block over 2x2-packed latents; the video-shaped VAE (8x, 4 channels)
     with per-channel latent mean and std (not 0 and 1, so the standardisation is exercised); the released
     checkpoints' exponential dynamic shift."""
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -366,9 +374,7 @@ def make_tiny_qwen_image(folder: Path, seed: int = 0) -> Path:
                   fullatt_block_indexes=[0])
     text_encoder = Qwen2_5_VLForConditionalGeneration(
         Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False))
-    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                 temperal_downsample=[False, False, False], latents_mean=[0.1, -0.2, 0.3, 0.0],
-                                 latents_std=[1.5, 0.8, 2.0, 1.1])
+    vae = qwen_image_vae()
     transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
                                               attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
                                               axes_dims_rope=(4, 6, 6))
@@ -388,12 +394,7 @@ def make_tiny_krea2(folder: Path, seed: int = 0) -> Path:
     prompts) with a tokenizer that splits the template as Qwen's does (34 prefix and 5 suffix tokens, which the
     pipeline counts on), 1 transformer block with one layer-wise and one refiner text-fusion block; Qwen-Image's
     video VAE with per-channel mean and std; the dynamic shift of the Raw checkpoint."""
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        Krea2Pipeline,
-        Krea2Transformer2DModel,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, Krea2Pipeline, Krea2Transformer2DModel
     from transformers import Qwen3VLConfig, Qwen3VLModel
 
     torch.manual_seed(seed)
@@ -410,9 +411,7 @@ def make_tiny_krea2(folder: Path, seed: int = 0) -> Path:
         intermediate_size=32, timestep_embed_dim=8, text_hidden_dim=16, num_text_layers=3, text_num_attention_heads=2,
         text_num_key_value_heads=1, text_intermediate_size=16, num_layerwise_text_blocks=1, num_refiner_text_blocks=1,
         axes_dims_rope=(4, 2, 2))
-    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                 temperal_downsample=[False, False, False], latents_mean=[0.1, -0.2, 0.3, 0.0],
-                                 latents_std=[1.5, 0.8, 2.0, 1.1])
+    vae = qwen_image_vae()
     scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=6400)
     pipe = Krea2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
@@ -436,7 +435,7 @@ def make_tiny_flux2(folder: Path, seed: int = 0) -> Path:
     and a 1-block Pixtral vision tower it never uses for prompts) with a byte-level BPE tokenizer and Mistral's chat
     template (a tokenizer in place of the PixtralProcessor, which needs torchvision); the transformer with its
     guidance input; the Flux.2 VAE with random batch-norm statistics."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers import Flux2Pipeline
     from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, Qwen2Tokenizer
 
@@ -458,18 +457,7 @@ def make_tiny_flux2(folder: Path, seed: int = 0) -> Path:
     text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
         text_config=text, vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
         spatial_merge_size=1, vision_feature_layer=-1))
-    vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
-                             norm_num_groups=4, sample_size=64)
-    vae.bn.running_mean.normal_(0, 0.2)
-    vae.bn.running_var.uniform_(0.5, 2.0)
-    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
-                                          timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4),
-                                          guidance_embeds=True)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
-                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
-    pipe = Flux2Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                         transformer=transformer)
+    pipe = Flux2Pipeline(text_encoder=text_encoder, tokenizer=tokenizer, **flux2_parts(guidance_embeds=True))
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 

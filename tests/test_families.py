@@ -661,6 +661,24 @@ def test_captions_masks_and_ema_train_every_family(family_args, tiny, tmp_path, 
     assert type(pipe).__name__ == type(load_for_inference(str(out), torch.float32)).__name__
 
 
+def test_a_pipeline_built_from_loaded_parts_keeps_the_base_models_settings(tiny, tmp_path):
+    """Class images and validation sample with a pipeline built from the loaded modules: it carries the settings
+    the base model's model_index.json holds (Flux.2 klein's is_distilled, Krea 2's layer taps), as loading does."""
+    from dreambooth.families.base import read_model_index
+
+    family_name, model = tiny
+    family = FAMILIES[family_name]()
+    if family_name == "flux2_klein":  # the distilled checkpoint: its pipeline runs without CFG
+        model = TINY[family_name](tmp_path / "distilled", distilled=True)
+    c = family.load(ModelSource(str(model)))
+    pipe = family.pipeline(c, c.denoiser, c.text_encoders, c.noise_scheduler)
+    index = read_model_index(ModelSource(str(model)))
+    for key in getattr(family, "pipeline_settings", ()):
+        assert list(np.atleast_1d(pipe.config[key])) == list(np.atleast_1d(index[key])), key
+    if family_name == "flux2_klein":
+        assert pipe.config.is_distilled is True
+
+
 def test_every_family_names_blocks_its_tiny_denoiser_has_for_sharding(tiny):
     family_name, model = tiny
     family = FAMILIES[family_name]

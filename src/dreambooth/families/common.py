@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from ..errors import ModelError, first_line
-from .base import Components, ModelFamily, ModelSource
+from .base import Components, ModelFamily, ModelSource, read_model_index
 
 
 @contextmanager
@@ -70,6 +70,9 @@ class DiffusersFamily(ModelFamily):
     load_options: ClassVar[dict[str, Any]] = {}
     optional_parts: ClassVar[tuple[str, ...]] = ()
     upcast_vae_in_fp16: ClassVar[bool] = True  # its VAE overflows in fp16 (SDXL, SD3, Flux; not SD 1.x/2.x)
+    # settings its pipeline keeps in model_index.json (Flux.2 klein's is_distilled, Krea 2's layer taps): a pipeline
+    # built from loaded modules gets the base model's, as loading it would
+    pipeline_settings: ClassVar[tuple[str, ...]] = ()
 
     def present_parts(self, source: ModelSource) -> tuple[TextPart, ...]:
         """The text parts this model has (hub models: all of them)."""
@@ -179,9 +182,11 @@ class DiffusersFamily(ModelFamily):
 
     def pipeline(self, c: Components, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
                  scheduler: Any) -> Any:
+        index = read_model_index(c.source) if self.pipeline_settings else {}
+        settings = {k: index[k] for k in self.pipeline_settings if index.get(k) is not None}
         pipe = self.pipeline_class(**{self.denoiser_name: denoiser}, scheduler=scheduler,
                                    **self._modules(c, text_encoders), **self.load_options,
-                                   **dict.fromkeys(self.optional_parts))
+                                   **dict.fromkeys(self.optional_parts), **settings)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

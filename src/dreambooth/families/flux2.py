@@ -22,7 +22,7 @@ from transformers import Mistral3ForConditionalGeneration, Qwen3ForCausalLM
 from ..devices import to_device
 from ..errors import ModelError
 from . import register
-from .base import Components, Denoise, read_model_index
+from .base import Components, Denoise
 from .common import DiffusersFamily, TextPart, chat_template_ids
 
 # diffusers -> the original (BFL) names of Flux.2's transformer, the inverse of diffusers'
@@ -107,6 +107,7 @@ class Flux2Klein(DiffusersFamily):
     default_lora_targets = ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj")
     trained_text_encoders = ()  # the Qwen3 language model stays frozen (the reference trains none)
     render_at_training_size = True  # the pipeline's default size is 1024
+    pipeline_settings = ("is_distilled",)  # no CFG for distilled checkpoints
 
     def pipeline_kwargs(self, cfg: Any = None) -> dict[str, Any]:
         """Its pipelines read the same hidden layers the run trained on."""
@@ -183,13 +184,6 @@ class Flux2Klein(DiffusersFamily):
 
         return denoise
 
-    def pipeline(self, c: Components, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
-                 scheduler: Any) -> Any:
-        """With the base model's `is_distilled` (no CFG for distilled checkpoints, as loading it gives)."""
-        pipe = super().pipeline(c, denoiser, text_encoders, scheduler)
-        pipe.register_to_config(is_distilled=bool(read_model_index(c.source).get("is_distilled", False)))
-        return pipe
-
 
 @register
 class Flux2Dev(Flux2Klein):
@@ -204,6 +198,7 @@ class Flux2Dev(Flux2Klein):
     option_defaults = {**Flux2Klein.option_defaults, "text_encoder_out_layers": [10, 20, 30]}
     default_guidance = 4.0  # the pipeline's guidance value
     trained_text_encoders = ()  # Mistral stays frozen (the reference trains none)
+    pipeline_settings = ()  # Flux2Pipeline has no is_distilled
 
     def tokenize(self, c: Components, prompts: list[str], cfg: Any) -> dict[str, torch.Tensor]:
         """As `Flux2Pipeline._get_mistral_3_small_prompt_embeds`: the pipeline's system prompt and each prompt as a
@@ -215,7 +210,3 @@ class Flux2Dev(Flux2Klein):
             format_input(prompts), add_generation_prompt=False, tokenize=True, return_dict=True,
             return_tensors="pt", padding="max_length", truncation=True,
             max_length=self.option(cfg, "max_sequence_length"))["input_ids"]}
-
-    def pipeline(self, c: Components, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
-                 scheduler: Any) -> Any:
-        return DiffusersFamily.pipeline(self, c, denoiser, text_encoders, scheduler)

@@ -14,7 +14,7 @@ from transformers import Qwen3VLModel
 
 from ..devices import to_device
 from . import register
-from .base import Components, Denoise, ModelSource, read_model_index
+from .base import Components, Denoise, read_model_index
 from .common import DiffusersFamily, TextPart
 from .qwen_image import DROPPED, PREFIX, SUFFIX, VideoVAELatents
 
@@ -52,11 +52,6 @@ def original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def pipeline_config(source: ModelSource) -> dict[str, Any]:
-    """The pipeline's own settings, as its model_index.json records them."""
-    index = read_model_index(source)
-    return {"text_encoder_select_layers": tuple(index.get("text_encoder_select_layers") or SELECT_LAYERS),
-            "is_distilled": bool(index.get("is_distilled", False)), "patch_size": int(index.get("patch_size", 2))}
 
 
 @register
@@ -89,6 +84,7 @@ class Krea2(VideoVAELatents, DiffusersFamily):
     trained_text_encoders = ()  # Qwen3-VL stays frozen (the reference trains none)
     render_at_training_size = True  # the pipeline's default size is 1024
     upcast_vae_in_fp16 = False
+    pipeline_settings = ("text_encoder_select_layers", "is_distilled", "patch_size")
 
     def single_file_state(self, pipe: Any) -> dict[str, torch.Tensor]:
         """The transformer alone in the original layout (ComfyUI's Load Diffusion Model; diffusers'
@@ -113,7 +109,7 @@ class Krea2(VideoVAELatents, DiffusersFamily):
         pad = c.tokenizer.pad_token_id
 
         def states(rows: torch.Tensor) -> torch.Tensor:
-            layers = pipeline_config(c.source)["text_encoder_select_layers"]
+            layers = read_model_index(c.source).get("text_encoder_select_layers") or SELECT_LAYERS
             rows = to_device(rows, encoder.device)
             mask = rows != pad
             positions = (mask.long().cumsum(dim=-1) - 1).clamp(min=0).unsqueeze(0).expand(3, -1, -1)
@@ -143,11 +139,3 @@ class Krea2(VideoVAELatents, DiffusersFamily):
             return pred.permute(0, 3, 1, 4, 2, 5).reshape(n, channels, height, width)
 
         return denoise
-
-    def pipeline(self, c: Components, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module],
-                 scheduler: Any) -> Any:
-        """With the base model's layer taps, patch size and `is_distilled` (as loading it gives)."""
-        pipe = self.pipeline_class(transformer=denoiser, scheduler=scheduler, **self._modules(c, text_encoders),
-                                   **pipeline_config(c.source))
-        pipe.set_progress_bar_config(disable=True)
-        return pipe

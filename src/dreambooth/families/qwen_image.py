@@ -117,10 +117,10 @@ class QwenImage(VideoVAELatents, DiffusersFamily):
         the pipeline does), the latents packed 2x2 with their (frame, height, width) shape, the timestep as a
         fraction of 1000, the output unpacked."""
         states = cond["encoder_hidden_states"]
-        mask = to_device(cond["encoder_hidden_states_mask"], states.device)
+        mask = cond["encoder_hidden_states_mask"]  # made from the token ids: on the CPU, read without a sync
         length = int(mask.sum(dim=1).max())
         states, mask = states[:, :length], mask[:, :length]
-        mask = None if bool(mask.all()) else mask
+        mask = None if bool(mask.all()) else to_device(mask, states.device)
 
         def denoise(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
             n, channels, height, width = noisy.shape

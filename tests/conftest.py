@@ -184,7 +184,8 @@ def to_argv(args: dict) -> list[str]:
     return argv
 
 
-@pytest.fixture(scope="module", params=list(TINY))  # every registered family (test_plugins checks TINY covers them)
+# every registered family (test_plugins checks TINY covers them); built once per process: the tests only read it
+@pytest.fixture(scope="session", params=list(TINY))
 def tiny(request, tmp_path_factory):
     """(family name, its tiny pipeline folder), for every registered family (test_families checks the list)."""
     return request.param, TINY[request.param](tmp_path_factory.mktemp("models") / request.param)

@@ -514,30 +514,31 @@ def test_captions_masks_and_ema_train_every_family(family_args, tiny, tmp_path, 
     assert type(pipe).__name__ == type(load_for_inference(str(out), torch.float32)).__name__
 
 
-def test_a_pipeline_built_from_loaded_parts_keeps_the_base_models_settings(tiny, tmp_path):
-    """Class images and validation sample with a pipeline built from the loaded modules: it carries the settings
-    the base model's model_index.json holds (Flux.2 klein's is_distilled, Krea 2's layer taps), as loading does."""
-    from dreambooth.families.base import read_model_index
-
-    family_name, model = tiny
-    family = FAMILIES[family_name]()
-    if family_name == "flux2_klein":  # the distilled checkpoint: its pipeline runs without CFG
-        model = TINY[family_name](tmp_path / "distilled", distilled=True)
-    c = family.load(ModelSource(str(model)))
-    pipe = family.pipeline(c, c.denoiser, c.text_encoders, c.noise_scheduler)
-    index = read_model_index(ModelSource(str(model)))
-    for key in getattr(family, "pipeline_settings", ()):
-        assert list(np.atleast_1d(pipe.config[key])) == list(np.atleast_1d(index[key])), key
-    if family_name == "flux2_klein":
-        assert pipe.config.is_distilled is True
-
-
 def test_every_family_names_blocks_its_tiny_denoiser_has_for_sharding(tiny):
     family_name, model = tiny
     family = FAMILIES[family_name]
     c = family().load(ModelSource(str(model)))
     blocks = [getattr(c.denoiser, name) for name in family.shard_blocks if getattr(c.denoiser, name, None) is not None]
     assert blocks and all(isinstance(b, torch.nn.Module) for b in blocks)
+
+
+def test_a_pipeline_built_from_loaded_parts_keeps_the_base_models_settings(tmp_path):
+    """Class images and validation sample with a pipeline built from the loaded modules: it carries the settings
+    the base model's model_index.json holds (Flux.2 klein's is_distilled, Krea 2's layer taps), as loading does."""
+    from dreambooth.families.base import read_model_index
+
+    built = {"flux2_klein": TINY["flux2_klein"](tmp_path / "klein", distilled=True),  # runs without CFG
+             "krea2": TINY["krea2"](tmp_path / "krea2")}
+    assert {n for n, f in FAMILIES.items() if getattr(f, "pipeline_settings", ())} == built.keys()
+    for family_name, model in built.items():
+        family = FAMILIES[family_name]()
+        c = family.load(ModelSource(str(model)))
+        pipe = family.pipeline(c, c.denoiser, c.text_encoders, c.noise_scheduler)
+        index = read_model_index(ModelSource(str(model)))
+        for key in family.pipeline_settings:
+            assert list(np.atleast_1d(pipe.config[key])) == list(np.atleast_1d(index[key])), key
+        if family_name == "flux2_klein":
+            assert index["is_distilled"] is True and pipe.config.is_distilled is True
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])

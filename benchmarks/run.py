@@ -142,7 +142,8 @@ def _bare_step(run, parts):
     latents = torch.randn(2 * n, c.vae.config.latent_channels, side, side, device=run.accelerator.device)
     timesteps = torch.randint(0, 1000, (2 * n,), device=latents.device)
     batch = {"original_sizes": torch.full((2 * n, 2), cfg.resolution),
-             "crop_top_lefts": torch.zeros(2 * n, 2, dtype=torch.long)}
+             "crop_top_lefts": torch.zeros(2 * n, 2, dtype=torch.long),
+             "target_sizes": torch.full((2 * n, 2), cfg.resolution)}
     params = trainable(parts.denoiser)
 
     def step():

@@ -173,7 +173,8 @@ def test_the_denoiser_is_called_as_the_pipeline_calls_it(tiny, monkeypatch):
         args, kwargs, theirs = seen[0]
         noisy, t = captured_call(family_name, args, kwargs)
         cond = family.encode(c, family.tokenize(c, ["a photo of zwx dog"], cfg), cfg)
-        batch = {"original_sizes": torch.tensor([[64, 64]]), "crop_top_lefts": torch.tensor([[0, 0]])}
+        batch = {"original_sizes": torch.tensor([[64, 64]]), "crop_top_lefts": torch.tensor([[0, 0]]),
+                 "target_sizes": torch.tensor([[64, 64]])}
         ours = family.denoiser_call(c, c.denoiser, cond, batch, cfg)(noisy, t)
     if family_name == "flux":
         from diffusers import FluxPipeline
@@ -350,7 +351,8 @@ def test_flux_is_told_the_training_guidance(family_args, tiny, monkeypatch):
 
 
 REFERENCE_FLAGS = {  # the SD3 / Flux / Flux.2 klein and dev / Z-Image / Qwen-Image README command lines of diffusers'
-    # examples/dreambooth (but --push_to_hub, wandb, 8-bit Adam: GPU only), on a tiny model
+    # examples/dreambooth (but --push_to_hub, wandb, 8-bit Adam: GPU only), on a tiny model; where the script has
+    # aspect-ratio buckets, with them as its README or its own test spells them (at the tiny model's sizes)
     "sd3": ["--mixed_precision", "bf16", "--instance_prompt", "a photo of sks dog", "--train_batch_size", "1",
             "--gradient_accumulation_steps", "2", "--learning_rate", "4e-4", "--lr_scheduler", "constant",
             "--lr_warmup_steps", "0", "--validation_prompt", "A photo of sks dog in a bucket",
@@ -360,31 +362,35 @@ REFERENCE_FLAGS = {  # the SD3 / Flux / Flux.2 klein and dev / Z-Image / Qwen-Im
              "--guidance_scale", "1", "--gradient_accumulation_steps", "2", "--optimizer", "prodigy",
              "--learning_rate", "1.", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
              "--validation_prompt", "A photo of sks dog in a bucket", "--validation_epochs", "1",
-             "--max_sequence_length", "16", "--upcast_before_saving"],
+             "--max_sequence_length", "16", "--upcast_before_saving", "--aspect_ratio_buckets=64,64;48,80"],
     "flux2_klein": ["--do_fp8_training", "--gradient_checkpointing", "--cache_latents", "--instance_prompt",
                     "a photo of sks dog", "--train_batch_size", "1", "--guidance_scale", "1",
                     "--gradient_accumulation_steps", "2", "--optimizer", "adamW", "--learning_rate", "1e-4",
                     "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--validation_prompt",
-                    "A photo of sks dog in a bucket", "--validation_epochs", "1", "--max_sequence_length", "16"],
+                    "A photo of sks dog in a bucket", "--validation_epochs", "1", "--max_sequence_length", "16",
+                    "--aspect_ratio_buckets", "64,64;64,128"],
     "z_image": ["--mixed_precision", "bf16", "--gradient_checkpointing", "--cache_latents", "--instance_prompt",
                 "a photo of sks dog", "--train_batch_size", "1", "--guidance_scale", "5.0",
                 "--gradient_accumulation_steps", "2", "--optimizer", "adamW", "--learning_rate", "1e-4",
                 "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--validation_prompt",
-                "A photo of sks dog in a bucket", "--validation_epochs", "1", "--max_sequence_length", "16"],
+                "A photo of sks dog in a bucket", "--validation_epochs", "1", "--max_sequence_length", "16",
+                "--use_aspect_ratio_buckets"],
     "qwen_image": ["--mixed_precision", "bf16", "--instance_prompt", "a photo of sks dog", "--train_batch_size", "1",
                    "--gradient_accumulation_steps", "4", "--learning_rate", "2e-4", "--lr_scheduler", "constant",
                    "--lr_warmup_steps", "0", "--validation_prompt", "A photo of sks dog in a bucket",
-                   "--validation_epochs", "1"],  # (its --max_sequence_length: the default, 512)
+                   "--validation_epochs", "1", "--aspect_ratio_buckets", "64,64;64,128"],  # (its
+    # --max_sequence_length: the default, 512)
     "flux2": ["--do_fp8_training", "--gradient_checkpointing", "--remote_text_encoder", "--cache_latents",
               "--instance_prompt", "a photo of sks dog", "--train_batch_size", "1", "--guidance_scale", "1",
               "--gradient_accumulation_steps", "4", "--optimizer", "prodigy", "--learning_rate", "1.",
               "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100", "--validation_prompt",
-              "A photo of sks dog in a bucket", "--validation_epochs", "1", "--max_sequence_length", "16"],
+              "A photo of sks dog in a bucket", "--validation_epochs", "1", "--max_sequence_length", "16",
+              "--use_aspect_ratio_buckets", "--aspect_ratio_buckets", "64,64;48,64;64,48"],
     "krea2": ["--mixed_precision", "bf16", "--instance_prompt", "a photo of sks dog", "--train_batch_size", "1",
               "--gradient_checkpointing", "--cache_latents", "--rank", "32", "--lora_alpha", "32", "--optimizer",
               "adamW", "--learning_rate", "3e-4", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
               "--validation_model_path", "krea/Krea-2-Turbo", "--validation_prompt", "a photo of sks dog",
-              "--validation_epochs", "1", "--max_sequence_length", "16"],
+              "--validation_epochs", "1", "--max_sequence_length", "16", "--use_aspect_ratio_buckets"],
 }
 
 
@@ -452,7 +458,8 @@ def test_lora_base_prediction_is_the_adapter_free_models(tiny):
         for name, p in c.denoiser.named_parameters():
             if "lora_B" in name:  # trained adapters: their branch is not zero
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
-    batch = {"original_sizes": torch.tensor([[64, 64]] * 3), "crop_top_lefts": torch.zeros(3, 2, dtype=torch.long)}
+    batch = {"original_sizes": torch.tensor([[64, 64]] * 3), "crop_top_lefts": torch.zeros(3, 2, dtype=torch.long),
+             "target_sizes": torch.tensor([[64, 64]] * 3)}
     rows = torch.tensor([False, True, True])  # one instance example, two class examples
     channels = getattr(c.vae.config, "latent_channels", None) or c.vae.config.z_dim  # (Qwen-Image's: z_dim)
     noisy = family.normalize_latents(c, torch.randn(2, channels, 8, 8,
@@ -489,14 +496,23 @@ def test_base_model_target_starts_at_the_models_own_prediction(family_args, tiny
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_captions_masks_and_ema_train_every_family(family_args, tiny, tmp_path, instance_dir, lora):
-    """Per-image captions, the masked loss and EMA together: the run finishes and writes the average beside the
-    result in the result's own format, which loads for inference like the result."""
+    """Per-image captions, the masked loss and EMA together (LoRA: on photos of mixed shapes in aspect-ratio
+    buckets, the reference scripts' --aspect_ratio_buckets list in the family's multiple, with prior preservation's
+    class images made at the buckets' sizes): the run finishes and writes the average beside the result in the
+    result's own format, which loads for inference like the result."""
     import shutil
 
     from PIL import Image
 
+    from test_buckets import MIXED, shapes
+
     folder = tmp_path / "annotated"
-    shutil.copytree(instance_dir, folder)
+    m = FAMILIES[tiny[0]].resolution_multiple
+    buckets = {"aspect_ratio_buckets": f"{4 * m},{3 * m};{3 * m},{4 * m}"} if lora else {}
+    if lora:
+        shapes(folder, MIXED)
+    else:
+        shutil.copytree(instance_dir, folder)
     for i, image in enumerate(sorted(folder.glob("*.png"))):
         image.with_suffix(".txt").write_text(f"a photo of [V] dog number {i}")
         w, h = Image.open(image).size
@@ -504,10 +520,14 @@ def test_captions_masks_and_ema_train_every_family(family_args, tiny, tmp_path, 
         mask[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 255
         Image.fromarray(mask).save(folder / f"{image.stem}-masklabel.png")
     args = family_args(instance_data_dir=str(folder), caption_extension=".txt", masked_loss=True, use_ema=True,
-                       train_text_encoder=trains_te(tiny), max_train_steps=2, **(LORA if lora else {}))
+                       train_text_encoder=trains_te(tiny), max_train_steps=2, num_class_images=2,
+                       **(LORA if lora else {}), **buckets)
     summary = dreambooth.train(**args)
     out = tmp_path / "out"
-    assert summary["num_instance_images"] == 4 and summary["ema"]["folder"] == "ema"
+    assert summary["num_instance_images"] == len(list(folder.glob("*.txt"))) and summary["ema"]["folder"] == "ema"
+    if lora:  # 3 portraits, 2 landscapes (the square photo ties and goes to the last): one class image of each
+        sizes = sorted(Image.open(p).size for p in (tmp_path / "class").glob("class-*.png"))
+        assert sizes == [(3 * m, 4 * m), (4 * m, 3 * m)], sizes
     raw = sorted(p.name for p in out.iterdir() if p.name in {"pytorch_lora_weights.safetensors", "model_index.json"})
     assert raw and sorted(p.name for p in (out / "ema").iterdir() if p.name in raw) == raw
     pipe = load_for_inference(str(out / "ema"), torch.float32)  # a LoRA folder: its base model + the averaged file

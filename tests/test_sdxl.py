@@ -39,9 +39,10 @@ def test_size_conditioning_is_each_examples_own(tiny_sdxl):
     family = get_family(ModelSource(str(tiny_sdxl)))
     assert family.name == "sdxl"
     cond = {"encoder_hidden_states": torch.zeros(2, 16, 80), "text_embeds": torch.zeros(2, 32)}
-    batch = {"original_sizes": torch.tensor([[72, 96], [64, 64]]), "crop_top_lefts": torch.tensor([[0, 5], [0, 0]])}
+    batch = {"original_sizes": torch.tensor([[72, 96], [64, 64]]), "crop_top_lefts": torch.tensor([[0, 5], [0, 0]]),
+             "target_sizes": torch.tensor([[64, 64], [48, 80]])}  # a square and an aspect-ratio bucket
     kwargs = family.unet_kwargs(cond, batch, SimpleNamespace(resolution=64))
-    assert kwargs["added_cond_kwargs"]["time_ids"].tolist() == [[72, 96, 0, 5, 64, 64], [64, 64, 0, 0, 64, 64]]
+    assert kwargs["added_cond_kwargs"]["time_ids"].tolist() == [[72, 96, 0, 5, 64, 64], [64, 64, 0, 0, 48, 80]]
     assert set(kwargs) == {"encoder_hidden_states", "added_cond_kwargs"}
 
 

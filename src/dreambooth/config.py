@@ -22,6 +22,7 @@ PRIOR_PRECISIONS = ("no", "fp32", "fp16", "bf16")
 REPORTERS = ("none", "tensorboard", "wandb", "comet_ml", "all")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 PRIOR_TARGETS = ("class_images", "base_model")
+ADAPTERS = ("lora", "lokr", "loha")
 # Adam moves each weight by about the learning rate every step, whatever its gradient: past 10 the weights are noise
 # at once, and 1e38 overflows inside the optimizer; Prodigy, which sets its own step size, is given 1.0
 MAX_LEARNING_RATE = 10.0
@@ -40,6 +41,10 @@ def _learning_rate(v: float | None) -> str | None:
     if v is None or 0 < v <= MAX_LEARNING_RATE:
         return None
     return f"must be > 0 and at most {MAX_LEARNING_RATE:g} (usual: 1e-6 to 1e-4 with adamw, 1.0 with prodigy)"
+
+
+def _factor(v: int) -> str | None:
+    return None if v == -1 or v >= 1 else "-1 (automatic) or a positive factor, e.g. 8 or 16"
 
 
 def _extension(v: str | None) -> str | None:
@@ -137,6 +142,16 @@ class TrainConfig(schema.Validated):
         check=_multiple_of_8, group="data")
     center_crop: bool = option(False, "Centre-crop instead of random-crop after resizing", group="data")
     random_flip: bool = option(False, "Randomly flip training images horizontally", group="data")
+    use_aspect_ratio_buckets: bool = option(
+        False, "Aspect-ratio buckets: each photo trains whole at the height x width nearest its shape (about "
+        "--resolution squared pixels, never above the photo's own size) instead of a square crop; a batch never "
+        "mixes buckets", group="data")
+    aspect_ratio_buckets: str | None = option(
+        None, "Your own buckets as \"height,width;height,width\" (each side a multiple of the model's 8 or 16): "
+        "each photo goes to the one nearest its shape; implies --use_aspect_ratio_buckets", group="data")
+    allow_small_buckets: bool = option(
+        False, "With buckets: a bucket holding fewer photos than one batch (--train_batch_size x processes) repeats "
+        "them to fill its batches (without it, that is an error)", group="data")
     dataloader_num_workers: int = option(0, "Data-loading worker processes", check=at_least(0), group="data")
 
     # optimisation
@@ -264,6 +279,13 @@ class TrainConfig(schema.Validated):
                                       check=positive, group="lora")
     lora_dropout: float = option(0.0, "Dropout on the LoRA branch", check=in_unit_interval, group="lora")
     use_dora: bool = option(False, "Weight-decomposed LoRA (DoRA)", group="lora")
+    adapter: str = option("lora", "The adapter kind (peft): lora; lokr (LyCORIS LoKr: Kronecker factors, --rank and "
+                          "--lora_alpha for its low-rank factor); loha (LyCORIS LoHa: Hadamard product of two "
+                          "rank---rank pairs); lokr and loha imply --use_lora", choices=ADAPTERS, group="lora")
+    lokr_factor: int = option(-1, "LoKr: the Kronecker factor's size (-1: as square as the shape allows; kohya's "
+                              "`factor`)", check=_factor, group="lora")
+    lokr_decompose_both: bool = option(False, "LoKr: decompose the small factor into rank --rank too",
+                                       group="lora")
     lora_target_modules: list[str] | None = option(None, "Denoiser modules that get adapters (default: the "
                                                    "family's; SD: to_k to_q to_v to_out.0)", group="lora")
     lora_blocks: list[int] | None = option(None, family_help(
@@ -318,6 +340,16 @@ class TrainConfig(schema.Validated):
     report_to: str = option("none", "Experiment tracker", choices=REPORTERS, group="validation")
     logging_dir: Path = option(Path("logs"), "Tracker folder, relative to output_dir", group="validation")
 
+    @property
+    def adapters(self) -> bool:
+        """Whether adapters train (LoRA, or another --adapter) rather than the whole model."""
+        return self.use_lora or self.adapter != "lora"
+
+    @property
+    def buckets(self) -> bool:
+        """Whether photos train in aspect-ratio buckets (the flag, or a list of buckets)."""
+        return self.use_aspect_ratio_buckets or self.aspect_ratio_buckets is not None
+
     def check(self) -> None:
         """Cross-field rules, checked before any model loads."""
         if self.with_prior_preservation:
@@ -337,7 +369,7 @@ class TrainConfig(schema.Validated):
                 )
         if self.prior_target != "class_images" and not self.with_prior_preservation:
             raise ConfigError("prior_target", self.prior_target, "only used with --with_prior_preservation; add it")
-        if self.offload_base_model and (self.prior_target != "base_model" or self.use_lora):
+        if self.offload_base_model and (self.prior_target != "base_model" or self.adapters):
             raise ConfigError("offload_base_model", True, "only used with --prior_target base_model and a full "
                               "fine-tune (LoRA's base model is the denoiser with its adapters off)")
         if self.prior_target == "base_model" and self.prediction_type is not None:
@@ -347,6 +379,8 @@ class TrainConfig(schema.Validated):
             raise ConfigError("validate_with_ema", True, "needs --use_ema; add it")
         if self.ema_min_decay > self.ema_decay:
             raise ConfigError("ema_min_decay", self.ema_min_decay, f"at most --ema_decay ({self.ema_decay})")
+        if self.allow_small_buckets and not self.buckets:
+            raise ConfigError("allow_small_buckets", True, "only used with --use_aspect_ratio_buckets; add it")
         if self.mask_background_weight != 0.0 and not self.masked_loss:
             raise ConfigError("mask_background_weight", self.mask_background_weight, "only used with --masked_loss")
         if self.fsdp_cpu_offload and not self.fsdp:
@@ -365,13 +399,18 @@ class TrainConfig(schema.Validated):
                     raise ConfigError(name, getattr(self, name), f"not with --fsdp ({why}); drop one of them")
         if self.use_8bit_adam and self.optimizer != "adamw":
             raise ConfigError("use_8bit_adam", True, f"only with --optimizer adamw, not {self.optimizer}")
-        if self.quantize_base != "none" and not self.use_lora:
+        if self.quantize_base != "none" and not self.adapters:
             raise ConfigError("quantize_base", self.quantize_base, "only with --use_lora (a quantized base stays "
                               "frozen; the adapters train)")
-        if self.lora_blocks is not None and not self.use_lora:
+        if self.lora_blocks is not None and not self.adapters:
             raise ConfigError("lora_blocks", self.lora_blocks, "only used with --use_lora; add that flag")
         if self.use_dora and not self.use_lora:
             raise ConfigError("use_dora", True, "only used with --use_lora; add that flag")
+        if self.use_dora and self.adapter != "lora":
+            raise ConfigError("use_dora", True, f"DoRA is a kind of LoRA, not of {self.adapter}; drop one of them")
+        if self.adapter != "lokr" and (self.lokr_factor != -1 or self.lokr_decompose_both):
+            raise ConfigError("lokr_factor" if self.lokr_factor != -1 else "lokr_decompose_both",
+                              self.lokr_factor if self.lokr_factor != -1 else True, "only used with --adapter lokr")
         if self.torch_compile_mode != "default" and not self.torch_compile:
             raise ConfigError("torch_compile_mode", self.torch_compile_mode, "only used with --torch_compile; add it")
         if self.eval_config is not None and not self.eval:
@@ -406,6 +445,10 @@ class TrainConfig(schema.Validated):
         if self.resolution is not None and self.resolution % multiple:
             raise ConfigError("resolution", self.resolution, f"must be a multiple of {multiple} for {family.name} "
                               f"models (e.g. {_multiples_near(self.resolution, multiple)})")
+        if self.aspect_ratio_buckets is not None:
+            from .data.buckets import parse
+
+            parse(self.aspect_ratio_buckets, multiple)
         # only the T5 families get here with it set: the others refuse it above as meaning nothing to them
         limit = getattr(family, "max_sequence_length_limit", None)
         if self.max_sequence_length is not None and limit is not None and self.max_sequence_length > limit:

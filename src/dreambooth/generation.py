@@ -23,7 +23,7 @@ from .families import ModelSource, family_of, get_family
 from .families.help import family_help, option_default
 from .files import save_image_atomic
 from .grid import make_grid
-from .lora import LORA_WEIGHTS, is_lora_output
+from .lora import LORA_WEIGHTS, attach_lycoris, is_lora_output, lycoris_run_file
 from .outputs import OutputFolder
 from .quiet import quiet_libraries
 from .sampling import family_sampler, resolve_sampler, sampler_names
@@ -163,6 +163,10 @@ def load_lora(pipe: Any, adapter: str, name: str) -> None:
     if path.suffix != ".safetensors" and not (path / LORA_WEIGHTS).is_file():
         raise DataError(f"no LoRA weights at {path}: pass a .safetensors file or a folder that holds {LORA_WEIGHTS}")
     kwargs = {"weight_name": path.name} if path.is_file() else {}
+    configs = lycoris_run_file(path if path.is_file() else path / LORA_WEIGHTS)
+    if configs is not None:  # a LoKr / LoHa run's own file: peft attaches it to every family alike
+        attach_lycoris(pipe, path if path.is_file() else path / LORA_WEIGHTS, configs, name)
+        return
     try:
         with _unlogged("diffusers.loaders.peft"):  # it logs the failure it raises, state dict and all
             pipe.load_lora_weights(str(path.parent if path.is_file() else path), adapter_name=name, **kwargs)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig
+from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
@@ -21,9 +21,17 @@ ADAPTER_FILE = "adapter.safetensors"  # a checkpoint's exact peft state of one m
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' name: what load_lora_weights looks for
 
 
-def lora_config(cfg: Any, targets: list[str]) -> LoraConfig:
-    """Gaussian-initialised A, zero B (the adapter starts as a no-op), as the reference LoRA scripts do."""
-    return LoraConfig(r=cfg.rank, lora_alpha=cfg.lora_alpha or cfg.rank, lora_dropout=cfg.lora_dropout,
+def lora_config(cfg: Any, targets: list[str] | tuple[str, ...]) -> PeftConfig:
+    """The adapters' peft config, each starting as a no-op: LoRA with Gaussian A and zero B, as the reference LoRA
+    scripts do; LoKr and LoHa (`--adapter`) with peft's LyCORIS initialisation (one factor zero)."""
+    kind = getattr(cfg, "adapter", "lora")
+    alpha = cfg.lora_alpha or cfg.rank
+    if kind == "lokr":
+        return LoKrConfig(r=cfg.rank, alpha=alpha, module_dropout=cfg.lora_dropout, target_modules=list(targets),
+                          decompose_factor=cfg.lokr_factor, decompose_both=cfg.lokr_decompose_both)
+    if kind == "loha":
+        return LoHaConfig(r=cfg.rank, alpha=alpha, module_dropout=cfg.lora_dropout, target_modules=list(targets))
+    return LoraConfig(r=cfg.rank, lora_alpha=alpha, lora_dropout=cfg.lora_dropout,
                       init_lora_weights="gaussian", target_modules=list(targets), use_dora=cfg.use_dora)
 
 
@@ -81,6 +89,50 @@ def load_adapter(module: torch.nn.Module, folder: Path) -> list[str]:
     """Restore an adapter saved by `save_adapter`; returns the keys the module did not take."""
     result = set_peft_model_state_dict(module, load_file(str(folder / ADAPTER_FILE)))
     return list(getattr(result, "unexpected_keys", []) or [])
+
+
+LYCORIS_TENSORS = (".lokr_", ".hada_")  # LoKr's and LoHa's tensor names (peft and LyCORIS spell them alike)
+
+
+def lycoris_run_file(path: Path) -> dict[str, dict[str, Any]] | None:
+    """The per-part peft configs of a LoKr / LoHa file a run wrote (peft keys `<part>.<module>.lokr_w1`, each part's
+    config in diffusers' `lora_adapter_metadata`), or None for any other file (LoRA: diffusers reads it)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        if not any(marker in key for key in f.keys() for marker in LYCORIS_TENSORS):
+            return None
+        raw = (f.metadata() or {}).get("lora_adapter_metadata")
+    parts: dict[str, dict[str, Any]] = {}
+    for key, value in (json.loads(raw) if raw else {}).items():
+        part, _, name = key.partition(".")
+        parts.setdefault(part, {})[name] = value
+    return parts or None
+
+
+def attach_lycoris(pipe: Any, path: Path, configs: dict[str, dict[str, Any]], name: str) -> None:
+    """A run's LoKr / LoHa file onto a pipeline's parts: peft builds the adapters of the recorded configs and takes
+    the tensors (diffusers' own loader reads LoKr for Z-Image and Flux.2 only, and LoHa for none)."""
+    from peft import inject_adapter_in_model
+
+    state = load_file(str(path))
+    for part, fields in configs.items():
+        module = getattr(pipe, part, None)
+        if module is None:
+            raise DreamBoothError(f"{path} adapts a {part} this {type(pipe).__name__} does not have; load it onto "
+                                  "the base model it was trained on")
+        config = PeftConfig.from_peft_type(**fields)
+        inject_adapter_in_model(config, module, adapter_name=name)
+        prefix = f"{part}."
+        own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        result = set_peft_model_state_dict(module, own, adapter_name=name)
+        missing = [k for k in getattr(result, "missing_keys", []) if name in k and any(
+            m.strip(".") in k for m in LYCORIS_TENSORS)]
+        if getattr(result, "unexpected_keys", None) or missing:
+            raise DreamBoothError(f"{path} does not fit this model's {part} ({len(missing)} adapter tensors "
+                                  "missing); load it onto the base model it was trained on")
 
 
 def is_lora_output(folder: Path) -> bool:

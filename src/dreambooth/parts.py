@@ -17,7 +17,9 @@ from .checkpoint import CheckpointWriter, load_checkpoint
 from .compilation import compile_blocks
 from .config import TrainConfig
 from .data import DreamBoothDataset
+from .data.buckets import nearest
 from .data.dataset import CLASS_PROMPT, INSTANCE_PROMPT
+from .data.images import upright_size
 from .devices import cast_as_loaded, park, reduced_dtype
 from .ema import Ema
 from .families import Components, ModelFamily
@@ -111,12 +113,13 @@ def load_models(run: Run) -> tuple[Components, ClassImages | None]:
     quantized = quantization(cfg, reduced_dtype(acc.mixed_precision))
     one_load = quantized is None and cfg.tokenizer_name is None
     prior = cfg.with_prior_preservation and cfg.class_data_dir is not None
-    class_images = (ensure_class_images(cfg, run.family, run.source, acc, run.events)
+    class_images = (ensure_class_images(cfg, run.family, run.source, acc, run.events, buckets=run.instance.buckets)
                     if prior and not one_load else None)
     c = run.family.load(run.source, cfg.prediction_type, quantized)
     check_prompts_name_identifier(cfg, run.family, c, run.instance.images, run.instance.captions)
     if prior and one_load:
-        class_images = ensure_class_images(cfg, run.family, run.source, acc, run.events, loaded=c)
+        class_images = ensure_class_images(cfg, run.family, run.source, acc, run.events, loaded=c,
+                                           buckets=run.instance.buckets)
     run.claim()  # the inputs loaded: from here on the output folder is this run's
     return c, class_images
 
@@ -195,9 +198,13 @@ def make_dataset(run: Run, class_images: ClassImages | None, prompt_ids: list[in
     cfg, acc = run.cfg, run.accelerator
     base_model = cfg.with_prior_preservation and cfg.prior_target == "base_model"
     class_paths = class_images.paths if class_images else run.instance.images if base_model else None
+    buckets = run.instance.buckets
+    class_buckets = None if buckets is None or class_paths is None else [
+        nearest(*upright_size(p), sorted(set(buckets))) for p in class_paths]
     dataset = DreamBoothDataset(run.instance.images, class_paths, cfg.resolution, cfg.seed, cfg.center_crop,
                                 cfg.random_flip, prompt_ids, run.instance.masks, cfg.caption_dropout, empty_id,
-                                cfg.repeats)
+                                cfg.repeats, buckets, class_buckets, cfg.train_batch_size * acc.num_processes,
+                                cfg.allow_small_buckets)
     per_step = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
     if per_step > 2 * dataset.epoch_length:
         log.warning("one optimizer step takes %d examples, %.0f passes over the %d training images: "

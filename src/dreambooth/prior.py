@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .compilation import compile_blocks
 from .config import TrainConfig
 from .data import derive_seed, scan_folder
+from .data.buckets import Size, bucket_counts, class_size
 from .devices import DTYPES, lent
 from .errors import DreamBoothError, is_out_of_memory
 from .events import Events
@@ -57,9 +58,10 @@ def generation_dtype(precision: str | None, device: torch.device) -> torch.dtype
     return DTYPES[precision]
 
 
-def class_settings(cfg: TrainConfig, family: ModelFamily, source: ModelSource, dtype: torch.dtype
-                   ) -> dict[str, Any]:
-    """What a class image is a function of (sampler and guidance resolved to the family's defaults)."""
+def class_settings(cfg: TrainConfig, family: ModelFamily, source: ModelSource, dtype: torch.dtype,
+                   buckets: Sequence[Size] | None = None) -> dict[str, Any]:
+    """What a class image is a function of (sampler and guidance resolved to the family's defaults; with
+    aspect-ratio buckets, the instance photos' bucket counts, which give each image its size: `image_size`)."""
     guidance = cfg.class_guidance_scale if cfg.class_guidance_scale is not None else family.default_guidance
     call = family.pipeline_kwargs(cfg)  # T5 length, size: what this family's pipeline is called with
     extra = {"pipeline": call} if call else {}  # (none for SD/SDXL, whose class images keep their names)
@@ -71,10 +73,20 @@ def class_settings(cfg: TrainConfig, family: ModelFamily, source: ModelSource, d
         "steps": cfg.class_inference_steps,
         "guidance_scale": guidance,
         **extra,
+        **({"buckets": [[h, w, n] for (h, w), n in bucket_counts(buckets)]} if buckets else {}),
         "dtype": str(dtype).removeprefix("torch."),
         # compiled kernels round differently: the same settings compiled are other images (rounding-level apart)
         **({"compiled": cfg.torch_compile_mode} if cfg.torch_compile else {}),
     }
+
+
+def image_size(settings: dict[str, Any], index: int) -> dict[str, int]:
+    """The height and width class image `index` is sampled at: with buckets, in proportion to the instance photos'
+    buckets (see `buckets.class_size`); else the pipeline's call's (none: its default)."""
+    if "buckets" not in settings:
+        return {}
+    h, w = class_size(index, [((h, w), n) for h, w, n in settings["buckets"]])
+    return {"height": h, "width": w}
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -113,15 +125,16 @@ def plan(folder: Path, digest: str, wanted: int) -> Plan:
 
 
 def ensure_class_images(cfg: TrainConfig, family: ModelFamily, source: ModelSource, accelerator,
-                        events: Events | None = None, loaded: Components | None = None) -> ClassImages:
+                        events: Events | None = None, loaded: Components | None = None,
+                        buckets: Sequence[Size] | None = None) -> ClassImages:
     """Make sure cfg.num_class_images class images exist; generate (split over processes) only what is missing.
     Progress goes to `events` as "class_images" events (this process's share: done of total). `loaded`: the
     model's parts as training loaded them, lent to the generation (see `devices.lent`) instead of a second load;
-    the images are the same either way."""
+    the images are the same either way. `buckets`: the instance photos' aspect-ratio buckets, if any."""
     events = events or Events()
     folder = Path(cfg.class_data_dir)
     dtype = generation_dtype(cfg.prior_generation_precision, accelerator.device)
-    settings = class_settings(cfg, family, source, dtype)
+    settings = class_settings(cfg, family, source, dtype, buckets)
     digest = settings_hash(settings)
     # decided once: a process that looked for itself after another had written images would split a shorter
     # "missing" list, and some images would never be made
@@ -179,6 +192,7 @@ def _generate(cfg: TrainConfig, family: ModelFamily, source: ModelSource, folder
 def _sample(cfg: TrainConfig, family: ModelFamily, pipe: Any, folder: Path, digest: str, indices: list[int],
             settings: dict[str, Any], accelerator, events: Events) -> None:
     _, pipe.scheduler = family_sampler(family, settings["sampler"], pipe.scheduler.config)
+    indices = sorted(indices, key=lambda i: (tuple(image_size(settings, i).values()), i))  # one size per call
     cuda = accelerator.device.type == "cuda"
     batch_size = BatchSize(cfg.sample_batch_size, cuda)
     bar = tqdm(total=len(indices), desc="class images", unit="img", disable=not accelerator.is_local_main_process)
@@ -189,13 +203,15 @@ def _sample(cfg: TrainConfig, family: ModelFamily, pipe: Any, folder: Path, dige
         start = 0
         while start < len(indices):
             batch = indices[start : start + batch_size.now]
+            size = image_size(settings, batch[0])  # a call makes one size: the batch ends where the size changes
+            batch = batch[: next((k for k, i in enumerate(batch) if image_size(settings, i) != size), len(batch))]
             generators = [torch.Generator(accelerator.device).manual_seed(image_seed(digest, i)) for i in batch]
             try:
                 with batch_size.measure(len(batch)), torch.no_grad():
                     guidance = family.guidance(settings["guidance_scale"], len(batch), cfg.class_negative_prompt)
                     images = pipe(
                         prompt=[cfg.class_prompt] * len(batch), num_inference_steps=cfg.class_inference_steps,
-                        **guidance, **settings.get("pipeline", {}),
+                        **guidance, **{**settings.get("pipeline", {}), **size},
                         generator=generators,
                     ).images
             except (RuntimeError, MemoryError) as e:

@@ -27,6 +27,8 @@ from .checkpoint import checkpoint_config, checkpoint_identity, find_checkpoint,
 from .config import FULL_LEARNING_RATE, TrainConfig
 from .data import ImageFolder, scan_folder
 from .data.annotations import check_mask_crops, open_mask, read_captions
+from .data.buckets import Groups, bucket_counts, bucket_for
+from .data.buckets import parse as parse_buckets
 from .errors import CheckpointError, DataError, DreamBoothError, Stopped, first_line
 from .events import EVENTS_FILE, EventFile, Events
 from .families import ModelFamily, ModelSource, get_family
@@ -291,6 +293,16 @@ def determinism(enabled: bool) -> Iterator[None]:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
+def assign_buckets(cfg: TrainConfig, family: ModelFamily, sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Each photo's aspect-ratio bucket (height, width), and the counts logged."""
+    explicit = parse_buckets(cfg.aspect_ratio_buckets, family.resolution_multiple) if cfg.aspect_ratio_buckets \
+        else None
+    buckets = [bucket_for(w, h, cfg.resolution, family.resolution_multiple, explicit) for w, h in sizes]
+    log.info("aspect-ratio buckets (width x height: photos): %s",
+             ", ".join(f"{w}x{h}: {n}" for (h, w), n in bucket_counts(buckets)))
+    return buckets
+
+
 def setup(cfg: TrainConfig) -> Run:
     """All checks that need no model weights, then the Accelerator, the output folder's lock and the seed."""
     source = ModelSource(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.tokenizer_name,
@@ -311,9 +323,12 @@ def setup(cfg: TrainConfig) -> Run:
         instance.captions = read_captions(instance.images, cfg.caption_extension, identifier)
         log.info("%d of %d instance images have a caption (%s files); the others use --instance_prompt",
                  sum(c is not None for c in instance.captions), len(instance.images), cfg.caption_extension)
+    if cfg.buckets:
+        instance.buckets = assign_buckets(cfg, family, instance.sizes)
     if cfg.masked_loss:
         instance.masks = [open_mask(p) for p in instance.images]
-        check_mask_crops(instance.images, instance.masks, cfg.resolution, cfg.center_crop)
+        check_mask_crops(instance.images, instance.masks, instance.buckets or [cfg.resolution] * len(instance.images),
+                         cfg.center_crop)
     if cfg.class_data_dir is not None and Path(cfg.class_data_dir).is_file():
         raise DataError(f"class folder {cfg.class_data_dir} is a file; pass a folder (it is created if missing)")
     if cfg.with_prior_preservation and cfg.class_data_dir is not None:
@@ -328,6 +343,9 @@ def setup(cfg: TrainConfig) -> Run:
                 "tokenizer (--tokenizer_name)": cfg.tokenizer_name})
     output.check()  # fails fast, before the Accelerator; checked again under the folder's lock
     accelerator = make_accelerator(cfg)
+    if instance.buckets is not None:  # a bucket smaller than a batch fails now, not after the models load
+        Groups(instance.buckets, cfg.train_batch_size * accelerator.num_processes, cfg.seed or 0, cfg.repeats,
+               cfg.allow_small_buckets)
     resume_from, seed = _open_on_main(cfg, output, accelerator)
     cfg = schema.derive(cfg, seed=seed)  # what train_config.json records: the seed a resumed run keeps
     try:
@@ -347,11 +365,13 @@ def family_defaults(cfg: TrainConfig, family: ModelFamily) -> dict[str, Any]:
     """The options left unset whose defaults depend on the model's family (and the method), as the reference
     scripts set them: resolution, learning rate, the text encoders' rate and weight decay."""
     derived: dict[str, Any] = {}
+    if cfg.adapters and not cfg.use_lora:  # --adapter lokr / loha: adapters train (what --use_lora means)
+        derived["use_lora"] = True
     if cfg.resolution is None:
         derived["resolution"] = family.default_resolution
     if cfg.learning_rate is None:  # the method's (and with LoRA the family's), as the reference scripts
         derived["learning_rate"] = (1.0 if cfg.optimizer == "prodigy" else family.lora_learning_rate
-                                    if cfg.use_lora else FULL_LEARNING_RATE)
+                                    if cfg.adapters else FULL_LEARNING_RATE)
     if cfg.train_text_encoder and cfg.optimizer != "prodigy":  # Prodigy: one step size, its own
         if cfg.text_encoder_lr is None:
             derived["text_encoder_lr"] = family.text_encoder_learning_rate

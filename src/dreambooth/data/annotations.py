@@ -83,30 +83,36 @@ def open_mask(image: Path) -> Image.Image:
     return mask
 
 
-def check_mask_crops(images: Sequence[Path], masks: Sequence[Image.Image], resolution: int, center: bool) -> None:
+def check_mask_crops(images: Sequence[Path], masks: Sequence[Image.Image], targets: Sequence[int | tuple[int, int]],
+                     center: bool) -> None:
     """A mask whose subject the training crop cuts away trains its image on nothing (its loss is 0): an error with
-    --center_crop (the one crop always misses it); with random crops, a warning when part of them miss it."""
+    --center_crop (the one crop always misses it); with random crops, a warning when part of them miss it.
+    `targets`: each image's training size (the resolution's square, or its bucket's (height, width))."""
     import logging
     import random
 
     from .dataset import crop_plan
 
-    for image, mask in zip(images, masks):
-        (w, h), (top, left), _ = crop_plan(*mask.size, resolution, True, False, random.Random(0))
+    for image, mask, target in zip(images, masks, targets):
+        th, tw = (target, target) if isinstance(target, int) else target
+        (w, h), (top, left), _ = crop_plan(*mask.size, target, True, False, random.Random(0))
         white = np.asarray(mask.resize((w, h), Image.Resampling.BILINEAR)) > 0
         if not white.any():
-            raise DataError(f"{image}: its mask's subject is too small to survive resizing to {resolution} px, so "
+            raise DataError(f"{image}: its mask's subject is too small to survive resizing to {tw}x{th} px, so "
                             "this image would train on nothing; mark more of the subject in white")
+        if w == tw and h == th:  # the crop is the whole image: every view holds the subject
+            continue
         if center:
-            if not white[top:top + resolution, left:left + resolution].any():
+            if not white[top:top + th, left:left + tw].any():
                 raise DataError(f"{image}: its mask's subject lies outside the centre crop, so this image would "
                                 "train on nothing; drop --center_crop, or crop the photo around the subject")
             continue
-        axis = 0 if h > w else 1  # the short side is the crop's: only the long one moves
+        axis = 0 if h - th > w - tw else 1  # the resize covers the crop: only the side with room moves
         lines = np.flatnonzero(white.any(axis=1 - axis))
-        positions = white.shape[axis] - resolution + 1
-        first, last = lines[0], lines[-1]  # a crop [p, p + resolution) sees the subject unless it ends before
-        seen = sum(1 for p in range(positions) if p <= last and p + resolution > first)  # or starts after it
+        length = th if axis == 0 else tw
+        positions = white.shape[axis] - length + 1
+        first, last = lines[0], lines[-1]  # a crop [p, p + length) sees the subject unless it ends before
+        seen = sum(1 for p in range(positions) if p <= last and p + length > first)  # or starts after it
         if seen < positions:
             logging.getLogger("dreambooth").warning(
                 "%s: %d%% of its random crops hold none of the mask's subject (those steps learn nothing from "

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from .buckets import Groups, Size
 from .images import open_rgb
 
 
@@ -52,25 +53,27 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def crop_plan(width: int, height: int, size: int, center: bool, flip: bool, rng: random.Random
+def crop_plan(width: int, height: int, size: int | tuple[int, int], center: bool, flip: bool, rng: random.Random
               ) -> tuple[tuple[int, int], tuple[int, int], bool]:
-    """Where a view of a width x height image comes from: the resized size (short side `size`), the square crop's
-    (top, left), mirrored when flipped (what SDXL's crop conditioning means), and whether it flips. The image's
-    size is all it needs, so a view whose latents are cached is known without decoding a pixel."""
-    scale = size / min(width, height)
-    w, h = max(size, round(width * scale)), max(size, round(height * scale))
+    """Where a view of a width x height image comes from: the resized size (just covering `size`: a square side, or
+    an aspect-ratio bucket's (height, width)), the crop's (top, left), mirrored when flipped (what SDXL's crop
+    conditioning means), and whether it flips. The image's size is all it needs, so a view whose latents are cached
+    is known without decoding a pixel."""
+    th, tw = (size, size) if isinstance(size, int) else size
+    scale = max(tw / width, th / height)  # a square: size / the short side
+    w, h = max(tw, round(width * scale)), max(th, round(height * scale))
     if center:
-        left, top = (w - size) // 2, (h - size) // 2
+        left, top = (w - tw) // 2, (h - th) // 2
     else:
-        left, top = rng.randint(0, w - size), rng.randint(0, h - size)
+        left, top = rng.randint(0, w - tw), rng.randint(0, h - th)
     flipped = flip and rng.random() < 0.5
-    return (w, h), (top, w - size - left if flipped else left), flipped
+    return (w, h), (top, w - tw - left if flipped else left), flipped
 
 
-def resize_crop(img: Image.Image, size: int, center: bool, flip: bool, rng: random.Random
+def resize_crop(img: Image.Image, size: int | tuple[int, int], center: bool, flip: bool, rng: random.Random
                 ) -> tuple[Image.Image, tuple[int, int], bool]:
-    """Resize the short side to `size`, then crop a square (centred or random) and maybe flip; also returns the
-    crop's (top, left) and whether it flipped, as `crop_plan` decides them."""
+    """Resize to just cover `size` (a square's side or a (height, width)), crop it (centred or random) and maybe
+    flip; also returns the crop's (top, left) and whether it flipped, as `crop_plan` decides them."""
     plan = crop_plan(img.width, img.height, size, center, flip, rng)
     return apply_crop(img, plan, size), plan[1], plan[2]
 
@@ -78,17 +81,19 @@ def resize_crop(img: Image.Image, size: int, center: bool, flip: bool, rng: rand
 Plan = tuple[tuple[int, int], tuple[int, int], bool]  # crop_plan's (resized size, crop top-left, flipped)
 
 
-def crop_origin(plan: Plan, size: int) -> tuple[int, int]:
+def crop_origin(plan: Plan, size: int | tuple[int, int]) -> tuple[int, int]:
     """(left, top) of the crop in the resized image (the top-left that `crop_plan` records is mirrored when the
     view flips)."""
     (w, _), (top, left), flipped = plan
-    return (w - size - left if flipped else left), top
+    tw = size if isinstance(size, int) else size[1]
+    return (w - tw - left if flipped else left), top
 
 
-def apply_crop(img: Image.Image, plan: Plan, size: int) -> Image.Image:
+def apply_crop(img: Image.Image, plan: Plan, size: int | tuple[int, int]) -> Image.Image:
     """The view `crop_plan` decided, cut from an image of the planned size."""
+    th, tw = (size, size) if isinstance(size, int) else size
     x, top = crop_origin(plan, size)
-    img = img.resize(plan[0], Image.Resampling.BILINEAR).crop((x, top, x + size, top + size))
+    img = img.resize(plan[0], Image.Resampling.BILINEAR).crop((x, top, x + tw, top + th))
     return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if plan[2] else img
 
 
@@ -113,26 +118,44 @@ class DreamBoothDataset(Dataset):
         caption_dropout: float = 0.0,
         empty_prompt_id: int | None = None,
         repeats: int = 1,
+        buckets: Sequence[Size] | None = None,
+        class_buckets: Sequence[Size] | None = None,
+        group: int = 1,
+        fill_small_buckets: bool = False,
     ):
         """`caption_dropout`: the probability that an instance example trains with the empty prompt (its id:
         `empty_prompt_id`) instead of its own, drawn per position from the seed (a resumed run draws the same).
-        `repeats`: each instance image appears that many times per epoch (the reference scripts' --repeats)."""
+        `repeats`: each instance image appears that many times per epoch (the reference scripts' --repeats).
+        `buckets`: each instance image's aspect-ratio bucket (height, width), or None (a `resolution` square);
+        `class_buckets` each class image's, `group` the examples of one micro-step over all processes (a group
+        shares one bucket: see `buckets`), `fill_small_buckets` whether a bucket smaller than a group may repeat
+        its images."""
         if caption_dropout > 0 and empty_prompt_id is None:
             raise ValueError("caption_dropout needs the empty prompt's id")
         self.caption_dropout, self.empty_prompt_id = caption_dropout, empty_prompt_id
         self.instance_images = list(instance_images)
         self.instance_prompt_ids = list(instance_prompt_ids or [INSTANCE_PROMPT] * len(self.instance_images))
+        # each instance image's training size: its bucket, or the square
+        self.targets: list[int | Size] = list(buckets) if buckets is not None else [resolution] * len(
+            self.instance_images)
         # (size, mask resized once): the resized size depends on the image's size only; each view is a cut of it
         self.instance_masks = None if instance_masks is None else [
-            (m.size, np.asarray(m.resize(crop_plan(*m.size, resolution, True, False, random.Random(0))[0],
+            (m.size, np.asarray(m.resize(crop_plan(*m.size, t, True, False, random.Random(0))[0],
                                          Image.Resampling.BILINEAR), dtype=np.float32) / 255.0)
-            for m in instance_masks]
+            for m, t in zip(instance_masks, self.targets)]
         self.class_images = list(class_images or [])
         self.resolution, self.seed = resolution, seed
         self.center_crop, self.random_flip = center_crop, random_flip
         self.repeats = repeats
         self.instance_order = Shuffled(len(self.instance_images) * repeats, seed, "instance")
         self.class_order = Shuffled(len(self.class_images), seed, "class") if self.class_images else None
+        self.groups = None if buckets is None else Groups(list(buckets), group, seed, repeats, fill_small_buckets)
+        # bucketed: a class example comes from the class images of its instance's bucket (all of them where the
+        # bucket has none, each cropped to it)
+        self.class_pools: dict[Size, list[int]] = {}
+        for j, b in enumerate(class_buckets or []):
+            self.class_pools.setdefault(tuple(b), []).append(j)
+        self._class_orders: dict[Size, Shuffled] = {}
         # Few instance images: decode once. Class images can number hundreds: decode on demand.
         self._instance_cache = [open_rgb(p) for p in self.instance_images]
         self._sizes: dict[tuple[str, int], tuple[int, int]] = {}
@@ -141,13 +164,15 @@ class DreamBoothDataset(Dataset):
 
     @property
     def epoch_length(self) -> int:
-        """Examples per epoch, as the reference script counts it: max(#instance x repeats, #class)."""
-        return max(len(self.instance_images) * self.repeats, len(self.class_images))
+        """Examples per epoch, as the reference script counts it: max(#instance x repeats, #class) (bucketed: the
+        instance examples with each bucket's last batch filled)."""
+        instance = len(self.instance_images) * self.repeats if self.groups is None else self.groups.epoch_length
+        return max(instance, len(self.class_images))
 
     def __len__(self) -> int:  # positions are unbounded; this is one epoch
         return self.epoch_length
 
-    def _example(self, kind: str, index: int, position: int) -> dict:
+    def _example(self, kind: str, index: int, position: int, target: int | Size) -> dict:
         """Pixels, the original size and crop that SDXL conditions on, and the view: what makes these pixels (the
         key of the latent cache). A view already in `self.cached` gets no pixels: nothing is decoded or resized."""
         def rng() -> random.Random:
@@ -159,28 +184,45 @@ class DreamBoothDataset(Dataset):
             labels["prompt"] = self.empty_prompt_id
         if kind == "instance" and self.instance_masks is not None:
             mask_size, mask = self.instance_masks[index]
-            plan = crop_plan(*mask_size, self.resolution, self.center_crop, self.random_flip, rng())
-            x, top = crop_origin(plan, self.resolution)
-            crop = mask[top: top + self.resolution, x: x + self.resolution]
+            plan = crop_plan(*mask_size, target, self.center_crop, self.random_flip, rng())
+            x, top = crop_origin(plan, target)
+            th, tw = (target, target) if isinstance(target, int) else target
+            crop = mask[top: top + th, x: x + tw]
             labels["mask"] = torch.from_numpy(np.ascontiguousarray(crop[:, ::-1] if plan[2] else crop))[None]
+        # the view: what makes the pixels (bucketed, a class image may be cut to several buckets)
+        bucket = () if self.groups is None else tuple(target)
+        labels["target_size"] = (target, target) if isinstance(target, int) else tuple(target)
         size = self._sizes.get((kind, index))  # (width, height), known once the image was decoded
         if size is not None and self.cached is not None:
-            _, top_left, flipped = crop_plan(*size, self.resolution, self.center_crop, self.random_flip, rng())
-            view = (kind, index, *top_left, flipped)
+            _, top_left, flipped = crop_plan(*size, target, self.center_crop, self.random_flip, rng())
+            view = (kind, index, *top_left, flipped, *bucket)
             if view in self.cached:
                 return {"pixels": None, "original_size": size[::-1], "crop_top_left": top_left, "view": view,
                         **labels}
         img = self._instance_cache[index] if kind == "instance" else open_rgb(self.class_images[index])
         self._sizes[(kind, index)] = img.size
-        crop, top_left, flipped = resize_crop(img, self.resolution, self.center_crop, self.random_flip, rng())
+        crop, top_left, flipped = resize_crop(img, target, self.center_crop, self.random_flip, rng())
         return {"pixels": to_tensor(crop), "original_size": (img.height, img.width), "crop_top_left": top_left,
-                "view": (kind, index, *top_left, flipped), **labels}
+                "view": (kind, index, *top_left, flipped, *bucket), **labels}
+
+    def _class_index(self, position: int, target: int | Size) -> int:
+        if self.groups is None:
+            return self.class_order[position]
+        pool = self.class_pools.get(target) or range(len(self.class_images))
+        if target not in self._class_orders:
+            h, w = target
+            self._class_orders[target] = Shuffled(len(pool), self.seed, f"class-{h}x{w}")
+        return pool[self._class_orders[target][position]]
 
     def __getitem__(self, position: int) -> dict:
-        index = self.instance_order[position] % len(self.instance_images)  # (repeated images: the same image)
-        item = {"position": position, "instance": self._example("instance", index, position)}
+        if self.groups is None:
+            index = self.instance_order[position] % len(self.instance_images)  # (repeated images: the same image)
+            target: int | Size = self.resolution
+        else:
+            index, target = self.groups[position]
+        item = {"position": position, "instance": self._example("instance", index, position, target)}
         if self.class_order is not None:
-            item["class"] = self._example("class", self.class_order[position], position)
+            item["class"] = self._example("class", self._class_index(position, target), position, target)
         return item
 
 
@@ -195,6 +237,7 @@ def collate(items: list[dict]) -> dict:
         "pixel_values": torch.stack(pixels) if all(p is not None for p in pixels) else pixels,
         "original_sizes": torch.tensor([e["original_size"] for e in examples]),
         "crop_top_lefts": torch.tensor([e["crop_top_left"] for e in examples]),
+        "target_sizes": torch.tensor([e["target_size"] for e in examples]),  # (height, width): the bucket's
         "views": [e["view"] for e in examples],
         "is_prior": torch.tensor([False] * len(items) + [True] * (len(examples) - len(items))),
         "positions": torch.tensor(positions + positions if with_prior else positions),

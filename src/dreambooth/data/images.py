@@ -30,6 +30,8 @@ class ImageFolder:
     small: list[Path] = field(default_factory=list)  # images smaller than the training resolution
     captions: list[str | None] | None = None  # per image, with --caption_extension (None: no caption file)
     masks: list[Image.Image] | None = None  # per image, with --masked_loss
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # per image: (width, height), upright
+    buckets: list[tuple[int, int]] | None = None  # per image, with aspect-ratio buckets: (height, width)
 
 
 def open_rgb(path: Path) -> Image.Image:
@@ -49,6 +51,13 @@ def open_rgb(path: Path) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: corrupt or truncated image ({e})") from None
     return to_rgb(img)
+
+
+def upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image as `open_rgb` gives it (EXIF rotation applied), from its header alone."""
+    with Image.open(path) as img:
+        swapped = img.getexif().get(0x0112) in (5, 6, 7, 8)  # orientations that turn the image on its side
+        return (img.height, img.width) if swapped else img.size
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -96,6 +105,7 @@ def scan_folder(folder: Path, what: str, resolution: int | None = None, ignore: 
         if resolution is not None and min(img.size) < resolution:
             result.small.append(path)
         result.images.append(path)
+        result.sizes.append(img.size)
     if problems:
         raise DataError(
             f"{len(problems)} {what} image(s) in {folder} cannot be used: {'; '.join(problems)}; "

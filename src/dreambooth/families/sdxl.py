@@ -47,7 +47,7 @@ class StableDiffusionXL(StableDiffusion):
     def unet_kwargs(self, cond: dict[str, torch.Tensor], batch: dict[str, Any], cfg: Any) -> dict[str, Any]:
         """add_time_ids per example: (original height, width, crop top, left, target height, width)."""
         states = cond["encoder_hidden_states"]
-        target = torch.tensor([cfg.resolution, cfg.resolution]).expand(len(batch["original_sizes"]), 2)
+        target = batch["target_sizes"]  # the training size (an aspect-ratio bucket's, or the square)
         time_ids = torch.cat([batch["original_sizes"], batch["crop_top_lefts"], target], dim=1)
         return {"encoder_hidden_states": states,
                 "added_cond_kwargs": {"text_embeds": cond["text_embeds"],

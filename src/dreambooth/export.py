@@ -104,7 +104,7 @@ def _write_lora(cfg: ExportConfig, comfyui: bool) -> Path:
 
     from .families import FAMILIES, ModelSource, get_family
     from .families.base import ModelFamily
-    from .lora_formats import with_alphas
+    from .lora_formats import lycoris, with_alphas
 
     folder = _lora_run(cfg)
     out = Path(cfg.output)
@@ -118,11 +118,16 @@ def _write_lora(cfg: ExportConfig, comfyui: bool) -> Path:
     source = ModelSource(train["pretrained_model_name_or_path"], train.get("revision"), train.get("variant"))
     family = FAMILIES[run_family(folder)]() if run_family(folder) else get_family(source)
     state = load_file(folder / LORA_WEIGHTS)
-    if comfyui and type(family).kohya_lora is ModelFamily.kohya_lora:
+    kind = train.get("adapter", "lora")
+    if kind != "lora":  # LoKr / LoHa: LyCORIS's layout, which both formats mean for them
+        state = lycoris(state, alpha, train.get("rank"), family.denoiser_name, family.lycoris_prefix)
+    elif comfyui and type(family).kohya_lora is ModelFamily.kohya_lora:
         state = with_alphas(state, alpha)
     else:
         state = family.kohya_lora(state, alpha, train.get("rank"), source)
-    metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(train.get("rank")),
+    metadata = {"ss_network_module": "networks.lora" if kind == "lora" else "lycoris.kohya",
+                **({} if kind == "lora" else {"ss_network_args": json.dumps({"algo": kind})}),
+                "ss_network_dim": str(train.get("rank")),
                 "ss_network_alpha": str(alpha), "ss_base_model": str(train.get("pretrained_model_name_or_path"))}
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged(out, exclusive=True) as tmp:

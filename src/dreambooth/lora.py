@@ -102,7 +102,7 @@ def lycoris_run_file(path: Path) -> dict[str, dict[str, Any]] | None:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
-        if not any(marker in key for key in f.keys() for marker in LYCORIS_TENSORS):
+        if not any(marker in key for key in f.keys() for marker in LYCORIS_TENSORS):  # noqa: SIM118 (a safetensors handle, not a dict)
             return None
         raw = (f.metadata() or {}).get("lora_adapter_metadata")
     parts: dict[str, dict[str, Any]] = {}

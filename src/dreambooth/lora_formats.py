@@ -123,6 +123,45 @@ def kohya_flux(state: dict[str, torch.Tensor], alpha: float, rank: int, widths: 
     return out
 
 
+LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+def lycoris(state: dict[str, torch.Tensor], alpha: float, rank: int, denoiser: str, prefix: str | None
+            ) -> dict[str, torch.Tensor]:
+    """A run's LoKr / LoHa (peft keys `<part>.<module>.lokr_w1`, `.hada_w1_a`, ...: the tensors LyCORIS names the
+    same) in the layout ComfyUI and A1111 load: denoiser modules as `prefix` + module path (see
+    ModelFamily.lycoris_prefix), text encoders as kohya's `lora_te[12]_text_model_...`, and an `.alpha` per module.
+    They scale a module by alpha / rank only where a factor is rank-decomposed (LoKr's `_a`/`_b`, every LoHa); a
+    LoKr of two full factors is read at scale 1, so peft's alpha / rank is multiplied into `lokr_w1` there."""
+    two_encoders = any(key.startswith("text_encoder_2.") for key in state)
+    texts = {"text_encoder": "lora_te1" if two_encoders else "lora_te", "text_encoder_2": "lora_te2"}
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        module, _, kind = key.rpartition(".")
+        if kind not in LOKR + LOHA:
+            raise DataError(f"{key} is not a LoKr or LoHa tensor; export a LoKr or LoHa run's own "
+                            "pytorch_lora_weights.safetensors")
+        modules.setdefault(module, {})[kind] = tensor
+    out: dict[str, torch.Tensor] = {}
+    for module, tensors in modules.items():
+        part, _, path = module.partition(".")
+        if part in texts:
+            name = _text_name(part, path, texts[part])
+        elif part == denoiser:
+            name = module if prefix is None else prefix + (path.replace(".", "_") if prefix.endswith("_") else path)
+        else:
+            raise DataError(f"LoKr/LoHa key {module!r} belongs to no part this export knows ({denoiser}, "
+                            f"{', '.join(texts)})")
+        if "lokr_w1" in tensors and "lokr_w2" in tensors:  # two full factors: no alpha is applied on reading
+            tensors = {**tensors, "lokr_w1": tensors["lokr_w1"] * (alpha / rank)}
+            out[f"{name}.alpha"] = torch.tensor(float(rank))
+        else:
+            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+        out.update({f"{name}.{kind}": t for kind, t in tensors.items()})
+    return out
+
+
 def with_alphas(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     """A diffusers LoRA file's tensors (`<module>.lora_A.weight` / `.lora_B.weight`) with a `<module>.alpha`
     beside each module: ComfyUI reads the diffusers names of SD3, Flux.2 and Z-Image itself but takes the strength

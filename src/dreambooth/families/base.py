@@ -97,6 +97,10 @@ class ModelFamily(ABC):
     # lists "lora_blocks" in its options must set it
     lora_block_list: ClassVar[tuple[str, str] | None] = None
     latent_mode: ClassVar[bool] = False  # trains on the VAE posterior's mode (Flux.2, Z-Image), not a sample of it
+    # how a LoKr / LoHa file for ComfyUI and A1111 names a denoiser module: this prefix, then the diffusers module
+    # path (with "_" for "." after a prefix ending in "_": LyCORIS's own naming); None: `<denoiser_name>.<path>`,
+    # the diffusers names ComfyUI maps itself (see lora_formats.lycoris)
+    lycoris_prefix: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -85,6 +85,8 @@ class Flux(DiffusersFamily):
 
         return denoise
 
+    lycoris_prefix = "lycoris_"  # ComfyUI maps each of q, k, v onto its rows of BFL's fused linear
+
     def kohya_lora(self, state: dict[str, torch.Tensor], lora_alpha: float, rank: int, source: ModelSource
                    ) -> dict[str, torch.Tensor]:
         """BFL's fused layout, as most Flux LoRAs in the wild are; the widths of fused parts without an adapter

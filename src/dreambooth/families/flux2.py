@@ -76,6 +76,8 @@ def original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @register
 class Flux2Klein(DiffusersFamily):
     name = "flux2_klein"
+    # LyCORIS's names: ComfyUI maps them, and diffusers' Flux.2 loader reads them back (its LoKr converter)
+    lycoris_prefix = "lycoris_"
     pipeline_classes = ("Flux2KleinPipeline",)
     pipeline_class = Flux2KleinPipeline
     denoiser_name = "transformer"

@@ -50,6 +50,8 @@ class StableDiffusion(DiffusersFamily):
         kwargs = self.unet_kwargs(cond, batch, cfg)
         return lambda noisy, timesteps: denoiser(noisy, timesteps, **kwargs).sample
 
+    lycoris_prefix = "lora_unet_"  # the kohya/LyCORIS UNet names (ComfyUI maps them through unet_to_diffusers)
+
     def kohya_lora(self, state: dict[str, torch.Tensor], lora_alpha: float, rank: int, source: ModelSource
                    ) -> dict[str, torch.Tensor]:
         from ..lora_formats import kohya_sd

@@ -41,6 +41,8 @@ def original_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @register
 class ZImage(DiffusersFamily):
     name = "z_image"
+    # ai-toolkit's Z-Image LoKr names (diffusers' paths): ComfyUI maps them and diffusers' loader reads them back
+    lycoris_prefix = "diffusion_model."
     pipeline_classes = ("ZImagePipeline",)
     pipeline_class = ZImagePipeline
     denoiser_name = "transformer"

@@ -42,14 +42,14 @@ ui-screenshot: $(STAMP) browser
 		"tests/test_ui_browser.py::test_the_default_path_trains_a_subject_that_shows[sd]"
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -n 2 -q tests
+	$(BIN)/python -m pytest -n 2 --dist worksteal -q tests
 
 # The suite REPEAT times in a row, stopping at the first failure: a flaky test shows here before it blocks anyone.
 REPEAT ?= 5
 test-repeat: $(STAMP)
 	@for i in $$(seq $(REPEAT)); do \
 		start=$$(date +%s); \
-		$(BIN)/python -m pytest -n 2 -q tests || { echo "== test run $$i of $(REPEAT) FAILED"; exit 1; }; \
+		$(BIN)/python -m pytest -n 2 --dist worksteal -q tests || { echo "== test run $$i of $(REPEAT) FAILED"; exit 1; }; \
 		echo "== test run $$i of $(REPEAT) passed in $$(( $$(date +%s) - start )) s"; \
 	done
 

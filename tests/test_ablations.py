@@ -188,3 +188,29 @@ def test_quick_run_reproduces_the_prior_preservation_direction(tmp_path):
     again = json.loads((out / "ablations.json").read_text())
     assert again["studies"] == summary["studies"]
     assert np.isclose(again["train_time_s"], summary["train_time_s"])
+
+
+def test_the_adapter_study_trains_each_kind_at_its_rank_and_reports_sizes(tmp_path):
+    from dreambooth.config import TrainConfig
+    from dreambooth.toy.ablation_report import markdown, summarize
+    from dreambooth.toy.ablations import STUDIES
+
+    cfg = schema.build(ReproduceConfig, {"studies": ["adapters"], "subjects": ["circle"], "seeds": [0, 1]})
+    jobs = plan(cfg, "model-dir", {"circle": "jox"}, tmp_path)
+    by = {(variant_name(j.variant), j.seed): j.train for j in jobs}
+    assert sorted({name for name, _ in by}) == ["ppl-correct-5img-loha1", "ppl-correct-5img-lokr8f4",
+                                               "ppl-correct-5img-lora2", "ppl-correct-5img-lora8"]
+    lokr = by[("ppl-correct-5img-lokr8f4", 0)]
+    assert (lokr["adapter"], lokr["rank"], lokr["lora_alpha"], lokr["lokr_factor"]) == ("lokr", 8, 8, 4)
+    assert lokr["use_lora"] is True and lokr["learning_rate"] == lokr["text_encoder_lr"] == 5e-3
+    assert "lokr_factor" not in by[("ppl-correct-5img-loha1", 1)]
+    schema.build(TrainConfig, {k: v for k, v in lokr.items() if v is not None})  # options TrainConfig takes
+    sizes = {"lora2": 24576, "lokr8f4": 25664, "loha1": 24576, "lora8": 98304}
+    results = {j.folder: {"metrics": {"subject": 0.5, "prompt": 0.9, "pres": 0.1, "div": 0.4}, "wall_time_s": 1.0,
+                          "adapter_params": sizes[variant_name(j.variant).rpartition("-")[2]], "adapter_kb": 99.0}
+               for j in jobs}
+    summary = summarize(cfg, jobs, results, {"circle": "jox"})
+    summary.update(reused_runs=0, wall_time_s=1.0)
+    md = markdown(summary, None)
+    assert "| adapter parameters | file (KB) |" in md and "| LoKr, factor 4, rank 8 |" in md and "25,664 | 99 |" in md
+    assert STUDIES["adapters"].families == ("sd",)

@@ -4,6 +4,7 @@ images are made at the buckets' sizes in proportion, and every draw stays keyed 
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -136,10 +137,11 @@ def test_a_bucketed_batch_stacks_instance_and_class_views_of_one_size(tmp_path):
     assert seen == {True, False}
 
 
-def test_a_mixed_ratio_run_resumes_bit_for_bit(base_args, tmp_path, monkeypatch):
+def test_a_mixed_ratio_run_resumes_bit_for_bit(base_args, tmp_path, monkeypatch, caplog):
     from test_resume import straight_and_resumed
     from test_training import same, weights
 
+    caplog.set_level(logging.INFO, logger="dreambooth")
     instance = shapes(tmp_path / "mixed", MIXED)
     masks = instance / "photo-0-masklabel.png"
     Image.fromarray(np.full((96, 72), 255, dtype=np.uint8)).save(masks)  # one photo's mask: the whole photo
@@ -153,3 +155,5 @@ def test_a_mixed_ratio_run_resumes_bit_for_bit(base_args, tmp_path, monkeypatch)
     assert sizes == [(56, 72), (56, 72), (56, 80), (64, 64), (72, 56)]
     config = json.loads((tmp_path / "straight" / "train_config.json").read_text())
     assert config["use_aspect_ratio_buckets"] is True
+    # the buckets and their photo counts, logged at the start (width x height; the most photos first, then by size)
+    assert "aspect-ratio buckets (width x height: photos): 56x72: 2, 72x56: 1, 64x64: 1, 56x80: 1" in caplog.text

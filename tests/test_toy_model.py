@@ -15,12 +15,6 @@ from dreambooth.toy.measure import load_toy, quality
 from dreambooth.toy.models import TOY_MODELS
 from dreambooth.toy.pretrain import pretrain
 
-# the SD3 toy's rise in this test's run on the CPU was 0.00 -> 0.89 (euler_a); half of it leaves room for other
-# hardware's numerics while any real regression (a wrong sign, a schedule read backwards) leaves the subject
-# unlearnt (~0)
-SD3_RISE = 0.45
-
-
 PIPELINES = {"sd": StableDiffusionPipeline, "sd3": StableDiffusion3Pipeline}
 
 
@@ -66,7 +60,9 @@ def test_pretrain_is_reproducible_and_loads(tmp_path):
         wb = load_file(next((b / part).glob("*.safetensors")))
         assert all(torch.equal(wa[k], wb[k]) for k in wa), part
     assert json.loads((a / "pretrain.json").read_text())["config"]["unet_steps"] == 2
-    # `make demo`'s path on a DDPM toy pipeline, briefly (its effect: see the SD3 run below and the page's test)
+    # `make demo`'s path on a DDPM toy pipeline, briefly: the recipe's effect on the subject is asserted where the
+    # recipe runs in full, the page's default path (test_ui_browser: the gallery's subject score >= 0.8, both toy
+    # models) and `reproduce --quick` (test_ablations); `make demo` reports it (README)
     report = demo(model=str(a), output_dir=tmp_path / "demo", max_train_steps=2, num_class_images=2, samples=2,
                   device="cpu")
     assert report["family"] == "sd" and report["training"]["steps"] == 2
@@ -90,21 +86,6 @@ def test_sd3_pretrain_is_reproducible_and_loads(tmp_path):
                   device="cpu")
     assert report["family"] == "sd3" and report["training"]["family"] == "sd3" and report["training"]["steps"] == 2
     assert (tmp_path / "demo" / "before_after.png").is_file()
-
-
-# the DDPM toy's rise is asserted where its recipe runs in full: the page's default path (test_ui_browser, >= 0.8)
-# and `reproduce --quick` (test_ablations); this run cost 61 s of the suite on its own
-@pytest.mark.parametrize("family, rise", [("sd3", SD3_RISE)])
-def test_short_dreambooth_run_raises_subject_fidelity(tmp_path, family, rise):
-    report = demo(family=family, output_dir=tmp_path / "demo", max_train_steps=200, num_class_images=24, samples=8,
-                  device="cpu")  # the thresholds below were set on the CPU
-    before, after = report["before"], report["after"]
-    assert after["subject_fidelity"] > before["subject_fidelity"] + rise, (before, after)
-    out = tmp_path / "demo"
-    for name in ("before_after.png", "report.json", "report.txt", "model/model_index.json"):
-        assert (out / name).is_file(), name
-    assert len(list((out / "instance-images").glob("*.png"))) == 5
-    assert json.loads((out / "report.json").read_text())["identifier"] == report["identifier"]
 
 
 def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):

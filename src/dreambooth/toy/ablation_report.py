@@ -67,6 +67,11 @@ def summarize(cfg: ReproduceConfig, jobs: list[Job], results: dict[Path, dict[st
                 times = [results[j.folder].get("train_time_s", float("nan")) for j in jobs
                          if j.variant == v]
                 variants[vk]["train_time_s"] = _interval(times)
+        if study.sized:  # the adapter file of each variant (the same in every unit)
+            for vk, (_, v) in study.variants.items():
+                runs = [results[j.folder] for j in jobs if j.variant == v]
+                variants[vk]["adapter"] = {k: float(np.mean([r.get(k, float("nan")) for r in runs]))
+                                           for k in ("adapter_params", "adapter_kb")}
         claims = []
         for c in study.claims:
             diffs = list(np.subtract(per_unit[c.high][c.metric], per_unit[c.low][c.metric]))
@@ -154,17 +159,20 @@ def markdown(summary: dict[str, Any], plot: str | None) -> str:
         paper_cols = [m for m in metrics if any(m in v["paper"] for v in st["variants"].values())]
         has_paper = any(v["paper"] for v in st["variants"].values())
         timed = all("train_time_s" in v for v in st["variants"].values())
+        sized = all("adapter" in v for v in st["variants"].values())
         lines += [f"## {st['title']}", "", f"Paper: {st['paper_source']}." if has_paper else f"{st['paper_source']}.",
                   "",
                   "| variant | " + " | ".join(metrics) + "".join(f" | paper {NAMES[m]}" for m in paper_cols)
-                  + (" | training time (s) |" if timed else " |"),
-                  "|---|" + "---|" * (len(metrics) + len(paper_cols) + timed)]
+                  + (" | training time (s)" if timed else "") + (" | adapter parameters | file (KB)" if sized else "")
+                  + " |",
+                  "|---|" + "---|" * (len(metrics) + len(paper_cols) + timed + 2 * sized)]
         for v in st["variants"].values():
             time_cell = f" | {v['train_time_s']['mean']:.0f} [{v['train_time_s']['low']:.0f}, " \
                         f"{v['train_time_s']['high']:.0f}]" if timed else ""
+            size_cell = f" | {v['adapter']['adapter_params']:,.0f} | {v['adapter']['adapter_kb']:.0f}" if sized else ""
             lines.append(f"| {v['label']} | " + " | ".join(_cell(v["metrics"][m]) for m in metrics)
                          + "".join(f" | {v['paper'][m]:.3f}" if m in v["paper"] else " | –" for m in paper_cols)
-                         + time_cell + " |")
+                         + time_cell + size_cell + " |")
         claim = "the paper's claim" if has_paper else "the claim"
         lines += ["", f"| {claim} | toy difference, 95% CI | verdict |", "|---|---|---|"]
         for c in st["claims"]:

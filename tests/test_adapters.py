@@ -40,6 +40,16 @@ def test_lokr_and_loha_resume_exactly_in_every_family(family_args, tiny, tmp_pat
     assert config["adapter"] == kind and config["use_lora"] is True  # --adapter alone trains adapters
 
 
+def test_a_checkpoint_resumes_only_as_the_adapter_it_trained(base_args, tmp_path):
+    """A LoRA checkpoint resumed as LoKr (or the reverse) would not fit its adapters: one line, before any load."""
+    from dreambooth.errors import CheckpointError
+
+    args = base_args(use_lora=True, max_train_steps=1, checkpointing_steps=1, **NO_PRIOR)
+    dreambooth.train(**args)
+    with pytest.raises(CheckpointError, match="adapter: 'lora' -> 'lokr'"):
+        dreambooth.train(**{**args, "adapter": "lokr", "max_train_steps": 2, "resume_from_checkpoint": "latest"})
+
+
 def comfyui_delta(state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     """A module's weight change as ComfyUI's weight adapters compute it from a LyCORIS file (comfy/weight_adapter
     lokr.py / loha.py): alpha / rank where a factor is rank-decomposed (rank: lokr_w2_b's rows, else lokr_w1_b's;

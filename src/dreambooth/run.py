@@ -45,7 +45,7 @@ SUMMARY_FILE = "run_summary.json"  # written last: its presence marks a finished
 IDENTITY = (
     "pretrained_model_name_or_path", "revision", "variant", "instance_data_dir", "instance_prompt", "class_prompt",
     "with_prior_preservation", "train_text_encoder", "resolution", "use_lora", "pretrained_vae_model_name_or_path",
-    "prior_target", "caption_extension", "masked_loss",
+    "prior_target", "caption_extension", "masked_loss", "adapter", "use_aspect_ratio_buckets", "aspect_ratio_buckets",
 )
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # what an older record's missing key meant
 LOCAL_PATHS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "instance_data_dir")

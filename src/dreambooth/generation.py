@@ -163,9 +163,10 @@ def load_lora(pipe: Any, adapter: str, name: str) -> None:
     if path.suffix != ".safetensors" and not (path / LORA_WEIGHTS).is_file():
         raise DataError(f"no LoRA weights at {path}: pass a .safetensors file or a folder that holds {LORA_WEIGHTS}")
     kwargs = {"weight_name": path.name} if path.is_file() else {}
-    configs = lycoris_run_file(path if path.is_file() else path / LORA_WEIGHTS)
+    file = path if path.is_file() else path / LORA_WEIGHTS
+    configs = lycoris_run_file(file)
     if configs is not None:  # a LoKr / LoHa run's own file: peft attaches it to every family alike
-        attach_lycoris(pipe, path if path.is_file() else path / LORA_WEIGHTS, configs, name)
+        attach_lycoris(pipe, file, configs, name)
         return
     try:
         with _unlogged("diffusers.loaders.peft"):  # it logs the failure it raises, state dict and all

@@ -217,3 +217,56 @@ def test_the_adapter_study_trains_each_kind_at_its_rank_and_reports_sizes(tmp_pa
     md = markdown(summary, None)
     assert "| adapter parameters | file (KB) |" in md and "| LoKr, factor 4, rank 8 |" in md and "25,664 | 99 |" in md
     assert STUDIES["adapters"].families == ("sd",)
+
+
+def test_the_subjects_study_trains_companions_beside_the_unit_and_judges_their_bleed(tmp_path):
+    """A multi-subject run trains the unit's subject with its twin (same class, same class images) and/or the next
+    class's subject (its own class images), each with its own identifier and photos, for the single run's steps per
+    subject; bleed is each companion's judge on the unit's evaluation images."""
+    from dreambooth.config import TrainConfig
+    from dreambooth.toy.ablations import bleed, write_instance_images
+    from dreambooth.toy.subjects import TWINS
+
+    cfg = schema.build(ReproduceConfig, {"studies": ["subjects"], "subjects": ["circle"], "seeds": [0]})
+    ids = {"circle": "jox", "circle/twin": "vyb", "circle/next": "zq"}
+    jobs = {variant_name(j.variant): j for j in plan(cfg, "model-dir", ids, tmp_path)}
+    assert len(jobs) == 7
+    three = jobs["ppl-correct-5img-with-twin-next"]
+    twin, other = three.train["subjects"]
+    assert three.train["max_train_steps"] == 3 * jobs["ppl-correct-5img"].train["max_train_steps"]
+    assert (twin["instance_prompt"], twin["identifier"]) == ("a vyb circle", "vyb") and "class_prompt" not in twin
+    assert (other["instance_prompt"], other["class_prompt"]) == ("a zq square", "a square")
+    assert other["class_data_dir"] == str(tmp_path / "class-images" / "square")
+    assert "class_prompt" not in jobs["no_ppl-correct-5img-with-next"].train["subjects"][0]
+    config = schema.build(TrainConfig, {k: v for k, v in three.train.items() if v is not None})
+    assert [s.identifier for s in config.subjects] == ["vyb", "zq"]
+    write_instance_images(three)
+    assert len(list(Path(twin["instance_data_dir"]).glob("circle-twin-*.png"))) == 5
+
+    # the twin's own photos as a unit's evaluation images: all twin, nothing of the next subject
+    images = tmp_path / "images"
+    for folder, scenes in (("00", TWINS["circle"].instance_images(4)),
+                           ("class", SUBJECTS["circle"].instance_images(2))):
+        (images / folder).mkdir(parents=True)
+        for i, img in enumerate(scenes):
+            Image.fromarray(img).save(images / folder / f"{i:02d}.png")
+    found = bleed("circle", images)
+    assert found["bleed"] > 0.9 and found["bleed_next"] == 0.0 and found["class_bleed"] == 0.0
+
+
+def test_companions_get_identifiers_that_share_no_piece_with_the_units():
+    from transformers import CLIPTokenizer
+
+    from dreambooth.identifier import shared_pieces
+    from dreambooth.toy.demo import pick_identifier
+    from dreambooth.toy.models import TOY_MODELS
+    from dreambooth.toy.reproduce import companion_identifiers
+
+    model = str(TOY_MODELS["sd"].path)
+    cfg = schema.build(ReproduceConfig, {"studies": ["subjects"], "subjects": ["circle"], "seeds": [0]})
+    own = {"circle": pick_identifier(model, "circle")}
+    found = companion_identifiers(cfg, model, own)
+    assert sorted(found) == ["circle/next", "circle/twin"]
+    tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    assert shared_pieces({"text_encoder": tokenizer}, [own["circle"], *found.values()]) == []
+    assert companion_identifiers(schema.build(ReproduceConfig, {"studies": ["prior"]}), model, own) == {}

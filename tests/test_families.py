@@ -385,7 +385,7 @@ def test_lora_base_prediction_is_the_adapter_free_models(tiny):
             if "lora_B" in name:  # trained adapters: their branch is not zero
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     batch = {"original_sizes": torch.tensor([[64, 64]] * 3), "crop_top_lefts": torch.zeros(3, 2, dtype=torch.long),
-             "target_sizes": torch.tensor([[64, 64]] * 3)}
+             "target_sizes": torch.tensor([[64, 64]] * 3), "prompt_ids": torch.tensor([0, 1, 1])}
     rows = torch.tensor([False, True, True])  # one instance example, two class examples
     channels = getattr(c.vae.config, "latent_channels", None) or c.vae.config.z_dim  # (Qwen-Image's: z_dim)
     noisy = family.normalize_latents(c, torch.randn(2, channels, 8, 8,
@@ -394,7 +394,7 @@ def test_lora_base_prediction_is_the_adapter_free_models(tiny):
     cond = {k: v.expand(2, *v.shape[1:]) for k, v in class_cond.items()}
     sliced = {k: v[rows] for k, v in batch.items()}
     with torch.no_grad():
-        ours = BaseModel.adapters_off(class_cond).denoise(family, c, c.denoiser, batch, rows, cfg)(noisy, t)
+        ours = BaseModel.adapters_off(encoded).denoise(family, c, c.denoiser, batch, rows, cfg)(noisy, t)
         theirs = family.denoiser_call(c, plain, cond, sliced, cfg)(noisy, t)
         adapted = family.denoiser_call(c, c.denoiser, cond, sliced, cfg)(noisy, t)
     assert torch.equal(ours, theirs)

@@ -1,10 +1,22 @@
 import logging
+import string
+
+import pytest
 
 import dreambooth
 from dreambooth.cli import main
+from dreambooth.errors import DataError
 from dreambooth.families import ModelSource, get_family
-from dreambooth.identifier import candidates, check, infer_identifier, rank
-from tiny import RARE
+from dreambooth.identifier import (
+    _pieces,
+    candidates,
+    check,
+    distinct_identifiers,
+    infer_identifier,
+    rank,
+    shared_pieces,
+)
+from tiny import RARE, write_t5_tokenizer
 
 
 def load(tiny_model):
@@ -144,3 +156,76 @@ def test_a_byte_level_vocabulary_gets_candidates_and_measured_priors(tmp_path, c
     assert main(["identifier", "--model", str(model), "--class_noun", "dog", "--top", "3"]) == 0
     listed = capsys.readouterr().out
     assert sum(word in listed for word in found) >= 3
+
+
+def letters_t5_tokenizer():
+    """A T5 (Unigram) tokenizer that knows single letters only, as a real T5 knows few rare strings: "zwx" reads as
+    "▁" + "z" + "w" + "x", so two rare words that share a letter share a piece."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    return T5Tokenizer(vocab=vocab + [(c, -2.0) for c in string.ascii_lowercase], extra_ids=0)
+
+
+def assert_distinct(tokenizers, words):
+    assert len({w[:2] for w in words}) == len(words)
+    for tok in tokenizers.values():
+        pieces = [set(_pieces(tok, w)) for w in words]
+        assert all(not pieces[i] & pieces[j] for i in range(len(words)) for j in range(i + 1, len(words)))
+
+
+def test_distinct_identifiers_share_no_piece_under_any_tokenizer(tiny_model):
+    """With a T5 beside CLIP, a rare word that is one CLIP token but shares a letter piece under T5 with one already
+    chosen is passed over; the set is the weakest-prior (or rarest) candidates that stay apart, the same each time."""
+    tokenizer, encoder = load(tiny_model)
+    tokenizers = {"text_encoder": tokenizer, "text_encoder_3": letters_t5_tokenizer()}
+    chosen = distinct_identifiers(tokenizers, encoder, "dog", 3)
+    words = [c.token for c in chosen]
+    assert len(words) == 3 and [c.token for c in distinct_identifiers(tokenizers, encoder, "dog", 3)] == words
+    assert_distinct(tokenizers, words)
+    assert words[0] == rank(tokenizer, encoder, "dog", top=1)[0].token
+    assert [c.shift for c in chosen] == sorted(c.shift for c in chosen)
+    # rarest first without a class noun: xaq, pyz, kiv, fuh; then jox (x), vyb (v, y), qek (q, k), zwx (z, x) clash
+    assert [c.token for c in distinct_identifiers(tokenizers, None, None, 4)] == ["xaq", "pyz", "kiv", "fuh"]
+    with pytest.raises(DataError, match="found 4 identifiers .* among the 8 rarest") as e:
+        distinct_identifiers(tokenizers, None, None, 5)
+    assert "\n" not in str(e.value)
+    # CLIP alone reads each rare word as one token of its own: all eight apart
+    assert len(distinct_identifiers({"text_encoder": tokenizer}, None, None, len(RARE))) == len(RARE)
+
+
+def test_shared_pieces_flags_repeats_and_overlaps(tmp_path):
+    """An identifier given twice is its own line (first, for the caller to refuse); two words that T5 splits into
+    overlapping pieces are flagged under T5 alone (CLIP reads each whole); a clean pair passes."""
+    from tiny import write_tokenizer
+
+    tokenizers = {"text_encoder": write_tokenizer(tmp_path / "clip"), "text_encoder_3": letters_t5_tokenizer()}
+    assert shared_pieces(tokenizers, ["zwx", "qek"]) == [] == shared_pieces(tokenizers, ["zwx"])
+    same = shared_pieces(tokenizers, ["zwx", "qek", "zwx"])
+    assert len(same) == 1 and same[0].startswith("identifier 'zwx' is given to 2 subjects")
+    overlap = shared_pieces(tokenizers, ["zwx", "jox"])
+    assert len(overlap) == 1 and overlap[0].startswith("identifiers 'zwx' and 'jox' share token pieces: 'x' under "
+                                                       "text_encoder_3 (z + w + x / j + o + x)")
+    assert "text_encoder " not in overlap[0] and "\n" not in overlap[0]
+    # the tiny T5 has a whole piece for each test word, and "▁z" + letters for others: "zab" and "zcd" share "▁z",
+    # as CLIP's tiny vocabulary shares "z"; both tokenizers are named
+    both = {"text_encoder": tokenizers["text_encoder"], "text_encoder_3": write_t5_tokenizer(tmp_path / "t5")}
+    [line] = shared_pieces(both, ["zab", "zcd"])
+    assert "'z' under text_encoder (" in line and "'\u2581z' under text_encoder_3 (" in line
+    assert shared_pieces(both, ["zwx", "qek", "jox"]) == []
+
+
+def test_cli_suggests_a_set_and_refuses_check_with_count(tiny_model, capsys):
+    assert main(["identifier", "--model", str(tiny_model), "--class_noun", "dog", "--count", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "share a token piece" in lines[0] and len(lines) == 4
+    words = [line.split()[0] for line in lines[1:]]
+    shifts = [float(line.split()[2]) for line in lines[1:]]
+    tokenizer, _ = load(tiny_model)
+    assert set(words) <= set(RARE) and shifts == sorted(shifts)
+    assert_distinct({"text_encoder": tokenizer}, words)
+    assert main(["identifier", "--model", str(tiny_model), "--count", "2"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
+    assert main(["identifier", "--model", str(tiny_model), "--check", "zwx", "--count", "2"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "count=2 is not allowed" in captured.err

@@ -7,7 +7,16 @@ import pytest
 from dreambooth import schema
 from dreambooth.config import TrainConfig
 from dreambooth.errors import ConfigError
-from dreambooth.ui.form import BASIC, form_fields, label_of, page_words, validate
+from dreambooth.ui.form import (
+    BASIC,
+    command_line,
+    form_fields,
+    label_of,
+    page_problem,
+    page_words,
+    validate,
+    values_from_form,
+)
 
 GOOD = {"pretrained_model_name_or_path": "some/model", "instance_data_dir": "photos",
         "instance_prompt": "a photo of zwx dog", "output_dir": "run"}
@@ -56,3 +65,54 @@ def test_good_values_build_the_same_config_as_the_api():
     expected = schema.build(TrainConfig, {**GOOD, "max_train_steps": 20, "use_lora": True,
                                           "lora_target_modules": ["to_q", "to_k"]})
     assert schema.to_dict(config) == schema.to_dict(expected)  # a blank box is the option's default
+
+
+def test_a_further_subjects_problems_are_keyed_by_its_place_in_the_pages_words():
+    """Each problem of a further subject lands beside its block's box (`subjects[i].field`), said in words."""
+    two = {**GOOD, "with_prior_preservation": True, "class_prompt": "a dog", "class_data_dir": "dogs"}
+    cases = {"subjects[0].instance_prompt": {"instance_data_dir": "cats"},
+             "subjects[0].repeats": {"instance_data_dir": "cats", "instance_prompt": "a qek cat", "repeats": "0"},
+             "subjects[0].class_data_dir": {"instance_data_dir": "cats", "instance_prompt": "a qek cat",
+                                            "class_prompt": "a cat"},
+             "subjects[1].identifier": {"instance_data_dir": "cats", "instance_prompt": "a qek cat",
+                                        "identifier": "zwx"}}
+    for name, subject in cases.items():
+        subjects = [subject] if name.startswith("subjects[0]") else [
+            {"instance_data_dir": "birds", "instance_prompt": "a vyb dog"}, subject]
+        config, problems = validate({**two, "identifier": "zwx", "subjects": subjects})
+        assert config is None and list(problems) == [name], (name, problems)
+        message = problems[name]
+        assert "--" not in message and "subjects[" not in message and "_" not in message, message
+    _, problems = validate({**two, "subjects": [{"instance_data_dir": "cats", "instance_prompt": "a qek cat",
+                                                 "identifier": "qek", "class_prompt": "a cat"}]})
+    assert problems["subjects[0].class_data_dir"].startswith("required: its class")
+    _, problems = validate({**GOOD, "subjects": [{"instance_data_dir": "cats", "instance_prompt": "a qek cat",
+                                                  "identifier": "zwx"}]})
+    assert problems == {"subjects[0].identifier": "a word of subject 2's prompt"}
+    assert page_problem("subjects[0].identifier", "subjects[0].identifier='x' is not allowed: required in each "
+                                                  "entry") == "required"  # the name is no pattern ([0], .)
+
+
+def test_subjects_are_their_own_kind_and_the_command_line_gives_them_back():
+    """A list of subjects is no comma-separated box: the page sends dicts that pass unchanged, and "Show the
+    command" prints one --subjects followed by each as JSON, which the CLI reads back as the same subjects."""
+    import shlex
+
+    from dreambooth.cli import parser
+
+    assert {f.name: f.kind for f in form_fields()}["subjects"] == "subjects"
+    subjects = [{"instance_data_dir": "cats, and more", "instance_prompt": "a qek cat", "class_prompt": "a cat",
+                 "class_data_dir": "cat images", "identifier": ""},
+                {"instance_data_dir": "birds", "instance_prompt": "a vyb bird", "repeats": "2"}]
+    values = values_from_form(TrainConfig, {**GOOD, "with_prior_preservation": True, "class_prompt": "a dog",
+                                            "class_data_dir": "dogs", "subjects": subjects})
+    assert values["subjects"] == [{k: v for k, v in s.items() if v} for s in subjects]  # empty boxes: defaults
+    argv = shlex.split(command_line(values))
+    assert argv.count("--subjects") == 1 and all(a.startswith("{") for a in argv[argv.index("--subjects") + 1:][:2])
+    parsed = {k: v for k, v in vars(parser(argv[1:]).parse_args(argv[1:])).items() if k not in ("command", "handler")}
+    from_line, from_page = schema.build(TrainConfig, parsed), schema.build(TrainConfig, values)
+    assert schema.to_dict(from_line)["subjects"] == schema.to_dict(from_page)["subjects"]
+    assert [s["repeats"] for s in schema.to_dict(from_line)["subjects"]] == [None, 2]
+    # the run's own config (every key, defaults included) prints only what differs
+    line = command_line(schema.to_dict(from_page))
+    assert '"repeats": null' not in line and '"identifier"' not in line and line.count("--subjects") == 1

@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,3 +228,133 @@ def test_the_command_of_a_form_and_downloads_of_files_and_folders(api):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(call.base + outside)
         assert refused.value.code == 404
+
+
+def png_of(width: int, height: int, colour: tuple[int, int, int] = (200, 40, 0)) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), colour, np.uint8)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    """Runs that only wait (what a run is given, not how it trains, is what these tests check; the page ends
+    them)."""
+    import sys
+
+    from dreambooth.ui.workspace import Workspace
+
+    monkeypatch.setattr(Workspace, "program", [sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+def test_two_subjects_from_the_page_each_get_their_photos_and_class_folder(api, standin):
+    """A second subject of another class without a class folder gets the workspace's folder for its class (as the
+    first subject does); the recorded config builds as `dreambooth train --config` reads it."""
+    from dreambooth import schema
+    from dreambooth.config import TrainConfig
+
+    call, ws = api
+    folders = [call("/api/upload", {"files": [{"name": f"p{i}.png", "data": png((200, 60 * i, k * 90), 32)}
+                                              for i in range(3)], "resolution": 32})[1]["folder"] for k in (0, 1)]
+    model = TOY_MODELS["sd"].path
+    values = {"pretrained_model_name_or_path": str(model), "instance_data_dir": folders[0],
+              "instance_prompt": "a qek circle", "identifier": "qek", "class_prompt": "a circle",
+              "with_prior_preservation": True, "resolution": "32", "max_train_steps": "2",
+              "subjects": [{"instance_data_dir": folders[1], "instance_prompt": "a vyb square",
+                            "identifier": "vyb", "class_prompt": "a square", "class_data_dir": " "}]}
+    status, res = call("/api/train", {"values": values})
+    assert status == 200 and "run" in res, res
+    config = call(f"/api/runs/{res['run']}")[1]["config"]  # the config the run was started with
+    classes = ws.resolve() / "class-images"
+    assert config["class_data_dir"] == str(classes / f"{model.name}-a-circle")
+    assert [{k: v for k, v in s.items() if v is not None} for s in config["subjects"]] == [
+        {"instance_data_dir": folders[1], "instance_prompt": "a vyb square", "identifier": "vyb",
+         "class_prompt": "a square", "class_data_dir": str(classes / f"{model.name}-a-square")}]
+    cfg = schema.build(TrainConfig, config)
+    assert [str(s.instance_data_dir) for s in cfg.subjects] == [folders[1]]
+
+
+def test_a_further_subjects_paths_stay_in_the_workspace_and_its_problems_show_beside_it(api, standin, tmp_path):
+    call, ws = api
+    folder = call("/api/upload", {"files": [{"name": "p.png", "data": png((1, 2, 3), 32)}],
+                                  "resolution": 32})[1]["folder"]
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    values = {"pretrained_model_name_or_path": str(TOY_MODELS["sd"].path), "instance_data_dir": folder,
+              "instance_prompt": "a qek circle", "identifier": "qek", "class_prompt": "a circle",
+              "with_prior_preservation": True}
+
+    def problems(*subjects: dict) -> dict:
+        status, res = call("/api/train", {"values": {**values, "subjects": list(subjects)}})
+        assert status == 200 and "problems" in res, res
+        for message in res["problems"].values():  # the page's words: no flag, no option name
+            assert "--" not in message and "instance_data_dir" not in message and "subjects[" not in message
+        return res["problems"]
+
+    found = problems({"instance_data_dir": str(outside), "instance_prompt": "a vyb square", "class_prompt": "a "
+                      "square", "class_data_dir": str(outside / "squares")})
+    assert set(found) == {"subjects[0].instance_data_dir", "subjects[0].class_data_dir"}
+    assert found["subjects[0].instance_data_dir"].startswith("subject 2's photos folder must be inside the workspace")
+    found = problems({"instance_data_dir": folder + "-2", "instance_prompt": "a vyb square", "class_prompt": "a "
+                      "square", "class_data_dir": folder})  # its class images in the uploaded photos
+    assert list(found) == ["subjects[0].class_data_dir"] and "uploaded photos" in found["subjects[0].class_data_dir"]
+    found = problems({"instance_data_dir": folder + "-2", "instance_prompt": "a vyb square", "repeats": "none"})
+    assert found == {"subjects[0].repeats": "expected an integer"}
+    found = problems({"instance_data_dir": folder + "-2", "instance_prompt": "a vyb square"},
+                     {"instance_data_dir": folder + "-3", "instance_prompt": "a qek square", "identifier": "qek"})
+    assert list(found) == ["subjects[1].identifier"] and "`" not in found["subjects[1].identifier"], found
+    assert problems({"instance_prompt": "a zwx square"}) == {"subjects[0].instance_data_dir": "required"}
+    assert not list((ws / "runs").iterdir())  # nothing started
+
+
+def test_identifier_suggestions_share_no_token_piece_with_those_taken(api):
+    from dreambooth.identifier import shared_pieces, tokens_of
+
+    call, _ = api
+    model = str(TOY_MODELS["sd"].path)
+    status, free = call("/api/identifiers", {"model": model, "class_noun": "circle", "top": 50})
+    assert status == 200, free
+    taken = ["zwxqek", "jox"]  # "zwxqek": pieces zw + x + qek under the toy tokenizer
+    status, res = call("/api/identifiers", {"model": model, "class_noun": "circle", "top": 50, "taken": taken})
+    assert status == 200, res
+    before, after = [s["token"] for s in free["suggestions"]], [s["token"] for s in res["suggestions"]]
+    assert {"qek", "jox"} <= set(before) and after and not {"qek", "jox"} & set(after)
+    assert after == [t for t in before if t not in ("qek", "jox")]  # the same ranking, less what is taken
+    from dreambooth.families import ModelSource, get_family
+
+    tokenizer, _ = get_family(ModelSource(model)).load_text(ModelSource(model))
+    assert "qek" in tokens_of(tokenizer, "zwxqek")
+    assert not any(shared_pieces({"text_encoder": tokenizer}, [word, token]) for word in taken for token in after)
+
+
+def test_upload_previews_follow_the_aspect_ratio_buckets(api):
+    """With buckets on, a 3:4 photo's preview is its bucket (not the centre square), captioned by its size; the
+    previews are drawn again when the options change; a bucket list the schema refuses leaves squares and says
+    why in the page's words."""
+    from dreambooth.data.buckets import bucket_for
+
+    call, _ = api
+    model = str(TOY_MODELS["sd"].path)  # an SD family: sides of multiples of 8
+    files = [{"name": "tall.png", "data": png_of(30, 40)}, {"name": "square.png", "data": png_of(40, 40)}]
+    status, res = call("/api/upload", {"files": files, "resolution": 32, "model": model,
+                                       "use_aspect_ratio_buckets": True})
+    assert status == 200, res
+
+    def sizes(answer: dict) -> dict[str, tuple[int, int]]:
+        return {p["name"]: Image.open(io.BytesIO(urllib.request.urlopen(call.base + p["preview"]).read())).size
+                for p in answer["photos"]}
+
+    h, w = bucket_for(30, 40, 32, 8, None)
+    assert sizes(res)["tall.png"] == (w, h) and h > w and w % 8 == 0
+    assert {p["name"]: p["bucket"] for p in res["photos"]} == {"tall.png": [w, h], "square.png": [32, 32]}
+    status, listed = call("/api/previews", {"folder": res["folder"], "resolution": 32, "model": model,
+                                            "aspect_ratio_buckets": "48,32;32,32"})  # a list implies buckets
+    assert status == 200 and sizes(listed) == {"tall.png": (32, 48), "square.png": (32, 32)}
+    status, square = call("/api/previews", {"folder": res["folder"], "resolution": 32})
+    assert status == 200 and set(sizes(square).values()) == {(32, 32)} and "bucket" not in square["photos"][0]
+    status, refused = call("/api/previews", {"folder": res["folder"], "resolution": 32, "model": model,
+                                             "aspect_ratio_buckets": "36,32"})
+    assert status == 200 and set(sizes(refused).values()) == {(32, 32)}
+    warning = [w for w in refused["warnings"] if "centre squares" in w]
+    assert warning and "not a multiple of 8" in warning[0] and "_" not in warning[0], refused["warnings"]
+    assert call("/api/previews", {"folder": str(Path(res["folder"]).parent), "resolution": 32})[0] == 400

@@ -3,8 +3,8 @@
 For LoRA it is the trained denoiser itself with its adapters switched off for the call: no second copy. For a full
 fine-tune it is a copy made before training starts (and before a checkpoint is restored, so a resumed run's base is
 still the base), in the compute dtype, on the device or offloaded layer by layer to CPU memory. Either way it is
-conditioned on the class prompt as the untouched text encoders encode it (once, before training), so a trained text
-encoder cannot drift the target along with the prediction.
+conditioned on the class example's class prompt as the untouched text encoders encode it (once, before training), so
+a trained text encoder cannot drift the target along with the prediction.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from .objectives import Denoise
 
 
 class BaseModel:
-    def __init__(self, copy_: torch.nn.Module | None, class_cond: dict[str, torch.Tensor]):
-        self.copy, self.class_cond = copy_, class_cond  # copy None: LoRA, the adapters are switched off instead
+    def __init__(self, copy_: torch.nn.Module | None, prompts: dict[str, torch.Tensor]):
+        """`prompts`: the run's prompts as the untouched encoders encode them, a row per prompt id (a class
+        example's prompt id is its class prompt's)."""
+        self.copy, self.prompts = copy_, prompts  # copy None: LoRA, the adapters are switched off instead
 
     @classmethod
     def frozen_copy(cls, denoiser: torch.nn.Module, device: torch.device, dtype: torch.dtype, offload: bool,
-                    class_cond: dict[str, torch.Tensor]) -> BaseModel:
+                    prompts: dict[str, torch.Tensor]) -> BaseModel:
         """For a full fine-tune: a copy of the denoiser as loaded, frozen in the compute dtype."""
         frozen = copy.deepcopy(denoiser).requires_grad_(False).eval().to(dtype=dtype)
         if offload:
@@ -35,19 +37,19 @@ class BaseModel:
             cpu_offload(frozen.to("cpu"), execution_device=device)
         else:
             frozen.to(device)
-        return cls(frozen, class_cond)
+        return cls(frozen, prompts)
 
     @classmethod
-    def adapters_off(cls, class_cond: dict[str, torch.Tensor]) -> BaseModel:
-        return cls(None, class_cond)
+    def adapters_off(cls, prompts: dict[str, torch.Tensor]) -> BaseModel:
+        return cls(None, prompts)
 
     def denoise(self, family: ModelFamily, c: Components, trained: torch.nn.Module, batch: dict[str, Any],
                 rows: torch.Tensor, cfg: Any, autocast: Any = nullcontext) -> Denoise:
         """The base model's call on the class examples (`rows` of `batch`), class-prompt conditioning bound.
         `trained` is the denoiser being trained, unwrapped (LoRA's base); `autocast` the run's autocast context."""
         model = self.copy if self.copy is not None else trained
-        n = int(rows.sum())
-        cond = {k: v.expand(n, *v.shape[1:]) for k, v in self.class_cond.items()}
+        ids = batch["prompt_ids"][rows]
+        cond = {k: v[ids.to(v.device)] for k, v in self.prompts.items()}
         size = len(rows)
         sliced = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) == size else v
                   for k, v in batch.items()}

@@ -264,11 +264,16 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def _run_identifier(args: argparse.Namespace) -> int:
     from . import identifier as ident
+    from .errors import ConfigError
     from .families import ModelSource, get_family
 
     cfg = schema.build(ident.IdentifierConfig, values_of(args))
+    if cfg.check and cfg.count > 1:
+        raise ConfigError("count", cfg.count, "--check checks one identifier; leave --count at 1, or drop --check "
+                          "to get a set")
     source = ModelSource(cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant)
-    tokenizer, text_encoder = get_family(source).load_text(source)
+    family = get_family(source)
+    tokenizer, text_encoder = family.load_text(source)
     text_encoder.eval()
     unknown = ident.unknown_word(tokenizer, cfg.class_noun) if cfg.class_noun else None
     if unknown:
@@ -283,6 +288,18 @@ def _run_identifier(args: argparse.Namespace) -> int:
         for problem in report.problems:
             print(f"warning: {problem}")
         return 1 if report.problems else 0
+    if cfg.count > 1:  # every tokenizer (T5's too) forbids overlaps; only the primary text encoder is loaded
+        tokenizers = ident.load_tokenizers(family, source)
+        tokenizers = {**tokenizers, next(iter(tokenizers), "text_encoder"): tokenizer}  # the one it measures with
+        chosen = ident.distinct_identifiers(tokenizers, text_encoder, cfg.class_noun, cfg.count)
+        order = (f"prior shift for 'a <token> {cfg.class_noun}' (lower = weaker prior = better)" if cfg.class_noun
+                 else "(rarest first; pass --class_noun to rank by measured prior)")
+        print(f"token   id      {order}; no two share a token piece ({', '.join(tokenizers)}) nor their first "
+              "two letters")
+        for c in chosen:
+            print(f"{c.token:<7} {c.token_id:<7} {c.shift:.4f}" if c.shift is not None else
+                  f"{c.token:<7} {c.token_id}")
+        return 0
     if cfg.class_noun is None:
         found = ident.candidates(tokenizer)[: cfg.top]
         print("token   id      (rarest first; pass --class_noun to rank by measured prior)")

@@ -71,6 +71,22 @@ def layer_numbers(v: list[int] | None) -> str | None:
 
 
 @dataclasses.dataclass
+class Subject:
+    """One more subject trained in the same run as the first (--instance_data_dir, --instance_prompt): a config
+    file's [[subjects]] table, a dict in Python, JSON text on the command line."""
+
+    instance_data_dir: Path = option(help="Folder of this subject's photos")
+    instance_prompt: str = option(help='Its prompt, with its own identifier, e.g. "a photo of qlp cat"')
+    identifier: str | None = option(None, "Its identifier (inferred from the prompts when not given)")
+    class_prompt: str | None = option(None, "Its class prompt with prior preservation (default: the first "
+                                      "subject's --class_prompt)")
+    class_data_dir: Path | None = option(None, "Its class images (default: --class_data_dir when the class prompt "
+                                         "is the first subject's; another class needs its own folder)")
+    repeats: int | None = option(None, "Times each of its photos appears per epoch (default: --repeats)",
+                                 check=at_least(1))
+
+
+@dataclasses.dataclass
 class TrainConfig(schema.Validated):
     # model
     pretrained_model_name_or_path: str = option(help="Base model: a diffusers pipeline folder or a hub id",
@@ -94,6 +110,12 @@ class TrainConfig(schema.Validated):
         None, "The rare-token identifier in the instance prompt (inferred when not given)", group="data"
     )
     class_data_dir: Path | None = option(None, "Folder of class images; missing ones are generated", group="data")
+    subjects: list[Subject] = option((), "More subjects trained in the same run, each with its own photos, prompt "
+                                     "and identifier (and class, with prior preservation): in a config file a "
+                                     "[[subjects]] table each (instance_data_dir, instance_prompt, and optionally "
+                                     "identifier, class_prompt, class_data_dir, repeats); on the command line one "
+                                     "JSON text per subject; the first subject is --instance_data_dir",
+                                     group="data")
     class_prompt: str | None = option(None, 'Prompt of the class, e.g. "a photo of dog"', group="data")
     with_prior_preservation: bool = option(False, "Add the class-specific prior-preservation loss", group="data")
     prior_loss_weight: float = option(1.0, "Weight lambda of the prior-preservation loss", check=at_least(0),
@@ -419,6 +441,68 @@ class TrainConfig(schema.Validated):
             raise ConfigError("instance_prompt", self.instance_prompt, "a non-empty prompt")
         if self.identifier is not None and self.identifier not in self.instance_prompt.split():
             raise ConfigError("identifier", self.identifier, "a word of --instance_prompt")
+        if self.subjects:
+            self._check_subjects()
+            if self.eval:
+                raise ConfigError("eval", True, "scores one subject; with several, run `dreambooth evaluate --model "
+                                  "OUTPUT --identifier WORD --real_images PHOTOS` for each of them")
+
+    def _check_subjects(self) -> None:
+        """Each further subject: its own folder and identifier; with prior preservation, one class folder per class
+        prompt."""
+        from .identifier import infer_identifier
+
+        folders = {Path(self.instance_data_dir).expanduser().resolve(): "--instance_data_dir"}
+        first = self.identifier or infer_identifier(self.instance_prompt, self.class_prompt)
+        identifiers = {first: "the first subject"} if first else {}
+        prompts = {} if first else {"the first subject": self.instance_prompt}  # (whose identifier is not known)
+        classes = {self.class_prompt: self.class_data_dir}
+        for i, s in enumerate(self.subjects):
+            name = f"subjects[{i}]"
+            folder = Path(s.instance_data_dir).expanduser().resolve()
+            if folder in folders:
+                raise ConfigError(f"{name}.instance_data_dir", str(s.instance_data_dir), f"the same folder as "
+                                  f"{folders[folder]}; each subject needs its own photos (the first subject is "
+                                  "--instance_data_dir: list only the others)")
+            folders[folder] = f"{name}.instance_data_dir"
+            if not s.instance_prompt.strip():
+                raise ConfigError(f"{name}.instance_prompt", s.instance_prompt, "a non-empty prompt")
+            class_prompt = s.class_prompt or self.class_prompt
+            word = s.identifier or infer_identifier(s.instance_prompt, class_prompt)
+            if s.identifier is not None and s.identifier not in s.instance_prompt.split():
+                raise ConfigError(f"{name}.identifier", s.identifier, f"a word of {name}.instance_prompt")
+            # the same word names another subject (its identifier, or a word of its prompt when its identifier is
+            # not known)
+            owner = identifiers.get(word) or next(
+                (who for who, text in prompts.items() if word is not None and word in text.split()), None)
+            if owner is not None:
+                raise ConfigError(f"{name}.identifier", word, f"already {owner}'s; each subject needs its own "
+                                  "(`dreambooth identifier --count N` suggests distinct ones)")
+            if word is not None:
+                identifiers[word] = name
+            else:
+                prompts[name] = s.instance_prompt
+            if not self.with_prior_preservation:
+                for key in ("class_prompt", "class_data_dir"):
+                    if getattr(s, key) is not None:
+                        raise ConfigError(f"{name}.{key}", str(getattr(s, key)), "only used with "
+                                          "--with_prior_preservation; add that flag")
+                continue
+            if self.prior_target != "class_images":
+                if s.class_data_dir is not None and self.class_data_dir is None:
+                    raise ConfigError(f"{name}.class_data_dir", str(s.class_data_dir), "--prior_target base_model "
+                                      "without --class_data_dir uses no class images; drop it")
+            elif s.class_prompt not in (None, self.class_prompt) and s.class_data_dir is None:
+                raise ConfigError(f"{name}.class_data_dir", None, f"required: its class ({s.class_prompt!r}) is "
+                                  "not the first subject's, so its class images need their own folder")
+            folder = s.class_data_dir if s.class_data_dir is not None else classes.get(class_prompt)
+            if class_prompt in classes and folder != classes[class_prompt]:
+                raise ConfigError(f"{name}.class_data_dir", str(folder), f"{class_prompt!r} already has its class "
+                                  f"images in {classes[class_prompt]}; one folder per class")
+            if folder is not None and class_prompt not in classes and folder in classes.values():
+                raise ConfigError(f"{name}.class_data_dir", str(folder), "already the folder of another class; "
+                                  "each class needs its own")
+            classes[class_prompt] = folder
 
     def check_family(self, family) -> None:
         """Rules that need the model's family, checked before any weights load: options that only other families

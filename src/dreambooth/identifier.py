@@ -29,14 +29,18 @@ class IdentifierConfig:
     class_noun: str | None = option(None, "The class noun, e.g. dog (needed to measure the prior)")
     check: str | None = option(None, "Check this one identifier instead of listing candidates")
     top: int = option(20, "How many candidates to list", check=at_least(1))
+    count: int = option(1, "How many distinct identifiers to suggest, for several subjects in one run (no two share "
+                           "a token piece)", check=at_least(1))
     revision: str | None = option(None, "Hub revision of the model")
     variant: str | None = option(None, "Weight variant of the model files, e.g. fp16")
+
 
 # Identifiers known to carry a strong prior in popular checkpoints, whatever our measurement says.
 KNOWN_BAD = {"sks": "in Stable Diffusion 1.x/2.x 'sks' draws a rifle (SKS carbine) into images"}
 STOPWORDS = {"a", "an", "the", "of", "photo", "picture", "image", "in", "on", "with", "and", "my", "our", "style"}
 WORD_END = "</w>"  # CLIP's BPE marks a word's last piece
 WORD_START = "\u0120"  # byte-level BPE (Qwen3: Flux.2 klein, Z-Image) marks a piece that follows a space: "Ġ"
+SPACE_PIECE = "\u2581"  # SentencePiece (T5) marks a piece that follows a space: "▁"
 
 
 def _in_prompt(tokenizer, word: str) -> str:
@@ -166,6 +170,101 @@ def rank(tokenizer, text_encoder, class_noun: str, top: int = 20, pool: int = 25
     return sorted(found, key=lambda c: c.shift)[:top]
 
 
+def load_tokenizers(family: Any, source: Any) -> dict[str, Any]:
+    """Every tokenizer of the model, by the name of the text encoder it feeds, primary first, without loading any
+    text encoder (SD3's and Flux's T5-XXL is ~9 GB): the tokenizer folders the family names. {} for a family that
+    names none (its primary tokenizer, from `load_text`, is then the only one)."""
+    from transformers import AutoTokenizer
+
+    from .families.common import loading
+
+    parts = getattr(family, "present_parts", None)
+    tokenizers = {}
+    for part in parts(source) if parts else ():
+        with loading(source, part.tokenizer):
+            tokenizers[part.encoder] = AutoTokenizer.from_pretrained(source.name_or_path, subfolder=part.tokenizer,
+                                                                     revision=source.revision)
+    return tokenizers
+
+
+def _pieces(tokenizer, word: str) -> list[str]:
+    """The tokens `word` is read as in a prompt, but for T5's lone "▁" before a word it has no piece for: every such
+    word starts with it, and it says nothing about the word."""
+    return [p for p in dict.fromkeys(tokens_of(tokenizer, word)) if p.strip(SPACE_PIECE)]
+
+
+def distinct_identifiers(tokenizers: dict[str, Any], text_encoder: Any, class_noun: str | None, count: int,
+                         top_pool: int = 256) -> list[Candidate]:
+    """Identifiers for several subjects trained in one run ("a zwx dog", "a qlp cat"), none of which shares a token
+    piece with another under any of the model's tokenizers (what a run learns for a shared piece goes to both
+    subjects), nor its first two letters (typed, "zwx" and "zwq" are easily swapped).
+
+    Greedy in order of the weakest measured prior for `class_noun` (`rank`), or rarest first without one
+    (`candidates`): the first pick is the one `dreambooth identifier` lists first.
+
+    Args:
+        tokenizers: the model's tokenizers by text encoder name, primary first: the candidates are its rare words
+            and `text_encoder` reads it; the others (T5 for SD3 and Flux, which may split "zwx" into "▁z" + "wx")
+            only forbid overlaps.
+        text_encoder: the primary text encoder, to measure priors with; unused without a class noun.
+        class_noun: the class of the subjects, e.g. "dog"; None picks by rarity alone.
+        count: how many identifiers.
+        top_pool: how many of the rarest candidates to choose among.
+
+    Raises:
+        DataError: fewer than `count` candidates are pairwise distinct.
+    """
+    primary = next(iter(tokenizers.values()))
+    pool = (rank(primary, text_encoder, class_noun, top=top_pool, pool=top_pool) if class_noun
+            else candidates(primary)[:top_pool])
+    chosen: list[Candidate] = []
+    taken: dict[str, set[str]] = {name: set() for name in tokenizers}
+    prefixes: set[str] = set()
+    for cand in pool:
+        prefix = cand.token.lower()[:2]
+        if prefix in prefixes:
+            continue
+        pieces = {name: set(_pieces(tok, cand.token)) for name, tok in tokenizers.items()}
+        if any(pieces[name] & taken[name] for name in tokenizers):
+            continue
+        chosen.append(cand)
+        prefixes.add(prefix)
+        for name in tokenizers:
+            taken[name] |= pieces[name]
+        if len(chosen) == count:
+            return chosen
+    raise DataError(f"found {len(chosen)} identifiers that share no token piece ({', '.join(tokenizers)}) nor first "
+                    f"two letters among the {len(pool)} rarest candidates, fewer than the {count} asked for; ask for "
+                    "fewer, or train some subjects in a separate run")
+
+
+def shared_pieces(tokenizers: dict[str, Any], words: list[str]) -> list[str]:
+    """One line per problem among the identifiers of subjects trained in one run, for the run to warn with: first
+    each identifier given to more than one subject (these lines start with "identifier ", the others with
+    "identifiers "), then each pair that shares a token piece under some tokenizer, naming the tokenizers (by
+    text encoder) and the pieces. [] when every identifier is its own."""
+    counts = {w: words.count(w) for w in dict.fromkeys(words)}
+    out = [f"identifier {w!r} is given to {n} subjects; each subject needs its own identifier"
+           for w, n in counts.items() if n > 1]
+    unique = list(counts)
+    pieces = {name: {w: _pieces(tok, w) for w in unique} for name, tok in tokenizers.items()}
+    for i, a in enumerate(unique):
+        for b in unique[i + 1:]:
+            found: dict[tuple, list[str]] = {}  # SDXL's two CLIP tokenizers split alike: one clause for both
+            for name in tokenizers:
+                pa, pb = pieces[name][a], pieces[name][b]
+                common = tuple(p for p in pa if p in pb)
+                if common:
+                    found.setdefault((common, tuple(pa), tuple(pb)), []).append(name)
+            if found:
+                where = "; ".join(f"{' '.join(map(repr, common))} under {', '.join(names)} ({' + '.join(pa)} / "
+                                  f"{' + '.join(pb)})" for (common, pa, pb), names in found.items())
+                out.append(f"identifiers {a!r} and {b!r} share token pieces: {where}; what the run learns for a "
+                           "shared piece goes to both subjects (`dreambooth identifier --count N` suggests a set "
+                           "with none)")
+    return out
+
+
 def infer_identifier(instance_prompt: str, class_prompt: str | None) -> str | None:
     """The word of the instance prompt that the class prompt lacks (e.g. 'zwx' in 'a zwx dog' vs 'a dog')."""
     if class_prompt is None:
@@ -215,29 +314,36 @@ def check(tokenizer, text_encoder, word: str, class_noun: str | None, pool: int 
     return report
 
 
-def warn_about_identifier(cfg: Any, c: Any) -> None:
-    """Warnings about the run's identifier (split into pieces, a strong prior) from the model's own tokenizers."""
-    word = cfg.identifier or infer_identifier(cfg.instance_prompt, cfg.class_prompt)
-    if word is None:
-        return
-    report = check(c.tokenizer, c.text_encoder, word, class_noun_after(cfg.instance_prompt, word))
-    for problem in report.problems:
-        log.warning("%s; `dreambooth identifier --pretrained_model_name_or_path %s --class_noun <noun>` lists "
-                    "better ones", problem, cfg.pretrained_model_name_or_path)
-    for name, tokenizer in list(c.tokenizers.items())[1:]:  # T5 (SD3, Flux) reads the identifier too
-        pieces = tokens_of(tokenizer, word)
-        if len(pieces) > 1 and type(tokenizer) is not type(c.tokenizer):
-            log.info("identifier %r is %d tokens for %s (%s)", word, len(pieces), name, " + ".join(pieces))
+def warn_about_identifier(cfg: Any, c: Any, subjects: list[tuple[str | None, str]] | None = None) -> None:
+    """Warnings about the run's identifiers (split into pieces, a strong prior; with several subjects, token pieces
+    two of them share) from the model's own tokenizers. `subjects`: each subject's (identifier, instance prompt);
+    default: the config's one subject."""
+    if subjects is None:
+        subjects = [(cfg.identifier or infer_identifier(cfg.instance_prompt, cfg.class_prompt), cfg.instance_prompt)]
+    for word, prompt in subjects:
+        if word is None:
+            continue
+        report = check(c.tokenizer, c.text_encoder, word, class_noun_after(prompt, word))
+        for problem in report.problems:
+            log.warning("%s; `dreambooth identifier --pretrained_model_name_or_path %s --class_noun <noun>` lists "
+                        "better ones", problem, cfg.pretrained_model_name_or_path)
+        for name, tokenizer in list(c.tokenizers.items())[1:]:  # T5 (SD3, Flux) reads the identifier too
+            pieces = tokens_of(tokenizer, word)
+            if len(pieces) > 1 and type(tokenizer) is not type(c.tokenizer):
+                log.info("identifier %r is %d tokens for %s (%s)", word, len(pieces), name, " + ".join(pieces))
+    words = [w for w, _ in subjects if w is not None]
+    for problem in shared_pieces(c.tokenizers, words) if len(words) > 1 else []:
+        log.warning(problem)
 
 
-def check_prompts_name_identifier(cfg: Any, family: Any, c: Any, images: list[Path],
-                                  captions: list[str | None] | None) -> None:
-    """Each prompt that names the subject names it within the tokens its text encoders read: a long caption with
-    the identifier at its end would be cut before it, and its image would train without it."""
-    word = cfg.identifier or infer_identifier(cfg.instance_prompt, cfg.class_prompt)
+def check_prompts_name_identifier(prompt: str, word: str | None, family: Any, cfg: Any, c: Any, images: list[Path],
+                                  captions: list[str | None] | None, flag: str = "--instance_prompt") -> None:
+    """Each prompt that names the subject (its instance prompt, `flag`, and its images' captions) names it within
+    the tokens its text encoders read: a long caption with the identifier at its end would be cut before it, and
+    its image would train without it. `word`: the subject's identifier (None: not known, nothing to check)."""
     if word is None:
         return
-    prompts = [("--instance_prompt", cfg.instance_prompt)] + [
+    prompts = [(flag, prompt)] + [
         (f"the caption of {image}", text) for image, text in zip(images, captions or []) if text is not None]
     lengths = {name: family.option(cfg, "max_sequence_length") if name == getattr(family, "t5_part", None)
                else tok.model_max_length for name, tok in c.tokenizers.items()}

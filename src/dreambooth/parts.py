@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from diffusers.optimization import get_scheduler
 
+from . import schema
 from .base_model import BaseModel
 from .checkpoint import CheckpointWriter, load_checkpoint
 from .compilation import compile_blocks
@@ -69,7 +70,7 @@ def build(run: Run) -> Parts:
     weight_dtype = reduced_dtype(acc.mixed_precision) or torch.float32
     trained_names = trained_text_encoders(cfg, family, c.text_encoders)
     encoders = [c.text_encoders[n] for n in trained_names]
-    input_ids, encoded, prompt_ids, empty_id = encode_prompts(run, c, trained_names, weight_dtype)
+    input_ids, encoded, prompt_ids = encode_prompts(run, c, trained_names, weight_dtype)
     cond = None if encoders else encoded
     denoiser, base = place_models(run, c, encoders, encoded, weight_dtype)
     objective = OBJECTIVES[family.objective].from_config(c.noise_scheduler, cfg, family.option_defaults)
@@ -86,7 +87,7 @@ def build(run: Run) -> Parts:
     sharding = (Sharding.apply(denoiser, family, cfg, acc, reduced_dtype(acc.mixed_precision))
                 if cfg.fsdp else None)
 
-    dataset, max_train_steps, validation_every, per_step = make_dataset(run, class_images, prompt_ids, empty_id)
+    dataset, max_train_steps, validation_every, per_step = make_dataset(run, class_images, prompt_ids)
     optimizer, lr_scheduler = optimization(cfg, denoiser, encoders, per_step, max_train_steps)
     parts = Parts(c, denoiser, dict(c.text_encoders), objective, optimizer, lr_scheduler, dataset, class_images,
                   cond, input_ids, weight_dtype, max_train_steps, validation_every,
@@ -113,21 +114,46 @@ def load_models(run: Run) -> tuple[Components, ClassImages | None]:
     quantized = quantization(cfg, reduced_dtype(acc.mixed_precision))
     one_load = quantized is None and cfg.tokenizer_name is None
     prior = cfg.with_prior_preservation and cfg.class_data_dir is not None
-    class_images = (ensure_class_images(cfg, run.family, run.source, acc, run.events, buckets=run.instance.buckets)
-                    if prior and not one_load else None)
+    class_images = class_images_of(run) if prior and not one_load else None
     c = run.family.load(run.source, cfg.prediction_type, quantized)
-    check_prompts_name_identifier(cfg, run.family, c, run.instance.images, run.instance.captions)
+    for k, subject in enumerate(run.subjects):
+        mine = [i for i, s in enumerate(run.subject_of) if s == k]
+        check_prompts_name_identifier(subject.prompt, subject.identifier, run.family, cfg, c,
+                                      [run.instance.images[i] for i in mine],
+                                      [run.instance.captions[i] for i in mine] if run.instance.captions else None,
+                                      "--instance_prompt" if k == 0 else f"subjects[{k - 1}].instance_prompt")
     if prior and one_load:
-        class_images = ensure_class_images(cfg, run.family, run.source, acc, run.events, loaded=c,
-                                           buckets=run.instance.buckets)
+        class_images = class_images_of(run, loaded=c)
     run.claim()  # the inputs loaded: from here on the output folder is this run's
     return c, class_images
 
 
+def class_images_of(run: Run, loaded: Components | None = None) -> ClassImages:
+    """Each class's images (one class per class prompt; the first subject's is --class_prompt), made where
+    missing at the sizes of the aspect-ratio buckets of that class's photos."""
+    cfg, classes, buckets = run.cfg, run.classes, run.instance.buckets
+    per_class = []
+    for k, (prompt, folder) in enumerate(zip(classes.prompts, classes.folders)):
+        mine = [i for i, s in enumerate(run.subject_of) if classes.of_subject[s] == k]
+        own = cfg if k == 0 else schema.derive(cfg, class_prompt=prompt, class_data_dir=folder, subjects=())
+        per_class.append(ensure_class_images(own, run.family, run.source, run.accelerator, run.events, loaded,
+                                             None if buckets is None else [buckets[i] for i in mine]))
+    return ClassImages.joined(per_class)
+
+
+@dataclass(frozen=True)
+class PromptIds:
+    """Rows of the encoded prompts: each instance image's, each class's and the empty prompt's (with
+    --caption_dropout)."""
+
+    instance: list[int]
+    classes: list[int]
+    empty: int | None = None
+
+
 def encode_prompts(run: Run, c: Components, trained_names: list[str], weight_dtype: torch.dtype
-                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[int], int | None]:
-    """Prompts encoded once: (token ids, the untouched encoders' conditioning, each instance image's prompt row,
-    the empty prompt's row with --caption_dropout).
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], PromptIds]:
+    """Prompts encoded once: (token ids, the untouched encoders' conditioning, which rows are whose).
     The frozen encoders (T5-XXL alone ~9.5 GB) then leave the GPU before the denoiser arrives, their part of the
     conditioning cached."""
     cfg, acc, family = run.cfg, run.accelerator, run.family
@@ -139,16 +165,22 @@ def encode_prompts(run: Run, c: Components, trained_names: list[str], weight_dty
     empty_id = None
     if cfg.caption_dropout > 0:  # the prompt a dropped caption trains with
         prompts, empty_id = [*prompts, ""], len(prompts)
-    prompt_ids = [INSTANCE_PROMPT if t is None else 2 + captions.index(t)
-                  for t in run.instance.captions or [None] * len(run.instance.images)]
+    # further subjects: their prompts, then the further classes' (a one-subject run has none)
+    subject_ids = [INSTANCE_PROMPT] + list(range(len(prompts), len(prompts) + len(run.subjects) - 1))
+    prompts += [s.prompt for s in run.subjects[1:]]
+    class_ids = [CLASS_PROMPT] + list(range(len(prompts), len(prompts) + len(run.classes.prompts) - 1))
+    prompts += [p for p in run.classes.prompts[1:]]
+    prompt_ids = [subject_ids[s] if t is None else 2 + captions.index(t)
+                  for t, s in zip(run.instance.captions or [None] * len(run.instance.images), run.subject_of)]
     input_ids = family.tokenize(c, prompts, cfg)
     with torch.no_grad():
         encoded = family.encode(c, input_ids, cfg)  # the untouched encoders: also the base model's conditioning
-        warn_about_identifier(cfg, c)  # (measured with the text encoder, before it leaves the GPU)
+        # (measured with the text encoder, before it leaves the GPU)
+        warn_about_identifier(cfg, c, [(s.identifier, s.prompt) for s in run.subjects])
     for name, encoder in c.text_encoders.items():
         if name not in trained_names:
             park(encoder)
-    return input_ids, encoded, prompt_ids, empty_id
+    return input_ids, encoded, PromptIds(prompt_ids, class_ids, empty_id)
 
 
 def place_models(run: Run, c: Components, encoders: list[torch.nn.Module], encoded: dict[str, torch.Tensor],
@@ -160,9 +192,9 @@ def place_models(run: Run, c: Components, encoders: list[torch.nn.Module], encod
     c.vae.requires_grad_(False).to(acc.device, family.vae_dtype(c, weight_dtype)).eval()
     base = None
     if cfg.with_prior_preservation and cfg.prior_target == "base_model":
-        class_cond = {k: v[CLASS_PROMPT:CLASS_PROMPT + 1].detach() for k, v in encoded.items()}
-        base = (BaseModel.adapters_off(class_cond) if cfg.use_lora else  # before any weight trains or resumes
-                BaseModel.frozen_copy(denoiser, acc.device, weight_dtype, cfg.offload_base_model, class_cond))
+        table = {k: v.detach() for k, v in encoded.items()}  # each class example's class prompt is a row of it
+        base = (BaseModel.adapters_off(table) if cfg.use_lora else  # before any weight trains or resumes
+                BaseModel.frozen_copy(denoiser, acc.device, weight_dtype, cfg.offload_base_model, table))
     if cfg.use_lora:
         if cfg.quantize_base != "none":
             from peft import prepare_model_for_kbit_training
@@ -191,20 +223,29 @@ def place_models(run: Run, c: Components, encoders: list[torch.nn.Module], encod
     return denoiser, base
 
 
-def make_dataset(run: Run, class_images: ClassImages | None, prompt_ids: list[int], empty_id: int | None = None
+def make_dataset(run: Run, class_images: ClassImages | None, prompt_ids: PromptIds
                  ) -> tuple[DreamBoothDataset, int, int, int]:
     """The keyed dataset, and (max train steps, validation interval in steps, examples per optimizer step). The
     base model's target needs no class images: without them the instance images are its inputs."""
     cfg, acc = run.cfg, run.accelerator
     base_model = cfg.with_prior_preservation and cfg.prior_target == "base_model"
-    class_paths = class_images.paths if class_images else run.instance.images if base_model else None
+    classes = run.classes.of_subject
+    instance_classes = [classes[s] for s in run.subject_of]  # each instance image's class
+    if class_images:
+        class_paths, class_of = class_images.paths, class_images.class_of or [0] * len(class_images.paths)
+    else:  # without class images the base model's inputs are the instance images, each of its own class
+        class_paths, class_of = (run.instance.images, instance_classes) if base_model else (None, None)
     buckets = run.instance.buckets
     class_buckets = None if buckets is None or class_paths is None else [
-        nearest(*upright_size(p), sorted(set(buckets))) for p in class_paths]
+        nearest(*upright_size(p), sorted({b for b, k in zip(buckets, instance_classes) if k == c}))
+        for p, c in zip(class_paths, class_of)]
+    repeats = cfg.repeats if len(run.subjects) == 1 else [run.subjects[s].repeats for s in run.subject_of]
     dataset = DreamBoothDataset(run.instance.images, class_paths, cfg.resolution, cfg.seed, cfg.center_crop,
-                                cfg.random_flip, prompt_ids, run.instance.masks, cfg.caption_dropout, empty_id,
-                                cfg.repeats, buckets, class_buckets, cfg.train_batch_size * acc.num_processes,
-                                cfg.allow_small_buckets)
+                                cfg.random_flip, prompt_ids.instance, run.instance.masks, cfg.caption_dropout,
+                                prompt_ids.empty, repeats, buckets, class_buckets,
+                                cfg.train_batch_size * acc.num_processes, cfg.allow_small_buckets,
+                                classes=(instance_classes, class_of, prompt_ids.classes) if len(
+                                    prompt_ids.classes) > 1 else None)
     per_step = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
     if per_step > 2 * dataset.epoch_length:
         log.warning("one optimizer step takes %d examples, %.0f passes over the %d training images: "

@@ -29,11 +29,11 @@ from .data import ImageFolder, scan_folder
 from .data.annotations import check_mask_crops, open_mask, read_captions
 from .data.buckets import Groups, bucket_counts, bucket_for
 from .data.buckets import parse as parse_buckets
+from .data.subjects import ClassOf, Joined, TrainedSubject, classes_of, subjects_of
 from .errors import CheckpointError, DataError, DreamBoothError, Stopped, first_line
 from .events import EVENTS_FILE, EventFile, Events
 from .families import ModelFamily, ModelSource, get_family
 from .files import write_text_atomic
-from .identifier import infer_identifier
 from .outputs import OutputFolder, check_class_folder
 from .processes import Peers, decided_once
 
@@ -46,7 +46,9 @@ IDENTITY = (
     "pretrained_model_name_or_path", "revision", "variant", "instance_data_dir", "instance_prompt", "class_prompt",
     "with_prior_preservation", "train_text_encoder", "resolution", "use_lora", "pretrained_vae_model_name_or_path",
     "prior_target", "caption_extension", "masked_loss", "adapter", "use_aspect_ratio_buckets", "aspect_ratio_buckets",
+    "subjects",
 )
+SUBJECT_IDENTITY = ("instance_data_dir", "instance_prompt", "class_prompt")  # what defines each further subject
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}  # what an older record's missing key meant
 LOCAL_PATHS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "instance_data_dir")
 
@@ -144,9 +146,18 @@ class Run:
     started: float = field(default_factory=time.time)
     events: Events = field(default_factory=Events)  # progress; written to events.jsonl once the folder is claimed
     stop: StopRequests = field(default_factory=StopRequests)  # SIGTERM's meaning while the run goes on
+    subjects: list[TrainedSubject] = field(default_factory=list)  # the first, then those `subjects` adds
+    subject_of: list[int] = field(default_factory=list)  # each instance image's subject
+
+    @property
+    def classes(self) -> ClassOf:
+        return classes_of(self.subjects)
 
     def __post_init__(self) -> None:
         self.stop.peers = self.peers
+        if not self.subjects:  # (a Run made without them: the config's)
+            self.subjects = subjects_of(self.cfg)
+            self.subject_of = [0] * len(self.instance.images)
 
     def claim(self) -> None:
         """The models loaded: the output folder becomes this run's (record, train_config.json, events.jsonl)."""
@@ -171,6 +182,8 @@ def identity(values: dict) -> dict:
     """The IDENTITY settings, local paths resolved (so `sd` and `/abs/sd` are one model); a setting a record from
     an older version lacks is that version's behaviour, the default."""
     out = {k: values.get(k, DEFAULTS[k]) for k in IDENTITY}
+    out["subjects"] = [{k: s.get(k) for k in SUBJECT_IDENTITY} | {
+        "instance_data_dir": str(Path(s["instance_data_dir"]).expanduser().resolve())} for s in out["subjects"] or []]
     for key in LOCAL_PATHS:
         if out[key] is not None and (key == "instance_data_dir" or Path(out[key]).expanduser().exists()):
             out[key] = str(Path(out[key]).expanduser().resolve())
@@ -310,48 +323,48 @@ def setup(cfg: TrainConfig) -> Run:
     family = get_family(source, cfg.family)
     cfg.check_family(family)
     cfg = schema.derive(cfg, **family_defaults(cfg, family))
-    companions = (cfg.caption_extension,) if cfg.caption_extension else ()
-    instance = scan_folder(Path(cfg.instance_data_dir), "instance", cfg.resolution, companions=companions)
-    if not instance.images:
-        raise DataError(f"instance folder {cfg.instance_data_dir} holds no images; add 3-5 photos of the subject "
-                        "(.jpg, .png, .webp, ...)")
-    if cfg.caption_extension:
-        identifier = cfg.identifier or infer_identifier(cfg.instance_prompt, cfg.class_prompt)
-        if identifier is None:  # a caption could not be checked for naming the subject
-            raise DataError("--caption_extension needs the subject's identifier to check that each caption names "
-                            "the subject; pass --identifier (the rare word of --instance_prompt)")
-        instance.captions = read_captions(instance.images, cfg.caption_extension, identifier)
-        log.info("%d of %d instance images have a caption (%s files); the others use --instance_prompt",
-                 sum(c is not None for c in instance.captions), len(instance.images), cfg.caption_extension)
+    subjects = subjects_of(cfg)
+    joined = Joined.of([instance_folder(cfg, s) for s in subjects])
+    instance = joined.images
+    if len(subjects) > 1:
+        log.info("%d subjects: %s", len(subjects), "; ".join(
+            f"{s.identifier} ({n} photos)" for s, n in zip(subjects, map(joined.subject_of.count, range(
+                len(subjects))))))
     if cfg.buckets:
         instance.buckets = assign_buckets(cfg, family, instance.sizes)
     if cfg.masked_loss:
         instance.masks = [open_mask(p) for p in instance.images]
         check_mask_crops(instance.images, instance.masks, instance.buckets or [cfg.resolution] * len(instance.images),
                          cfg.center_crop)
-    if cfg.class_data_dir is not None and Path(cfg.class_data_dir).is_file():
-        raise DataError(f"class folder {cfg.class_data_dir} is a file; pass a folder (it is created if missing)")
-    if cfg.with_prior_preservation and cfg.class_data_dir is not None:
-        check_class_folder(cfg.class_data_dir, cfg.instance_data_dir, {
-            "base model": cfg.pretrained_model_name_or_path, "VAE": cfg.pretrained_vae_model_name_or_path})
+    classes = classes_of(subjects)
+    for folder in classes.folders:
+        if folder is not None and Path(folder).is_file():
+            raise DataError(f"class folder {folder} is a file; pass a folder (it is created if missing)")
+        if cfg.with_prior_preservation and folder is not None:
+            for subject in subjects:
+                check_class_folder(folder, subject.folder, {
+                    "base model": cfg.pretrained_model_name_or_path, "VAE": cfg.pretrained_vae_model_name_or_path})
     output = OutputFolder(
         cfg.output_dir, "train",
         inputs={"--instance_data_dir": cfg.instance_data_dir, "--class_data_dir": cfg.class_data_dir,
-                "--eval_config": cfg.eval_config},
+                "--eval_config": cfg.eval_config,
+                **{s.flag: s.folder for s in subjects[1:]},
+                **{f"subjects[{i}].class_data_dir": s.class_data_dir for i, s in enumerate(cfg.subjects)}},
         models={"base model (--pretrained_model_name_or_path)": cfg.pretrained_model_name_or_path,
                 "VAE (--pretrained_vae_model_name_or_path)": cfg.pretrained_vae_model_name_or_path,
                 "tokenizer (--tokenizer_name)": cfg.tokenizer_name})
     output.check()  # fails fast, before the Accelerator; checked again under the folder's lock
     accelerator = make_accelerator(cfg)
     if instance.buckets is not None:  # a bucket smaller than a batch fails now, not after the models load
-        Groups(instance.buckets, cfg.train_batch_size * accelerator.num_processes, cfg.seed or 0, cfg.repeats,
-               cfg.allow_small_buckets)
+        Groups(instance.buckets, cfg.train_batch_size * accelerator.num_processes, cfg.seed or 0,
+               [subjects[s].repeats for s in joined.subject_of], cfg.allow_small_buckets)
     resume_from, seed = _open_on_main(cfg, output, accelerator)
     cfg = schema.derive(cfg, seed=seed)  # what train_config.json records: the seed a resumed run keeps
     try:
         set_seed(cfg.seed)
         peers = Peers(accelerator) if accelerator.num_processes > 1 else None
-        run = Run(cfg, accelerator, source, family, instance, resume_from, output, peers)
+        run = Run(cfg, accelerator, source, family, instance, resume_from, output, peers, subjects=subjects,
+                  subject_of=joined.subject_of)
     except BaseException:
         output.close()
         raise
@@ -359,6 +372,24 @@ def setup(cfg: TrainConfig) -> Run:
     if peers is not None:
         peers.kept = run.kept
     return run
+
+
+def instance_folder(cfg: TrainConfig, subject: TrainedSubject) -> ImageFolder:
+    """One subject's photos (and, with --caption_extension, their captions, each checked to name the subject)."""
+    companions = (cfg.caption_extension,) if cfg.caption_extension else ()
+    found = scan_folder(subject.folder, "instance", cfg.resolution, companions=companions)
+    if not found.images:
+        raise DataError(f"instance folder {subject.folder} holds no images; add 3-5 photos of the subject "
+                        "(.jpg, .png, .webp, ...)")
+    if cfg.caption_extension:
+        if subject.identifier is None:  # a caption could not be checked for naming the subject
+            raise DataError("--caption_extension needs the subject's identifier to check that each caption names "
+                            "the subject; pass --identifier (the rare word of --instance_prompt)")
+        found.captions = read_captions(found.images, cfg.caption_extension, subject.identifier)
+        log.info("%d of %d instance images in %s have a caption (%s files); the others use its prompt",
+                 sum(c is not None for c in found.captions), len(found.images), subject.folder,
+                 cfg.caption_extension)
+    return found
 
 
 def family_defaults(cfg: TrainConfig, family: ModelFamily) -> dict[str, Any]:

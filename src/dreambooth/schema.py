@@ -158,12 +158,36 @@ def _coerce(name: str, tp: Any, value: Any, path: bool = False) -> Any:
         return expand_path(name, value) if path else value
     if typing.get_origin(base) is list:
         (item,) = typing.get_args(base)
-        if isinstance(value, str):
+        if isinstance(value, str | Mapping):
             value = [value]
         if not isinstance(value, list | tuple):
             raise ConfigError(name, value, "expected a list")
+        if dataclasses.is_dataclass(item):  # a list of tables: each entry named by its place in the list
+            return [_coerce(f"{name}[{i}]", item, v, path) for i, v in enumerate(value)]
         return [_coerce(name, item, v, path) for v in value]
+    if dataclasses.is_dataclass(base):
+        return _table(name, base, value)
     return value
+
+
+def _table(name: str, cls: type, value: Any) -> Any:
+    """A nested config (a config file's table, a dict, or JSON text on the command line), built and checked; its
+    errors name the field inside it (`subjects[0].instance_prompt`)."""
+    if isinstance(value, cls):
+        value = to_dict(value)
+    if isinstance(value, str):
+        try:
+            value = json.loads(value, object_pairs_hook=_unique_pairs)
+        except ValueError as e:
+            raise ConfigError(name, value, f"expected a JSON object such as '{{\"{next(iter(fields(cls)))}\": "
+                              f"...}}' ({first_line(e, 80)})") from None
+    if not isinstance(value, Mapping):
+        raise ConfigError(name, value, f"expected a table with the keys {', '.join(fields(cls))}")
+    try:
+        return build(cls, value)
+    except ConfigError as e:
+        required = e.value is None and e.allowed.startswith("required;")
+        raise ConfigError(f"{name}.{e.field}", e.value, "required in each entry" if required else e.allowed) from None
 
 
 def _unknown(cls: type, key: str) -> ConfigError:
@@ -274,6 +298,8 @@ def to_dict(config: Any) -> dict[str, Any]:
     out = {}
     for name in fields(type(config)):
         value = getattr(config, name)
+        if isinstance(value, list | tuple) and value and dataclasses.is_dataclass(value[0]):
+            value = [to_dict(v) for v in value]  # a list of tables
         out[name] = str(value) if isinstance(value, Path) else value
     return out
 
@@ -364,7 +390,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         help_text = help_of(f)
         if f.metadata.get("required"):
             help_text += " (required)"
-        elif f.default not in (None, False, dataclasses.MISSING):
+        elif f.default not in (None, False, dataclasses.MISSING, ()):
             shown = " ".join(map(str, f.default)) if isinstance(f.default, list | tuple) else f.default
             help_text += f" (default: {shown})"
         kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}

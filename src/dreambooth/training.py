@@ -378,6 +378,9 @@ def finish(run: Run, parts: Parts) -> dict[str, Any]:
         "seed": cfg.seed,
         "family": run.family.name,
         "num_instance_images": len(run.instance.images),
+        **({"subjects": [{"identifier": s.identifier, "instance_data_dir": str(s.folder),
+                          "images": run.subject_of.count(k)} for k, s in enumerate(run.subjects)]}
+           if len(run.subjects) > 1 else {}),
         "resumed_from": str(run.resume_from) if run.resume_from else None,
         "latent_cache": parts.latents.stats(),
     }

@@ -100,13 +100,14 @@ class Groups:
     buckets: list[Size]  # per instance image
     group: int  # examples per micro-step over all processes
     seed: int
-    repeats: int = 1
+    repeats: int | list[int] = 1  # for all images, or per image
     fill_small: bool = False  # a bucket with fewer examples than a group repeats them; else an error
 
     def __post_init__(self) -> None:
         members: dict[Size, list[int]] = {}
-        for i, b in enumerate(self.buckets):
-            members.setdefault(b, []).extend([i] * self.repeats)
+        repeats = [self.repeats] * len(self.buckets) if isinstance(self.repeats, int) else self.repeats
+        for i, (b, r) in enumerate(zip(self.buckets, repeats)):
+            members.setdefault(b, []).extend([i] * r)
         self.members = members
         small = [(b, len(m)) for b, m in members.items() if len(m) < self.group]
         if small and not self.fill_small:

@@ -117,19 +117,22 @@ class DreamBoothDataset(Dataset):
         instance_masks: Sequence[Image.Image] | None = None,
         caption_dropout: float = 0.0,
         empty_prompt_id: int | None = None,
-        repeats: int = 1,
+        repeats: int | Sequence[int] = 1,
         buckets: Sequence[Size] | None = None,
         class_buckets: Sequence[Size] | None = None,
         group: int = 1,
         fill_small_buckets: bool = False,
+        classes: tuple[Sequence[int], Sequence[int], Sequence[int]] | None = None,
     ):
         """`caption_dropout`: the probability that an instance example trains with the empty prompt (its id:
         `empty_prompt_id`) instead of its own, drawn per position from the seed (a resumed run draws the same).
-        `repeats`: each instance image appears that many times per epoch (the reference scripts' --repeats).
+        `repeats`: each instance image appears that many times per epoch (the reference scripts' --repeats; or one
+        count per image: several subjects, each with its own).
         `buckets`: each instance image's aspect-ratio bucket (height, width), or None (a `resolution` square);
         `class_buckets` each class image's, `group` the examples of one micro-step over all processes (a group
         shares one bucket: see `buckets`), `fill_small_buckets` whether a bucket smaller than a group may repeat
-        its images."""
+        its images. `classes`: with several classes (subjects of different classes), (each instance image's class,
+        each class image's class, each class's prompt id): a class example is one of its instance example's class."""
         if caption_dropout > 0 and empty_prompt_id is None:
             raise ValueError("caption_dropout needs the empty prompt's id")
         self.caption_dropout, self.empty_prompt_id = caption_dropout, empty_prompt_id
@@ -146,16 +149,24 @@ class DreamBoothDataset(Dataset):
         self.class_images = list(class_images or [])
         self.resolution, self.seed = resolution, seed
         self.center_crop, self.random_flip = center_crop, random_flip
-        self.repeats = repeats
-        self.instance_order = Shuffled(len(self.instance_images) * repeats, seed, "instance")
-        self.class_order = Shuffled(len(self.class_images), seed, "class") if self.class_images else None
-        self.groups = None if buckets is None else Groups(list(buckets), group, seed, repeats, fill_small_buckets)
-        # bucketed: a class example comes from the class images of its instance's bucket (all of them where the
-        # bucket has none, each cropped to it)
-        self.class_pools: dict[Size, list[int]] = {}
+        n = len(self.instance_images)
+        per_image = [repeats] * n if isinstance(repeats, int) else list(repeats)
+        # an epoch's slots: every image once per pass, an image in as many passes as its repeats (one count for
+        # all: slot s is image s % n)
+        self.slots = [i for r in range(max(per_image, default=0)) for i in range(n) if per_image[i] > r]
+        self.instance_order = Shuffled(len(self.slots), seed, "instance")
+        self.groups = None if buckets is None else Groups(list(buckets), group, seed, per_image, fill_small_buckets)
+        # the classes: each instance image's, each class image's, each class's prompt id (one class: all 0)
+        self.instance_classes, class_of, self.class_prompt_ids = classes or (
+            [0] * n, [0] * len(self.class_images), [CLASS_PROMPT])
+        # a class example comes from its instance's class and, bucketed, from the class images of its instance's
+        # bucket (all of its class's where the bucket has none, each cropped to it)
+        self.class_pools: dict[tuple[int, Size | None], list[int]] = {}
+        for j, k in enumerate(class_of):
+            self.class_pools.setdefault((k, None), []).append(j)
         for j, b in enumerate(class_buckets or []):
-            self.class_pools.setdefault(tuple(b), []).append(j)
-        self._class_orders: dict[Size, Shuffled] = {}
+            self.class_pools.setdefault((class_of[j], tuple(b)), []).append(j)
+        self._class_orders: dict[tuple[int, Size | None], Shuffled] = {}
         # Few instance images: decode once. Class images can number hundreds: decode on demand.
         self._instance_cache = [open_rgb(p) for p in self.instance_images]
         self._sizes: dict[tuple[str, int], tuple[int, int]] = {}
@@ -166,19 +177,20 @@ class DreamBoothDataset(Dataset):
     def epoch_length(self) -> int:
         """Examples per epoch, as the reference script counts it: max(#instance x repeats, #class) (bucketed: the
         instance examples with each bucket's last batch filled)."""
-        instance = len(self.instance_images) * self.repeats if self.groups is None else self.groups.epoch_length
+        instance = len(self.slots) if self.groups is None else self.groups.epoch_length
         return max(instance, len(self.class_images))
 
     def __len__(self) -> int:  # positions are unbounded; this is one epoch
         return self.epoch_length
 
-    def _example(self, kind: str, index: int, position: int, target: int | Size) -> dict:
+    def _example(self, kind: str, index: int, position: int, target: int | Size, klass: int = 0) -> dict:
         """Pixels, the original size and crop that SDXL conditions on, and the view: what makes these pixels (the
         key of the latent cache). A view already in `self.cached` gets no pixels: nothing is decoded or resized."""
         def rng() -> random.Random:
             return random.Random(derive_seed(self.seed, "augment", kind, position))
 
-        labels = {"prompt": self.instance_prompt_ids[index] if kind == "instance" else CLASS_PROMPT, "mask": None}
+        labels = {"prompt": self.instance_prompt_ids[index] if kind == "instance" else self.class_prompt_ids[klass],
+                  "mask": None}
         if kind == "instance" and self.caption_dropout > 0 and \
                 random.Random(derive_seed(self.seed, "caption_dropout", position)).random() < self.caption_dropout:
             labels["prompt"] = self.empty_prompt_id
@@ -205,24 +217,27 @@ class DreamBoothDataset(Dataset):
         return {"pixels": to_tensor(crop), "original_size": (img.height, img.width), "crop_top_left": top_left,
                 "view": (kind, index, *top_left, flipped, *bucket), **labels}
 
-    def _class_index(self, position: int, target: int | Size) -> int:
-        if self.groups is None:
-            return self.class_order[position]
-        pool = self.class_pools.get(target) or range(len(self.class_images))
-        if target not in self._class_orders:
-            h, w = target
-            self._class_orders[target] = Shuffled(len(pool), self.seed, f"class-{h}x{w}")
-        return pool[self._class_orders[target][position]]
+    def _class_index(self, position: int, target: int | Size, klass: int) -> int:
+        """The class image of the class example at `position` (one of class `klass`, bucketed: of `target`'s)."""
+        key = (klass, None if self.groups is None else tuple(target))
+        pool = self.class_pools.get(key) or self.class_pools[(klass, None)]
+        if key not in self._class_orders:  # class 0's salts are those of one-class runs
+            salt = "class" if klass == 0 else f"class{klass}"
+            self._class_orders[key] = Shuffled(len(pool), self.seed, salt if key[1] is None else
+                                               f"{salt}-{target[0]}x{target[1]}")
+        return pool[self._class_orders[key][position]]
 
     def __getitem__(self, position: int) -> dict:
         if self.groups is None:
-            index = self.instance_order[position] % len(self.instance_images)  # (repeated images: the same image)
+            index = self.slots[self.instance_order[position]]  # (repeated images: the same image)
             target: int | Size = self.resolution
         else:
             index, target = self.groups[position]
         item = {"position": position, "instance": self._example("instance", index, position, target)}
-        if self.class_order is not None:
-            item["class"] = self._example("class", self._class_index(position, target), position, target)
+        if self.class_images:
+            klass = self.instance_classes[index]
+            item["class"] = self._example("class", self._class_index(position, target, klass), position, target,
+                                          klass)
         return item
 
 

@@ -17,7 +17,7 @@ from ..evaluation.backends import BACKENDS
 from ..evaluation.metrics import t_interval
 from ..files import write_text_atomic
 from ..outputs import OutputFolder, check_output_file
-from .ablations import QUICK, STUDIES, Job, ReproduceConfig, studies_of, variant_name
+from .ablations import QUICK, STUDIES, STUDY_METRICS, Job, ReproduceConfig, studies_of, variant_name
 from .models import TOY_MODELS
 
 TITLE = "# DreamBooth's ablations, reproduced on the toy world"  # the first line: how a table of ours is recognised
@@ -25,7 +25,8 @@ SOFTWARE = "dreambooth reproduce"  # the plot's PNG metadata, likewise
 
 log = logging.getLogger("dreambooth")
 NAMES = {"subject": "subject fidelity", "prompt": "prompt fidelity", "pres": "PRES", "div": "DIV",
-         "leak": "background leak"}
+         "leak": "background leak", "bleed": "identity bleed (twin)", "bleed_next": "identity bleed (other class)",
+         "class_bleed": "bleed into the class prompt"}
 
 
 def _interval(values: list[float]) -> dict[str, float]:
@@ -150,7 +151,8 @@ def markdown(summary: dict[str, Any], plot: str | None) -> str:
            "paper's side."), "",
         "Toy metrics (`dreambooth evaluate --backend toy`):", "",
         *[f"- **{m}** ({'~' + toy[m].analogue_of + ', ' if toy[m].analogue_of else ''}{toy[m].better} is better): "
-          f"{toy[m].description}" for m in shown], "",
+          f"{toy[m].description}" if m in toy else f"- **{m}** ({STUDY_METRICS[m][1]} is better): "
+          f"{STUDY_METRICS[m][0]}" for m in shown], "",
     ]
     if plot:
         lines += [f"![ablations]({plot})", ""]

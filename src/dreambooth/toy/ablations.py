@@ -34,7 +34,7 @@ from ..files import write_text_atomic
 from ..schema import at_least, option, positive
 from .measure import toy_train_settings
 from .models import TOY_MODELS, family_help
-from .subjects import SUBJECTS, Subject
+from .subjects import SUBJECTS, TWINS, Subject, next_subject
 from .world import CLASSES, prompt
 
 log = logging.getLogger("dreambooth")
@@ -62,6 +62,9 @@ class Variant:
     adapter: str | None = None  # lora, lokr or loha (--adapter) at `rank` (alpha = rank) instead of full fine-tuning
     rank: int = 0
     lokr_factor: int = -1
+    # subjects trained in the same run beside the unit's ("twin": its class's other subject, "next": the next
+    # class's subject), each with its own identifier; the run trains max_train_steps per subject
+    companions: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +214,43 @@ STUDIES = {
          Claim("prompt", "lokr", "lora", "LoKr follows prompts better than LoRA"),
          Claim("subject", "lora_recipe", "lora", "four times LoRA's parameters learn the subject better")),
         families=("sd",), default=False, sized=True),
+    "subjects": Study(
+        "Several subjects in one run: each one's fidelity, and identity bleed between them",
+        {"single": ("one subject", WITH_PPL),
+         "twin": ("two subjects of one class", Variant(companions=("twin",))),
+         "next": ("two subjects of two classes", Variant(companions=("next",))),
+         "three": ("three subjects (two of its class, one of another)", Variant(companions=("twin", "next"))),
+         "single_no_ppl": ("one subject, no prior preservation", WITHOUT_PPL),
+         "twin_no_ppl": ("two subjects of one class, no prior preservation",
+                         Variant(prior=False, companions=("twin",))),
+         "next_no_ppl": ("two subjects of two classes, no prior preservation",
+                         Variant(prior=False, companions=("next",)))},
+        ("subject", "prompt", "pres", "bleed", "bleed_next", "class_bleed"),
+        {},
+        "No paper figure: kohya's concepts and SimpleTuner's datasets train several subjects in one model, and "
+        "users report identity bleed between them (OneTrainer#1700). Each unit's subject is scored under its own "
+        "identifier; bleed is the judge score of a subject it was not (always the same two per unit: its class's "
+        "other subject, its twin, and the next class's subject), so one-subject runs give the floor. A run trains "
+        "the single run's steps per subject",
+        (Claim("subject", "single", "twin", "a second subject of the same class costs subject fidelity"),
+         Claim("subject", "single", "next", "a second subject of another class costs subject fidelity"),
+         Claim("subject", "single", "three", "three subjects cost subject fidelity"),
+         Claim("bleed", "twin", "single", "the twin trained beside it shows under the subject's identifier"),
+         Claim("bleed_next", "next", "single", "a subject of another class shows under its identifier"),
+         Claim("bleed", "twin_no_ppl", "twin", "prior preservation lowers the bleed between two subjects of one "
+               "class"),
+         Claim("class_bleed", "twin_no_ppl", "twin", "prior preservation keeps the twin out of the bare class "
+               "prompt"),
+         Claim("subject", "twin", "twin_no_ppl", "with prior preservation each of two same-class subjects is "
+               "learnt better")),
+        families=("sd",), default=False),
+}
+STUDY_METRICS = {  # metrics the study computes from the evaluation's images (toy judges of other subjects)
+    "bleed": ("identity bleed: the twin's (the unit's class's other subject's) judge score of images of the "
+              "unit's identifier prompts", "lower"),
+    "bleed_next": ("identity bleed: the next class's subject's judge score of images of the unit's identifier "
+                   "prompts", "lower"),
+    "class_bleed": ("the twin's judge score of images of the bare class prompt", "lower"),
 }
 
 
@@ -292,6 +332,7 @@ def variant_name(v: Variant) -> str:
     extra += ["ema"] if v.ema else []
     extra += ["masked" + (f"_bg{v.mask_background:g}" if v.mask_background else "")] if v.masked else []
     extra += [f"{v.adapter}{v.rank}" + (f"f{v.lokr_factor}" if v.lokr_factor != -1 else "")] if v.adapter else []
+    extra += ["with-" + "-".join(v.companions)] if v.companions else []
     return f"{'ppl' if v.prior else 'no_ppl'}-{v.noun}-{v.images}img" + "".join(f"-{e}" for e in extra)
 
 
@@ -299,8 +340,14 @@ def studies_of(cfg: ReproduceConfig) -> list[str]:
     return cfg.studies or [name for name, study in STUDIES.items() if cfg.family in study.families and study.default]
 
 
+def companion(name: str, which: str) -> Subject:
+    """A unit subject's companion in a multi-subject run (see `Variant.companions`)."""
+    return TWINS[name] if which == "twin" else next_subject(name)
+
+
 def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Path) -> list[Job]:
-    """One job per distinct (variant, subject, seed) over the chosen studies; a variant two studies share runs once."""
+    """One job per distinct (variant, subject, seed) over the chosen studies; a variant two studies share runs once.
+    `identifiers`: each unit subject's, and each companion's as f"{unit}/{which}" (see `Variant.companions`)."""
     variants = dict.fromkeys(v for study in studies_of(cfg) for _, v in STUDIES[study].variants.values())
     jobs = []
     for variant in variants:
@@ -308,6 +355,7 @@ def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Pat
             subject = SUBJECTS[name]
             noun, v = noun_for(subject, variant), identifiers[name]
             steps = cfg.steps_per_image * variant.images if cfg.steps_per_image else cfg.max_train_steps
+            steps *= 1 + len(variant.companions)
             for seed in cfg.seeds:
                 folder = out / "runs" / variant_name(variant) / f"{name}-seed{seed}"
                 train = {
@@ -332,6 +380,9 @@ def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Pat
                     "output_dir": str(folder / "model"),
                     **({"weighting_scheme": variant.weighting} if variant.weighting else {}),
                     **(adapter_settings(variant) if variant.adapter else {}),
+                    **({"subjects": [companion_settings(variant, name, which, identifiers[f"{name}/{which}"],
+                                                        folder, out) for which in variant.companions]}
+                       if variant.companions else {}),
                 }
                 scored = folder / "model" / EMA_FOLDER if variant.ema else folder / "model"
                 evaluate = {"backend": "toy", "model": str(scored), "subject": name, "class_noun": noun,
@@ -340,6 +391,17 @@ def plan(cfg: ReproduceConfig, model: str, identifiers: dict[str, str], out: Pat
                             "output_dir": str(folder / "evaluation")}
                 jobs.append(Job(variant, name, seed, folder, train, evaluate, cfg.keep_models))
     return jobs
+
+
+def companion_settings(variant: Variant, name: str, which: str, identifier: str, folder: Path, out: Path
+                       ) -> dict[str, Any]:
+    """A companion's entry in `subjects`: its photos beside the unit's, its identifier, its class's images."""
+    other = companion(name, which)
+    own_class = other.cls != SUBJECTS[name].cls and variant.prior
+    return {"instance_data_dir": str(folder / f"instance-images-{which}"),
+            "instance_prompt": prompt(other.cls, identifier=identifier), "identifier": identifier,
+            **({"class_prompt": prompt(other.cls), "class_data_dir": str(out / "class-images" / other.cls)}
+               if own_class else {})}
 
 
 def adapter_settings(variant: Variant) -> dict[str, Any]:
@@ -376,6 +438,28 @@ def write_instance_images(job: Job) -> None:
     if job.variant.masked:
         for i, mask in enumerate(subject.instance_masks(5, seed=job.seed)[: job.variant.images]):
             Image.fromarray(mask).save(images / f"{job.subject}-{i}{MASK_SUFFIX}.png")
+    for which, entry in zip(job.variant.companions, job.train.get("subjects", [])):
+        other = companion(job.subject, which)
+        shutil.rmtree(entry["instance_data_dir"], ignore_errors=True)
+        Path(entry["instance_data_dir"]).mkdir(parents=True)
+        for i, img in enumerate(other.instance_images(5, seed=job.seed)[: job.variant.images]):
+            Image.fromarray(img).save(Path(entry["instance_data_dir"]) / f"{other.name}-{i}.png")
+
+
+def bleed(subject: str, images: Path) -> dict[str, float]:
+    """The study's bleed metrics (STUDY_METRICS) from an evaluation's images: the unit's twin and next subject
+    judged on the identifier prompts' images (folders 00, 01, ...) and the twin on the bare class prompt's."""
+    import numpy as np
+
+    from .judges import subject_score
+
+    def score(paths: list[Path], judge: Subject) -> float:
+        return float(np.mean([subject_score(np.asarray(Image.open(p).convert("RGB")), judge) for p in paths]))
+
+    prompted = sorted(p for d in images.iterdir() if d.is_dir() and d.name.isdigit() for p in d.glob("*.png"))
+    bare = sorted((images / "class").glob("*.png"))
+    twin, other = TWINS[subject], next_subject(subject)
+    return {"bleed": score(prompted, twin), "bleed_next": score(prompted, other), "class_bleed": score(bare, twin)}
 
 
 def run_job(job: Job, threads: int | None = None) -> dict[str, Any]:
@@ -398,7 +482,8 @@ def run_job(job: Job, threads: int | None = None) -> dict[str, Any]:
     sizes = adapter_size(job.folder / "model")
     if not job.keep_model:
         shutil.rmtree(job.folder / "model")
-    result = {"settings": job.settings(), "metrics": {k: m["value"] for k, m in report["metrics"].items()},
+    metrics = {k: m["value"] for k, m in report["metrics"].items()} | bleed(job.subject, Path(report["image_root"]))
+    result = {"settings": job.settings(), "metrics": metrics,
               "mean_loss": summary["mean_loss"], "train_time_s": summary["wall_time_s"],
               "wall_time_s": round(time.time() - started, 1), **sizes}
     write_text_atomic(job.folder / RESULT, json.dumps(result, indent=2) + "\n")
@@ -423,12 +508,14 @@ def prepare_class_images(jobs: list[Job]) -> None:
     from ..prior import ensure_class_images
 
     seen = set()
-    for job in jobs:
-        folder = job.train["class_data_dir"]
+    classes = [(job.train, job.train["class_data_dir"]) for job in jobs] + [
+        ({**job.train, "class_prompt": s["class_prompt"], "class_data_dir": s["class_data_dir"], "subjects": []},
+         s["class_data_dir"]) for job in jobs for s in job.train.get("subjects", []) if s.get("class_data_dir")]
+    for train, folder in classes:
         if folder is None or folder in seen:
             continue
         seen.add(folder)
-        cfg = schema.build(TrainConfig, job.train)
+        cfg = schema.build(TrainConfig, train)
         source = ModelSource(cfg.pretrained_model_name_or_path)
         # on the device the runs train on: class images are keyed by the precision they were made in
         made = ensure_class_images(cfg, get_family(source), source, Accelerator(cpu=cfg.device == "cpu"))

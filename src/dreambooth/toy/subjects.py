@@ -48,3 +48,17 @@ SUBJECTS = {
         Subject("triangle", "triangle", "y", "green", "red", ("black", "pink")),
     )
 }
+
+# A second subject of each class, in other colours and split the other way: what the multi-subject study trains beside
+# a subject of the same class (`reproduce --studies subjects`); never a unit of the studies itself
+TWINS = {
+    "circle": Subject("circle-twin", "circle", "x", "blue", "green", ("black", "pink")),
+    "square": Subject("square-twin", "square", "y", "green", "purple", ("white", "brown")),
+    "triangle": Subject("triangle-twin", "triangle", "x", "yellow", "blue", ("white", "brown")),
+}
+
+
+def next_subject(name: str) -> Subject:
+    """The subject of another class that the multi-subject study trains beside `name` (the next in SUBJECTS)."""
+    names = list(SUBJECTS)
+    return SUBJECTS[names[(names.index(name) + 1) % len(names)]]

@@ -6,6 +6,7 @@ sends back what was typed."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shlex
 import typing
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import schema
-from ..config import TrainConfig
+from ..config import Subject, TrainConfig
 
 # on the page for every run, in the page's words; the rest of TrainConfig is under "advanced" (use_lora is the
 # page's LoRA / full fine-tune choice, not a field of its own)
@@ -23,6 +24,9 @@ BASIC = {"pretrained_model_name_or_path": "Base model", "instance_data_dir": "Su
          "use_lora": "LoRA", "train_text_encoder": "Train the text encoder", "max_train_steps": "Training steps",
          "learning_rate": "Learning rate", "resolution": "Resolution (px)", "validation_prompt": "Validation prompt",
          "output_dir": "Output folder"}
+# a further subject's boxes (the page's "Other subjects" blocks; TrainConfig.subjects)
+SUBJECT_LABELS = {"instance_data_dir": "Photos folder", "instance_prompt": "Prompt", "identifier": "Identifier",
+                  "class_prompt": "Class prompt", "class_data_dir": "Class images folder", "repeats": "Repeats"}
 KINDS = {bool: "bool", int: "int", float: "float", str: "text", Path: "path"}
 # an option name's parts as the page says them
 WORDS = {"lr": "learning rate", "lora": "LoRA", "ema": "EMA", "fsdp": "FSDP", "ddp": "DDP", "vae": "VAE",
@@ -30,6 +34,8 @@ WORDS = {"lr": "learning rate", "lora": "LoRA", "ema": "EMA", "fsdp": "FSDP", "d
          "cpu": "CPU", "gpu": "GPU", "dino": "DINO", "clip": "CLIP", "snr": "SNR", "max": "max.", "prodigy": "Prodigy",
          "eval": "evaluation", "img": "image", "xformers": "xFormers", "tf32": "TF32", "id": "ID"}
 # CLI words in a schema message, as the page says them
+CLI_HINTS = (("`dreambooth identifier --count N` suggests distinct ones", "“Suggest identifiers” offers others"),
+             ("`dreambooth identifier --count N` suggests a set with none", "“Suggest identifiers” offers others"))
 PAGE_PHRASES = (("add that flag", "turn it on"), ("add it", "turn it on"), ("remove it", "clear it"),
                 ("drop one of them", "clear one of them"), ("pass ", "give "))
 
@@ -38,7 +44,7 @@ PAGE_PHRASES = (("add that flag", "turn it on"), ("add it", "turn it on"), ("rem
 class Field:
     name: str
     label: str  # what the page calls it
-    kind: str  # bool, int, float, text, path, list, or choice (one of `choices`)
+    kind: str  # bool, int, float, text, path, list, choice (one of `choices`), or subjects (a list of tables)
     default: Any
     help: str
     choices: tuple[str, ...] | None
@@ -56,8 +62,19 @@ def label_of(name: str) -> str:
     return words[0].upper() + words[1:]
 
 
+def subject_words(index: str, name: str | None) -> str:
+    """A further subject's field as the page says it: subjects[0].class_prompt -> "subject 2's class prompt" (the
+    first subject is the page's subject 1)."""
+    who = f"subject {int(index) + 2}"
+    return f"{who}'s {SUBJECT_LABELS.get(name, name.replace('_', ' ')).lower()}" if name else who
+
+
 def page_words(message: str) -> str:
-    """A schema message as the page says it: each --flag by its label, CLI verbs by the page's."""
+    """A schema message as the page says it: each --flag by its label, a subject's field by its block, CLI verbs by
+    the page's."""
+    for cli, page in CLI_HINTS:
+        message = message.replace(cli, page)
+    message = re.sub(r"subjects\[(\d+)\](?:\.([a-z_]+))?", lambda m: subject_words(m[1], m[2]), message)
     message = re.sub(r"--([a-z0-9_]+)", lambda m: f"“{label_of(m.group(1))}”", message)
     message = re.sub(r"`([a-z0-9_]+)`", lambda m: f"“{label_of(m.group(1))}”", message)
     for cli, page in PAGE_PHRASES:
@@ -74,6 +91,8 @@ def form_fields(cls: type = TrainConfig, basic: dict[str, str] | tuple[str, ...]
         choices = schema.choices_of(f)
         if choices is not None and typing.get_origin(base) is not list:
             kind = "choice"
+        elif _tables(base):  # the page's own blocks, never a comma-separated box
+            kind = "subjects"
         else:
             kind = "list" if typing.get_origin(base) is list else KINDS.get(base, "text")
         default = None if f.default is dataclasses.MISSING else f.default
@@ -83,17 +102,33 @@ def form_fields(cls: type = TrainConfig, basic: dict[str, str] | tuple[str, ...]
     return out
 
 
+def subject_fields() -> list[Field]:
+    """A further subject's boxes: its options, labelled and explained in the page's words."""
+    return [dataclasses.replace(f, label=SUBJECT_LABELS.get(f.name, f.label), help=page_words(f.help))
+            for f in form_fields(Subject, tuple(SUBJECT_LABELS))]
+
+
+def _tables(base: Any) -> bool:
+    """Whether an annotation is a list of tables (nested configs, e.g. `subjects`)."""
+    args = typing.get_args(base)
+    return typing.get_origin(base) is list and bool(args) and dataclasses.is_dataclass(args[0])
+
+
 def values_from_form(cls: type, typed: dict[str, Any]) -> dict[str, Any]:
-    """What a page sends, as schema values: an empty box means the option's default, a list is typed with commas."""
+    """What a page sends, as schema values: an empty box means the option's default, a list is typed with commas; a
+    list of tables (each subject's boxes) passes as it is, each table's empty boxes left out."""
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in typed.items():
+        base = schema.base_type(hints[name])[0] if name in hints else None
         if isinstance(value, str):
             value = value.strip()
             if value == "":
                 continue
-            if name in hints and typing.get_origin(schema.base_type(hints[name])[0]) is list:
+            if typing.get_origin(base) is list and not _tables(base):
                 value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, list) and _tables(base):
+            value = [values_from_form(typing.get_args(base)[0], v) if isinstance(v, dict) else v for v in value]
         values[name] = value
     return values
 
@@ -101,9 +136,16 @@ def values_from_form(cls: type, typed: dict[str, Any]) -> dict[str, Any]:
 def validate(typed: dict[str, Any], cls: type = TrainConfig) -> tuple[Any | None, dict[str, str]]:
     """(the config, {}) when the page's values build; else (None, each problem by field name)."""
     values = values_from_form(cls, typed)
-    found = schema.problems(cls, values)
+    found = {_entry(name, message): message for name, message in schema.problems(cls, values).items()}
     return (None, {name: page_problem(name, message) for name, message in found.items()}) if found else (
         schema.build(cls, values), {})
+
+
+def _entry(name: str, message: str) -> str:
+    """The field a problem belongs beside: a list of tables' entry's own field (`subjects[0].instance_prompt`,
+    which the schema files under `subjects`), else `name`."""
+    inner = re.match(rf"({re.escape(name)}\[\d+\](?:\.[a-z_]+)?)=", message)
+    return inner.group(1) if inner else name
 
 
 def page_problem(name: str, message: str) -> str:
@@ -112,21 +154,26 @@ def page_problem(name: str, message: str) -> str:
     allowed = re.match(rf"{re.escape(name)}=.* is not allowed: (.*)$", message, re.S)
     if allowed:
         text = allowed.group(1)
-        if text.startswith("required;"):
+        if text.startswith("required;") or text == "required in each entry":
             return "required"
         return page_words(text)
     return page_words(message)
 
 
 def command_line(values: dict[str, Any], cls: type = TrainConfig) -> str:
-    """The `dreambooth train` command that runs these values (those that differ from the defaults)."""
+    """The `dreambooth train` command that runs these values (those that differ from the defaults); a list of tables
+    (subjects) is one flag followed by each entry as JSON text of its keys that differ from their defaults."""
     hints = typing.get_type_hints(cls)
     args = ["dreambooth", "train"]
     for name, f in schema.fields(cls).items():
         if name not in values:
             continue
         value, default = values[name], None if f.default is dataclasses.MISSING else f.default
-        if isinstance(value, str) and typing.get_origin(schema.base_type(hints[name])[0]) is list:
+        base = schema.base_type(hints[name])[0]
+        if _tables(base) and isinstance(value, list | tuple) and value:
+            args += [f"--{name}", *(_table_text(typing.get_args(base)[0], v) for v in value)]
+            continue
+        if isinstance(value, str) and typing.get_origin(base) is list and not _tables(base):
             value = value.split()
         if isinstance(value, list | tuple) and isinstance(default, list | tuple):
             value, default = list(value), list(default)
@@ -140,3 +187,15 @@ def command_line(values: dict[str, Any], cls: type = TrainConfig) -> str:
         args += [f"--{name}", *(str(v) for v in value)] if isinstance(value, list | tuple) else [f"--{name}",
                                                                                                  str(value)]
     return shlex.join(args)
+
+
+def _table_text(cls: type, value: Any) -> str:
+    """One entry of a list of tables as the command line takes it: JSON of its keys that differ from the defaults."""
+    if isinstance(value, str):
+        return value
+    if dataclasses.is_dataclass(value):
+        value = schema.to_dict(value)
+    defaults = {n: None if f.default is dataclasses.MISSING else f.default for n, f in schema.fields(cls).items()}
+    kept = {k: str(v) if isinstance(v, Path) else v for k, v in dict(value).items()
+            if v is not None and v != "" and (k not in defaults or v != defaults[k])}
+    return json.dumps(kept)

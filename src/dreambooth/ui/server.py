@@ -1,42 +1,32 @@
-"""`dreambooth ui`: a local web page over the workspace (see workspace.py) — one page, a small JSON API, no
-framework. The standard library's threaded HTTP server is enough for one user on 127.0.0.1; every slow thing (a
-run, a gallery, an evaluation, an export) is a process of its own, so a request never waits on training."""
+"""`dreambooth ui`: a local web page over the workspace (see workspace.py) — one page, a small JSON API (this
+module's `App`; handler.py routes requests to it), no framework. The standard library's threaded HTTP server is enough
+for one user on 127.0.0.1; every slow thing (a run, a gallery, an evaluation, an export) is a process of its own, so a
+request never waits on training."""
 
 from __future__ import annotations
 
 import dataclasses
-import io
-import ipaddress
 import json
 import logging
-import mimetypes
-import os
 import re
-import shutil
-import socket
 import threading
 import webbrowser
-import zipfile
 from functools import partial
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, unquote, urlparse
 
 from .. import schema
 from ..bundled import BUNDLED, bundled_at
 from ..config import TrainConfig
-from ..errors import DreamBoothError
+from ..errors import ConfigError, DreamBoothError
 from ..evaluation.backends import BACKENDS
 from ..schema import between, option
 from . import form
-from .workspace import InUse, Workspace, lock_holder, slug
+from .handler import Handler, IPv6Server, is_loopback, own_names
+from .workspace import SUBJECT_PATHS, Buckets, InUse, Workspace, lock_holder, slug
 
 log = logging.getLogger("dreambooth")
-STATIC = Path(__file__).parent / "static"
-MAX_JSON = 1 << 20  # bytes in a request body: form values and prompts are small
-MAX_UPLOAD_REQUEST = 256 << 20  # an upload's photos, base64 in JSON (a third larger than the files)
 PATH_FIELDS = ("pretrained_model_name_or_path", "instance_data_dir", "class_data_dir", "output_dir",
                "pretrained_vae_model_name_or_path", "tokenizer_name", "eval_config")
 
@@ -81,7 +71,8 @@ class App:
         models = bundled_models()
         return {"workspace": str(self.ws.root), "models": models,
                 "presets": {m["path"]: presets(m["path"]) for m in models},
-                "fields": [dataclasses.asdict(f) for f in form.form_fields()]}
+                "fields": [dataclasses.asdict(f) for f in form.form_fields()],
+                "subject_fields": [dataclasses.asdict(f) for f in form.subject_fields()]}
 
     # POST /api/presets {model}: the recipe a typed model folder carries
     def model_presets(self, body: dict) -> dict[str, Any]:
@@ -92,16 +83,30 @@ class App:
         values = form.values_from_form(TrainConfig, self._values(body))
         return {"command": form.command_line(values)}
 
-    # POST /api/upload {files: [{name, data}], resolution}
+    # POST /api/upload {files: [{name, data}], resolution, model, use_aspect_ratio_buckets, aspect_ratio_buckets}
     def upload(self, body: dict) -> dict[str, Any]:
-        return self.ws.upload(body.get("files") or [], _whole(body.get("resolution") or 512, "the resolution"))
+        buckets, warning = _buckets(body)
+        found = self.ws.upload(body.get("files") or [], _whole(body.get("resolution") or 512, "the resolution"),
+                               buckets)
+        return {**found, "warnings": [*found["warnings"], *warning]}
 
-    # POST /api/identifiers {model, class_noun, top}
+    # POST /api/previews {folder, resolution, model, use_aspect_ratio_buckets, aspect_ratio_buckets}: an upload's
+    # previews again, for the page's new resolution or buckets
+    def previews(self, body: dict) -> dict[str, Any]:
+        buckets, warning = _buckets(body)
+        found = self.ws.previews(str(body.get("folder") or ""), _whole(body.get("resolution") or 512,
+                                                                       "the resolution"), buckets)
+        return {**found, "warnings": [*found["warnings"], *warning]}
+
+    # POST /api/identifiers {model, class_noun, top, taken}: `taken`, the identifiers other subjects of the run
+    # have: no suggestion shares a token piece with them
     def identifiers(self, body: dict) -> dict[str, Any]:
         from .. import identifier as ident
         from ..families import ModelSource, get_family
 
         model, noun = str(body.get("model") or "").strip(), str(body.get("class_noun") or "").strip()
+        given = body.get("taken") or []
+        taken = [str(w).strip() for w in given if str(w).strip()] if isinstance(given, list) else []
         if not model or not noun:
             raise DreamBoothError("type the class noun (and pick a base model) to get identifier suggestions")
         with self.text_lock:  # one model's text encoder at a time, kept for the next request
@@ -110,7 +115,10 @@ class App:
                 self.text_models = {model: get_family(source).load_text(source)}
             tokenizer, text_encoder = self.text_models[model]
             text_encoder.eval()
-            ranked = ident.rank(tokenizer, text_encoder, noun, top=int(body.get("top") or 8))
+            top = _whole(body.get("top") or 8, "the number of suggestions")
+            ranked = ident.rank(tokenizer, text_encoder, noun, top=256 if taken else top)  # its whole pool
+            ranked = [c for c in ranked if c.token not in taken and not any(
+                ident.shared_pieces({"text_encoder": tokenizer}, [word, c.token]) for word in taken)][:top]
             warning = ident.unknown_word(tokenizer, noun)
         return {"suggestions": [{"token": c.token, **{k: v for k, v in dataclasses.asdict(c).items()
                                                       if isinstance(v, int | float | str)}} for c in ranked],
@@ -129,12 +137,11 @@ class App:
         if not str(values.get("output_dir") or "").strip():
             values["output_dir"] = str(folder)
         if _truthy(values.get("with_prior_preservation")) and not str(values.get("class_data_dir") or "").strip():
-            model = Path(str(values.get("pretrained_model_name_or_path") or "model")).name
-            values["class_data_dir"] = str(self.ws.root / "class-images" / slug(f"{model}-{hint}", 80))
-        for name in PATH_FIELDS:  # a local path typed relative means the same in the run's process (hub ids stay)
-            text = str(values.get(name) or "").strip()
-            if text and (Path(text).expanduser().exists() or name in ("output_dir", "class_data_dir")):
-                values[name] = str(Path(text).expanduser().resolve())
+            values["class_data_dir"] = self._class_folder(values, hint)
+        for name in set(PATH_FIELDS) & set(values):  # a local path typed relative: the same in the run's process
+            values[name] = _resolved(name, values[name])
+        if isinstance(values.get("subjects"), list):
+            values["subjects"] = [self._subject(s, values) if isinstance(s, dict) else s for s in values["subjects"]]
         cfg, problems = form.validate(values)
         if problems:
             return {"problems": problems}
@@ -145,6 +152,24 @@ class App:
         out = Path(config["output_dir"])
         self.ws.start("train", config, out, run=out.name)
         return {"run": out.name}
+
+    def _class_folder(self, values: dict[str, Any], class_prompt: str) -> str:
+        """The workspace's class images folder for this model and class prompt (made by the run, kept for the next
+        run of the same class)."""
+        model = Path(str(values.get("pretrained_model_name_or_path") or "model")).name
+        return str(self.ws.root / "class-images" / slug(f"{model}-{class_prompt}", 80))
+
+    def _subject(self, subject: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+        """A further subject's boxes as the run reads them: its paths resolved as the first subject's are and, with
+        prior preservation, a class of its own given the workspace's folder for it (the first subject's class is
+        the first subject's folder)."""
+        subject = {k: v for k, v in subject.items() if not (isinstance(v, str) and not v.strip())}
+        own = str(subject.get("class_prompt") or "").strip()
+        if (_truthy(values.get("with_prior_preservation")) and own and not subject.get("class_data_dir")
+                and own != str(values.get("class_prompt") or "").strip()
+                and str(values.get("prior_target") or "class_images") == "class_images"):
+            subject["class_data_dir"] = self._class_folder(values, own)
+        return {**subject, **{name: _resolved(name, subject.get(name)) for name in SUBJECT_PATHS if name in subject}}
 
     # GET /api/runs
     def runs(self, _: dict) -> dict[str, Any]:
@@ -284,6 +309,45 @@ class App:
         return dict(bundled.sampling) if bundled is not None else {}
 
 
+def _resolved(name: str, value: Any) -> Any:
+    """A local path typed relative, absolute: it means the same in the run's process (a hub id stays)."""
+    text = str(value or "").strip()
+    if text and (Path(text).expanduser().exists() or name in ("output_dir", "class_data_dir")):
+        return str(Path(text).expanduser().resolve())
+    return value
+
+
+def _buckets(body: dict) -> tuple[Buckets | None, list[str]]:
+    """The page's aspect-ratio bucket options as previews follow them (None: centre squares), and a warning where
+    its bucket list is refused (the form says why beside the field when training starts)."""
+    text = str(body.get("aspect_ratio_buckets") or "").strip()
+    if not (_truthy(body.get("use_aspect_ratio_buckets")) or text):
+        return None, []
+    multiple = _resolution_multiple(str(body.get("model") or "").strip())
+    if not text:
+        return Buckets(multiple), []
+    from ..data.buckets import parse
+
+    try:
+        return Buckets(multiple, parse(text, multiple)), []
+    except ConfigError as e:
+        return None, [f"previews show centre squares: {form.label_of(e.field)}: {form.page_problem(e.field, str(e))}"]
+
+
+def _resolution_multiple(model: str) -> int:
+    """The multiple a bucket's sides keep for this model (Flux, SD3: 16): its family's, read from a local folder's
+    model_index.json (milliseconds); 8, most families', for a hub id (no network request for a preview) or a
+    folder that is no pipeline."""
+    from ..families import ModelSource, get_family
+
+    if not model or not Path(model).expanduser().is_dir():
+        return 8
+    try:
+        return get_family(ModelSource(str(Path(model).expanduser()))).resolution_multiple
+    except DreamBoothError:
+        return 8
+
+
 def _truthy(value: Any) -> bool:
     return value is True or str(value).lower() in ("1", "true", "yes", "on")
 
@@ -294,217 +358,6 @@ def _whole(value: Any, what: str) -> int:
         return int(str(value).strip())
     except ValueError:
         raise DreamBoothError(f"{what} must be a whole number") from None
-
-
-class RequestError(Exception):
-    """A request the server refuses before reading its body (its status and one line)."""
-
-    def __init__(self, status: HTTPStatus, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-ROUTES = {  # (method, first path part after /api/, has a name) -> App method
-    ("GET", "setup"): "setup", ("POST", "upload"): "upload", ("POST", "identifiers"): "identifiers",
-    ("POST", "validate"): "validate", ("POST", "train"): "train", ("GET", "runs"): "runs",
-    ("GET", "templates"): "templates", ("POST", "presets"): "model_presets", ("POST", "command"): "command",
-}
-NAMED = {("GET", "runs", ""): "run", ("POST", "runs", "stop"): "stop", ("POST", "runs", "resume"): "resume",
-         ("POST", "runs", "gallery"): "gallery", ("POST", "runs", "export"): "export",
-         ("POST", "runs", "evaluate"): "evaluate", ("GET", "jobs", ""): "job", ("GET", "runs", "log"): "log"}
-
-
-class Handler(BaseHTTPRequestHandler):
-    app: App
-    server_version = "dreambooth-ui"
-    timeout = 120  # seconds a silent client holds its thread (a request that never sends its body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
-        log.debug("ui: " + format, *args)
-
-    def do_GET(self) -> None:  # noqa: N802
-        self._handle("GET")
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._handle("POST")
-
-    def _handle(self, method: str) -> None:
-        url = urlparse(self.path)
-        parts = [unquote(p) for p in url.path.split("/") if p]
-        refusal = self._refusal(method)
-        if refusal:
-            return self._json({"error": refusal}, HTTPStatus.FORBIDDEN)
-        try:
-            if method == "GET" and not parts:
-                return self._file(STATIC / "index.html")
-            if method == "GET" and parts[0] == "static" and len(parts) == 2:
-                path = (STATIC / parts[1]).resolve()
-                if path.parent != STATIC.resolve() or not path.is_file():
-                    raise KeyError(url.path)
-                return self._file(path)
-            if method == "GET" and parts[0] == "files":
-                relative = "/".join(parts[1:])
-                if "download" in parse_qs(url.query, keep_blank_values=True):  # a file, or a folder zipped
-                    return self._download(self.app.ws.download(relative))
-                return self._file(self.app.ws.file(relative))
-            if not parts or parts[0] != "api" or len(parts) < 2:
-                raise KeyError(url.path)
-            body = {k: v[-1] for k, v in parse_qs(url.query).items()}
-            if method == "POST":
-                body |= self._body(parts[1:] == ["upload"])
-            if len(parts) == 2 and (method, parts[1]) in ROUTES:
-                return self._json(getattr(self.app, ROUTES[method, parts[1]])(body))
-            key = (method, parts[1], parts[3] if len(parts) == 4 else "")
-            if len(parts) in (3, 4) and key in NAMED:
-                return self._json(getattr(self.app, NAMED[key])(body, parts[2]))
-            raise KeyError(url.path)
-        except (ConnectionError, TimeoutError):
-            return  # the browser went away (a closed tab, an image load cancelled) or never sent its body
-        except RequestError as e:  # its body unread: the connection closes after the answer (HTTP/1.0)
-            self._json({"error": str(e)}, e.status)
-        except InUse as e:
-            self._json({"error": str(e)}, HTTPStatus.CONFLICT)
-        except DreamBoothError as e:
-            self._json({"error": str(e)}, HTTPStatus.BAD_REQUEST)
-        except KeyError as e:
-            self._json({"error": f"not found: {e.args[0] if e.args else url.path}"}, HTTPStatus.NOT_FOUND)
-        except (ValueError, TypeError, AttributeError) as e:
-            self._json({"error": " ".join(f"bad request: {e}".split())[:300]}, HTTPStatus.BAD_REQUEST)
-        except MemoryError:
-            self._json({"error": "the request needs more memory than the server has; send less"},
-                       HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-        except Exception as e:  # the page shows it; the server goes on
-            log.exception("ui: %s %s failed", method, url.path)
-            self._json({"error": " ".join(f"{type(e).__name__}: {e}".split())[:300]},
-                       HTTPStatus.INTERNAL_SERVER_ERROR)
-
-    def _body(self, upload: bool) -> dict[str, Any]:
-        """The request's JSON object, its size checked before a byte is read (a negative length would read till
-        the client hangs up, a huge one fills the memory)."""
-        text = (self.headers.get("Content-Length") or "0").strip()
-        if not text.isdigit():  # also "-1"
-            raise RequestError(HTTPStatus.BAD_REQUEST, "bad request: the Content-Length header is not a size")
-        length, limit = int(text), MAX_UPLOAD_REQUEST if upload else MAX_JSON
-        if length > limit:
-            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                               f"the photos are over {limit >> 20} MB together; upload fewer or smaller ones"
-                               if upload else f"the request is over {limit >> 10} KB; send less")
-        raw = self.rfile.read(length) if length else b""
-        if len(raw) < length:
-            raise ConnectionError("the client sent less than it announced")
-        try:
-            data = json.loads(raw or b"{}")
-        except RecursionError:
-            raise RequestError(HTTPStatus.BAD_REQUEST, "bad request: the JSON is nested too deeply") from None
-        except ValueError as e:  # (UnicodeDecodeError too)
-            raise RequestError(HTTPStatus.BAD_REQUEST, " ".join(f"bad request: {e}".split())[:200]) from None
-        if not isinstance(data, dict):
-            raise RequestError(HTTPStatus.BAD_REQUEST, "bad request: the body must be a JSON object")
-        return data
-
-    def _refusal(self, method: str) -> str | None:
-        """Only this page may drive the server: a request must name an address the server answers on (a
-        DNS-rebinding page names its own), and a POST must be JSON (a cross-site form cannot send it without a
-        preflight this server never answers) from this page's origin, when the browser says."""
-        allowed = self.server.allowed_hosts  # type: ignore[attr-defined]
-        if _host_port(self.headers.get("Host") or "") not in allowed:
-            return "this server answers requests to its own address only; open the address it printed"
-        if method == "POST":
-            if self.headers.get_content_type() != "application/json":  # lowercased, parameters dropped
-                return "requests must be JSON"
-            origin = self.headers.get("Origin")
-            if origin is not None and (not origin.lower().startswith("http://")
-                                       or _host_port(origin[len("http://"):]) not in allowed):
-                return "requests from other pages are refused"
-        return None
-
-    def _json(self, data: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
-        from ..events import finite
-
-        payload = json.dumps(finite(data), default=str).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def _download(self, path: Path) -> None:
-        if path.is_file():
-            return self._file(path, attachment=True)
-        self.send_response(HTTPStatus.OK)  # a folder: zipped as it streams (stored, not compressed: weights do
-        self.send_header("Content-Type", "application/zip")  # not compress), the connection's end is its end
-        self.send_header("Content-Disposition", _attachment(f"{path.name}.zip"))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        with zipfile.ZipFile(_Unseekable(self.wfile), "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for file in sorted(p for p in path.rglob("*") if p.is_file() and self.app.ws.inside(p)):
-                archive.write(file, f"{path.name}/{file.relative_to(path).as_posix()}")
-        self.close_connection = True
-
-    def _file(self, path: Path, attachment: bool = False) -> None:
-        with open(path, "rb") as f:
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", mimetypes.guess_type(path.name)[0] or "application/octet-stream")
-            self.send_header("Content-Length", str(os.fstat(f.fileno()).st_size))
-            if attachment:
-                self.send_header("Content-Disposition", _attachment(path.name))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            shutil.copyfileobj(f, self.wfile)  # streamed: a run's weights are not read into memory
-
-
-def _attachment(name: str) -> str:
-    return f"attachment; filename*=UTF-8''{quote(name)}"
-
-
-def _host_port(text: str) -> tuple[str, int | None] | None:
-    """A Host header (or an origin's authority) as (host, port): lowercased, IPv6 without brackets, no port: 80."""
-    text = text.strip().lower().rstrip("/")
-    try:
-        parsed = urlparse(f"//{text}")
-        host, port = parsed.hostname, parsed.port
-    except ValueError:
-        return None
-    if not host or parsed.path or parsed.username is not None:
-        return None
-    return _normal(host), 80 if port is None else port
-
-
-def _normal(host: str) -> str:
-    """One spelling per address (::0001 and ::1 are one); names lowercased."""
-    try:
-        return str(ipaddress.ip_address(host.strip("[]")))
-    except ValueError:
-        return host.lower().rstrip(".")
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return host.lower() == "localhost"
-
-
-def own_names(bound: str) -> set[str]:
-    """The names a request may give this server's host as. Loopback names always; on any other bind also the
-    machine's own names and addresses (what a user on the network types), never a name someone else's DNS
-    chose: a DNS-rebinding page still names its own domain and is refused."""
-    names = {"localhost", "127.0.0.1", "::1", _normal(bound)}
-    if _is_loopback(bound):
-        return names
-    machine = {socket.gethostname(), socket.getfqdn()}
-    names |= {_normal(n) for n in machine if n}
-    for name in machine:
-        try:
-            names |= {_normal(str(info[4][0]).split("%")[0]) for info in socket.getaddrinfo(name, None)}
-        except OSError:  # a name that does not resolve: its addresses are not known
-            continue
-    return names
-
-
-class IPv6Server(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
 
 
 def make_server(cfg: UIConfig) -> ThreadingHTTPServer:
@@ -521,7 +374,7 @@ def make_server(cfg: UIConfig) -> ThreadingHTTPServer:
 def serve(config: UIConfig | dict | None = None, **overrides: Any) -> None:
     cfg = config if isinstance(config, UIConfig) and not overrides else schema.build(
         UIConfig, {**schema.values_of(config, UIConfig), **overrides})
-    loopback = _is_loopback(cfg.host)
+    loopback = is_loopback(cfg.host)
     server = make_server(cfg)
     host, port = server.server_address[:2]
     url = f"http://{host if ':' not in str(host) else f'[{host}]'}:{port}/"
@@ -535,21 +388,3 @@ def serve(config: UIConfig | dict | None = None, **overrides: Any) -> None:
         server.serve_forever()
     finally:
         server.server_close()
-
-
-class _Unseekable(io.RawIOBase):
-    """A socket stream for zipfile: written in order, never sought (zipfile then writes data descriptors)."""
-
-    def __init__(self, stream: Any):
-        self.stream, self.written = stream, 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        self.stream.write(data)
-        self.written += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.written

@@ -5,7 +5,7 @@ could type, the schema checks every value the same way, and a crash of a run lea
 standing. Layout, all under the workspace root:
 
     uploads/<id>/           photos as uploaded (a run's instance_data_dir; nothing else writes there)
-    uploads/<id>.preview/   each photo as the trainer crops it at the chosen resolution
+    uploads/<id>.preview/   each photo as the trainer crops it at the chosen resolution (or its aspect-ratio bucket)
     class-images/<slug>/    class images, shared by the runs that use the same class prompt (a cache)
     runs/<name>/            a training run's output folder (events.jsonl is its progress)
     jobs/<id>.json|.log     each job's config and its console output
@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from ..data import scan_folder
+from ..data.buckets import Size, bucket_for
 from ..data.dataset import resize_crop
 from ..data.images import IMAGE_SUFFIXES, open_rgb
 from ..errors import STOPPED_EXIT, DataError, DreamBoothError
@@ -52,6 +51,7 @@ WORDS = {"output_dir": "output folder", "class_data_dir": "class images folder",
 # read or written by a run: all of them stay inside the workspace (a model may be any local folder or a hub id)
 INSIDE = ("output_dir", "logging_dir", "class_data_dir", "instance_data_dir", "eval_config", "resume_from_checkpoint")
 MODELS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "tokenizer_name")
+SUBJECT_PATHS = ("instance_data_dir", "class_data_dir")  # each further subject's (TrainConfig.subjects)
 PROGRESS_BAR = re.compile(r"\d+%\||\bit/s\b|\bs/it\b")
 TRACEBACK_END = re.compile(r"^[\w.]*(Error|Exception|Interrupt|Exit)\b")  # "ValueError: ..."
 
@@ -65,6 +65,27 @@ def plain(message: str) -> str:
     message = message.replace("--resume_from_checkpoint latest", "Resume")  # the page's button does that
     text = re.sub(r"--(\w+)", lambda m: f"the {WORDS.get(m[1], m[1].replace('_', ' '))}", message)
     return " ".join(text.split())[:500]
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """How training sizes photos in aspect-ratio buckets: each side a multiple of the model's `multiple`; the
+    user's bucket list, or None: the ladder for the resolution (data/buckets.py)."""
+
+    multiple: int
+    explicit: list[Size] | None = None
+
+
+def _check_resolution(resolution: int) -> None:
+    low, high = RESOLUTIONS
+    if not low <= resolution <= high:
+        raise DataError(f"the resolution must be from {low} to {high} pixels")
+
+
+def _whose(name: str) -> str:
+    """A path setting as a message's subject: "the photos folder", "subject 2's photos folder"."""
+    inner = re.fullmatch(r"subjects\[(\d+)\]\.(\w+)", name)
+    return f"subject {int(inner[1]) + 2}'s {WORDS[inner[2]]}" if inner else f"the {WORDS[name]}"
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -113,29 +134,37 @@ class Workspace:
         return path.resolve().is_relative_to(self.root)
 
     # -- photos -------------------------------------------------------------------------------------------------
-    def upload(self, files: list[dict[str, str]], resolution: int) -> dict[str, Any]:
+    def upload(self, files: list[dict[str, str]], resolution: int, buckets: Buckets | None = None) -> dict[str, Any]:
         """Save uploaded photos (name, base64 data) into a new folder; check them as training will and render each
         as the trainer sees it at `resolution` (short side resized, the centre square; --center_crop off takes
-        random squares around it). Returns the folder, per-photo previews and warnings; an unusable photo fails
-        the upload in one line, as it would fail the run, and leaves nothing on disk."""
+        random squares around it), or, with `buckets`, centre-cropped to its aspect-ratio bucket. Returns the
+        folder, per-photo previews and warnings; an unusable photo fails the upload in one line, as it would fail
+        the run, and leaves nothing on disk."""
         if not files:
             raise DataError("no photos were uploaded; choose 3-5 photos of the subject")
-        low, high = RESOLUTIONS
-        if not low <= resolution <= high:
-            raise DataError(f"the resolution must be from {low} to {high} pixels")
+        _check_resolution(resolution)
         with self.lock:
             folder = self._new(self.root / "uploads", time.strftime("%Y%m%d-%H%M%S"))
         preview = folder.with_name(folder.name + ".preview")
         try:
             preview.mkdir()
-            return self._save_photos(files, resolution, folder, preview)
+            self._save_photos(files, folder)
+            return self._render(folder, preview, resolution, buckets)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             shutil.rmtree(preview, ignore_errors=True)
             raise
 
-    def _save_photos(self, files: list[dict[str, str]], resolution: int, folder: Path,
-                     preview: Path) -> dict[str, Any]:
+    def previews(self, folder: str, resolution: int, buckets: Buckets | None = None) -> dict[str, Any]:
+        """An upload's previews rendered again (the page's resolution or buckets changed): what `upload` returns."""
+        _check_resolution(resolution)
+        path = Path(folder).resolve()
+        preview = path.with_name(path.name + ".preview")
+        if path.parent != self.root / "uploads" or path.name.endswith(".preview") or not preview.is_dir():
+            raise DataError("that is not a folder of photos uploaded on this page; upload them again")
+        return self._render(path, preview, resolution, buckets)
+
+    def _save_photos(self, files: list[dict[str, str]], folder: Path) -> None:
         names: set[str] = set()
         for item in files:
             if not isinstance(item, dict):
@@ -154,21 +183,30 @@ class Workspace:
             if len(data) > MAX_UPLOAD:
                 raise DataError(f"{name}: larger than {MAX_UPLOAD >> 20} MB; upload a smaller photo")
             (folder / name).write_bytes(data)
+
+    def _render(self, folder: Path, preview: Path, resolution: int, buckets: Buckets | None) -> dict[str, Any]:
+        """Check an upload's photos as training will and render each as the trainer crops it (see `upload`)."""
         found = scan_folder(folder, "instance", resolution)  # the CLI's checks: unreadable files fail together
         photos = []
-        for path in found.images:
-            view, _, _ = resize_crop(open_rgb(path), resolution, True, False, None)  # (random crops: around it)
+        version = time.time_ns()  # a preview drawn again is a new URL: the browser shows it, not its old copy
+        for path, (width, height) in zip(found.images, found.sizes):  # upright, as training reads them
+            size = resolution if buckets is None else bucket_for(width, height, resolution, buckets.multiple,
+                                                                 buckets.explicit)
+            view, _, _ = resize_crop(open_rgb(path), size, True, False, None)  # (random crops: around it)
             view.save(preview / f"{path.name}.png")
-            with Image.open(path) as img:
-                size = img.size
-            photos.append({"name": path.name, "size": list(size), "small": path in found.small,
-                           "preview": self.url(preview / f"{path.name}.png")})
+            photo = {"name": path.name, "size": [width, height], "small": path in found.small,
+                     "preview": f"{self.url(preview / f'{path.name}.png')}?v={version}"}
+            if buckets is not None:
+                photo["bucket"] = [view.width, view.height]
+            photos.append(photo)
         warnings = []
         if found.skipped:
             warnings.append(f"not images, skipped: {', '.join(p.name for p in found.skipped)}")
-        if found.small:
-            warnings.append(f"{len(found.small)} photo(s) smaller than {resolution} px are upscaled (softer "
-                            f"results): {', '.join(p.name for p in found.small)}")
+        if found.small:  # computed buckets stop at a photo's own size; a square or a listed bucket upscales it
+            what = ("train in a smaller bucket (fewer pixels)" if buckets is not None and not buckets.explicit
+                    else "are upscaled (softer results)")
+            warnings.append(f"{len(found.small)} photo(s) smaller than {resolution} px {what}: "
+                            f"{', '.join(p.name for p in found.small)}")
         if not 3 <= len(found.images) <= 5:
             warnings.append(f"{len(found.images)} photo(s); DreamBooth works best with 3-5 of the subject")
         return {"folder": str(folder), "photos": photos, "warnings": warnings,
@@ -330,14 +368,19 @@ class Workspace:
             found["output_dir"] = ("the output folder must be a new folder under the workspace's runs/; leave it "
                                    "empty for one")
         paths = {name: self._path_of(name, str(values.get(name) or "").strip(), out) for name in INSIDE}
+        for i, subject in enumerate(values.get("subjects") or []):  # further subjects: their photos and classes
+            for name in SUBJECT_PATHS:
+                text = str(subject.get(name) or "").strip() if isinstance(subject, dict) else ""
+                paths[f"subjects[{i}].{name}"] = self._path_of(name, text, out)
         for name, path in paths.items():
             if path is not None and not path.is_relative_to(self.root) and name not in found:
-                found[name] = f"the {WORDS[name]} must be inside the workspace ({self.root})"
-        classes = paths["class_data_dir"]
-        if classes is not None and "class_data_dir" not in found:
-            problem = self._class_folder_problem(classes, paths["instance_data_dir"], values)
-            if problem:
-                found["class_data_dir"] = problem
+                found[name] = f"{_whose(name)} must be inside the workspace ({self.root})"
+        photos = [p for n, p in paths.items() if n.endswith("instance_data_dir") and p is not None]
+        for name, classes in paths.items():
+            if name.endswith("class_data_dir") and classes is not None and name not in found:
+                problem = self._class_folder_problem(classes, photos, values)
+                if problem:
+                    found[name] = problem
         return found
 
     def _path_of(self, name: str, text: str, out: Path) -> Path | None:
@@ -350,12 +393,12 @@ class Workspace:
             path = out / path
         return path.resolve()
 
-    def _class_folder_problem(self, classes: Path, photos: Path | None, values: dict[str, Any]) -> str | None:
+    def _class_folder_problem(self, classes: Path, photos: list[Path], values: dict[str, Any]) -> str | None:
         def overlaps(other: Path) -> bool:
             return classes.is_relative_to(other) or other.is_relative_to(classes)
 
         hint = "leave it empty for one under class-images/"
-        if (photos is not None and overlaps(photos)) or overlaps(self.root / "uploads"):
+        if any(overlaps(p) for p in photos) or overlaps(self.root / "uploads"):
             return f"the class images folder cannot be, hold or be inside the uploaded photos; {hint}"
         models = [Path(expand_path(m, str(values[m]))).resolve() for m in MODELS
                   if values.get(m) and Path(expand_path(m, str(values[m]))).exists()]

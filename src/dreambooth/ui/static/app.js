@@ -56,6 +56,7 @@ function buildForm(fields) {
   const basic = $("basic"), advanced = $("advanced-fields");
   let group = null;
   for (const f of fields) {
+    if (f.kind === "subjects") continue;  // the "Other subjects" blocks of section 3
     const target = f.advanced ? advanced : basic;
     if (f.advanced && f.group !== group) {
       group = f.group;
@@ -92,7 +93,7 @@ function setField(name, value) {
 }
 
 function formValues() {
-  setField("use_lora", mode() === "lora");
+  setField("use_lora", mode() !== "full");
   const values = {};
   for (const input of document.querySelectorAll("#basic [name], #advanced-fields [name]")) {
     if (input.type === "checkbox") {
@@ -100,10 +101,19 @@ function formValues() {
       if (input.checked !== !!f.default) values[input.name] = input.checked;
     } else if (input.value.trim() !== "") values[input.name] = input.value;
   }
+  const subjects = subjectBlocks().map(subjectValues);  // every block, empty ones too: errors name its place
+  if (subjects.length) values.subjects = subjects;
   return values;
 }
 
+// the method choice: LoRA, full fine-tune, or a LyCORIS adapter (LoRA's preset, its own `adapter`)
+const METHODS = { lora: "LoRA", full: "full fine-tune", lokr: "LoKr", loha: "LoHa" };
 function mode() { return document.querySelector("input[name=mode]:checked").value; }
+function presetKey() { return mode() === "full" ? "full" : "lora"; }
+function pickMode(value) {
+  document.querySelector(`input[name=mode][value=${value}]`).checked = true;
+  setField("adapter", value === "lokr" || value === "loha" ? value : "lora");
+}
 
 function showProblems(problems) {
   for (const node of document.querySelectorAll(".fields .error")) node.textContent = "";
@@ -129,23 +139,26 @@ async function applyPresets(modelChanged = false) {
     if (f) setField(k, f.kind === "bool" ? f.default : "");
   }
   setField("pretrained_model_name_or_path", model);
-  setField("use_lora", mode() === "lora");
+  setField("use_lora", mode() !== "full");
   let presets = state.setup.presets[model];
   if (presets === undefined && model) {  // a typed model folder may carry its own measured recipe
     presets = (await api("POST", "/api/presets", { model }).catch(() => ({ presets: {} }))).presets;
     state.setup.presets[model] = presets;
   }
   if (modelChanged && presets && presets.method) {  // the method measured to work best on this model
-    document.querySelector(`input[name=mode][value=${presets.method}]`).checked = true;
-    setField("use_lora", mode() === "lora");
+    pickMode(presets.method);
+    setField("use_lora", mode() !== "full");
   }
-  state.preset = (presets || {})[mode()] || {};
+  const key = presetKey();
+  state.preset = (presets || {})[key] || {};
   for (const [k, v] of Object.entries(state.preset)) setField(k, v);
-  const named = mode() === "lora" ? "LoRA" : "full fine-tune";
-  $("preset-note").textContent = !Object.keys(state.preset).length ? ""
-    : presets.method && presets.method !== mode() ? `pre-filled with this model's ${named} recipe (measured weaker `
-      + `than its ${presets.method === "lora" ? "LoRA" : "full fine-tune"} one)`
+  const named = METHODS[key];
+  const note = !Object.keys(state.preset).length ? ""
+    : presets.method && presets.method !== key ? `pre-filled with this model's ${named} recipe (measured weaker `
+      + `than its ${METHODS[presets.method]} one)`
       : `pre-filled with this model's measured ${named} recipe`;
+  $("preset-note").textContent = note && key !== mode() ? `${note}, as ${METHODS[mode()]} takes it` : note;
+  refreshPreviews();  // the recipe's resolution, the model's bucket sides
 }
 
 // ---- photos --------------------------------------------------------------------------------------------------
@@ -158,22 +171,58 @@ function readFile(file) {
   });
 }
 
-async function upload(chosen) {
-  $("photo-error").textContent = "";
-  $("photo-warnings").replaceChildren();
-  $("photo-previews").replaceChildren();
+// a subject's photo box: the first subject's (section 2) or a further subject's block
+function firstPhotos() {
+  return { files: $("photos"), error: $("photo-error"), warnings: $("photo-warnings"), previews: $("photo-previews"),
+           folder: $("f-instance_data_dir") };
+}
+
+// what the previews follow: the resolution, and the aspect-ratio buckets (their sides: the model's multiple)
+function previewOptions() {
+  const use = $("f-use_aspect_ratio_buckets"), list = $("f-aspect_ratio_buckets");
+  return { resolution: Number($("f-resolution").value || $("f-resolution").placeholder) || 512, model: currentModel(),
+           use_aspect_ratio_buckets: !!(use && use.checked), aspect_ratio_buckets: list ? list.value.trim() : "" };
+}
+
+function showPhotos(box, res) {
+  box.previews.dataset.folder = res.folder;
+  box.warnings.replaceChildren(...res.warnings.map((w) => el("li", { text: w })));
+  box.previews.replaceChildren(...res.photos.map((p) => el("figure", {},
+    el("img", { src: p.preview, class: p.small ? "small" : null, alt: p.name }),
+    el("figcaption", { text: `${p.name} ${p.size[0]}×${p.size[1]}`
+                             + (p.bucket ? ` · bucket ${p.bucket[0]}×${p.bucket[1]}` : "") }))));
+}
+
+async function upload(chosen, box = firstPhotos()) {
+  box.error.textContent = "";
+  box.warnings.replaceChildren();
+  box.previews.replaceChildren();
+  delete box.previews.dataset.folder;
   try {
-    const files = await Promise.all([...(chosen || $("photos").files)].map(readFile));
-    const resolution = $("f-resolution").value || $("f-resolution").placeholder;
-    const res = await api("POST", "/api/upload", { files, resolution: Number(resolution) || 512 });
-    setField("instance_data_dir", res.folder);
-    for (const w of res.warnings) $("photo-warnings").append(el("li", { text: w }));
-    for (const p of res.photos) {
-      $("photo-previews").append(el("figure", {}, el("img", { src: p.preview, class: p.small ? "small" : null,
-                                                             alt: p.name }),
-                                    el("figcaption", { text: `${p.name} ${p.size[0]}×${p.size[1]}` })));
-    }
-  } catch (e) { $("photo-error").textContent = e.message; }
+    const files = await Promise.all([...(chosen || box.files.files)].map(readFile));
+    const res = await api("POST", "/api/upload", { files, ...previewOptions() });
+    box.folder.value = res.folder;
+    box.folder.dispatchEvent(new Event("change"));  // its error, if any, goes
+    showPhotos(box, res);
+  } catch (e) { box.error.textContent = e.message; }
+}
+
+async function refreshPreviews() {  // each upload still in its folder box, drawn again as training will see it
+  for (const box of [firstPhotos(), ...subjectBlocks().map((b) => b.photos)]) {
+    const folder = box.previews.dataset.folder;
+    if (!folder || !box.folder || box.folder.value.trim() !== folder) continue;
+    try {
+      showPhotos(box, await api("POST", "/api/previews", { folder, ...previewOptions() }));
+      box.error.textContent = "";
+    } catch (e) { box.error.textContent = e.message; }
+  }
+}
+
+function dropPhotos(drop, box) {  // photos dropped anywhere on the box
+  drop.ondragover = (e) => { e.preventDefault(); drop.classList.add("over"); };
+  drop.ondragleave = () => drop.classList.remove("over");
+  drop.ondrop = (e) => { e.preventDefault(); drop.classList.remove("over"); upload(e.dataTransfer.files, box); };
+  box.files.onchange = () => upload(undefined, box);
 }
 
 // ---- identifiers ---------------------------------------------------------------------------------------------
@@ -182,7 +231,8 @@ async function suggest() {
   $("suggestions").replaceChildren(el("span", { class: "muted", text: "ranking rare tokens…" }));
   try {
     const noun = $("class-noun").value.trim();
-    const res = await api("POST", "/api/identifiers", { model: currentModel(), class_noun: noun });
+    const res = await api("POST", "/api/identifiers", { model: currentModel(), class_noun: noun,
+                                                        taken: takenIdentifiers($("f-identifier")) });
     $("suggestions").replaceChildren();
     if (res.warning) $("suggest-error").textContent = res.warning;
     for (const s of res.suggestions) {
@@ -203,7 +253,113 @@ function useIdentifier(token, noun) {
   setField("validation_prompt", `a ${token} ${noun}`);
   for (const name of ["identifier", "instance_prompt", "class_prompt", "with_prior_preservation"])
     $(`e-${name}`).textContent = "";
-  for (const b of document.querySelectorAll(".suggestion")) b.classList.toggle("primary", b.textContent === token);
+  for (const b of $("suggestions").querySelectorAll(".suggestion")) {
+    b.classList.toggle("primary", b.textContent === token);
+  }
+}
+
+function takenIdentifiers(except) {  // the identifiers the run's other subjects have: suggestions share no piece
+  const boxes = [$("f-identifier"), ...subjectBlocks().map((b) => subjectInput(b, "identifier"))];
+  return boxes.filter((box) => box && box !== except).map((box) => box.value.trim()).filter(Boolean);
+}
+
+// ---- further subjects ----------------------------------------------------------------------------------------
+// each block: its photos, a class noun with suggestions, and its boxes (GET /api/setup's subject_fields); its
+// boxes and error spans carry ids `f-subjects[i].name` / `e-subjects[i].name`, so problems land beside them
+function subjectBlocks() { return [...document.querySelectorAll("#subjects .subject")]; }
+function subjectInput(block, name) { return block.querySelector(`input[data-key="${name}"]`); }
+
+function subjectValues(block) {
+  const values = {};
+  for (const input of block.querySelectorAll("input[data-key]")) {
+    if (input.value.trim() !== "") values[input.dataset.key] = input.value.trim();
+  }
+  return values;
+}
+
+function numberSubjects() {
+  subjectBlocks().forEach((block, i) => {
+    block.querySelector("legend").textContent = `Subject ${i + 2}`;
+    for (const input of block.querySelectorAll("input[data-key]")) {
+      input.id = `f-subjects[${i}].${input.dataset.key}`;
+      input.closest(".field").querySelector("label").htmlFor = input.id;
+    }
+    for (const span of block.querySelectorAll("span.error[data-key]")) {
+      const id = `e-subjects[${i}].${span.dataset.key}`;
+      if (span.id && span.id !== id) span.textContent = "";  // a problem named its old place
+      span.id = id;
+    }
+  });
+}
+
+function addSubject(values = {}) {
+  const block = el("fieldset", { class: "subject" }, el("legend"));
+  const files = el("input", { type: "file", multiple: "", accept: "image/*" });
+  const drop = el("div", { class: "drop" }, el("p", { class: "muted", text: "Drop 3–5 photos of this subject here, "
+                                                                           + "or choose them." }), files);
+  const noun = el("input", { placeholder: "cat, teapot, square" });
+  const suggestButton = el("button", { type: "button", text: "Suggest identifiers" });
+  const suggestError = el("div", { class: "error" }), chips = el("div", { class: "chips" });
+  const fields = el("div", { class: "fields" });
+  for (const f of state.setup.subject_fields) {
+    const input = el("input", { type: f.kind === "int" ? "number" : "text", "data-key": f.name,
+                                placeholder: f.required ? "required" : SUBJECT_PLACEHOLDERS[f.name] || "" });
+    input.value = values[f.name] === null || values[f.name] === undefined ? "" : String(values[f.name]);
+    const error = el("span", { class: "error", "data-key": f.name });
+    input.addEventListener("input", () => { error.textContent = ""; });
+    input.addEventListener("change", () => { error.textContent = ""; });
+    fields.append(el("div", { class: "field" }, el("label", { text: f.label }),
+                     el("div", {}, input, el("span", { class: "help", text: f.help }), error)));
+  }
+  const remove = el("button", { type: "button", text: "Remove this subject" });
+  block.photos = { files, error: el("div", { class: "error" }), warnings: el("ul", { class: "warnings" }),
+                   previews: el("div", { class: "thumbs" }), folder: null };
+  block.append(drop, block.photos.error, block.photos.warnings, block.photos.previews,
+               el("div", { class: "row" }, el("label", {}, "Class noun ", noun), suggestButton), suggestError, chips,
+               fields, el("div", { class: "row" }, remove));
+  block.photos.folder = subjectInput(block, "instance_data_dir");
+  dropPhotos(drop, block.photos);
+  const ask = () => suggestFor(block, noun.value.trim(), chips, suggestError);
+  suggestButton.onclick = ask;
+  noun.onkeydown = (e) => { if (e.key === "Enter") ask(); };
+  remove.onclick = () => { block.remove(); numberSubjects(); };
+  $("subjects").append(block);
+  numberSubjects();
+  return block;
+}
+
+// what an empty box of a further subject means
+const SUBJECT_PLACEHOLDERS = {
+  identifier: "empty: the word its prompt has and its class prompt lacks",
+  class_prompt: "empty: the first subject's class prompt",
+  class_data_dir: "empty: the first subject's (same class) or the workspace's folder for its class",
+  repeats: "empty: the run's repeats",
+};
+
+async function suggestFor(block, noun, chips, error) {
+  error.textContent = "";
+  chips.replaceChildren(el("span", { class: "muted", text: "ranking rare tokens…" }));
+  try {
+    const res = await api("POST", "/api/identifiers", { model: currentModel(), class_noun: noun,
+                                                        taken: takenIdentifiers(subjectInput(block, "identifier")) });
+    chips.replaceChildren();
+    if (res.warning) error.textContent = res.warning;
+    for (const s of res.suggestions) {
+      const b = el("button", { type: "button", class: "suggestion", text: s.token,
+                               title: s.shift === undefined ? "" : `prior shift ${Number(s.shift).toFixed(4)}` });
+      b.onclick = () => {
+        const fill = { identifier: s.token, instance_prompt: `a ${s.token} ${noun}`, class_prompt: `a ${noun}` };
+        for (const [name, value] of Object.entries(fill)) {
+          subjectInput(block, name).value = value;
+          subjectInput(block, name).dispatchEvent(new Event("change"));
+        }
+        setField("with_prior_preservation", true);  // a class prompt is prior preservation's
+        $("e-with_prior_preservation").textContent = "";
+        for (const c of chips.children) c.classList.toggle("primary", c === b);
+      };
+      chips.append(b);
+    }
+  } catch (e) { chips.replaceChildren(); error.textContent = e.message; }
 }
 
 // ---- training ------------------------------------------------------------------------------------------------
@@ -359,9 +515,15 @@ function saveSettings() {
 function loadValues(values) {
   for (const f of state.setup.fields) {
     if (!(f.name in values)) setField(f.name, f.kind === "bool" ? f.default : "");
-    else setField(f.name, Array.isArray(values[f.name]) ? values[f.name].join(", ") : values[f.name]);
+    else if (f.kind !== "subjects") {
+      setField(f.name, Array.isArray(values[f.name]) ? values[f.name].join(", ") : values[f.name]);
+    }
   }
-  document.querySelector(`input[name=mode][value=${values.use_lora ? "lora" : "full"}]`).checked = true;
+  $("subjects").replaceChildren();
+  for (const s of Array.isArray(values.subjects) ? values.subjects : []) if (s && typeof s === "object") addSubject(s);
+  const adapter = ["lokr", "loha"].includes(values.adapter) ? values.adapter : null;
+  pickMode(adapter || (values.use_lora ? "lora" : "full"));
+  if (values.adapter) setField("adapter", values.adapter);
   showProblems({});
 }
 
@@ -520,7 +682,20 @@ async function init() {
   await applyPresets(true);
   $("model-choice").onchange = () => { $("model-path").value = ""; applyPresets(true); };
   $("model-path").onchange = () => applyPresets(true);
-  for (const r of document.querySelectorAll("input[name=mode]")) r.onchange = () => applyPresets();
+  for (const r of document.querySelectorAll("input[name=mode]")) {
+    r.onchange = () => { pickMode(r.value); applyPresets(); };  // LoRA and full fine-tune: adapter back to lora
+  }
+  if ($("f-adapter")) {
+    $("f-adapter").addEventListener("change", () => {  // the advanced adapter and the method choice agree
+      const adapter = $("f-adapter").value;
+      const want = adapter === "lokr" || adapter === "loha" ? adapter : mode() === "full" ? "full" : "lora";
+      if (want !== mode()) { pickMode(want); applyPresets(); }
+    });
+  }
+  for (const name of ["resolution", "use_aspect_ratio_buckets", "aspect_ratio_buckets"]) {
+    if ($(`f-${name}`)) $(`f-${name}`).addEventListener("change", () => refreshPreviews());
+  }
+  $("add-subject").onclick = () => addSubject().scrollIntoView({ block: "nearest" });
   $("advanced-search").oninput = searchAdvanced;
   $("show-command").onclick = () => showCommand(formValues(), $("command"));
   $("save-settings").onclick = saveSettings;
@@ -529,11 +704,7 @@ async function init() {
   $("reuse").onclick = () => { if (state.config) { loadValues({ ...state.config, output_dir: null });
     $("run").hidden = true; $("setup").scrollIntoView(); } };
   $("log-pane").ontoggle = () => { if ($("log-pane").open && state.run) readLog(state.viewing).catch(() => {}); };
-  $("photos").onchange = () => upload();
-  const drop = $("photo-drop");  // photos dropped anywhere on the box
-  drop.ondragover = (e) => { e.preventDefault(); drop.classList.add("over"); };
-  drop.ondragleave = () => drop.classList.remove("over");
-  drop.ondrop = (e) => { e.preventDefault(); drop.classList.remove("over"); upload(e.dataTransfer.files); };
+  dropPhotos($("photo-drop"), firstPhotos());
   $("suggest").onclick = suggest;
   $("class-noun").onkeydown = (e) => { if (e.key === "Enter") suggest(); };
   $("start").onclick = start;

@@ -35,6 +35,7 @@ def test_t_interval_matches_students_t():
     ({"mean": -0.1, "low": -0.3, "high": 0.1}, "opposite direction, not significant"),
     ({"mean": -0.3, "low": -0.5, "high": -0.1}, "opposite direction: does not reproduce"),
     ({"mean": 0.2, "low": float("nan"), "high": float("nan")}, "same direction (one unit: no interval)"),
+    ({"mean": 0.0, "low": 0.0, "high": 0.0}, "no difference: every unit measured 0"),
     ({"mean": float("nan"), "low": float("nan"), "high": float("nan")}, "not measured (re-run the runs that lack "
      "this metric)"),
 ])

@@ -126,3 +126,12 @@ def test_two_subjects_train_resume_exactly_and_render_in_diffusers(base_args, tm
                "--subjects", json.dumps({**cat, "instance_prompt": "a photo of qlp kitten", "identifier": "qlp"})])
     assert rc != 0
     assert "another run (subjects:" in capsys.readouterr().err
+
+
+def test_a_run_never_writes_into_a_further_subjects_photos(base_args, tmp_path, capsys):
+    cats = make_images(tmp_path / "cat", n=2, seed=1)
+    cat = {"instance_data_dir": str(cats), "instance_prompt": "a photo of qlp dog"}
+    rc = main(["train", *to_argv(base_args(output_dir=str(cats / "out"))), "--subjects", json.dumps(cat)])
+    err = capsys.readouterr().err
+    assert rc != 0 and "subjects[0].instance_data_dir" in err and len(err.strip().splitlines()) == 1, err
+    assert not (cats / "out").exists()

@@ -39,6 +39,8 @@ def verdict(diff: dict[str, float], paper: bool = True) -> str:
     mean, low, high = diff["mean"], diff["low"], diff["high"]
     if math.isnan(mean):  # runs made before the metric existed: their result.json lacks it
         return "not measured (re-run the runs that lack this metric)"
+    if mean == low == high == 0:  # every unit measured the same on both sides (e.g. a bleed that never shows)
+        return "no difference: every unit measured 0"
     if math.isnan(low):
         return "same direction (one unit: no interval)" if mean > 0 else "opposite direction (one unit: no interval)"
     if low > 0:
@@ -134,6 +136,8 @@ def markdown(summary: dict[str, Any], plot: str | None) -> str:
         f"{summary['runs']} training runs of "
         + (f"{s['steps_per_image']} steps per instance image" if s.get("steps_per_image")
            else f"{s['max_train_steps']} steps")
+        + (" per subject" if any("-with-" in v["run"] for st in summary["studies"].values()
+                                 for v in st["variants"].values()) else "")
         + f" (learning rate {s['learning_rate']}, batch "
         f"{s['train_batch_size']}, text encoder {'trained' if s['train_text_encoder'] else 'frozen'}, λ = "
         f"{s['prior_loss_weight']}, {s['num_class_images']} class images), each scored on 7 prompts × "
@@ -197,7 +201,10 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
         log.warning("no plot: matplotlib is not installed (pip install 'dreambooth[reproduce]')")
         return False
     studies = summary["studies"]
-    fig, axes = plt.subplots(1, len(studies), figsize=(5.6 * len(studies), 5.4), squeeze=False)
+    # a panel of many metrics is wider, its metric names slanted (the paper's studies have at most four)
+    widths = [max(5.6, 1.45 * len(st["metrics"])) for st in studies.values()]
+    fig, axes = plt.subplots(1, len(studies), figsize=(sum(widths), 5.4 if max(widths) == 5.6 else 6.4), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
     for ax, st in zip(axes[0], studies.values()):
         variants = list(st["variants"].values())
         metrics = st["metrics"]
@@ -216,15 +223,17 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
                     ax.scatter([x[j]], [v["paper"][m]], marker="x", s=60, color="red", zorder=4,
                                label=None if labelled else "paper")
                     labelled = True
-        ax.set_xticks(np.arange(len(metrics)), [NAMES[m] for m in metrics])
+        slanted = {"rotation": 20, "ha": "right"} if len(metrics) > 4 else {}
+        ax.set_xticks(np.arange(len(metrics)), [NAMES[m] for m in metrics], **slanted)
         ax.set_ylim(0, 1.05)
         ax.set_title(textwrap.fill(st["title"], 60), fontsize=10)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2, frameon=False)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.36 if slanted else -0.09), ncol=2,
+                  frameon=False)
     crosses = any(v["paper"] for st in studies.values() for v in st["variants"].values())
     fig.suptitle("Toy world: mean, 95% interval over (subject, seed) units;\ndots = units"
                  + (", x = paper" if crosses else ""), fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, format="png", metadata={"Software": SOFTWARE})
+    fig.savefig(path, dpi=110, format="png", metadata={"Software": SOFTWARE}, bbox_inches="tight")
     plt.close(fig)
     return True
 

@@ -182,7 +182,9 @@ def test_quick_run_reproduces_the_prior_preservation_direction(tmp_path):
     assert (out / "ablations.png").stat().st_size > 10_000
     for run in ("ppl-correct-5img", "no_ppl-correct-5img"):
         result = json.loads((out / "runs" / run / "circle-seed0" / "result.json").read_text())
-        assert set(result["metrics"]) == {"subject", "prompt", "pres", "div", "leak"}
+        # (and the judges of the subjects it was not: the subjects study's bleed)
+        assert set(result["metrics"]) == {"subject", "prompt", "pres", "div", "leak", "bleed", "bleed_next",
+                                          "class_bleed"}
         assert not (out / "runs" / run / "circle-seed0" / "model").exists()  # weights dropped unless --keep_models
 
     # a second call reuses the finished runs and gives the same figures

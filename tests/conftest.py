@@ -123,9 +123,38 @@ def marked_processes(mark: str) -> list[int]:
     return found
 
 
+# The longest tests on the 2-core CPU (seconds: `--durations` of the whole suite at 2 workers), each worker's first:
+# `make test`'s `--dist worksteal` gives worker 0 the first half of the collection and worker 1 the second, and a worker
+# that runs out takes tests from the end of the other's queue, so a long test collected late ran alone at the end
+# while the other worker idled. Two groups of about equal time head the two halves; whole modules move where they
+# share a module fixture.
+LONG_FIRST = (
+    ("test_ui_browser.py::test_the_default_path_trains_a_subject_that_shows[sd]",  # 163 s
+     "test_ui_server.py::test_a_run_from_the_page_stops_at_a_checkpoint_and_resumes_to_the_end",  # 70 s
+     "test_process_failures.py"),  # 190 s with its module fixture
+    ("test_ui_browser.py::test_the_default_path_trains_a_subject_that_shows[sd3]",  # 104 s
+     "test_ablations.py::test_quick_run_reproduces_the_prior_preservation_direction",  # 60-120 s
+     "test_sharding.py", "test_distributed.py"),  # 100 and 70 s
+)
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests need CUDA: skipped, with the reason, where there is none (CI, the 2-core CPU machine)."""
+    """The long tests first in each worker's half (LONG_FIRST; the rest as collected); `gpu` tests need CUDA:
+    skipped, with the reason, where there is none (CI, the 2-core CPU machine)."""
     import torch
+
+    def place(item) -> tuple[int, int] | None:  # (group, the prefix's place in it)
+        path = item.nodeid.split("/")[-1]
+        return next(((g, i) for g, prefixes in enumerate(LONG_FIRST) for i, prefix in enumerate(prefixes)
+                     if path.startswith(prefix)), None)
+
+    def group(item) -> int | None:
+        return None if place(item) is None else place(item)[0]
+
+    first, second = (sorted((it for it in items if group(it) == g), key=place) for g in (0, 1))
+    rest = [it for it in items if group(it) is None]
+    k = max(0, len(items) // 2 - len(first))  # the first half: the first group, then the rest's start
+    items[:] = first + rest[:k] + second + rest[k:]
 
     if torch.cuda.is_available():
         return

@@ -164,9 +164,10 @@ def test_bad_input_is_one_line(tmp_path, capsys):
 
 def test_quick_run_reproduces_the_prior_preservation_direction(tmp_path):
     out = tmp_path / "repro"
-    # half of --quick's evaluation images (the two runs' PRES were 0.87 and 0.10 with all of them): 20 s less
+    # half of --quick's steps and evaluation images (with all of them the two runs' PRES were 0.87 and 0.10; at
+    # 100 steps and half the images, 0.94 and 0.26)
     argv = ["reproduce", "--quick", "--studies", "prior", "--device", "cpu", "--output_dir", str(out),
-            "--images_per_prompt", "4", "--class_images", "8"]
+            "--images_per_prompt", "4", "--class_images", "8", "--max_train_steps", "100"]
     assert cli.main(argv) == 0
     summary = json.loads((out / "ablations.json").read_text())
     prior = summary["studies"]["prior"]
@@ -175,8 +176,8 @@ def test_quick_run_reproduces_the_prior_preservation_direction(tmp_path):
     assert with_ppl["pres"]["mean"] < without["pres"]["mean"]
     pres_claim = next(c for c in prior["claims"] if c["metric"] == "pres")
     assert pres_claim["difference"]["mean"] == pytest.approx(without["pres"]["mean"] - with_ppl["pres"]["mean"])
-    assert summary["command"] == (f"dreambooth reproduce --output_dir {out} --studies prior --images_per_prompt 4 "
-                                  "--class_images 8 --device cpu --quick")
+    assert summary["command"] == (f"dreambooth reproduce --output_dir {out} --studies prior --max_train_steps 100 "
+                                  "--images_per_prompt 4 --class_images 8 --device cpu --quick")
     md = (out / "ablations.md").read_text()
     assert "| with prior preservation |" in md and "0.493" in md and "![ablations](ablations.png)" in md
     assert (out / "ablations.png").stat().st_size > 10_000

@@ -314,12 +314,9 @@ def check(tokenizer, text_encoder, word: str, class_noun: str | None, pool: int 
     return report
 
 
-def warn_about_identifier(cfg: Any, c: Any, subjects: list[tuple[str | None, str]] | None = None) -> None:
+def warn_about_identifier(cfg: Any, c: Any, subjects: list[tuple[str | None, str]]) -> None:
     """Warnings about the run's identifiers (split into pieces, a strong prior; with several subjects, token pieces
-    two of them share) from the model's own tokenizers. `subjects`: each subject's (identifier, instance prompt);
-    default: the config's one subject."""
-    if subjects is None:
-        subjects = [(cfg.identifier or infer_identifier(cfg.instance_prompt, cfg.class_prompt), cfg.instance_prompt)]
+    two of them share) from the model's own tokenizers. `subjects`: each subject's (identifier, instance prompt)."""
     for word, prompt in subjects:
         if word is None:
             continue

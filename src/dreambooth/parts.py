@@ -121,7 +121,7 @@ def load_models(run: Run) -> tuple[Components, ClassImages | None]:
         check_prompts_name_identifier(subject.prompt, subject.identifier, run.family, cfg, c,
                                       [run.instance.images[i] for i in mine],
                                       [run.instance.captions[i] for i in mine] if run.instance.captions else None,
-                                      "--instance_prompt" if k == 0 else f"subjects[{k - 1}].instance_prompt")
+                                      subject.prompt_flag)
     if prior and one_load:
         class_images = class_images_of(run, loaded=c)
     run.claim()  # the inputs loaded: from here on the output folder is this run's

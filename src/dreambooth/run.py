@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -149,8 +150,9 @@ class Run:
     subjects: list[TrainedSubject] = field(default_factory=list)  # the first, then those `subjects` adds
     subject_of: list[int] = field(default_factory=list)  # each instance image's subject
 
-    @property
+    @functools.cached_property
     def classes(self) -> ClassOf:
+        """The classes of the subjects (worked out once: the subjects are set when the run is made)."""
         return classes_of(self.subjects)
 
     def __post_init__(self) -> None:

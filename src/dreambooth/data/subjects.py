@@ -26,6 +26,11 @@ class TrainedSubject:
     repeats: int
     flag: str  # how the user names its folder: --instance_data_dir, subjects[0].instance_data_dir, ...
 
+    @property
+    def prompt_flag(self) -> str:
+        """How the user names its prompt: --instance_prompt, subjects[0].instance_prompt, ..."""
+        return self.flag.replace("instance_data_dir", "instance_prompt")
+
 
 def subjects_of(cfg: Any) -> list[TrainedSubject]:
     """The run's subjects, first to last, their defaults filled in from the first subject's options."""
